@@ -1,0 +1,189 @@
+"""What each socket operation does. The server hands decoded requests here; replies go back
+through `send`, one encoded line at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+
+from orchestrator import __version__, errors, events, faults, models, protocol
+from orchestrator.backends.base import Backend
+from orchestrator.dispatcher import Dispatcher
+from orchestrator.poller import Poller
+from orchestrator.settings import JobDefaults
+from orchestrator.store import Store
+
+log = structlog.get_logger("orchestrator.api")
+
+Send = Callable[[bytes], Awaitable[None]]
+_LOG_FOLLOW_INTERVAL_S = 0.25
+
+
+class Api:
+    def __init__(
+        self,
+        defaults: JobDefaults,
+        store: Store,
+        dispatcher: Dispatcher,
+        poller: Poller,
+        backends: Mapping[str, Backend],
+        hub: events.Hub,
+    ) -> None:
+        self._defaults = defaults
+        self._store = store
+        self._dispatcher = dispatcher
+        self._poller = poller
+        self._backends = backends
+        self._hub = hub
+        self._started = time.monotonic()
+        self.accepting = True
+        self._accepting_tasks: set[asyncio.Task[tuple[models.Job, bool]]] = set()
+
+    async def handle(self, request: protocol.Request, peer: models.Peer, send: Send) -> None:
+        """Answer one request; errors become error replies, never exceptions."""
+        rid = request.id
+        try:
+            match request.params:
+                case protocol.Ping():
+                    await send(protocol.reply(rid, **await self.ping()))
+                case protocol.Submit(job=spec):
+                    job, created = await self.submit(spec, peer)
+                    await send(protocol.reply(rid, job=job.to_dict(), created=created))
+                case protocol.Get(job_id=job_id, history=history):
+                    await send(protocol.reply(rid, job=await self.get(job_id, history=history)))
+                case protocol.ListJobs(state=states, backend=backend, limit=limit):
+                    jobs = await self._store.list_jobs(states, backend, limit)
+                    await send(protocol.reply(rid, jobs=[job.to_dict() for job in jobs]))
+                case protocol.Cancel(job_id=job_id):
+                    await send(protocol.reply(rid, job=(await self.cancel(job_id)).to_dict()))
+                case protocol.Wait(job_id=job_id):
+                    await send(protocol.end(rid, job=(await self.wait(job_id)).to_dict()))
+                case protocol.Watch(job_id=job_id):
+                    await self.watch(rid, job_id, send)
+                case protocol.Logs(job_id=job_id, follow=follow):
+                    await self.logs(rid, job_id, follow, send)
+                case _:
+                    raise errors.UnknownOperation(request.op)
+        except errors.OrchestratorError as exc:
+            await send(protocol.error(rid, exc.code, exc.message))
+
+    async def ping(self) -> dict[str, object]:
+        counts = await self._store.count_by_state()  # touches the store: a health check
+        return {
+            "pong": True,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "jobs": counts,
+            "backends": sorted(self._backends),
+        }
+
+    async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
+        if not self.accepting:
+            raise errors.ShuttingDown
+        name = spec.backend or self._defaults.backend
+        backend = self._backends.get(name)
+        if backend is None:
+            raise errors.BackendUnavailable(name)
+        spec = spec.model_copy(
+            update={
+                "backend": name,
+                "timeout_s": spec.timeout_s or self._defaults.timeout_s,
+                "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
+            }
+        )
+        backend.validate(spec)
+        # Shielded: once the job is committed it must also reach the dispatcher, even if the
+        # request's deadline or the client's disconnect cancels us meanwhile.
+        task = asyncio.create_task(self._accept(spec, name, peer), name="accept")
+        self._accepting_tasks.add(task)
+        task.add_done_callback(self._accepting_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _accept(
+        self, spec: models.JobSpec, backend: str, peer: models.Peer
+    ) -> tuple[models.Job, bool]:
+        job, created = await self._store.accept(spec, backend, peer)
+        faults.crashpoint("server.after_accept")
+        if created:
+            log.info(
+                "job.accepted",
+                job_id=job.id,
+                backend=backend,
+                name=job.name,
+                peer_uid=peer.uid,
+                peer_pid=peer.pid,
+            )
+            self._dispatcher.enqueue(job)
+        return job, created
+
+    async def get(self, job_id: str, *, history: bool) -> dict[str, object]:
+        job = await self._store.get(job_id)
+        out = job.to_dict()
+        if history:
+            out["history"] = await self._store.history(job_id)
+            out["attempts"] = await self._store.attempts(job_id)
+        return out
+
+    async def cancel(self, job_id: str) -> models.Job:
+        job = await self._store.request_stop(job_id, "cancel")
+        log.info("job.cancel_requested", job_id=job_id, state=job.state.value)
+        self._poller.update(job)
+        return job
+
+    async def wait(self, job_id: str) -> models.Job:
+        async with self._hub.subscribe(
+            job_id
+        ) as sub:  # subscribe first, then read: no change slips between
+            job = await self._store.get(job_id)
+            while not job.state.terminal:
+                event = await sub.get()
+                if event.to_state.terminal:
+                    job = await self._store.get(job_id)
+        return job
+
+    async def watch(self, rid: protocol.RequestId, job_id: str | None, send: Send) -> None:
+        async with self._hub.subscribe(job_id) as sub:
+            if job_id is not None:
+                job = await self._store.get(job_id)
+                await send(protocol.reply(rid, watching=True, job=job.to_dict()))
+                if job.state.terminal:
+                    await send(protocol.end(rid))
+                    return
+            else:
+                await send(protocol.reply(rid, watching=True))
+            try:
+                while True:
+                    event = await sub.get()
+                    await send(protocol.reply(rid, event=event.to_dict()))
+                    if job_id is not None and event.to_state.terminal:
+                        await send(protocol.end(rid))
+                        return
+            except events.WatcherTooSlow:
+                raise errors.Overloaded("watcher fell too far behind and was dropped") from None
+
+    async def logs(self, rid: protocol.RequestId, job_id: str, follow: bool, send: Send) -> None:
+        job = await self._store.get(job_id)
+        backend = self._backends.get(job.backend)
+        if backend is None:
+            raise errors.BackendUnavailable(job.backend)
+        cursor: object = None
+        attempt = job.attempt
+        while True:
+            page = await backend.read_logs(job, cursor)
+            cursor = page.cursor
+            for chunk in page.chunks:
+                await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
+            if page.chunks:
+                continue  # more may be waiting right behind
+            if not follow or job.state.terminal:
+                break
+            await asyncio.sleep(_LOG_FOLLOW_INTERVAL_S)
+            job = await self._store.get(job_id)
+            if job.attempt != attempt:  # a new attempt writes new logs
+                attempt, cursor = job.attempt, None
+        await send(protocol.end(rid, state=job.state.value))

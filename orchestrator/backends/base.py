@@ -1,0 +1,100 @@
+"""The seam between the daemon and the places jobs run.
+
+The dispatcher and the poller drive every backend through this protocol and never learn which
+vendor is behind it. Each backend maps its vendor's status vocabulary to `JobState` in one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orchestrator import models
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What a successful `submit` returns."""
+
+    external_id: str
+    state: models.JobState = models.JobState.SUBMITTED
+    vendor_status: str | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the backend says about one external id. `state` None: the backend does not know it
+    (missing); the poller decides what that means after a grace period."""
+
+    external_id: str
+    state: models.JobState | None
+    vendor_status: str | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> bool:
+        return self.state is None
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """The answer to "did this attempt launch anything?" after a crash or a lost id."""
+
+    external_id: str | None  # the task/job/process found, if any
+    launched: bool | None  # False: provably nothing launched; None: cannot tell
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    stream: str  # "stdout" / "stderr" (local) or the log stream name (CloudWatch)
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    chunks: Sequence[LogChunk]
+    cursor: Any  # opaque: pass it back to read on from here
+
+
+Wake = Callable[[str], None]  # a backend may call this with a job id to have it polled now
+
+
+class Backend(Protocol):
+    name: str
+    max_in_flight: int  # jobs submitted and not yet terminal, at most
+    describe_batch_size: int  # external ids per describe call, at most
+
+    async def start(self) -> None:
+        """Acquire clients and resources; check health if configured."""
+
+    async def close(self) -> None:
+        """Release them. Running jobs are left running: a restarted daemon adopts them."""
+
+    def set_wake(self, wake: Wake) -> None:
+        """Give the backend a way to have a job polled early (e.g. a local child exited)."""
+
+    def validate(self, spec: models.JobSpec) -> None:
+        """Raise `InvalidJob` naming the bad field if this backend cannot run `spec`."""
+
+    def partition(self, job: models.Job) -> str:
+        """Jobs with equal partitions can be described in one call (e.g. the ECS cluster)."""
+
+    async def submit(self, job: models.Job) -> Submitted:
+        """Start `job.attempt` using `job.token`. Idempotent per token where the vendor allows.
+        Raise `StartFailed` (retryable or not) when nothing was started."""
+
+    async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, Observation]:
+        """Observations keyed by external id, for up to `describe_batch_size` jobs."""
+
+    async def stop(self, job: models.Job) -> None:
+        """Ask the running job to stop. Idempotent; called again until the stop is observed."""
+
+    async def locate(self, job: models.Job) -> Located:
+        """Find what the current attempt launched, when its external id is unknown or missing."""
+
+    async def read_logs(self, job: models.Job, cursor: Any) -> LogPage:
+        """The job's own output from `cursor` on (None: from the start)."""

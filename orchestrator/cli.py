@@ -1,0 +1,483 @@
+"""The command line: `orchestrator serve` runs the daemon, every other command is a client.
+
+Exit codes: 0 ok; 1 failure (or the job failed); 2 usage or configuration error; 3 the daemon
+could not be reached. `submit --wait` and `wait` exit with the job's own exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+import orjson
+
+from orchestrator import __version__, errors, logs, settings
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+_SOCKET_ENV = f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH"
+_STATES = [
+    "QUEUED",
+    "SUBMITTED",
+    "PENDING",
+    "RUNNABLE",
+    "STARTING",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "LOST",
+]
+
+socket_option = click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=_SOCKET_ENV,
+    help=f"The daemon's socket (default: ${_SOCKET_ENV}, else the per-user default).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=f"TOML config file (default: ${settings.CONFIG_ENV}).",
+)
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"orchestrator: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a client coroutine, mapping errors to one line on stderr and an exit code."""
+
+    async def main() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(main())
+    except errors.DaemonUnreachable as exc:
+        _fail(exc.message, EXIT_UNREACHABLE)
+    except errors.RemoteError as exc:
+        _fail(exc.message)
+    except errors.OrchestratorError as exc:
+        _fail(exc.message)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _client(socket_path: Path | None) -> Any:
+    from orchestrator.client import Client
+
+    return Client(socket_path)
+
+
+def _print_json(obj: Any, out: IO[str] | None = None) -> None:
+    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode(), file=out)
+
+
+def _job_exit_code(job: dict[str, Any]) -> int:
+    if job.get("exit_code") is not None:
+        return int(job["exit_code"])
+    return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_FAILURE
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orchestrator")
+def main() -> None:
+    """Launch and track jobs on AWS ECS, AWS Batch or local subprocesses."""
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the daemon in the foreground (systemd or a container runs this)."""
+    try:
+        loaded = settings.load(config_path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    logs.configure(loaded.settings.logging)
+    from orchestrator.daemon import Daemon
+
+    daemon = Daemon(loaded.settings, inherited_socket=_inherited_socket())
+    try:
+        _event_loop_runner(daemon.run)
+    except errors.OrchestratorError as exc:
+        logs.log.error("daemon.failed", error=exc.message, code=exc.code)
+        sys.exit(EXIT_FAILURE)
+
+
+def _event_loop_runner(fn: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await fn()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def _inherited_socket() -> socket.socket | None:
+    """A listening socket passed by systemd socket activation (LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=3)
+    sock.setblocking(False)
+    return sock
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("show")
+@config_option
+@json_option
+def config_show(config_path: Path | None, as_json: bool) -> None:
+    """Print the effective settings and where each value came from."""
+    try:
+        loaded = settings.load(config_path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    flat = settings.flatten(loaded.settings)
+    if as_json:
+        _print_json(
+            {key: {"value": value, "source": loaded.source_of(key)} for key, value in flat.items()}
+        )
+        return
+    width = max(len(key) for key in flat)
+    for key, value in flat.items():
+        rendered = orjson.dumps(value).decode()
+        click.echo(f"{key:<{width}} = {rendered}  # {loaded.source_of(key)}")
+
+
+# -- client commands ---------------------------------------------------------------------------
+
+
+@main.command()
+@socket_option
+@json_option
+def ping(socket_path: Path | None, as_json: bool) -> None:
+    """Check that the daemon answers (and that its store does)."""
+
+    async def go() -> dict[str, Any]:
+        async with _client(socket_path) as client:
+            reply: dict[str, Any] = await client.ping()
+            return reply
+
+    reply = _run(go)
+    if as_json:
+        _print_json({k: v for k, v in reply.items() if k not in ("v", "id", "ok")})
+    else:
+        jobs = ", ".join(f"{state.lower()} {n}" for state, n in sorted(reply["jobs"].items()))
+        click.echo(
+            f"orchestrator {reply['version']} pid {reply['pid']} up {reply['uptime_s']:.0f}s; "
+            f"backends: {', '.join(reply['backends'])}; jobs: {jobs or 'none'}"
+        )
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--env")
+        env[name] = value
+    return env
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@socket_option
+@click.option("--backend", type=click.Choice(["local", "ecs", "batch"]), help="Where to run.")
+@click.option("--name", help="A name for the job (letters, digits, . _ -).")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Set an env variable.")
+@click.option("--cwd", type=click.Path(path_type=Path), help="Working directory (local).")
+@click.option("--timeout-s", type=float, help="Fail the job after it has run this long.")
+@click.option("--queue-timeout-s", type=float, help="Fail the job if not running by then.")
+@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option(
+    "--file",
+    "spec_file",
+    type=click.File("r"),
+    help="Submit one JSON job spec per line from FILE ('-' for stdin).",
+)
+@click.option("--wait", is_flag=True, help="Wait for the job and exit with its exit code.")
+@json_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def submit(
+    socket_path: Path | None,
+    backend: str | None,
+    name: str | None,
+    env: tuple[str, ...],
+    cwd: Path | None,
+    timeout_s: float | None,
+    queue_timeout_s: float | None,
+    idempotency_key: str | None,
+    spec_file: IO[str] | None,
+    wait: bool,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Submit a job: `orchestrator submit [OPTIONS] -- CMD [ARGS...]`."""
+    if spec_file is not None:
+        if command:
+            raise click.UsageError("give either --file or a command, not both")
+        _submit_file(socket_path, spec_file, as_json)
+        return
+    if not command:
+        raise click.UsageError("no command given: orchestrator submit -- CMD [ARGS...]")
+    spec: dict[str, Any] = {
+        "command": list(command),
+        "env": _parse_env(env),
+        "cwd": str((cwd or Path.cwd()).absolute()),
+    }
+    for key, value in (
+        ("backend", backend),
+        ("name", name),
+        ("timeout_s", timeout_s),
+        ("queue_timeout_s", queue_timeout_s),
+        ("idempotency_key", idempotency_key),
+    ):
+        if value is not None:
+            spec[key] = value
+
+    async def go() -> dict[str, Any]:
+        async with _client(socket_path) as client:
+            job: dict[str, Any] = await client.submit(spec)
+            if not wait:
+                return job
+            if not as_json:
+                click.echo(job["id"], err=True)
+            final: dict[str, Any] = await client.wait(job["id"])
+            return final
+
+    job = _run(go)
+    if as_json:
+        _print_json(job)
+    elif not wait:
+        click.echo(job["id"])
+    if wait:
+        if not as_json:
+            _echo_outcome(job)
+        sys.exit(_job_exit_code(job))
+
+
+def _echo_outcome(job: dict[str, Any]) -> None:
+    reason = f" ({job['reason']})" if job.get("reason") else ""
+    click.echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{reason}", err=True)
+
+
+def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
+    failures = 0
+
+    def specs() -> Iterator[dict[str, Any]]:
+        nonlocal failures
+        for number, line in enumerate(spec_file, 1):
+            if not line.strip():
+                continue
+            try:
+                spec = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                failures += 1
+                click.echo(f"orchestrator: line {number}: invalid JSON: {exc}", err=True)
+                continue
+            if not isinstance(spec, dict):
+                failures += 1
+                click.echo(f"orchestrator: line {number}: not a JSON object", err=True)
+                continue
+            yield spec
+
+    async def go() -> None:
+        nonlocal failures
+        async with _client(socket_path) as client:
+            async for result in client.submit_many(specs()):
+                if isinstance(result, errors.RemoteError):
+                    failures += 1
+                    click.echo(f"orchestrator: {result.message}", err=True)
+                elif as_json:
+                    click.echo(orjson.dumps(result).decode())
+                else:
+                    click.echo(result["id"])
+
+    _run(go)
+    if failures:
+        _fail(f"{failures} job spec(s) were rejected")
+
+
+@main.command()
+@socket_option
+@json_option
+@click.argument("job_id")
+def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
+    """Show one job, with its history."""
+
+    async def go() -> dict[str, Any]:
+        async with _client(socket_path) as client:
+            job: dict[str, Any] = await client.get(job_id, history=True)
+            return job
+
+    job = _run(go)
+    if as_json:
+        _print_json(job)
+        return
+    for key in ("id", "name", "backend", "state", "exit_code", "reason", "vendor_status"):
+        click.echo(f"{key + ':':<15}{_show(job.get(key))}")
+    click.echo(f"{'command:':<15}{' '.join(job['command'])}")
+    click.echo(f"{'attempt:':<15}{job['attempt']} {_show(job.get('external_id'))}")
+    for event in job.get("history", []):
+        reason = f"  ({event['reason']})" if event.get("reason") else ""
+        click.echo(f"  {event['at']}  {event['from'] or '-':<10} → {event['to']}{reason}")
+
+
+def _show(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _age(iso: str) -> str:
+    seconds = time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@main.command("ls")
+@socket_option
+@click.option("--state", "states", multiple=True, type=click.Choice(_STATES, case_sensitive=False))
+@click.option("--backend", type=click.Choice(["local", "ecs", "batch"]))
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@json_option
+def list_jobs(
+    socket_path: Path | None,
+    states: tuple[str, ...],
+    backend: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with _client(socket_path) as client:
+            jobs: list[dict[str, Any]] = await client.list(
+                [s.upper() for s in states] or None, backend, limit
+            )
+            return jobs
+
+    jobs = _run(go)
+    if as_json:
+        _print_json(jobs)
+        return
+    click.echo(f"{'ID':<26}  {'STATE':<9}  {'BACKEND':<7}  {'EXIT':>4}  {'AGE':>4}  NAME")
+    for job in jobs:
+        click.echo(
+            f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
+            f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  {job['name']}"
+        )
+
+
+@main.command()
+@socket_option
+@json_option
+@click.argument("job_id")
+def cancel(socket_path: Path | None, as_json: bool, job_id: str) -> None:
+    """Cancel a job (recorded first, then re-issued until the backend confirms)."""
+
+    async def go() -> dict[str, Any]:
+        async with _client(socket_path) as client:
+            job: dict[str, Any] = await client.cancel(job_id)
+            return job
+
+    job = _run(go)
+    if as_json:
+        _print_json(job)
+    else:
+        click.echo(f"{job['id']} {job['state']} (cancel requested)")
+
+
+@main.command()
+@socket_option
+@json_option
+@click.argument("job_id")
+def wait(socket_path: Path | None, as_json: bool, job_id: str) -> None:
+    """Wait for a job to end; exit with its exit code."""
+
+    async def go() -> dict[str, Any]:
+        async with _client(socket_path) as client:
+            job: dict[str, Any] = await client.wait(job_id)
+            return job
+
+    job = _run(go)
+    if as_json:
+        _print_json(job)
+    else:
+        _echo_outcome(job)
+    sys.exit(_job_exit_code(job))
+
+
+@main.command("logs")
+@socket_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.argument("job_id")
+def show_logs(socket_path: Path | None, follow: bool, job_id: str) -> None:
+    """Print a job's own output (stdout to stdout, stderr to stderr)."""
+
+    async def go() -> None:
+        async with _client(socket_path) as client:
+            async for reply in client.logs(job_id, follow=follow):
+                if "data" in reply:
+                    out = sys.stderr if reply["stream"] == "stderr" else sys.stdout
+                    out.write(reply["data"])
+                    out.flush()
+
+    _run(go)
+
+
+@main.command()
+@socket_option
+@json_option
+@click.argument("job_id", required=False)
+def watch(socket_path: Path | None, as_json: bool, job_id: str | None) -> None:
+    """Stream state changes as they happen (of one job, or of all)."""
+
+    async def go() -> None:
+        async with _client(socket_path) as client:
+            async for reply in client.watch(job_id):
+                event = reply.get("event")
+                if event is None:
+                    continue
+                if as_json:
+                    click.echo(orjson.dumps(event).decode())
+                    continue
+                reason = f"  ({event['reason']})" if event.get("reason") else ""
+                click.echo(
+                    f"{event['at']}  {event['job_id']}  {event['name']}  "
+                    f"{event['from'] or '-'} → {event['to']}{reason}"
+                )
+
+    _run(go)

@@ -1,0 +1,288 @@
+"""The socket protocol's client, async and sync.
+
+The CLI uses it; import it to submit from your own Python code:
+
+    from orchestrator.client import SyncClient
+    with SyncClient() as client:
+        job = client.submit({"command": ["echo", "hi"]})
+        print(client.wait(job["id"])["state"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from orchestrator import errors, protocol, settings
+
+_Route = asyncio.Queue[dict[str, Any] | BaseException]
+
+
+def default_socket_path() -> Path:
+    """The socket a client talks to: ORCHESTRATOR__SERVER__SOCKET_PATH, else the default."""
+    configured = os.environ.get(f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH")
+    if configured:
+        return Path(configured)
+    return settings.runtime_dir() / "orchestrator.sock"
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        raise errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
+    return reply
+
+
+class Client:
+    """An asyncio client. Requests may be issued concurrently; replies are matched by id."""
+
+    def __init__(self, socket_path: Path | str | None = None, *, limit: int = 64 * 1024 * 1024):
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self._limit = limit
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._routes: dict[int, _Route] = {}
+        self._ids = itertools.count(1)
+        self._pump: asyncio.Task[None] | None = None
+
+    async def connect(self) -> Self:
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                str(self.socket_path), limit=self._limit
+            )
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise errors.DaemonUnreachable(str(self.socket_path), exc.strerror or str(exc)) from exc
+        except PermissionError as exc:
+            raise errors.DaemonUnreachable(str(self.socket_path), "permission denied") from exc
+        self._pump = asyncio.create_task(self._read_replies(), name="client-replies")
+        return self
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+            self._writer = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _read_replies(self) -> None:
+        assert self._reader is not None
+        failure: BaseException = errors.DaemonUnreachable(
+            str(self.socket_path), "the daemon closed the connection"
+        )
+        try:
+            while line := await self._reader.readline():
+                reply = protocol.parse_reply(line)
+                route = self._routes.get(reply.get("id"))  # type: ignore[arg-type]
+                if route is not None:
+                    route.put_nowait(reply)
+                elif not reply.get("ok"):  # an error not tied to a request (e.g. forbidden)
+                    failure = errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
+                    break
+        except (ConnectionError, errors.ProtocolError) as exc:
+            failure = exc
+        for route in self._routes.values():
+            route.put_nowait(failure)
+
+    async def _send(self, op: str, params: Mapping[str, Any]) -> tuple[int, _Route]:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        request_id = next(self._ids)
+        route: _Route = asyncio.Queue()
+        self._routes[request_id] = route
+        self._writer.write(protocol.request(op, request_id, **params))
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            del self._routes[request_id]
+            raise errors.DaemonUnreachable(str(self.socket_path), str(exc)) from exc
+        return request_id, route
+
+    async def _next(self, route: _Route) -> dict[str, Any]:
+        item = await route.get()
+        if isinstance(item, BaseException):
+            raise item
+        return _check(item)
+
+    async def call(self, op: str, **params: Any) -> dict[str, Any]:
+        """One request, one reply (raises `RemoteError` for an error reply)."""
+        request_id, route = await self._send(op, params)
+        try:
+            return await self._next(route)
+        finally:
+            self._routes.pop(request_id, None)
+
+    async def stream(self, op: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """A streaming request: every reply line up to and including the one with `end`."""
+        request_id, route = await self._send(op, params)
+        try:
+            while True:
+                reply = await self._next(route)
+                yield reply
+                if reply.get("end"):
+                    return
+        finally:
+            self._routes.pop(request_id, None)
+
+    # -- conveniences ----------------------------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping")
+
+    async def submit(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        reply = await self.call("submit", job=job)
+        job_out: dict[str, Any] = reply["job"]
+        return job_out
+
+    async def submit_many(
+        self, jobs: Iterable[Mapping[str, Any]], window: int = 512
+    ) -> AsyncIterator[dict[str, Any] | errors.RemoteError]:
+        """Pipeline many submissions (up to `window` unanswered); yield each reply's job, or
+        its error, in input order."""
+        pending: asyncio.Queue[asyncio.Task[dict[str, Any]]] = asyncio.Queue(window)
+
+        async def feed() -> None:
+            for job in jobs:
+                await pending.put(asyncio.create_task(self.submit(job)))
+            await pending.put(None)  # type: ignore[arg-type]
+
+        feeder = asyncio.create_task(feed(), name="client-feed")
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield await task
+                except errors.RemoteError as exc:
+                    yield exc
+            await feeder
+        finally:
+            feeder.cancel()
+
+    async def get(self, job_id: str, *, history: bool = False) -> dict[str, Any]:
+        reply = await self.call("get", job_id=job_id, history=history)
+        job: dict[str, Any] = reply["job"]
+        return job
+
+    async def list(
+        self, state: list[str] | None = None, backend: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        if backend:
+            params["backend"] = backend
+        jobs: list[dict[str, Any]] = (await self.call("list", **params))["jobs"]
+        return jobs
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = (await self.call("cancel", job_id=job_id))["job"]
+        return job
+
+    async def wait(self, job_id: str) -> dict[str, Any]:
+        async for reply in self.stream("wait", job_id=job_id):
+            if "job" in reply:
+                job: dict[str, Any] = reply["job"]
+                return job
+        raise errors.ProtocolError("wait ended without the job")
+
+    def watch(self, job_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        params = {} if job_id is None else {"job_id": job_id}
+        return self.stream("watch", **params)
+
+    def logs(self, job_id: str, *, follow: bool = False) -> AsyncIterator[dict[str, Any]]:
+        return self.stream("logs", job_id=job_id, follow=follow)
+
+
+class SyncClient:
+    """A blocking client over a plain socket, one request at a time."""
+
+    def __init__(self, socket_path: Path | str | None = None, *, timeout_s: float | None = None):
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+        self._ids = itertools.count(1)
+
+    def connect(self) -> Self:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout_s)
+        try:
+            sock.connect(str(self.socket_path))
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            sock.close()
+            raise errors.DaemonUnreachable(str(self.socket_path), exc.strerror or str(exc)) from exc
+        self._sock, self._file = sock, sock.makefile("rb")
+        return self
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._file = None
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def stream(self, op: str, **params: Any) -> Iterator[dict[str, Any]]:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        request_id = next(self._ids)
+        self._sock.sendall(protocol.request(op, request_id, **params))
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise errors.DaemonUnreachable(
+                    str(self.socket_path), "the daemon closed the connection"
+                )
+            reply = _check(protocol.parse_reply(line))
+            yield reply
+            if op not in protocol.STREAMING or reply.get("end"):
+                return
+
+    def call(self, op: str, **params: Any) -> dict[str, Any]:
+        return next(iter(self.stream(op, **params)))
+
+    def submit(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("submit", job=job)["job"]
+        return result
+
+    def get(self, job_id: str, *, history: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("get", job_id=job_id, history=history)["job"]
+        return result
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("cancel", job_id=job_id)["job"]
+        return result
+
+    def wait(self, job_id: str) -> dict[str, Any]:
+        for reply in self.stream("wait", job_id=job_id):
+            if "job" in reply:
+                result: dict[str, Any] = reply["job"]
+                return result
+        raise errors.ProtocolError("wait ended without the job")

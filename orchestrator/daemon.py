@@ -1,0 +1,168 @@
+"""The composition root and the daemon's lifecycle.
+
+`Daemon.run()`: capture signals → start-up (open the store, start backends, reconcile every
+unfinished job, bind the socket, report ready) → run every component in one TaskGroup →
+ordered shutdown. Everything is built here, once, from settings; nothing else reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+
+import structlog
+
+from orchestrator import events, faults, logs, models, notify
+from orchestrator.api import Api
+from orchestrator.backends.base import Backend
+from orchestrator.backends.local import LocalBackend
+from orchestrator.dispatcher import Dispatcher
+from orchestrator.poller import Poller
+from orchestrator.server import Server
+from orchestrator.settings import Settings
+from orchestrator.store import Store
+
+log = structlog.get_logger("orchestrator.daemon")
+
+_RETENTION_INTERVAL_S = 3600.0
+
+
+def build_backends(settings: Settings) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    if settings.local.enabled:
+        backends["local"] = LocalBackend(settings.local, settings.local_work_dir())
+    return backends
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backends: dict[str, Backend] | None = None,
+        inherited_socket: socket.socket | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hub = events.Hub()
+        self.store = Store(settings.store, self.hub)
+        self.backends = build_backends(settings) if backends is None else backends
+        self.poller = Poller(settings.poller, self.store, self.backends)
+        self.dispatcher = Dispatcher(
+            settings.dispatcher, self.store, self.backends, self.poller, self.hub
+        )
+        self.api = Api(
+            settings.jobs, self.store, self.dispatcher, self.poller, self.backends, self.hub
+        )
+        self.server = Server(settings.server, self.api)
+        self._inherited_socket = inherited_socket
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._signals = 0
+        self.hub.listen(logs.log_transition)
+        for backend in self.backends.values():
+            backend.set_wake(self.poller.poke)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        # Handlers only set flags. A second signal skips the grace periods.
+        self._signals += 1
+        log.info("daemon.signal", signal=signal.Signals(signum).name, count=self._signals)
+        self._stop.set()
+        if self._signals > 1:
+            self._force.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            await self._serve()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def _serve(self) -> None:
+        started = time.monotonic()
+        faults.arm(os.environ.get(faults.ENV))
+        await self.store.open()
+        try:
+            for backend in self.backends.values():
+                await backend.start()
+            recovered = await self._recover()
+            await self.server.start(self._inherited_socket)
+            log.info(
+                "daemon.ready",
+                socket=str(self.server.path),
+                store=str(self.store.path),
+                backends=sorted(self.backends),
+                recovered=recovered,
+                startup_s=round(time.monotonic() - started, 3),
+            )
+            notify.send("READY=1", f"STATUS=ready; {recovered} unfinished jobs recovered")
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.server.serve(), name="server"),
+                    tg.create_task(self.dispatcher.run(), name="dispatcher"),
+                    tg.create_task(self.poller.run(), name="poller"),
+                    tg.create_task(self._retention(), name="retention"),
+                ]
+                await self._stop.wait()
+                await self._shutdown(tasks)
+        finally:
+            for backend in self.backends.values():
+                await backend.close()
+            await self.store.close()
+            log.info("daemon.stopped")
+
+    async def _recover(self) -> int:
+        """Hand every unfinished job back to the component that owns its next step."""
+        jobs = await self.store.unfinished()
+        launching: list[models.Job] = []
+        for job in jobs:
+            if job.backend not in self.backends:
+                log.warning("job.backend_disabled", job_id=job.id, backend=job.backend)
+            elif job.state == models.JobState.QUEUED and job.launching:
+                launching.append(job)
+            elif job.state == models.JobState.QUEUED:
+                if job.stop_reason is not None:
+                    await self.store.request_stop(job.id, job.stop_reason)
+                else:
+                    self.dispatcher.enqueue(job)
+            else:
+                self.dispatcher.adopt(job)
+                self.poller.track(job)
+        # Attempts cut short by a crash: settle each one (did it launch?) before serving.
+        await asyncio.gather(*(self.dispatcher.reconcile_launching(job) for job in launching))
+        return len(jobs)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        grace_s = self.settings.server.shutdown_grace_s
+        log.info("daemon.stopping", grace_s=grace_s)
+        notify.send("STOPPING=1")
+        # 1. Stop taking work; answer what was already asked within the grace period.
+        self.api.accepting = False
+        await self.server.close(grace_s, self._force)
+        # 2. Stop dispatching and polling. Submissions cut off mid-call stay recorded as
+        #    launching; the next start-up asks the backend whether they launched.
+        for task in tasks:
+            task.cancel()
+
+    async def _retention(self) -> None:
+        """Delete terminal jobs older than `store.retention_days`, with their local files."""
+        days = self.settings.store.retention_days
+        if days <= 0:
+            await asyncio.Event().wait()  # keep everything; idle until cancelled
+        work_dir = self.settings.local_work_dir()
+        while True:
+            purged = await self.store.purge(time.time() - days * 86400)
+            for job_id in purged:
+                shutil.rmtree(work_dir / job_id, ignore_errors=True)
+            if purged:
+                log.info("store.purged", jobs=len(purged), retention_days=days)
+            await asyncio.sleep(_RETENTION_INTERVAL_S)

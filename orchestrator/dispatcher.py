@@ -1,0 +1,238 @@
+"""Hands QUEUED jobs to their backend: one lane per backend, a cap on jobs in flight, retries.
+
+Per job: commit the attempt and its token, call `backend.submit`, store the external id, hand
+the job to the poller. A start failure is classified by the backend: retryable ones are tried
+again after a full-jitter back-off within `max_start_attempts` and `start_budget_s`; anything
+else fails the job at once with the backend's reason. The dispatcher never learns which vendor
+a lane drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import structlog
+
+from orchestrator import backoff, errors, events, faults, models
+from orchestrator.backends.base import Backend
+from orchestrator.poller import Poller
+from orchestrator.settings import DispatcherSettings
+from orchestrator.store import Store
+
+log = structlog.get_logger("orchestrator.dispatcher")
+
+_Timer = tuple[float, int, str, Literal["dispatch", "expire"]]
+
+
+class _Lane:
+    """One backend's queue: jobs ready now, jobs waiting for a retry or a deadline, and the
+    jobs it has in flight (submitted, not yet terminal)."""
+
+    def __init__(self, backend: Backend, submit_concurrency: int) -> None:
+        self.backend = backend
+        self.ready: deque[str] = deque()
+        self.queued: set[str] = set()  # in `ready` or waiting for a retry
+        self.timers: list[_Timer] = []
+        self.in_flight: set[str] = set()
+        self.slots = asyncio.Semaphore(submit_concurrency)
+        self.wake = asyncio.Event()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        store: Store,
+        backends: Mapping[str, Backend],
+        poller: Poller,
+        hub: events.Hub,
+        *,
+        rng: backoff.Uniform | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._poller = poller
+        self._lanes = {
+            name: _Lane(backend, settings.submit_concurrency) for name, backend in backends.items()
+        }
+        self._retry = backoff.Policy(
+            base_s=settings.retry_base_s,
+            factor=2.0,
+            cap_s=settings.retry_cap_s,
+            jitter="full",
+            floor_s=0.05,
+        )
+        self._rng = rng or backoff.default_rng()
+        self._clock = clock
+        self._seq = itertools.count()
+        hub.listen(self._on_event)
+
+    def enqueue(self, job: models.Job) -> None:
+        """A QUEUED job is ready for its (next) attempt."""
+        lane = self._lanes[job.backend]
+        if job.id in lane.queued or job.id in lane.in_flight:
+            return
+        lane.queued.add(job.id)
+        lane.ready.append(job.id)
+        if job.spec.queue_timeout_s is not None:
+            deadline = job.created_at + job.spec.queue_timeout_s
+            heapq.heappush(lane.timers, (deadline, next(self._seq), job.id, "expire"))
+        lane.wake.set()
+
+    def adopt(self, job: models.Job) -> None:
+        """Count a job recovered at start-up, already past dispatch, against its lane's cap."""
+        self._lanes[job.backend].in_flight.add(job.id)
+
+    def in_flight(self, backend: str) -> int:
+        return len(self._lanes[backend].in_flight)
+
+    def queued(self, backend: str) -> int:
+        return len(self._lanes[backend].queued)
+
+    def _on_event(self, event: models.Event) -> None:
+        if event.to_state.terminal and (lane := self._lanes.get(event.backend)) is not None:
+            lane.queued.discard(event.job_id)
+            if event.job_id in lane.in_flight:
+                lane.in_flight.discard(event.job_id)
+                lane.wake.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for name, lane in self._lanes.items():
+                tg.create_task(self._run_lane(lane, tg), name=f"dispatch-{name}")
+
+    async def _run_lane(self, lane: _Lane, tg: asyncio.TaskGroup) -> None:
+        cap = lane.backend.max_in_flight
+        while True:
+            lane.wake.clear()
+            now = self._clock()
+            while lane.timers and lane.timers[0][0] <= now:
+                _, _, job_id, kind = heapq.heappop(lane.timers)
+                if kind == "dispatch":
+                    lane.ready.append(job_id)
+                elif job_id in lane.queued and job_id not in lane.in_flight:
+                    tg.create_task(self._expire(job_id), name=f"expire-{job_id}")
+            while lane.ready and len(lane.in_flight) < cap:
+                job_id = lane.ready.popleft()
+                if job_id not in lane.queued:
+                    continue  # ended while it waited
+                lane.queued.discard(job_id)
+                lane.in_flight.add(job_id)
+                await lane.slots.acquire()
+                tg.create_task(self._dispatch(lane, job_id), name=f"dispatch-{job_id}")
+            timeout = max(0.0, lane.timers[0][0] - self._clock()) if lane.timers else None
+            try:
+                async with asyncio.timeout(timeout):
+                    await lane.wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _expire(self, job_id: str) -> None:
+        job = await self._store.request_stop(job_id, "queue_timeout")
+        log.info("job.queue_timeout", job_id=job_id, state=job.state.value)
+
+    async def _dispatch(self, lane: _Lane, job_id: str) -> None:
+        backend = lane.backend
+        try:
+            job = await self._store.begin_attempt(job_id)
+            if job is None:  # cancelled or timed out while it waited
+                lane.in_flight.discard(job_id)
+                return
+            faults.crashpoint("dispatch.after_attempt_recorded")
+            try:
+                submitted = await backend.submit(job)
+            except errors.StartFailed as exc:
+                await self._start_failed(lane, job, exc)
+                return
+            faults.crashpoint("dispatch.after_submit")
+            job = await self._store.record_submitted(
+                job.id,
+                external_id=submitted.external_id,
+                state=submitted.state,
+                vendor_status=submitted.vendor_status,
+                info=dict(submitted.info),
+            )
+            log.info(
+                "job.dispatched",
+                job_id=job.id,
+                backend=backend.name,
+                attempt=job.attempt,
+                external_id=submitted.external_id,
+            )
+            self._poller.track(job)
+        except Exception:
+            # A job's failure never takes the daemon down; it stays recorded as launching and
+            # the next start-up's reconciliation settles it.
+            log.exception("dispatch.failed", job_id=job_id, backend=backend.name)
+        finally:
+            lane.slots.release()
+            lane.wake.set()
+
+    async def _start_failed(self, lane: _Lane, job: models.Job, exc: errors.StartFailed) -> None:
+        elapsed = self._clock() - job.created_at
+        retry = (
+            exc.retryable
+            and job.attempt < self._settings.max_start_attempts
+            and elapsed < self._settings.start_budget_s
+        )
+        await self._store.record_start_failure(job.id, exc.reason, final=not retry)
+        lane.in_flight.discard(job.id)
+        if not retry:
+            log.warning(
+                "job.start_failed",
+                job_id=job.id,
+                backend=lane.backend.name,
+                attempt=job.attempt,
+                reason=exc.reason,
+                retryable=exc.retryable,
+            )
+            return
+        delay = self._retry.delay(job.attempt - 1, self._rng)
+        log.info(
+            "job.start_retry",
+            job_id=job.id,
+            backend=lane.backend.name,
+            attempt=job.attempt,
+            reason=exc.reason,
+            wait_s=round(delay, 3),
+        )
+        lane.queued.add(job.id)
+        heapq.heappush(lane.timers, (self._clock() + delay, next(self._seq), job.id, "dispatch"))
+
+    async def reconcile_launching(self, job: models.Job) -> None:
+        """Settle an attempt that was recorded but whose outcome was not, before a crash."""
+        backend = self._lanes[job.backend].backend
+        located = await backend.locate(job)
+        if located.external_id is not None:
+            job = await self._store.record_submitted(
+                job.id, external_id=located.external_id, state=models.JobState.SUBMITTED
+            )
+            log.info(
+                "job.reconciled",
+                job_id=job.id,
+                attempt=job.attempt,
+                external_id=located.external_id,
+                outcome="adopted",
+            )
+            self.adopt(job)
+            self._poller.track(job)
+        elif located.launched is False:
+            job = await self._store.record_start_failure(
+                job.id, f"attempt {job.attempt} never launched (daemon restarted)", final=False
+            )
+            log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="requeued")
+            if job.stop_reason is None:
+                self.enqueue(job)
+            else:
+                await self._store.request_stop(job.id, job.stop_reason)
+        else:
+            reason = f"cannot establish whether attempt {job.attempt} launched"
+            await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
+            log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)

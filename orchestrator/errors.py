@@ -1,0 +1,176 @@
+"""One root exception; each leaf is named for what happened and carries its data.
+
+A leaf's docstring is its default message. Leaves that can reach a client carry a stable `code`
+that the socket protocol puts on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class OrchestratorError(Exception):
+    """Something went wrong in orchestrator."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        super().__init__(self.message)
+
+
+class ConfigError(OrchestratorError):
+    """The configuration is invalid."""
+
+    code = "invalid_config"
+
+
+class ProtocolError(OrchestratorError):
+    """The request could not be understood."""
+
+    code = "bad_request"
+
+
+class InvalidJson(ProtocolError):
+    """The line is not valid JSON."""
+
+    code = "invalid_json"
+
+
+class LineTooLong(ProtocolError):
+    """The line is longer than the server accepts."""
+
+    code = "line_too_long"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"line longer than {limit} bytes; split the request or raise the limit")
+
+
+class UnsupportedVersion(ProtocolError):
+    """The protocol version is not supported."""
+
+    code = "unsupported_version"
+
+
+class UnknownOperation(ProtocolError):
+    """The operation does not exist."""
+
+    code = "unknown_op"
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        super().__init__(f"unknown op {op!r}")
+
+
+class InvalidRequest(ProtocolError):
+    """A field of the request is missing, unknown or of the wrong type."""
+
+    code = "invalid_request"
+
+
+class InvalidJob(OrchestratorError):
+    """The job spec cannot be run; `path` names the offending field."""
+
+    code = "invalid_job"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class JobNotFound(OrchestratorError):
+    """No such job."""
+
+    code = "not_found"
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class StaleState(OrchestratorError):
+    """The job changed since it was read; the compare-and-set found another state."""
+
+    code = "conflict"
+
+    def __init__(self, job_id: str, expected: str, actual: str) -> None:
+        self.job_id = job_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"job {job_id} is {actual}, expected {expected}")
+
+
+class IllegalTransition(OrchestratorError):
+    """That state change is not allowed."""
+
+    code = "conflict"
+
+    def __init__(self, job_id: str, old: str, new: str) -> None:
+        self.job_id = job_id
+        self.old = old
+        self.new = new
+        super().__init__(f"job {job_id}: {old} → {new} is not a legal transition")
+
+
+class Forbidden(OrchestratorError):
+    """The peer is not allowed to use this socket."""
+
+    code = "forbidden"
+
+
+class Overloaded(OrchestratorError):
+    """The daemon refuses more work of this kind right now."""
+
+    code = "overloaded"
+
+
+class ShuttingDown(OrchestratorError):
+    """The daemon is shutting down and takes no new work."""
+
+    code = "shutting_down"
+
+
+class BackendUnavailable(OrchestratorError):
+    """The job names a backend that is not configured on this daemon."""
+
+    code = "backend_unavailable"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        super().__init__(f"backend {backend!r} is not enabled on this daemon")
+
+
+class StartFailed(OrchestratorError):
+    """The backend could not start the job."""
+
+    code = "start_failed"
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        self.reason = reason
+        self.retryable = retryable
+        super().__init__(reason)
+
+
+class StoreError(OrchestratorError):
+    """The job store failed."""
+
+    code = "store_error"
+
+
+class DaemonUnreachable(OrchestratorError):
+    """The daemon's socket could not be reached."""
+
+    code = "unreachable"
+
+    def __init__(self, socket_path: str, why: str) -> None:
+        self.socket_path = socket_path
+        super().__init__(f"cannot reach orchestrator at {socket_path}: {why}")
+
+
+class RemoteError(OrchestratorError):
+    """The daemon answered a request with an error (client side)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.remote_code = code
+        super().__init__(f"{code}: {message}")

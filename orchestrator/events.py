@@ -1,0 +1,113 @@
+"""In-process fan-out of committed state changes.
+
+Listeners are plain callbacks run in the event loop right after a commit (the log line, the
+dispatcher's slot accounting, metrics); they must not block. Watchers get a bounded queue each: a
+watcher that falls behind is dropped with a reason, never allowed to slow the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+
+import structlog
+
+from orchestrator import models
+
+log = structlog.get_logger("orchestrator.events")
+
+Listener = Callable[[models.Event], None]
+
+
+class WatcherTooSlow(Exception):
+    """The watcher's queue filled up; it was dropped so the daemon would not wait for it."""
+
+
+class Subscription:
+    """A bounded stream of events, optionally for one job. Use as an async context manager."""
+
+    def __init__(self, hub: Hub, job_id: str | None, maxsize: int) -> None:
+        self._hub = hub
+        self.job_id = job_id
+        self._queue: asyncio.Queue[models.Event] = asyncio.Queue(maxsize)
+        self.dropped = False
+
+    def _offer(self, event: models.Event) -> bool:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped = True
+            return False
+        return True
+
+    async def get(self) -> models.Event:
+        if self.dropped and self._queue.empty():
+            raise WatcherTooSlow
+        return await self._queue.get()
+
+    def get_nowait(self) -> models.Event | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if self.dropped:
+                raise WatcherTooSlow from None
+            return None
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._hub.unsubscribe(self)
+
+    def __aiter__(self) -> AsyncIterator[models.Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[models.Event]:
+        while True:
+            yield await self.get()
+
+
+class Hub:
+    def __init__(self, watcher_queue_size: int = 10_000) -> None:
+        self._listeners: list[Listener] = []
+        self._all: set[Subscription] = set()
+        self._by_job: dict[str, set[Subscription]] = {}
+        self._queue_size = watcher_queue_size
+
+    def listen(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def subscribe(self, job_id: str | None = None) -> Subscription:
+        sub = Subscription(self, job_id, self._queue_size)
+        if job_id is None:
+            self._all.add(sub)
+        else:
+            self._by_job.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.job_id is None:
+            self._all.discard(sub)
+            return
+        subs = self._by_job.get(sub.job_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_job[sub.job_id]
+
+    def publish(self, event: models.Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("events.listener_failed", job_id=event.job_id)
+        for sub in (*self._all, *self._by_job.get(event.job_id, ())):
+            if not sub._offer(event):
+                log.warning("events.watcher_dropped", job_id=sub.job_id, reason="queue full")
+                self.unsubscribe(sub)

@@ -1,0 +1,216 @@
+"""Jobs, their states and the rules that connect them.
+
+Pure data: nothing here does I/O. The store enforces these rules; everything else reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import pydantic
+
+BackendName = Literal["local", "ecs", "batch"]
+StopReason = Literal["cancel", "timeout", "queue_timeout"]
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"  # accepted and durable, not yet handed to a backend
+    SUBMITTED = "SUBMITTED"  # the backend accepted it
+    PENDING = "PENDING"  # waiting on dependencies (Batch)
+    RUNNABLE = "RUNNABLE"  # waiting for capacity
+    STARTING = "STARTING"  # capacity found, container starting
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"  # the backend no longer knows the job and its outcome cannot be established
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.LOST}
+)
+ACTIVE: frozenset[JobState] = frozenset(JobState) - TERMINAL
+# Progress order of the non-terminal states; a job only ever moves forward.
+_RANK: dict[JobState, int] = {
+    state: rank
+    for rank, state in enumerate(
+        [
+            JobState.QUEUED,
+            JobState.SUBMITTED,
+            JobState.PENDING,
+            JobState.RUNNABLE,
+            JobState.STARTING,
+            JobState.RUNNING,
+        ]
+    )
+}
+
+
+def can_transition(old: JobState, new: JobState) -> bool:
+    """Whether `old → new` is a legal move: forward, or to any terminal state, never out of one."""
+    if old in TERMINAL:
+        return False
+    if new in TERMINAL:
+        return True
+    return _RANK[new] > _RANK[old]
+
+
+def is_regression(old: JobState, new: JobState) -> bool:
+    """A vendor reporting an earlier state than we already recorded (eventual consistency)."""
+    return old not in TERMINAL and new not in TERMINAL and _RANK[new] < _RANK[old]
+
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+_KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
+_ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class JobSpec(pydantic.BaseModel):
+    """What a client asks for. Unknown fields are an error, never a silent drop."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    command: Annotated[
+        list[Annotated[str, pydantic.Field(max_length=65536)]],
+        pydantic.Field(min_length=1, max_length=4096),
+    ]
+    name: Annotated[str, pydantic.Field(pattern=_NAME_PATTERN)] | None = None
+    backend: BackendName | None = None
+    env: dict[Annotated[str, pydantic.Field(pattern=_ENV_NAME_PATTERN)], str] = pydantic.Field(
+        default_factory=dict
+    )
+    cwd: Annotated[str, pydantic.Field(min_length=1, max_length=4096)] | None = None
+    timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
+    queue_timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
+    idempotency_key: Annotated[str, pydantic.Field(pattern=_KEY_PATTERN)] | None = None
+    overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+    @pydantic.field_validator("timeout_s", "queue_timeout_s", mode="before")
+    @classmethod
+    def _int_is_a_duration_too(cls, value: object) -> object:
+        # strict mode refuses 5 for a float field; a whole number of seconds is fine.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a request over the socket (SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    @classmethod
+    def me(cls) -> Peer:
+        return cls(uid=os.getuid(), gid=os.getgid(), pid=os.getpid())
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job as the store holds it. Immutable: every change produces a new value."""
+
+    id: str
+    spec: JobSpec
+    backend: str
+    state: JobState
+    created_at: float
+    updated_at: float
+    state_times: Mapping[str, float]
+    attempt: int = 0  # number of the latest attempt, 0 before the first
+    launching: bool = False  # an attempt is recorded but its outcome not yet stored
+    token: str | None = None
+    external_id: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    vendor_status: str | None = None
+    stop_reason: StopReason | None = None
+    peer: Peer | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.id
+
+    def entered(self, state: JobState) -> float | None:
+        return self.state_times.get(state.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as clients see it (`status --json`)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "backend": self.backend,
+            "state": self.state.value,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "vendor_status": self.vendor_status,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "state_times": {state: iso(at) for state, at in self.state_times.items()},
+            "attempt": self.attempt,
+            "external_id": self.external_id,
+            "stop_reason": self.stop_reason,
+            "idempotency_key": self.spec.idempotency_key,
+            "command": self.spec.command,
+            "timeout_s": self.spec.timeout_s,
+            "queue_timeout_s": self.spec.queue_timeout_s,
+            "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
+            "info": dict(self.info),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed state change (from_state is None for the acceptance of a new job)."""
+
+    job_id: str
+    backend: str
+    name: str
+    from_state: JobState | None
+    to_state: JobState
+    at: float
+    reason: str | None = None
+    exit_code: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "backend": self.backend,
+            "name": self.name,
+            "from": None if self.from_state is None else self.from_state.value,
+            "to": self.to_state.value,
+            "at": iso(self.at),
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+        }
+
+
+def iso(at: float) -> str:
+    """A Unix timestamp as RFC 3339 UTC with milliseconds."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A 26-character id that sorts by creation time (48-bit ms timestamp + 80 random bits)."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))

@@ -1,0 +1,21 @@
+"""systemd's notify protocol in a few lines: datagrams to $NOTIFY_SOCKET, a no-op when unset."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def send(*assignments: str) -> bool:
+    """Send `READY=1`, `STATUS=…`, `WATCHDOG=1`, `STOPPING=1`…; True if a manager listened."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto("\n".join(assignments).encode(), address)
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,202 @@
+"""The socket wire format: one JSON object per line each way. Pure: no I/O here.
+
+A request is `{"v": 1, "id": <string|int>, "op": "<name>", ...params}`. Every reply line carries
+the request's `id` and `"ok"`; an error reply adds a stable `code` and a human `message`.
+Streaming operations (`watch`, `logs`, `wait`) send any number of `ok` lines and finish with one
+that has `"end": true`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+import pydantic
+
+from orchestrator import errors, models
+
+VERSION = 1
+RequestId = str | int | None
+_JobId = Annotated[str, pydantic.Field(min_length=1, max_length=128)]
+
+
+class Params(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Ping(Params):
+    pass
+
+
+class Submit(Params):
+    job: models.JobSpec
+
+
+class Get(Params):
+    job_id: _JobId
+    history: bool = False
+
+
+class ListJobs(Params):
+    state: list[models.JobState] | None = None
+    backend: str | None = None
+    limit: Annotated[int, pydantic.Field(ge=1, le=100_000)] = 100
+
+    @pydantic.field_validator("state", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        # strict mode wants enum members; the wire carries their names.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [_state_or_raw(v) for v in value]
+        return value
+
+
+def _state_or_raw(value: object) -> object:
+    try:
+        return models.JobState(str(value)) if isinstance(value, str) else value
+    except ValueError:
+        return value  # let validation name it
+
+
+class Cancel(Params):
+    job_id: _JobId
+
+
+class Wait(Params):
+    job_id: _JobId
+
+
+class Watch(Params):
+    job_id: _JobId | None = None
+
+
+class Logs(Params):
+    job_id: _JobId
+    follow: bool = False
+
+
+OPS: dict[str, type[Params]] = {
+    "ping": Ping,
+    "submit": Submit,
+    "get": Get,
+    "list": ListJobs,
+    "cancel": Cancel,
+    "wait": Wait,
+    "watch": Watch,
+    "logs": Logs,
+}
+STREAMING = frozenset({"wait", "watch", "logs"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: RequestId
+    op: str
+    params: Params
+
+
+class BadRequest(Exception):
+    """A request that failed to decode, with the id to answer it under (if one was readable)."""
+
+    def __init__(self, request_id: RequestId, error: errors.ProtocolError | errors.InvalidJob):
+        self.request_id = request_id
+        self.error = error
+        super().__init__(error.message)
+
+
+def decode(line: bytes) -> Request:
+    """Parse one request line; raise `BadRequest` saying exactly what is wrong."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(None, errors.InvalidJson(f"invalid JSON: {exc}")) from None
+    if not isinstance(data, dict):
+        raise BadRequest(None, errors.InvalidRequest("a request must be a JSON object"))
+
+    raw_id = data.pop("id", None)
+    request_id: RequestId = (
+        raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    )
+    if raw_id is not None and request_id is None:
+        raise BadRequest(None, errors.InvalidRequest("id: must be a string or an integer"))
+
+    version = data.pop("v", VERSION)
+    if version != VERSION:
+        raise BadRequest(
+            request_id,
+            errors.UnsupportedVersion(
+                f"protocol version {version!r} is not supported (this daemon speaks v{VERSION})"
+            ),
+        )
+    op = data.pop("op", None)
+    if not isinstance(op, str):
+        raise BadRequest(
+            request_id, errors.InvalidRequest('op: required, a string such as "submit"')
+        )
+    params_model = OPS.get(op)
+    if params_model is None:
+        raise BadRequest(request_id, errors.UnknownOperation(op))
+    try:
+        params = params_model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise BadRequest(request_id, _invalid(exc)) from None
+    return Request(id=request_id, op=op, params=params)
+
+
+def _invalid(exc: pydantic.ValidationError) -> errors.InvalidRequest:
+    problems = []
+    for error in exc.errors(include_url=False):
+        path = _path(error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown field")
+        elif error["type"] == "missing":
+            problems.append(f"{path}: required")
+        else:
+            problems.append(f"{path}: {error['msg']}")
+    return errors.InvalidRequest("; ".join(problems))
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "request"
+
+
+def reply(request_id: RequestId, **fields: Any) -> bytes:
+    return _line({"v": VERSION, "id": request_id, "ok": True, **fields})
+
+
+def end(request_id: RequestId, **fields: Any) -> bytes:
+    return _line({"v": VERSION, "id": request_id, "ok": True, "end": True, **fields})
+
+
+def error(request_id: RequestId, code: str, message: str, **fields: Any) -> bytes:
+    return _line(
+        {"v": VERSION, "id": request_id, "ok": False, "code": code, "message": message, **fields}
+    )
+
+
+def request(op: str, request_id: RequestId, **params: Any) -> bytes:
+    return _line({"v": VERSION, "id": request_id, "op": op, **params})
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def parse_reply(line: bytes) -> dict[str, Any]:
+    """Client side: one reply line as a dict (raises `ProtocolError` if it is not one)."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise errors.ProtocolError(f"daemon sent invalid JSON: {exc}") from None
+    if not isinstance(data, dict) or "ok" not in data:
+        raise errors.ProtocolError("daemon sent a line that is not a reply")
+    return data

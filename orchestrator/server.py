@@ -1,0 +1,333 @@
+"""The unix socket listener: a safe socket file, peer credentials, limits, one handler per
+connection.
+
+Requests on one connection are handled concurrently (up to `max_requests_in_flight`), so a
+client can pipeline thousands of submissions; each reply carries its request's id. Bad input
+gets an error reply and the connection stays usable; a line over the limit is skipped whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+from collections import Counter
+from collections.abc import Collection
+from pathlib import Path
+
+import structlog
+
+from orchestrator import errors, models, protocol
+from orchestrator.api import Api
+from orchestrator.settings import ServerSettings
+
+log = structlog.get_logger("orchestrator.server")
+
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_of(sock: socket.socket) -> models.Peer:
+    pid, uid, gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return models.Peer(uid=uid, gid=gid, pid=pid)
+
+
+def peer_allowed(
+    peer: models.Peer, allowed_uids: Collection[int], allowed_gids: Collection[int]
+) -> bool:
+    """With no lists configured: the daemon's own uid and root. Otherwise either list admits."""
+    if not allowed_uids and not allowed_gids:
+        return peer.uid in (os.getuid(), 0)
+    return peer.uid in allowed_uids or peer.gid in allowed_gids
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """Bind a listening socket at `path`, mode 0660, never wider even for an instant.
+
+    The socket is bound under a private temporary name with a tight umask, chmod-ed, then
+    renamed over `path`, which also replaces a stale socket from a crash atomically. A live
+    daemon already answering at `path` is an error, not something to steal from.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise errors.ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+        else:
+            raise errors.ConfigError(f"another daemon is already listening on {path}")
+        finally:
+            probe.close()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(tmp))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(tmp, 0o660)
+    os.replace(tmp, path)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _read_line(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
+    """The next line (a last line without a newline counts); None at EOF. A line longer than
+    `max_bytes` is read past and discarded, then reported as `LineTooLong`."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial or None
+    except asyncio.LimitOverrunError as exc:
+        consumed = exc.consumed
+    while True:  # skip the rest of the oversized line without holding it in memory
+        await reader.read(consumed)
+        try:
+            await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            break
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+            continue
+        break
+    raise errors.LineTooLong(max_bytes)
+
+
+class Server:
+    def __init__(self, settings: ServerSettings, api: Api) -> None:
+        self._settings = settings
+        self._api = api
+        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._per_peer: Counter[int] = Counter()
+
+    @property
+    def path(self) -> Path:
+        return self._settings.socket_path
+
+    async def start(self, inherited: socket.socket | None = None) -> None:
+        """Listen on an inherited socket (systemd socket activation) or bind our own."""
+        if inherited is not None:
+            self._sock = inherited
+        else:
+            self._sock = bind_socket(self.path)
+            self._inode = self.path.stat().st_ino
+        self._server = await asyncio.start_unix_server(
+            self._on_connection, sock=self._sock, limit=self._settings.max_line_bytes
+        )
+
+    async def serve(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self, grace_s: float, force: asyncio.Event | None = None) -> None:
+        """Stop accepting, give open connections `grace_s` to finish (less if `force` is set
+        meanwhile), then cut them."""
+        if self._server is None:
+            return
+        # 1. No new connections; remove our socket file (not a successor's).
+        self._server.close()
+        if self._inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.stat().st_ino == self._inode:
+                    self.path.unlink()
+        # 2. Connections stop reading; streams (watch, wait, logs -f) end with a
+        #    `shutting_down` error; requests already read get their replies within the grace.
+        for connection in self._connections.values():
+            connection.stop()
+        if self._connections:
+            forced = asyncio.create_task((force or asyncio.Event()).wait(), name="force-wait")
+            try:
+                deadline = asyncio.get_running_loop().time() + grace_s
+                while self._connections and not forced.done():
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    await asyncio.wait(
+                        [*self._connections, forced],
+                        timeout=remaining,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            finally:
+                forced.cancel()
+            pending = set(self._connections)
+            # 3. What is left (watchers, followers, slow readers) is cancelled.
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._server = None
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = peer_of(writer.get_extra_info("socket"))
+        try:
+            refusal = self._refusal(peer)
+            if refusal is not None:
+                log.warning(
+                    "socket.rejected", peer_uid=peer.uid, peer_pid=peer.pid, reason=refusal.code
+                )
+                writer.write(protocol.error(None, refusal.code, refusal.message))
+                await writer.drain()
+                return
+            connection = _Connection(self._settings, self._api, peer, reader, writer)
+            self._connections[task] = connection
+            self._per_peer[peer.uid] += 1
+            try:
+                await connection.run()
+            finally:
+                del self._connections[task]
+                self._per_peer[peer.uid] -= 1
+        except (ConnectionError, BrokenPipeError):
+            pass  # the client went away; nothing of ours is lost
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                await writer.wait_closed()
+
+    def _refusal(self, peer: models.Peer) -> errors.OrchestratorError | None:
+        s = self._settings
+        if not peer_allowed(peer, s.allowed_uids, s.allowed_gids):
+            return errors.Forbidden(f"uid {peer.uid} is not allowed to use this socket")
+        if not self._api.accepting:
+            return errors.ShuttingDown()
+        if len(self._connections) >= s.max_connections:
+            return errors.Overloaded(f"too many connections (max {s.max_connections})")
+        if self._per_peer[peer.uid] >= s.max_connections_per_peer:
+            return errors.Overloaded(
+                f"too many connections from uid {peer.uid} (max {s.max_connections_per_peer})"
+            )
+        return None
+
+
+class _Connection:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        api: Api,
+        peer: models.Peer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._settings = settings
+        self._api = api
+        self._peer = peer
+        self._reader = reader
+        self._writer = writer
+        self._slots = asyncio.Semaphore(settings.max_requests_in_flight)
+        self._requests: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.Task[None]] = set()
+        self._reading: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def send(self, line: bytes) -> None:
+        self._writer.write(line)
+        await self._writer.drain()
+
+    def stop(self) -> None:
+        """The daemon is shutting down: read no more, end the streams, finish the rest."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+        for task in self._streams:
+            task.cancel()
+
+    async def run(self) -> None:
+        self._reading = asyncio.create_task(self._read_requests(), name="connection-read")
+        try:
+            try:
+                await self._reading
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+            # The client closed its side, or we are stopping: answer what was already sent.
+            if self._requests:
+                await asyncio.gather(*self._requests, return_exceptions=True)
+        finally:
+            for task in self._requests:
+                task.cancel()
+
+    async def _read_requests(self) -> None:
+        s = self._settings
+        while True:
+            try:
+                async with asyncio.timeout(s.idle_timeout_s):
+                    line = await _read_line(self._reader, s.max_line_bytes)
+            except TimeoutError:
+                if self._requests:
+                    continue  # quiet, but still answering (a watch, a wait): not idle
+                await self.send(
+                    protocol.error(None, "idle_timeout", f"no request for {s.idle_timeout_s}s")
+                )
+                return
+            except errors.LineTooLong as exc:
+                await self.send(protocol.error(None, exc.code, exc.message))
+                continue
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            try:
+                request = protocol.decode(line)
+            except protocol.BadRequest as exc:
+                await self.send(protocol.error(exc.request_id, exc.error.code, exc.error.message))
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(request), name=f"request-{request.op}")
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+            if request.op in protocol.STREAMING:
+                self._streams.add(task)
+                task.add_done_callback(self._streams.discard)
+
+    async def _handle(self, request: protocol.Request) -> None:
+        try:
+            if request.op in protocol.STREAMING:
+                await self._api.handle(request, self._peer, self.send)
+            else:
+                async with asyncio.timeout(self._settings.request_timeout_s):
+                    await self._api.handle(request, self._peer, self.send)
+        except TimeoutError:
+            await self.send(
+                protocol.error(
+                    request.id,
+                    "timeout",
+                    f"{request.op} took longer than {self._settings.request_timeout_s}s",
+                )
+            )
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except asyncio.CancelledError:
+            if self._stopping:
+                with contextlib.suppress(ConnectionError, BrokenPipeError):
+                    self._writer.write(
+                        protocol.error(request.id, "shutting_down", "the daemon is shutting down")
+                    )
+            raise
+        except Exception:
+            log.exception("request.failed", op=request.op, peer_pid=self._peer.pid)
+            with contextlib.suppress(ConnectionError, BrokenPipeError):
+                await self.send(
+                    protocol.error(request.id, "internal", "internal error; see the daemon's log")
+                )
+        finally:
+            self._slots.release()

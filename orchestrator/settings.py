@@ -1,0 +1,299 @@
+"""Settings: one nested model per component, and where each value came from.
+
+Precedence, lowest first: built-in defaults < the TOML file (`--config PATH` or
+`ORCHESTRATOR_CONFIG`) < environment variables `ORCHESTRATOR__SECTION__KEY`. Unknown keys and
+wrong types are errors that name the key and its source; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import pydantic_settings
+from pydantic_settings import EnvSettingsSource, NoDecode
+
+from orchestrator import backoff, errors, models
+
+ENV_PREFIX = "ORCHESTRATOR__"
+ENV_DELIMITER = "__"
+CONFIG_ENV = "ORCHESTRATOR_CONFIG"
+
+_Seconds = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+_Count = Annotated[int, pydantic.Field(ge=1)]
+
+
+def _comma_list(value: object) -> object:
+    """Lists may come from env as `a,b,c` (or JSON); from TOML they are real lists."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return pydantic.TypeAdapter(list[Any]).validate_json(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+_IntList = Annotated[list[int], NoDecode, pydantic.BeforeValidator(_comma_list)]
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", validate_default=True)
+
+
+def runtime_dir() -> Path:
+    """Where the socket lives: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp."""
+    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(runtime.split(":")[0])
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "orchestrator"
+    return Path(tempfile.gettempdir()) / f"orchestrator-{os.getuid()}"
+
+
+def state_dir() -> Path:
+    """Where the journal lives: systemd's StateDirectory, else XDG_STATE_HOME, else
+    ~/.local/state."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    if xdg := os.environ.get("XDG_STATE_HOME"):
+        return Path(xdg) / "orchestrator"
+    return Path.home() / ".local" / "state" / "orchestrator"
+
+
+class ServerSettings(_Section):
+    socket_path: Path = pydantic.Field(default_factory=lambda: runtime_dir() / "orchestrator.sock")
+    max_line_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1024 * 1024
+    idle_timeout_s: _Seconds = 300.0
+    request_timeout_s: _Seconds = 30.0
+    max_connections: _Count = 256
+    max_connections_per_peer: _Count = 64
+    max_requests_in_flight: _Count = 1024  # per connection; pipelined submits go this wide
+    allowed_uids: _IntList = pydantic.Field(default_factory=list)  # empty: own uid and root
+    allowed_gids: _IntList = pydantic.Field(default_factory=list)
+    shutdown_grace_s: _Seconds = 5.0
+
+
+class StoreSettings(_Section):
+    path: Path = pydantic.Field(default_factory=lambda: state_dir() / "orchestrator.db")
+    synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    retention_days: Annotated[float, pydantic.Field(ge=0)] = 30.0  # 0 keeps terminal jobs forever
+    max_batch: _Count = 2048  # operations committed together in one transaction
+
+
+class JobDefaults(_Section):
+    backend: models.BackendName = "local"
+    timeout_s: _Seconds | None = None
+    queue_timeout_s: _Seconds | None = None
+
+
+class DispatcherSettings(_Section):
+    submit_concurrency: _Count = 16  # backend.submit calls in flight at once, per backend
+    max_start_attempts: _Count = 5
+    start_budget_s: _Seconds = 900.0  # wall-clock budget for retrying a start
+    retry_base_s: _Seconds = 2.0
+    retry_cap_s: _Seconds = 60.0
+
+
+class PollerSettings(_Section):
+    base_s: _Seconds = 1.0
+    factor: Annotated[float, pydantic.Field(ge=1.0, allow_inf_nan=False)] = 1.5
+    cap_s: _Seconds = 15.0
+    jitter: backoff.Jitter = "equal"
+    describe_concurrency: _Count = 4  # describe calls in flight at once, per backend
+    missing_grace_s: _Seconds = 60.0
+
+    def policy(self) -> backoff.Policy:
+        return backoff.Policy(
+            base_s=self.base_s, factor=self.factor, cap_s=self.cap_s, jitter=self.jitter
+        )
+
+
+class LocalSettings(_Section):
+    enabled: bool = True
+    max_concurrency: _Count = pydantic.Field(default_factory=lambda: os.cpu_count() or 2)
+    work_dir: Path | None = None  # default: <store dir>/jobs
+    kill_grace_s: _Seconds = 10.0
+    inherit_env: Annotated[list[str], NoDecode, pydantic.BeforeValidator(_comma_list)] = (
+        pydantic.Field(
+            default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
+        )
+    )
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(pydantic_settings.BaseSettings):
+    """The daemon's whole configuration."""
+
+    model_config = pydantic_settings.SettingsConfigDict(
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    server: ServerSettings = pydantic.Field(default_factory=ServerSettings)
+    store: StoreSettings = pydantic.Field(default_factory=StoreSettings)
+    jobs: JobDefaults = pydantic.Field(default_factory=JobDefaults)
+    dispatcher: DispatcherSettings = pydantic.Field(default_factory=DispatcherSettings)
+    poller: PollerSettings = pydantic.Field(default_factory=PollerSettings)
+    local: LocalSettings = pydantic.Field(default_factory=LocalSettings)
+    logging: LoggingSettings = pydantic.Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        # `load` layers the file and the environment itself, so it can say where each value
+        # came from; the model only validates what it is given.
+        return (init_settings,)
+
+    def local_work_dir(self) -> Path:
+        return self.local.work_dir or self.store.path.parent / "jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Settings plus the source of every value that was not a default."""
+
+    settings: Settings
+    sources: Mapping[str, str]  # dotted key → "file:PATH" | "env:NAME"
+    config_path: Path | None
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+def config_path_from(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit is not None:
+        return explicit
+    if configured := environ.get(CONFIG_ENV):
+        return Path(configured)
+    return None
+
+
+def load(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Read defaults, the TOML file and the environment; raise `ConfigError` naming the key."""
+    environ = os.environ if environ is None else environ
+    config_path = config_path_from(config_path, environ)
+    file_data = _read_toml(config_path) if config_path is not None else {}
+    env_data, env_names = _read_env(environ)
+
+    sources: dict[str, str] = {}
+    for key in _leaf_keys(file_data):
+        sources[key] = f"file:{config_path}"
+    for key in _leaf_keys(env_data):
+        sources[key] = f"env:{env_names.get(key, key)}"
+
+    merged = deep_merge(file_data, env_data)
+    try:
+        settings = Settings(**merged)
+    except pydantic.ValidationError as exc:
+        raise errors.ConfigError(_describe(exc, sources)) from exc
+    return Loaded(settings=settings, sources=sources, config_path=config_path)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise errors.ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise errors.ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The `ORCHESTRATOR__…` variables as nested data, and each dotted key's variable name."""
+    sections = set(Settings.model_fields)
+    names: dict[str, str] = {}
+    for name in environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+        if parts[0] not in sections:
+            raise errors.ConfigError(
+                f"environment variable {name}: unknown section {parts[0]!r} "
+                f"(known: {', '.join(sorted(sections))})"
+            )
+        names[".".join(parts)] = name
+    source = _EnvSource(Settings, environ)
+    try:
+        data = source()
+    except pydantic_settings.SettingsError as exc:
+        raise errors.ConfigError(f"environment: {exc}") from exc
+    return data, names
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' env parsing, reading the mapping it is given instead of os.environ."""
+
+    def __init__(self, settings_cls: type[Settings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` merged recursively into a copy of `base`; mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf_keys(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from _leaf_keys(value, f"{dotted}.")
+        else:
+            yield dotted
+
+
+def _describe(exc: pydantic.ValidationError, sources: Mapping[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        where = sources.get(key, "default")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown setting (from {where})")
+        else:
+            lines.append(f"{key}: {error['msg']} (from {where})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def flatten(settings: pydantic.BaseModel) -> dict[str, Any]:
+    """Every effective setting as dotted key → JSON-able value, for `config show`."""
+    out: dict[str, Any] = {}
+
+    def walk(data: Mapping[str, Any], prefix: str) -> None:
+        for key, value in data.items():
+            if isinstance(value, Mapping) and prefix == "":
+                walk(value, f"{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(settings.model_dump(mode="json"), "")
+    return out

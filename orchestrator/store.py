@@ -1,0 +1,672 @@
+"""The durable job store: SQLite in WAL mode with one writer thread and group commit.
+
+Every write is a small function run on the writer thread. The writer takes whatever operations are
+waiting and commits them as one transaction (one fsync for many submissions or transitions), each
+inside its own savepoint so one failing operation cannot undo the others. A caller's future is
+resolved only after the commit, and the events of a batch are published, in commit order, right
+after it. Reads run on a separate connection and thread, so a long listing never delays a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+
+from orchestrator import errors, events, models
+from orchestrator.settings import StoreSettings
+
+log = structlog.get_logger("orchestrator.store")
+
+T = TypeVar("T")
+# An operation runs on the writer thread and returns its result plus the events it caused.
+Operation = Callable[[sqlite3.Connection], tuple[T, list[models.Event]]]
+
+SCHEMA_VERSION = 1
+_TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    idempotency_key TEXT UNIQUE,
+    backend TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    launching INTEGER NOT NULL DEFAULT 0,
+    token TEXT,
+    external_id TEXT,
+    exit_code INTEGER,
+    reason TEXT,
+    vendor_status TEXT,
+    stop_reason TEXT,
+    peer_uid INTEGER,
+    peer_gid INTEGER,
+    peer_pid INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state_times BLOB NOT NULL,
+    info BLOB NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state NOT IN ({_TERMINAL_SQL});
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ({_TERMINAL_SQL});
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT,
+    exit_code INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    external_id TEXT,
+    started_at REAL NOT NULL,
+    outcome TEXT,
+    PRIMARY KEY (job_id, attempt)
+) STRICT, WITHOUT ROWID;
+"""
+
+_COLUMNS = (
+    "id, backend, spec, state, attempt, launching, token, external_id, exit_code, reason, "
+    "vendor_status, stop_reason, peer_uid, peer_gid, peer_pid, created_at, updated_at, "
+    "state_times, info"
+)
+
+
+def _job_from_row(row: Sequence[Any]) -> models.Job:
+    peer = None if row[12] is None else models.Peer(uid=row[12], gid=row[13], pid=row[14])
+    return models.Job(
+        id=row[0],
+        backend=row[1],
+        spec=models.JobSpec.model_validate_json(row[2]),
+        state=models.JobState(row[3]),
+        attempt=row[4],
+        launching=bool(row[5]),
+        token=row[6],
+        external_id=row[7],
+        exit_code=row[8],
+        reason=row[9],
+        vendor_status=row[10],
+        stop_reason=row[11],
+        peer=peer,
+        created_at=row[15],
+        updated_at=row[16],
+        state_times=orjson.loads(row[17]),
+        info=orjson.loads(row[18]),
+    )
+
+
+def _fetch(conn: sqlite3.Connection, job_id: str) -> models.Job:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise errors.JobNotFound(job_id)
+    return _job_from_row(row)
+
+
+def _event(job: models.Job, old: models.JobState | None) -> models.Event:
+    return models.Event(
+        job_id=job.id,
+        backend=job.backend,
+        name=job.name,
+        from_state=old,
+        to_state=job.state,
+        at=job.updated_at,
+        reason=job.reason,
+        exit_code=job.exit_code,
+    )
+
+
+def _insert_event(conn: sqlite3.Connection, event: models.Event) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            event.job_id,
+            event.at,
+            None if event.from_state is None else event.from_state.value,
+            event.to_state.value,
+            event.reason,
+            event.exit_code,
+        ),
+    )
+
+
+class IdempotencyConflict(errors.OrchestratorError):
+    """The idempotency key belongs to a job with a different spec."""
+
+    code = "idempotency_conflict"
+
+
+class Store:
+    def __init__(
+        self, settings: StoreSettings, hub: events.Hub, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._clock = clock
+        self._ops: queue.SimpleQueue[tuple[Operation[Any], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-reader")
+        self._read_conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0  # transactions committed, for the benchmarks and metrics
+
+    @property
+    def path(self) -> Path:
+        return self._settings.path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or open the database, check its integrity and start the writer thread."""
+        self._loop = asyncio.get_running_loop()
+        path = self._settings.path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Create the file 0600 before SQLite does: job specs may carry secrets in env.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        conn = await asyncio.to_thread(self._connect_writer)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="store-writer", daemon=True
+        )
+        self._writer.start()
+        await self._read(lambda _: None)  # open the reader connection on its thread
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._settings.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise errors.StoreError(f"{self._settings.path}: cannot enable WAL (got {mode})")
+            conn.execute(f"PRAGMA synchronous={self._settings.synchronous}")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise errors.StoreError(f"{self._settings.path}: integrity check failed: {check}")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise errors.StoreError(f"{self._settings.path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Commit whatever is waiting, then stop both threads."""
+        if self._writer is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._read_conn is not None:
+            await self._read(lambda conn: conn.close())
+            self._read_conn = None
+        self._reader.shutdown(wait=True)
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        max_batch = self._settings.max_batch
+        stopping = False
+        while not stopping:
+            first = self._ops.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < max_batch:
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(conn, batch)
+        conn.close()
+
+    def _commit(
+        self, conn: sqlite3.Connection, batch: list[tuple[Operation[Any], asyncio.Future[Any]]]
+    ) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        published: list[models.Event] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result, op_events = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE op")
+                outcomes.append((future, result, None))
+                published.extend(op_events)
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.exception("store.commit_failed", operations=len(batch))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = errors.StoreError(f"commit failed: {exc}")
+            outcomes = [(future, None, failure) for _, future in batch]
+            published = []
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outcomes, published)
+
+    def _deliver(
+        self,
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+        published: list[models.Event],
+    ) -> None:
+        for event in published:
+            self._hub.publish(event)
+        for future, result, exc in outcomes:
+            if future.done():  # the caller was cancelled; the write stands regardless
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    async def _write(self, op: Operation[T]) -> T:
+        if self._writer is None or self._loop is None:
+            raise errors.StoreError("the store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._ops.put((op, future))
+        # Shielded: a cancelled caller must not hide the outcome of a write that will commit.
+        return await asyncio.shield(future)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._read_conn is None:
+                self._read_conn = sqlite3.connect(self._settings.path, isolation_level=None)
+                self._read_conn.execute("PRAGMA query_only=ON")
+            return fn(self._read_conn)
+
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._reader, run)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def accept(
+        self, spec: models.JobSpec, backend: str, peer: models.Peer | None
+    ) -> tuple[models.Job, bool]:
+        """Durably record a new QUEUED job. Returns (job, created); an existing job is
+        returned instead when the spec's idempotency key is already known."""
+        now = self._clock()
+        spec_json = spec.model_dump_json(exclude_defaults=True).encode()
+
+        def op(conn: sqlite3.Connection) -> tuple[tuple[models.Job, bool], list[models.Event]]:
+            if spec.idempotency_key is not None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?",
+                    (spec.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    existing = _job_from_row(row)
+                    if existing.spec != spec or existing.backend != backend:
+                        raise IdempotencyConflict(
+                            f"idempotency key {spec.idempotency_key!r} already names job "
+                            f"{existing.id} with a different spec"
+                        )
+                    return (existing, False), []
+            job = models.Job(
+                id=models.new_job_id(now),
+                spec=spec,
+                backend=backend,
+                state=models.JobState.QUEUED,
+                created_at=now,
+                updated_at=now,
+                state_times={models.JobState.QUEUED.value: now},
+                peer=peer,
+            )
+            conn.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, "
+                "?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    backend,
+                    spec_json,
+                    job.state.value,
+                    None if peer is None else peer.uid,
+                    None if peer is None else peer.gid,
+                    None if peer is None else peer.pid,
+                    now,
+                    now,
+                    orjson.dumps(job.state_times),
+                    b"{}",
+                ),
+            )
+            event = _event(job, None)
+            _insert_event(conn, event)
+            return (job, True), [event]
+
+        return await self._write(op)
+
+    async def transition(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        new: models.JobState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        """Compare-and-set the job's state and write its event row, in one transaction."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            if job.state != expected:
+                raise errors.StaleState(job_id, expected.value, job.state.value)
+            if not models.can_transition(job.state, new):
+                raise errors.IllegalTransition(job_id, job.state.value, new.value)
+            return _apply(
+                conn,
+                job,
+                new,
+                self._clock(),
+                reason=reason,
+                exit_code=exit_code,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._write(op)
+
+    async def observe(
+        self,
+        job_id: str,
+        *,
+        vendor_status: str | None,
+        reason: str | None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        """Record what the vendor says when the state itself did not change (no event row)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            merged = {**job.info, **(info or {})}
+            conn.execute(
+                "UPDATE jobs SET vendor_status = ?, reason = COALESCE(?, reason), info = ? "
+                "WHERE id = ?",
+                (vendor_status, reason, orjson.dumps(merged), job_id),
+            )
+            return _fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def relocate(self, job_id: str, external_id: str) -> models.Job:
+        """The current attempt's task was found again under another id: remember that one."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            conn.execute("UPDATE jobs SET external_id = ? WHERE id = ?", (external_id, job_id))
+            conn.execute(
+                "UPDATE attempts SET external_id = ? WHERE job_id = ? AND attempt = ?",
+                (external_id, job_id, job.attempt),
+            )
+            return _fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def begin_attempt(self, job_id: str) -> models.Job | None:
+        """Commit a new attempt and its token before any backend call. None when the job is no
+        longer dispatchable (cancelled meanwhile, or already launching)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job | None, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            if job.state != models.JobState.QUEUED or job.launching or job.stop_reason:
+                return None, []
+            attempt = job.attempt + 1
+            token = f"{job.id}-{attempt}"
+            now = self._clock()
+            conn.execute(
+                "UPDATE jobs SET attempt = ?, token = ?, launching = 1, updated_at = ? "
+                "WHERE id = ?",
+                (attempt, token, now, job_id),
+            )
+            conn.execute(
+                "INSERT INTO attempts (job_id, attempt, token, started_at) VALUES (?, ?, ?, ?)",
+                (job_id, attempt, token, now),
+            )
+            return _fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def record_submitted(
+        self,
+        job_id: str,
+        *,
+        external_id: str,
+        state: models.JobState,
+        vendor_status: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        """The backend accepted the current attempt: store its external id and move on."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            if job.state != models.JobState.QUEUED or not job.launching:
+                raise errors.StaleState(job_id, "QUEUED (launching)", job.state.value)
+            conn.execute(
+                "UPDATE attempts SET external_id = ?, outcome = 'submitted' "
+                "WHERE job_id = ? AND attempt = ?",
+                (external_id, job_id, job.attempt),
+            )
+            conn.execute("UPDATE jobs SET launching = 0 WHERE id = ?", (job_id,))
+            return _apply(
+                conn,
+                job,
+                state,
+                self._clock(),
+                reason=None,
+                exit_code=None,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._write(op)
+
+    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+        """The current attempt launched nothing. Final: the job FAILED; else it is QUEUED for
+        another attempt."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            conn.execute(
+                "UPDATE attempts SET outcome = ? WHERE job_id = ? AND attempt = ?",
+                (f"start failed: {reason}", job_id, job.attempt),
+            )
+            conn.execute("UPDATE jobs SET launching = 0, reason = ? WHERE id = ?", (reason, job_id))
+            job = _fetch(conn, job_id)
+            if not final:
+                return job, []
+            return _apply(conn, job, models.JobState.FAILED, self._clock(), reason=reason)
+
+        return await self._write(op)
+
+    async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
+        """Durably ask for a job to stop. A job no backend has seen yet ends here at once; any
+        other keeps its state until the stop is observed (the poller re-issues it)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[models.Job, list[models.Event]]:
+            job = _fetch(conn, job_id)
+            if job.state.terminal:
+                return job, []
+            if job.state == models.JobState.QUEUED and not job.launching:
+                final, reason = stopped_outcome(job, why)
+                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
+                return _apply(conn, _fetch(conn, job_id), final, self._clock(), reason=reason)
+            if job.stop_reason is None:
+                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
+            return _fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def purge(self, older_than: float) -> list[str]:
+        """Delete terminal jobs last changed before `older_than`, with their events; return
+        their ids."""
+
+        def op(conn: sqlite3.Connection) -> tuple[list[str], list[models.Event]]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND updated_at < ? "
+                    "LIMIT 10000",
+                    (older_than,),
+                )
+            ]
+            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+                conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
+            return ids, []
+
+        return await self._write(op)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> models.Job:
+        return await self._read(lambda conn: _fetch(conn, job_id))
+
+    async def list_jobs(
+        self,
+        states: Iterable[models.JobState] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+    ) -> list[models.Job]:
+        """Newest first."""
+        clauses, args = [], []
+        if states is not None:
+            wanted = [s.value for s in states]
+            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if backend is not None:
+            clauses.append("backend = ?")
+            args.append(backend)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?"
+        return await self._read(
+            lambda conn: [_job_from_row(r) for r in conn.execute(sql, (*args, limit))]
+        )
+
+    async def unfinished(self) -> list[models.Job]:
+        """Every non-terminal job, oldest first: the recovery scan."""
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE state NOT IN ({_TERMINAL_SQL}) ORDER BY id"
+        return await self._read(lambda conn: [_job_from_row(r) for r in conn.execute(sql)])
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT at, from_state, to_state, reason, exit_code FROM events "
+                "WHERE job_id = ? ORDER BY seq",
+                (job_id,),
+            )
+            return [
+                {"at": models.iso(at), "from": f, "to": t, "reason": r, "exit_code": c}
+                for at, f, t, r, c in rows
+            ]
+
+        return await self._read(fetch)
+
+    async def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT attempt, token, external_id, started_at, outcome FROM attempts "
+                "WHERE job_id = ? ORDER BY attempt",
+                (job_id,),
+            )
+            return [
+                {
+                    "attempt": a,
+                    "token": t,
+                    "external_id": e,
+                    "started_at": models.iso(s),
+                    "outcome": o,
+                }
+                for a, t, e, s, o in rows
+            ]
+
+        return await self._read(fetch)
+
+    async def count_by_state(self) -> dict[str, int]:
+        def fetch(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+        return await self._read(fetch)
+
+
+def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:
+    """The terminal state and reason of a job stopped by us."""
+    if why == "cancel":
+        return models.JobState.CANCELLED, "cancelled by request"
+    if why == "timeout":
+        return models.JobState.FAILED, f"timeout: ran longer than timeout_s={job.spec.timeout_s}"
+    return (
+        models.JobState.FAILED,
+        f"queue_timeout: not running after queue_timeout_s={job.spec.queue_timeout_s}",
+    )
+
+
+def _apply(
+    conn: sqlite3.Connection,
+    job: models.Job,
+    new: models.JobState,
+    now: float,
+    *,
+    reason: str | None,
+    exit_code: int | None = None,
+    vendor_status: str | None = None,
+    external_id: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> tuple[models.Job, list[models.Event]]:
+    state_times = {**job.state_times, new.value: now}
+    merged_info = {**job.info, **(info or {})}
+    conn.execute(
+        "UPDATE jobs SET state = ?, updated_at = ?, state_times = ?, reason = ?, "
+        "exit_code = COALESCE(?, exit_code), vendor_status = COALESCE(?, vendor_status), "
+        "external_id = COALESCE(?, external_id), info = ? WHERE id = ?",
+        (
+            new.value,
+            now,
+            orjson.dumps(state_times),
+            reason,
+            exit_code,
+            vendor_status,
+            external_id,
+            orjson.dumps(merged_info),
+            job.id,
+        ),
+    )
+    updated = _fetch(conn, job.id)
+    event = _event(updated, job.state)
+    _insert_event(conn, event)
+    return updated, [event]
