@@ -26,7 +26,9 @@ def _dumps(obj: Any, default: Any = None) -> str:
 
 def _leading_keys(_: Any, __: str, event_dict: structlog.typing.EventDict) -> Any:
     """timestamp, level and event first: the line reads well in `journalctl -f` too."""
-    head = {key: event_dict.pop(key) for key in ("timestamp", "level", "event") if key in event_dict}
+    head = {
+        key: event_dict.pop(key) for key in ("timestamp", "level", "event") if key in event_dict
+    }
     return {**head, **event_dict}
 
 

@@ -345,11 +345,12 @@ class Store:
                 peer=peer,
             )
             conn.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, "
-                "?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
+                "peer_pid, created_at, updated_at, state_times, info) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, X'7B7D')",  # info: b'{}'
                 (
                     job.id,
+                    spec.idempotency_key,
                     backend,
                     spec_json,
                     job.state.value,
@@ -359,7 +360,6 @@ class Store:
                     now,
                     now,
                     orjson.dumps(job.state_times),
-                    b"{}",
                 ),
             )
             event = _event(job, None)

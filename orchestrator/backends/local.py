@@ -105,8 +105,17 @@ class LocalBackend:
         env.update(job.spec.env)
         env.update(ORCHESTRATOR_JOB_ID=job.id, ORCHESTRATOR_ATTEMPT=str(job.attempt))
         cwd = job.spec.cwd or str(attempt_dir)
-        argv = [sys.executable, "-I", str(RUNNER), str(attempt_dir), cwd, "--", *job.spec.command]
-        append = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        argv = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(RUNNER),
+            str(attempt_dir),
+            cwd,
+            "--",
+            *job.spec.command,
+        ]
+        append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         try:
             # posix_spawn (vfork underneath) keeps the event loop's pause to well under a ms.
             pid = os.posix_spawn(  # noqa: ASYNC221 - returns at once, see above

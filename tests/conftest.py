@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A private directory with a short path: unix socket paths must stay under ~100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="orc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

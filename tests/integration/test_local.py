@@ -1,0 +1,246 @@
+"""The real daemon on a real socket with the local backend: real subprocesses, real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import errors
+from orchestrator.client import Client
+from orchestrator.testing import make_settings
+from tests.support.daemon import running
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def submit_and_wait(client: Client, **spec: Any) -> dict[str, Any]:
+    job = await client.submit(spec)
+    return await client.wait(job["id"])
+
+
+async def test_job_succeeds_with_exit_code_and_history(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["sh", "-c", "echo hi"], name="greet")
+        assert job["state"] == "SUCCEEDED"
+        assert job["exit_code"] == 0
+        assert job["name"] == "greet"
+        assert job["backend"] == "local"
+        assert set(job["state_times"]) == {"QUEUED", "RUNNING", "SUCCEEDED"}
+        full = await client.get(job["id"], history=True)
+        assert [(e["from"], e["to"]) for e in full["history"]] == [
+            (None, "QUEUED"),
+            ("QUEUED", "RUNNING"),
+            ("RUNNING", "SUCCEEDED"),
+        ]
+        assert [a["attempt"] for a in full["attempts"]] == [1]
+        assert full["attempts"][0]["outcome"] == "submitted"
+
+
+async def test_job_fails_with_its_real_exit_code(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["sh", "-c", "exit 42"])
+        assert (job["state"], job["exit_code"], job["reason"]) == ("FAILED", 42, "exit code 42")
+
+
+async def test_missing_command_fails_with_127_and_says_why(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["no-such-command-xyz"])
+        assert job["state"] == "FAILED"
+        assert job["exit_code"] == 127
+        assert "no-such-command-xyz" in job["reason"]
+
+
+async def test_missing_working_directory_fails_the_job(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["true"], cwd=str(short_tmp / "nope"))
+        assert job["state"] == "FAILED"
+        assert "working directory" in job["reason"]
+
+
+async def test_argv_is_not_interpreted_by_a_shell(short_tmp: Path) -> None:
+    marker = short_tmp / "injected"
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["echo", f"; touch {marker}", "$(id)"])
+        assert job["state"] == "SUCCEEDED"
+        out = [r async for r in client.logs(job["id"])]
+        assert "".join(r.get("data", "") for r in out) == f"; touch {marker} $(id)\n"
+        assert not marker.exists()
+
+
+async def test_env_is_merged_over_a_clean_base(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAEMON_SECRET", "do-not-leak")
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(
+            client,
+            command=[sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+            env={"GREETING": "hello", "PATH": "/usr/bin:/bin"},
+        )
+        data = "".join([r.get("data", "") async for r in client.logs(job["id"])])
+        env = __import__("json").loads(data)
+        assert env["GREETING"] == "hello"
+        assert env["PATH"] == "/usr/bin:/bin"
+        assert env["ORCHESTRATOR_JOB_ID"] == job["id"]
+        assert env["ORCHESTRATOR_ATTEMPT"] == "1"
+        assert "DAEMON_SECRET" not in env
+
+
+async def test_logs_separate_stdout_and_stderr_and_follow_to_the_end(short_tmp: Path) -> None:
+    script = "for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.1; done"
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await client.submit({"command": ["sh", "-c", script]})
+        replies = [r async for r in client.logs(job["id"], follow=True)]
+        assert replies[-1]["end"] is True
+        assert replies[-1]["state"] == "SUCCEEDED"
+        by_stream: dict[str, str] = {"stdout": "", "stderr": ""}
+        for reply in replies[:-1]:
+            by_stream[reply["stream"]] += reply["data"]
+        assert by_stream == {"stdout": "out1\nout2\nout3\n", "stderr": "err1\nerr2\nerr3\n"}
+
+
+async def test_cancel_terminates_the_whole_process_group(short_tmp: Path) -> None:
+    pid_file = short_tmp / "grandchild.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await client.submit({"command": ["sh", "-c", script]})
+        async for reply in client.watch(job["id"]):
+            if reply.get("event", {}).get("to") == "RUNNING":
+                break
+        async with asyncio.timeout(10):
+            while not pid_file.exists() or not pid_file.read_text().strip():
+                await asyncio.sleep(0.02)
+        grandchild = int(pid_file.read_text())
+        await client.cancel(job["id"])
+        final = await client.wait(job["id"])
+        assert final["state"] == "CANCELLED"
+        assert final["stop_reason"] == "cancel"
+        assert not _alive(grandchild)
+
+
+async def test_cancel_escalates_to_sigkill_after_the_grace_period(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, local={"kill_grace_s": 0.3})
+    script = "trap '' TERM; echo ready; while :; do sleep 0.05; done"
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        job = await client.submit({"command": ["sh", "-c", script]})
+        async for reply in client.logs(job["id"], follow=True):
+            if "ready" in reply.get("data", ""):
+                break
+        await client.cancel(job["id"])
+        final = await client.wait(job["id"])
+        assert final["state"] == "CANCELLED"
+        assert final["exit_code"] == 137  # SIGKILL
+
+
+async def test_cancel_of_a_queued_job_never_runs_it(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, local={"max_concurrency": 1})
+    marker = short_tmp / "ran"
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        blocker = await client.submit({"command": ["sleep", "30"]})
+        queued = await client.submit({"command": ["touch", str(marker)]})
+        assert (await client.get(queued["id"]))["state"] == "QUEUED"
+        cancelled = await client.cancel(queued["id"])
+        assert cancelled["state"] == "CANCELLED"
+        await client.cancel(blocker["id"])
+        assert (await client.wait(blocker["id"]))["state"] == "CANCELLED"
+        assert not marker.exists()
+
+
+async def test_timeout_fails_the_job_with_reason_timeout(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["sleep", "30"], timeout_s=0.5)
+        assert job["state"] == "FAILED"
+        assert job["reason"].startswith("timeout")
+        assert job["stop_reason"] == "timeout"
+
+
+async def test_queue_timeout_fails_a_job_that_never_got_a_slot(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, local={"max_concurrency": 1})
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        blocker = await client.submit({"command": ["sleep", "30"]})
+        starved = await submit_and_wait(client, command=["true"], queue_timeout_s=0.3)
+        assert starved["state"] == "FAILED"
+        assert starved["reason"].startswith("queue_timeout")
+        await client.cancel(blocker["id"])
+
+
+async def test_concurrency_cap_is_respected(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, local={"max_concurrency": 2})
+    log = short_tmp / "spans"
+    script = f"echo start $(date +%s.%N) >> {log}; sleep 0.3; echo end $(date +%s.%N) >> {log}"
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        jobs = [await client.submit({"command": ["sh", "-c", script]}) for _ in range(6)]
+        for job in jobs:
+            assert (await client.wait(job["id"]))["state"] == "SUCCEEDED"
+    running_now, peak = 0, 0
+    events = sorted(
+        (float(stamp), kind) for kind, stamp in (line.split() for line in log.read_text().splitlines())
+    )
+    for _, kind in events:
+        running_now += 1 if kind == "start" else -1
+        peak = max(peak, running_now)
+    assert peak <= 2
+    assert len(events) == 12
+
+
+async def test_idempotency_key_returns_the_same_job(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        spec = {"command": ["true"], "idempotency_key": "order-17"}
+        first = await client.call("submit", job=spec)
+        second = await client.call("submit", job=spec)
+        assert first["created"] is True
+        assert second["created"] is False
+        assert second["job"]["id"] == first["job"]["id"]
+        with pytest.raises(errors.RemoteError) as info:
+            await client.submit({"command": ["false"], "idempotency_key": "order-17"})
+        assert info.value.remote_code == "idempotency_conflict"
+        assert len(await client.list()) == 1
+
+
+async def test_thousand_jobs_from_one_ndjson_stream_all_finish(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, local={"max_concurrency": 16})
+    specs = [{"command": ["true"] if i % 10 else ["false"], "name": f"j{i}"} for i in range(1000)]
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        submitted = [job async for job in client.submit_many(specs)]
+        assert all(isinstance(job, dict) for job in submitted)
+        ids = [job["id"] for job in submitted if isinstance(job, dict)]
+        assert len(set(ids)) == 1000
+        assert [job["name"] for job in submitted if isinstance(job, dict)] == [s["name"] for s in specs]
+        async with asyncio.timeout(50):
+            finals = await asyncio.gather(*(client.wait(job_id) for job_id in ids))
+    states = [job["state"] for job in finals]
+    assert states.count("SUCCEEDED") == 900
+    assert states.count("FAILED") == 100
+    assert all(job["exit_code"] == (1 if job["state"] == "FAILED" else 0) for job in finals)
+
+
+async def test_watch_streams_every_transition(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        seen: list[tuple[str | None, str]] = []
+        stream = client.watch()
+        first = await anext(stream)
+        assert first["watching"] is True
+        job = await client.submit({"command": ["true"]})
+        async for reply in stream:
+            event = reply["event"]
+            assert event["job_id"] == job["id"]
+            seen.append((event["from"], event["to"]))
+            if event["to"] == "SUCCEEDED":
+                break
+        await stream.aclose()
+        assert seen == [(None, "QUEUED"), ("QUEUED", "RUNNING"), ("RUNNING", "SUCCEEDED")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
