@@ -179,7 +179,8 @@ async def test_concurrency_cap_is_respected(short_tmp: Path) -> None:
             assert (await client.wait(job["id"]))["state"] == "SUCCEEDED"
     running_now, peak = 0, 0
     events = sorted(
-        (float(stamp), kind) for kind, stamp in (line.split() for line in log.read_text().splitlines())
+        (float(stamp), kind)
+        for kind, stamp in (line.split() for line in log.read_text().splitlines())
     )
     for _, kind in events:
         running_now += 1 if kind == "start" else -1
@@ -210,7 +211,9 @@ async def test_thousand_jobs_from_one_ndjson_stream_all_finish(short_tmp: Path) 
         assert all(isinstance(job, dict) for job in submitted)
         ids = [job["id"] for job in submitted if isinstance(job, dict)]
         assert len(set(ids)) == 1000
-        assert [job["name"] for job in submitted if isinstance(job, dict)] == [s["name"] for s in specs]
+        assert [job["name"] for job in submitted if isinstance(job, dict)] == [
+            s["name"] for s in specs
+        ]
         async with asyncio.timeout(50):
             finals = await asyncio.gather(*(client.wait(job_id) for job_id in ids))
     states = [job["state"] for job in finals]

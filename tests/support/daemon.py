@@ -48,6 +48,8 @@ async def _until_ready(socket_path: Path, task: asyncio.Task[None]) -> None:
             async with Client(socket_path) as client:
                 await client.ping()
                 return
+        except errors.RemoteError:
+            return  # it answered, if only to refuse us: it is up
         except errors.DaemonUnreachable:
             await asyncio.sleep(0.02)
     raise AssertionError(f"the daemon did not answer on {socket_path} within {STARTUP_TIMEOUT_S}s")

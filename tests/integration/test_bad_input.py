@@ -1,0 +1,248 @@
+"""Hostile and broken input on a real socket: every kind gets a named error, the connection stays
+usable where that makes sense, other clients keep being served, and nothing stored is harmed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.daemon import Daemon
+from orchestrator.testing import make_settings
+from tests.support.daemon import running
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Raw:
+    """A raw connection: write bytes, read reply lines."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, path: Path) -> Raw:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=16 * 1024 * 1024)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self) -> dict[str, Any]:
+        async with asyncio.timeout(10):
+            line = await self.reader.readline()
+        assert line, "connection closed without a reply"
+        value: dict[str, Any] = orjson.loads(line)
+        return value
+
+    async def ask(self, data: bytes) -> dict[str, Any]:
+        await self.send(data)
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+@pytest.fixture
+async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
+    settings = make_settings(short_tmp, server={"max_line_bytes": 64 * 1024})
+    async with running(settings) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+async def raw(daemon: Daemon) -> AsyncIterator[Raw]:
+    conn = await Raw.open(daemon.settings.server.socket_path)
+    yield conn
+    await conn.close()
+
+
+PING = b'{"v": 1, "id": "p", "op": "ping"}\n'
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "needle", "echoed_id"),
+    [
+        (b"{not json\n", "invalid_json", "invalid JSON", None),
+        (b"\xff\xfe{}\n", "invalid_json", "invalid JSON", None),
+        (b'{"id": 1, "op": "ping", "x": NaN}\n', "invalid_json", "invalid JSON", None),
+        (b"[1, 2, 3]\n", "invalid_request", "JSON object", None),
+        (b'"ping"\n', "invalid_request", "JSON object", None),
+        (b'{"id": 7}\n', "invalid_request", "op", 7),
+        (b'{"id": 7, "op": "explode"}\n', "unknown_op", "explode", 7),
+        (b'{"id": "a", "v": 2, "op": "ping"}\n', "unsupported_version", "version 2", "a"),
+        (b'{"id": true, "op": "ping"}\n', "invalid_request", "id", None),
+        (b'{"id": 1, "op": "submit"}\n', "invalid_request", "job: required", 1),
+        (b'{"id": 1, "op": "submit", "job": {}}\n', "invalid_request", "job.command: required", 1),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": []}}\n',
+            "invalid_request",
+            "job.command",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": "echo hi"}}\n',
+            "invalid_request",
+            "job.command",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "bogus": 1}}\n',
+            "invalid_request",
+            "job.bogus: unknown field",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "env": {"A": 1}}}\n',
+            "invalid_request",
+            "job.env.A",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "timeout_s": "soon"}}\n',
+            "invalid_request",
+            "job.timeout_s",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "timeout_s": -1}}\n',
+            "invalid_request",
+            "job.timeout_s",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "backend": "k8s"}}\n',
+            "invalid_request",
+            "job.backend",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "backend": "ecs"}}\n',
+            "backend_unavailable",
+            "ecs",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "overrides": {"a": 1}}}\n',
+            "invalid_job",
+            "job.overrides",
+            1,
+        ),
+        (b'{"id": 1, "op": "get", "job_id": "nope"}\n', "not_found", "nope", 1),
+        (b'{"id": 1, "op": "list", "state": "DONE"}\n', "invalid_request", "state", 1),
+        (b'{"id": 1, "op": "list", "limit": 0}\n', "invalid_request", "limit", 1),
+        (b"[" * 10_000 + b"]" * 10_000 + b"\n", "invalid_json", "invalid JSON", None),
+    ],
+)
+async def test_bad_line_gets_a_named_error_and_the_connection_survives(
+    raw: Raw, line: bytes, code: str, needle: str, echoed_id: object
+) -> None:
+    reply = await raw.ask(line)
+    assert reply["ok"] is False
+    assert reply["code"] == code
+    assert needle in reply["message"]
+    assert reply["id"] == echoed_id
+    assert (await raw.ask(PING))["ok"] is True
+
+
+async def test_oversized_line_is_skipped_whole(raw: Raw) -> None:
+    huge = b'{"id": 1, "op": "submit", "job": {"command": ["' + b"x" * 3_000_000 + b'"]}}\n'
+    reply = await raw.ask(huge)
+    assert (reply["ok"], reply["code"]) == (False, "line_too_long")
+    assert "65536" in reply["message"]
+    # The tail of the long line must not be read as a request of its own.
+    pong = await raw.ask(PING)
+    assert (pong["id"], pong["ok"]) == ("p", True)
+
+
+async def test_blank_lines_are_ignored_and_unterminated_last_line_is_answered(
+    daemon: Daemon,
+) -> None:
+    conn = await Raw.open(daemon.settings.server.socket_path)
+    await conn.send(b"\n  \n" + PING.rstrip(b"\n"))
+    conn.writer.write_eof()
+    assert (await conn.reply())["id"] == "p"
+    await conn.close()
+
+
+async def test_garbage_and_a_stalled_client_do_not_starve_others(daemon: Daemon) -> None:
+    path = daemon.settings.server.socket_path
+    stalled = await Raw.open(path)
+    await stalled.send(b'{"id": 1, "op": "submit", "job": {"command": ["tr')  # never finished
+    noisy = await Raw.open(path)
+    for _ in range(50):
+        await noisy.send(os.urandom(512).replace(b"\n", b" ") + b"\n")
+    async with Client(path) as client:
+        job = await client.submit({"command": ["true"]})
+        assert (await client.wait(job["id"]))["state"] == "SUCCEEDED"
+        assert [j["id"] for j in await client.list()] == [job["id"]]
+    errors = [await noisy.reply() for _ in range(50)]
+    assert all(not reply["ok"] for reply in errors)
+    await stalled.close()
+    await noisy.close()
+
+
+async def test_many_pipelined_requests_on_one_connection_all_get_their_own_reply(
+    raw: Raw,
+) -> None:
+    lines = b"".join(
+        orjson.dumps({"id": i, "op": "submit", "job": {"command": ["true"], "name": f"n{i}"}})
+        + b"\n"
+        for i in range(300)
+    )
+    await raw.send(lines)
+    replies = [await raw.reply() for _ in range(300)]
+    assert sorted(r["id"] for r in replies) == list(range(300))
+    assert all(r["job"]["name"] == f"n{r['id']}" for r in replies)
+
+
+async def test_idle_connection_is_closed_with_a_reason(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, server={"idle_timeout_s": 0.2})
+    async with running(settings):
+        conn = await Raw.open(settings.server.socket_path)
+        reply = await conn.reply()
+        assert (reply["ok"], reply["code"]) == (False, "idle_timeout")
+        async with asyncio.timeout(5):
+            assert await conn.reader.read() == b""
+        await conn.close()
+
+
+async def test_peer_not_in_the_allow_list_is_refused_and_changes_nothing(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, server={"allowed_uids": [os.getuid() + 4242]})
+    async with running(settings) as daemon:
+        conn = await Raw.open(settings.server.socket_path)
+        reply = await conn.reply()
+        assert (reply["ok"], reply["code"]) == (False, "forbidden")
+        assert f"uid {os.getuid()}" in reply["message"]
+        await conn.close()
+        assert await daemon.store.count_by_state() == {}
+
+
+async def test_connections_per_peer_are_capped(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, server={"max_connections_per_peer": 2})
+    async with running(settings):
+        path = settings.server.socket_path
+        first, second = await Raw.open(path), await Raw.open(path)
+        assert (await first.ask(PING))["ok"] and (await second.ask(PING))["ok"]
+        third = await Raw.open(path)
+        reply = await third.reply()
+        assert (reply["ok"], reply["code"]) == (False, "overloaded")
+        await third.close()
+        await first.close()
+        for conn in (second,):
+            assert (await conn.ask(PING))["ok"]
+            await conn.close()
+
+
+async def test_socket_file_is_0660_in_a_private_directory(daemon: Daemon) -> None:
+    path = daemon.settings.server.socket_path
+    assert path.stat().st_mode & 0o777 == 0o660
+    assert not any(p.name.startswith(".o.sock") for p in path.parent.iterdir())

@@ -1,0 +1,151 @@
+"""`orchestrator serve` as a real process: SIGTERM, kill -9, restarts, crash points. Every job
+accepted before a restart ends with its true outcome, and none runs twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.client import SyncClient
+from tests.support.daemon import DaemonProcess
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(short_tmp, env={"ORCHESTRATOR__LOCAL__MAX_CONCURRENCY": "3"})
+    yield proc
+    proc.close()
+
+
+def wait_for(predicate: object, timeout_s: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def ran_log(root: Path) -> list[str]:
+    path = root / "ran.log"
+    return path.read_text().split() if path.exists() else []
+
+
+def job_script(root: Path, sleep_s: float, exit_code: int) -> list[str]:
+    """A job that records each run of itself, then sleeps and exits with `exit_code`."""
+    return [
+        "sh",
+        "-c",
+        f'echo "$ORCHESTRATOR_JOB_ID" >> {root}/ran.log; sleep {sleep_s}; exit {exit_code}',
+    ]
+
+
+def test_sigterm_mid_flight_then_restart_accounts_for_every_job_once(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    daemon.start()
+    with daemon.client() as client:
+        expected = {}
+        for i in range(12):
+            job = client.submit({"command": job_script(short_tmp, 0.5, i % 4), "name": f"j{i}"})
+            expected[job["id"]] = i % 4
+        wait_for(lambda: len(ran_log(short_tmp)) >= 3, what="the first jobs to run")
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    events = [e["event"] for e in daemon.log_events()]
+    assert "daemon.stopping" in events
+    assert events[-1] == "daemon.stopped"
+
+    daemon.start()
+    with daemon.client() as client:
+        finals = {job_id: client.wait(job_id) for job_id in expected}
+    assert {job_id: job["exit_code"] for job_id, job in finals.items()} == expected
+    assert all(
+        job["state"] == ("SUCCEEDED" if expected[job["id"]] == 0 else "FAILED")
+        for job in finals.values()
+    )
+    assert sorted(ran_log(short_tmp)) == sorted(expected)  # each ran exactly once
+    with daemon.client() as client:
+        attempts = [len(client.get(job_id, history=True)["attempts"]) for job_id in expected]
+    assert attempts == [1] * len(expected)
+
+
+def test_job_that_finished_while_the_daemon_was_down_reports_its_real_exit_code(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    daemon.start()
+    with daemon.client() as client:
+        job = client.submit({"command": job_script(short_tmp, 0.3, 7)})
+        wait_for(lambda: ran_log(short_tmp), what="the job to start")
+    daemon.kill()
+    exit_file = Path(job_dir(daemon, job["id"]), "1", "exit")
+    wait_for(exit_file.exists, what="the job to finish while the daemon is down")
+    daemon.start()
+    with daemon.client() as client:
+        final = client.wait(job["id"])
+    assert (final["state"], final["exit_code"]) == ("FAILED", 7)
+
+
+def test_job_still_running_at_restart_is_adopted_and_finishes(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    daemon.start()
+    with daemon.client() as client:
+        job = client.submit({"command": job_script(short_tmp, 1.5, 5)})
+        wait_for(lambda: ran_log(short_tmp), what="the job to start")
+    daemon.kill()
+    daemon.start()
+    with daemon.client() as client:
+        assert client.get(job["id"])["state"] == "RUNNING"
+        final = client.wait(job["id"])
+    assert (final["state"], final["exit_code"]) == ("FAILED", 5)
+    assert ran_log(short_tmp) == [job["id"]]
+
+
+def test_job_whose_runner_died_with_the_host_becomes_lost_with_a_reason(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    daemon.start()
+    with daemon.client() as client:
+        job = client.submit({"command": job_script(short_tmp, 60, 0)})
+        wait_for(lambda: ran_log(short_tmp), what="the job to start")
+        pid = client.get(job["id"])["info"]["pid"]
+    daemon.kill()
+    os.killpg(pid, signal.SIGKILL)  # as if the host rebooted: no exit status is ever written
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the runner to die")
+    daemon.start()
+    with daemon.client() as client:
+        final = client.wait(job["id"])
+    assert final["state"] == "LOST"
+    assert "without recording an exit status" in final["reason"]
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["dispatch.after_attempt_recorded", "dispatch.after_submit", "poller.before_transition"],
+)
+def test_crash_at_each_dispatch_point_runs_the_job_exactly_once(
+    daemon: DaemonProcess, short_tmp: Path, point: str
+) -> None:
+    daemon.start(extra_env={"ORCHESTRATOR_CRASH_AT": point})
+    with SyncClient(daemon.socket_path, timeout_s=10) as client:
+        job = client.submit({"command": job_script(short_tmp, 0.2, 3)})
+    assert daemon.wait_exit() == 137
+    assert f"crash point {point} reached" in daemon.log()
+    daemon.start()
+    with daemon.client() as client:
+        final = client.wait(job["id"])
+    assert (final["state"], final["exit_code"]) == ("FAILED", 3)
+    assert ran_log(short_tmp) == [job["id"]]
+
+
+def job_dir(daemon: DaemonProcess, job_id: str) -> Path:
+    return daemon.store_path.parent / "jobs" / job_id
