@@ -247,7 +247,6 @@ class FaultProxy:
         self._token_locks: dict[tuple[str, str], _KeyLock] = {}  # touched by the loop only
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._port: int | None = None
 
     # -- lifecycle (call from the proxy's own event loop) --
 
@@ -262,10 +261,7 @@ class FaultProxy:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         try:
             await self._runner.setup()
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
-                await web.SockSite(self._runner, sock).start()
-                self._port = sock.getsockname()[1]
+            await web.SockSite(self._runner, _listening_socket()).start()
         except BaseException:
             await self.close()
             raise
@@ -293,9 +289,10 @@ class FaultProxy:
 
     @property
     def endpoint_url(self) -> str:
-        if self._port is None:
+        if self._runner is None or not self._runner.addresses:
             raise RuntimeError("the fault proxy is not started")
-        return f"http://127.0.0.1:{self._port}"
+        host, port = self._runner.addresses[0][:2]
+        return f"http://{host}:{port}"
 
     # -- observation --
 
@@ -371,11 +368,15 @@ class FaultProxy:
         )
 
     def http_5xx(
-        self, service: str, operation: str | None = None, status: int = 503, **when: Unpack[When]
+        self,
+        service: str,
+        operation: str | None = None,
+        status: int = 503,
+        code: str = "ServiceUnavailable",
+        **when: Unpack[When],
     ) -> Rule:
-        """Answer with a bare 5xx and a plain-text body, as a load balancer in front would."""
-        reply = Reply(status, b"Service Unavailable", {"Content-Type": "text/plain"})
-        return self.add_rule(Rule(service, operation, lambda _: reply, **when))
+        """Answer with a 5xx error, which botocore retries whatever its code."""
+        return self.error(service, operation, status, code, "Service Unavailable", **when)
 
     def runtask_failures(self, reason: str = "RESOURCE:MEMORY", **when: Unpack[When]) -> Rule:
         """Answer RunTask with HTTP 200, no tasks and one placement failure."""
@@ -629,6 +630,17 @@ def _credential_scope(http_request: web.Request) -> tuple[str, str]:
     if match is None:
         return ("unknown", "unknown")
     return (match["region"], match["service"])
+
+
+def _listening_socket() -> socket.socket:
+    """A TCP socket bound to 127.0.0.1 on a port the OS picks; the server takes it over."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _cluster_name(cluster: object) -> str:
