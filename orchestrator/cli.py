@@ -182,14 +182,27 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
 
 @main.command()
 @socket_option
+@click.option(
+    "--wait-s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Keep trying this long while the daemon is not up yet (scripts, healthchecks).",
+)
 @json_option
-def ping(socket_path: Path | None, as_json: bool) -> None:
+def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
     """Check that the daemon answers (and that its store does)."""
 
     async def go() -> dict[str, Any]:
-        async with _client(socket_path) as client:
-            reply: dict[str, Any] = await client.ping()
-            return reply
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                async with _client(socket_path) as client:
+                    reply: dict[str, Any] = await client.ping()
+                    return reply
+            except errors.DaemonUnreachable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     reply = _run(go)
     if as_json:
