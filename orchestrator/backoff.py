@@ -18,14 +18,15 @@ class Uniform(Protocol):
 
 def exponential(n: int, *, base_s: float, factor: float, cap_s: float) -> float:
     """`min(cap, base · factor^n)` without ever overflowing, for any n ≥ 0."""
-    if n <= 0:
+    if n <= 0 or factor <= 1.0 or base_s <= 0.0 or cap_s <= base_s:
         return min(cap_s, base_s)
-    if factor <= 1.0 or base_s <= 0.0:
-        return min(cap_s, base_s)
-    # base · factor^n ≥ cap  ⇔  n ≥ log(cap / base) / log(factor)
-    if n >= math.log(cap_s / base_s) / math.log(factor):
+    # base · factor^n ≥ cap  ⇔  n ≥ log(cap / base) / log(factor): no need to compute it
+    if math.isfinite(cap_s) and n >= math.log(cap_s / base_s) / math.log(factor):
         return cap_s
-    return min(cap_s, base_s * factor**n)
+    try:
+        return min(cap_s, base_s * factor**n)
+    except OverflowError:
+        return cap_s
 
 
 def jitter(delay_s: float, kind: Jitter, rng: Uniform) -> float:

@@ -100,7 +100,10 @@ class JobSpec(pydantic.BaseModel):
     def _int_is_a_duration_too(cls, value: object) -> object:
         # strict mode refuses 5 for a float field; a whole number of seconds is fine.
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueError("too large") from None
         return value
 
 

@@ -14,7 +14,6 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,11 +26,17 @@ from orchestrator.settings import PollerSettings
 log = structlog.get_logger("orchestrator.poller")
 
 
+_Group = tuple[str, str]  # (backend, partition): jobs that one describe call can cover
+_Entry = tuple[float, int, str]  # (due, tie-breaker, job id)
+
+
 @dataclass(slots=True)
 class _Tracked:
     job: models.Job
+    group: _Group
     n: int = 0  # polls since the last state change
     due: float = 0.0
+    delay: float = 0.0  # the delay that set `due`
     busy: bool = False  # a describe for it is in flight
     missing_since: float | None = None
 
@@ -53,7 +58,7 @@ class Poller:
         self._rng = rng or backoff.default_rng()
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
-        self._heap: list[tuple[float, int, str]] = []
+        self._queues: dict[_Group, list[_Entry]] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._describe_slots = {
@@ -68,7 +73,7 @@ class Poller:
         if job.state.terminal:
             self._tracked.pop(job.id, None)
             return
-        entry = _Tracked(job)
+        entry = _Tracked(job, (job.backend, self._backends[job.backend].partition(job)))
         self._tracked[job.id] = entry
         self._schedule(entry, self._first_delay(job))
 
@@ -103,20 +108,62 @@ class Poller:
         if deadline is not None and entry.job.stop_reason is None:
             due = min(due, deadline)
         entry.due = due
-        heapq.heappush(self._heap, (due, next(self._seq), entry.job.id))
-        if self._heap[0][2] == entry.job.id:
+        entry.delay = due - now
+        queue = self._queues.setdefault(entry.group, [])
+        heapq.heappush(queue, (due, next(self._seq), entry.job.id))
+        if queue[0][2] == entry.job.id:
             self._wake.set()
 
-    def _take_due(self, now: float) -> list[_Tracked]:
-        due = []
-        while self._heap and self._heap[0][0] <= now:
-            at, _, job_id = heapq.heappop(self._heap)
-            entry = self._tracked.get(job_id)
-            if entry is None or entry.busy or entry.due != at:
-                continue  # untracked, in flight, or rescheduled since: a stale heap entry
-            entry.busy = True
-            due.append(entry)
-        return due
+    def _take_batches(self, now: float) -> list[tuple[_Group, list[_Tracked]]]:
+        """Every group's due jobs, in batches of its describe size. A partial last batch is
+        topped up with jobs due soon (one call describes 100 jobs for the price of one); a job
+        is taken early by at most half its delay, so back-off still spaces its polls."""
+        batches = []
+        for group, queue in self._queues.items():
+            size = self._backends[group[0]].describe_batch_size
+            taken = self._pop_due(queue, now)
+            if not taken:
+                continue
+            if partial := len(taken) % size:
+                taken += self._pop_soon(queue, now, size - partial)
+            batches += [(group, taken[i : i + size]) for i in range(0, len(taken), size)]
+        return batches
+
+    def _live(self, item: _Entry) -> _Tracked | None:
+        entry = self._tracked.get(item[2])
+        if entry is None or entry.busy or entry.due != item[0]:
+            return None  # untracked, in flight, or rescheduled since: a stale heap entry
+        return entry
+
+    def _pop_due(self, queue: list[_Entry], now: float) -> list[_Tracked]:
+        out: list[_Tracked] = []
+        while queue and queue[0][0] <= now:
+            if (entry := self._live(heapq.heappop(queue))) is not None:
+                entry.busy = True
+                out.append(entry)
+        return out
+
+    def _pop_soon(self, queue: list[_Entry], now: float, wanted: int) -> list[_Tracked]:
+        out: list[_Tracked] = []
+        passed_over: list[_Entry] = []
+        horizon = now + self._settings.fill_ahead_s
+        # Look at a bounded number of candidates: this runs on every wake-up.
+        while queue and queue[0][0] <= horizon and len(out) < wanted and len(passed_over) < wanted:
+            item = heapq.heappop(queue)
+            if (entry := self._live(item)) is None:
+                continue
+            if item[0] - now <= entry.delay / 2:
+                entry.busy = True
+                out.append(entry)
+            else:
+                passed_over.append(item)
+        for item in passed_over:
+            heapq.heappush(queue, item)
+        return out
+
+    def _next_due(self) -> float | None:
+        heads = [queue[0][0] for queue in self._queues.values() if queue]
+        return min(heads) if heads else None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -124,17 +171,10 @@ class Poller:
         async with asyncio.TaskGroup() as tg:
             while True:
                 self._wake.clear()
-                due = self._take_due(self._clock())
-                groups: dict[tuple[str, str], list[_Tracked]] = defaultdict(list)
-                for entry in due:
-                    backend = self._backends[entry.job.backend]
-                    groups[(backend.name, backend.partition(entry.job))].append(entry)
-                for (name, partition), entries in groups.items():
-                    size = self._backends[name].describe_batch_size
-                    for i in range(0, len(entries), size):
-                        batch = entries[i : i + size]
-                        tg.create_task(self._poll(name, batch), name=f"poll-{name}-{partition}")
-                timeout = max(0.0, self._heap[0][0] - self._clock()) if self._heap else None
+                for (backend, partition), batch in self._take_batches(self._clock()):
+                    tg.create_task(self._poll(backend, batch), name=f"poll-{backend}-{partition}")
+                next_due = self._next_due()
+                timeout = None if next_due is None else max(0.0, next_due - self._clock())
                 try:
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()

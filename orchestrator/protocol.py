@@ -124,7 +124,7 @@ def decode(line: bytes) -> Request:
         raise BadRequest(None, errors.InvalidRequest("id: must be a string or an integer"))
 
     version = data.pop("v", VERSION)
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # True == 1, 1.0 == 1: not versions
         raise BadRequest(
             request_id,
             errors.UnsupportedVersion(

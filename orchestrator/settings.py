@@ -105,6 +105,7 @@ class PollerSettings(_Section):
     cap_s: _Seconds = 15.0
     jitter: backoff.Jitter = "equal"
     describe_concurrency: _Count = 4  # describe calls in flight at once, per backend
+    fill_ahead_s: Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)] = 2.0
     missing_grace_s: _Seconds = 60.0
 
     def policy(self) -> backoff.Policy:
@@ -233,11 +234,14 @@ def _read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str
                 f"(known: {', '.join(sorted(sections))})"
             )
         names[".".join(parts)] = name
-    source = _EnvSource(Settings, environ)
     try:
-        data = source()
+        data = _EnvSource(Settings, environ)()
     except pydantic_settings.SettingsError as exc:
-        raise errors.ConfigError(f"environment: {exc}") from exc
+        culprits = sorted(
+            name for key, name in names.items() if f'"{key.split(".")[-1]}"' in str(exc)
+        )
+        where = ", ".join(culprits) or "an ORCHESTRATOR__ variable"
+        raise errors.ConfigError(f"environment variable {where}: cannot be parsed ({exc})") from exc
     return data, names
 
 
@@ -276,12 +280,23 @@ def _describe(exc: pydantic.ValidationError, sources: Mapping[str, str]) -> str:
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
-        where = sources.get(key, "default")
+        where = _source_for(key, sources)
         if error["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown setting (from {where})")
         else:
             lines.append(f"{key}: {error['msg']} (from {where})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _source_for(key: str, sources: Mapping[str, str]) -> str:
+    """Where the value at `key` came from: the key itself, the setting it is part of (a list
+    element), or a setting beneath it (a whole unknown section)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if (found := sources.get(".".join(parts[:end]))) is not None:
+            return found
+    beneath = [source for dotted, source in sources.items() if dotted.startswith(f"{key}.")]
+    return beneath[0] if beneath else "default"
 
 
 def flatten(settings: pydantic.BaseModel) -> dict[str, Any]:

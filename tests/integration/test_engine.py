@@ -1,0 +1,181 @@
+"""The dispatcher and the poller driving a scripted fake backend, through the real daemon, socket
+and SQLite store: batching, back-off, retries, missing jobs, stops. The same code drives ECS and
+Batch; only the backend differs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from orchestrator import errors
+from orchestrator.client import Client
+from orchestrator.models import JobState as S
+from orchestrator.testing import FakeBackend, Script, make_settings
+from tests.support.daemon import running
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_many_jobs_are_described_in_batches_of_at_most_100(short_tmp: Path) -> None:
+    fake = FakeBackend(
+        default_script=Script(states=(S.RUNNABLE, S.RUNNING, S.RUNNING, S.SUCCEEDED))
+    )
+    settings = make_settings(short_tmp, poller={"base_s": 0.2, "cap_s": 0.4})
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        ids = [job["id"] async for job in c.submit_many({"command": ["x"]} for _ in range(350))]
+        finals = await asyncio.gather(*(c.wait(i) for i in ids))
+        history = (await c.get(ids[0], history=True))["history"]
+    assert {job["state"] for job in finals} == {"SUCCEEDED"}
+    sizes = [len(batch) for batch in fake.describe_batches]
+    assert max(sizes) <= 100
+    # 350 jobs × 4 observations each = 1,400 job-describes; batched, that is a few dozen calls.
+    assert sum(sizes) >= 350 * 4
+    assert len(sizes) <= 350 * 4 / 25, sizes
+    assert [h["to"] for h in history] == ["QUEUED", "SUBMITTED", "RUNNABLE", "RUNNING", "SUCCEEDED"]
+
+
+async def test_jobs_in_different_partitions_are_never_described_together(short_tmp: Path) -> None:
+    fake = FakeBackend()
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        specs = [{"command": ["x"], "overrides": {"partition": p}} for p in "abababab"]
+        jobs = [await c.submit(spec) for spec in specs]
+        finals = await asyncio.gather(*(c.wait(job["id"]) for job in jobs))
+    partition_of = {
+        job["external_id"]: spec["overrides"]["partition"]
+        for job, spec in zip(finals, specs, strict=True)
+    }
+    assert sorted(partition_of.values()) == sorted("abababab")
+    for batch in fake.describe_batches:
+        assert len({partition_of[external_id] for external_id in batch}) == 1
+
+
+async def test_retryable_start_failure_is_retried_then_succeeds(short_tmp: Path) -> None:
+    flaky = Script(
+        submit_errors=[errors.StartFailed("RESOURCE:MEMORY", retryable=True)] * 2,
+    )
+    fake = FakeBackend(scripts={"flaky": flaky})
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"], "name": "flaky"})
+        final = await c.wait(job["id"])
+        full = await c.get(job["id"], history=True)
+    assert final["state"] == "SUCCEEDED"
+    assert [a["outcome"] for a in full["attempts"]] == [
+        "start failed: RESOURCE:MEMORY",
+        "start failed: RESOURCE:MEMORY",
+        "submitted",
+    ]
+    assert fake.submits == [(job["id"], 1), (job["id"], 2), (job["id"], 3)]
+
+
+async def test_terminal_start_failure_fails_at_once_with_the_reason(short_tmp: Path) -> None:
+    bad = Script(submit_errors=[errors.StartFailed("task definition not found", retryable=False)])
+    fake = FakeBackend(scripts={"bad": bad})
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"], "name": "bad"})
+        final = await c.wait(job["id"])
+    assert (final["state"], final["reason"]) == ("FAILED", "task definition not found")
+    assert len(fake.submits) == 1
+
+
+async def test_retries_stop_at_max_start_attempts(short_tmp: Path) -> None:
+    always = Script(
+        submit_errors=[errors.StartFailed("Capacity is unavailable", retryable=True)] * 10
+    )
+    fake = FakeBackend(scripts={"starved": always})
+    settings = make_settings(short_tmp, dispatcher={"max_start_attempts": 3})
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"], "name": "starved"})
+        final = await c.wait(job["id"])
+    assert (final["state"], final["reason"]) == ("FAILED", "Capacity is unavailable")
+    assert len(fake.submits) == 3
+
+
+async def test_a_job_the_backend_forgets_becomes_lost_after_the_grace_period(
+    short_tmp: Path,
+) -> None:
+    fake = FakeBackend(default_script=Script(states=(S.RUNNING,)))
+    settings = make_settings(short_tmp, poller={"missing_grace_s": 0.3})
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        async for reply in c.watch(job["id"]):
+            if reply.get("event", {}).get("to") == "RUNNING":
+                break
+        running_job = await c.get(job["id"])
+        fake.forget(running_job["external_id"])
+        final = await c.wait(job["id"])
+    assert final["state"] == "LOST"
+    assert "cannot be found again" in final["reason"]
+
+
+async def test_cancel_is_reissued_until_the_backend_reports_the_end(short_tmp: Path) -> None:
+    fake = FakeBackend(default_script=Script(states=(S.RUNNING,)))
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        async for reply in c.watch(job["id"]):
+            if reply.get("event", {}).get("to") == "RUNNING":
+                break
+        await c.cancel(job["id"])
+        final = await c.wait(job["id"])
+    assert (final["state"], final["stop_reason"]) == ("CANCELLED", "cancel")
+    assert fake.stops.count(job["id"]) >= 1
+
+
+async def test_a_job_that_succeeds_despite_a_cancel_keeps_its_true_outcome(short_tmp: Path) -> None:
+    fake = FakeBackend(default_script=Script(states=(S.RUNNING,), stop_ends_in=S.SUCCEEDED))
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        async for reply in c.watch(job["id"]):
+            if reply.get("event", {}).get("to") == "RUNNING":
+                break
+        await c.cancel(job["id"])
+        final = await c.wait(job["id"])
+    assert final["state"] == "SUCCEEDED"
+
+
+async def test_polling_backs_off_while_nothing_changes_and_stays_capped(short_tmp: Path) -> None:
+    fake = FakeBackend(default_script=Script(states=(S.RUNNING,)))
+    settings = make_settings(
+        short_tmp, poller={"base_s": 0.02, "factor": 2.0, "cap_s": 0.16, "jitter": "none"}
+    )
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        await asyncio.sleep(1.5)
+        await c.cancel(job["id"])
+        await c.wait(job["id"])
+    # Delays 0.02, 0.04, 0.08 then 0.16 s forever: about 3 + (1.5 - 0.14) / 0.16 ≈ 11 polls.
+    # Without the cap it would be ~6; without back-off ~75.
+    assert 7 <= len(fake.describe_batches) <= 16, len(fake.describe_batches)
