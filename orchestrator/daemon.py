@@ -22,6 +22,7 @@ from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.poller import Poller
+from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
 from orchestrator.settings import Settings
 from orchestrator.store import Store
@@ -35,6 +36,16 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     if settings.local.enabled:
         backends["local"] = LocalBackend(settings.local, settings.local_work_dir())
+    # One CloudWatch Logs bucket: both backends read logs from the same account and Region.
+    logs_bucket = TokenBucket("logs", settings.cloudwatch.rate_per_s, settings.cloudwatch.burst)
+    if settings.ecs.enabled:
+        from orchestrator.backends.ecs import EcsBackend  # imports aioboto3: only when used
+
+        backends["ecs"] = EcsBackend(settings.ecs, logs_bucket)
+    if settings.batch.enabled:
+        from orchestrator.backends.batch import BatchBackend
+
+        backends["batch"] = BatchBackend(settings.batch, logs_bucket)
     return backends
 
 
@@ -138,7 +149,7 @@ class Daemon:
                 self.dispatcher.adopt(job)
                 self.poller.track(job)
         # Attempts cut short by a crash: settle each one (did it launch?) before serving.
-        await asyncio.gather(*(self.dispatcher.reconcile_launching(job) for job in launching))
+        await asyncio.gather(*(self.dispatcher.settle(job) for job in launching))
         return len(jobs)
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:

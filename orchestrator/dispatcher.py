@@ -27,15 +27,17 @@ from orchestrator.store import Store
 
 log = structlog.get_logger("orchestrator.dispatcher")
 
-_Timer = tuple[float, int, str, Literal["dispatch", "expire"]]
+_Timer = tuple[float, int, str, Literal["dispatch", "expire", "settle"]]
 
 
 class _Lane:
     """One backend's queue: jobs ready now, jobs waiting for a retry or a deadline, and the
     jobs it has in flight (submitted, not yet terminal)."""
 
-    def __init__(self, backend: Backend, submit_concurrency: int) -> None:
+    def __init__(self, backend: Backend, submit_concurrency: int, settings: DispatcherSettings):
         self.backend = backend
+        self.max_attempts = backend.max_start_attempts or settings.max_start_attempts
+        self.budget_s = backend.start_budget_s or settings.start_budget_s
         self.ready: deque[str] = deque()
         self.queued: set[str] = set()  # in `ready` or waiting for a retry
         self.timers: list[_Timer] = []
@@ -60,7 +62,8 @@ class Dispatcher:
         self._store = store
         self._poller = poller
         self._lanes = {
-            name: _Lane(backend, settings.submit_concurrency) for name, backend in backends.items()
+            name: _Lane(backend, settings.submit_concurrency, settings)
+            for name, backend in backends.items()
         }
         self._retry = backoff.Policy(
             base_s=settings.retry_base_s,
@@ -117,6 +120,8 @@ class Dispatcher:
                 _, _, job_id, kind = heapq.heappop(lane.timers)
                 if kind == "dispatch":
                     lane.ready.append(job_id)
+                elif kind == "settle":
+                    tg.create_task(self._settle_later(lane, job_id), name=f"settle-{job_id}")
                 elif job_id in lane.queued and job_id not in lane.in_flight:
                     tg.create_task(self._expire(job_id), name=f"expire-{job_id}")
             while lane.ready and len(lane.in_flight) < cap:
@@ -146,27 +151,7 @@ class Dispatcher:
                 lane.in_flight.discard(job_id)
                 return
             faults.crashpoint("dispatch.after_attempt_recorded")
-            try:
-                submitted = await backend.submit(job)
-            except errors.StartFailed as exc:
-                await self._start_failed(lane, job, exc)
-                return
-            faults.crashpoint("dispatch.after_submit")
-            job = await self._store.record_submitted(
-                job.id,
-                external_id=submitted.external_id,
-                state=submitted.state,
-                vendor_status=submitted.vendor_status,
-                info=dict(submitted.info),
-            )
-            log.info(
-                "job.dispatched",
-                job_id=job.id,
-                backend=backend.name,
-                attempt=job.attempt,
-                external_id=submitted.external_id,
-            )
-            self._poller.track(job)
+            await self._submit(lane, job)
         except Exception:
             # A job's failure never takes the daemon down; it stays recorded as launching and
             # the next start-up's reconciliation settles it.
@@ -175,13 +160,37 @@ class Dispatcher:
             lane.slots.release()
             lane.wake.set()
 
+    async def _submit(self, lane: _Lane, job: models.Job) -> None:
+        """Call the backend for the job's current attempt and record what came of it."""
+        try:
+            submitted = await lane.backend.submit(job)
+        except errors.StartFailed as exc:
+            await self._start_failed(lane, job, exc)
+            return
+        except errors.OutcomeUnknown as exc:
+            log.warning("job.start_unknown", job_id=job.id, attempt=job.attempt, error=exc.message)
+            self._settle_in(lane, job.id, self._retry.delay(0, self._rng))
+            return
+        faults.crashpoint("dispatch.after_submit")
+        job = await self._store.record_submitted(
+            job.id,
+            external_id=submitted.external_id,
+            state=submitted.state,
+            vendor_status=submitted.vendor_status,
+            info=dict(submitted.info),
+        )
+        log.info(
+            "job.dispatched",
+            job_id=job.id,
+            backend=lane.backend.name,
+            attempt=job.attempt,
+            external_id=submitted.external_id,
+        )
+        self._poller.track(job)
+
     async def _start_failed(self, lane: _Lane, job: models.Job, exc: errors.StartFailed) -> None:
         elapsed = self._clock() - job.created_at
-        retry = (
-            exc.retryable
-            and job.attempt < self._settings.max_start_attempts
-            and elapsed < self._settings.start_budget_s
-        )
+        retry = exc.retryable and job.attempt < lane.max_attempts and elapsed < lane.budget_s
         await self._store.record_start_failure(job.id, exc.reason, final=not retry)
         lane.in_flight.discard(job.id)
         if not retry:
@@ -206,33 +215,54 @@ class Dispatcher:
         lane.queued.add(job.id)
         heapq.heappush(lane.timers, (self._clock() + delay, next(self._seq), job.id, "dispatch"))
 
-    async def reconcile_launching(self, job: models.Job) -> None:
-        """Settle an attempt that was recorded but whose outcome was not, before a crash."""
-        backend = self._lanes[job.backend].backend
-        located = await backend.locate(job)
+    def _settle_in(self, lane: _Lane, job_id: str, delay_s: float) -> None:
+        heapq.heappush(lane.timers, (self._clock() + delay_s, next(self._seq), job_id, "settle"))
+        lane.wake.set()
+
+    async def _settle_later(self, lane: _Lane, job_id: str) -> None:
+        try:
+            job = await self._store.get(job_id)
+            if job.state == models.JobState.QUEUED and job.launching:
+                await self.settle(job)
+        except Exception:
+            log.exception("dispatch.settle_failed", job_id=job_id)
+            self._settle_in(lane, job_id, self._settings.retry_cap_s)
+
+    async def settle(self, job: models.Job) -> None:
+        """Settle an attempt recorded as launching whose outcome is unknown (a crash, a timeout,
+        a 5xx): adopt what it launched, start it under the same token where the backend makes
+        that idempotent, requeue it if it provably launched nothing, or look again later. Never
+        a new attempt on a guess; LOST once the start budget is spent without an answer."""
+        lane = self._lanes[job.backend]
+        lane.in_flight.add(job.id)
+        located = await lane.backend.locate(job)
         if located.external_id is not None:
             job = await self._store.record_submitted(
                 job.id, external_id=located.external_id, state=models.JobState.SUBMITTED
             )
-            log.info(
-                "job.reconciled",
-                job_id=job.id,
-                attempt=job.attempt,
-                external_id=located.external_id,
-                outcome="adopted",
-            )
-            self.adopt(job)
+            log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="adopted")
             self._poller.track(job)
         elif located.launched is False:
             job = await self._store.record_start_failure(
-                job.id, f"attempt {job.attempt} never launched (daemon restarted)", final=False
+                job.id, f"attempt {job.attempt} never launched", final=False
             )
+            lane.in_flight.discard(job.id)
             log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="requeued")
             if job.stop_reason is None:
                 self.enqueue(job)
             else:
                 await self._store.request_stop(job.id, job.stop_reason)
+        elif lane.backend.can_resubmit(job):
+            log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="resubmitted")
+            await self._submit(lane, job)  # same attempt, same token: idempotent
+        elif self._clock() - _attempt_started(job) < lane.budget_s:
+            self._settle_in(lane, job.id, self._retry.delay(job.attempt, self._rng))
         else:
             reason = f"cannot establish whether attempt {job.attempt} launched"
             await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)
+
+
+def _attempt_started(job: models.Job) -> float:
+    started = job.info.get("attempt_started_at")
+    return float(started) if isinstance(started, int | float) else job.updated_at

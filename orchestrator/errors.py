@@ -174,3 +174,55 @@ class RemoteError(OrchestratorError):
     def __init__(self, code: str, message: str) -> None:
         self.remote_code = code
         super().__init__(f"{code}: {message}")
+
+
+class OutcomeUnknown(OrchestratorError):
+    """The backend may or may not have started the job (a timeout or a 5xx after sending)."""
+
+    code = "outcome_unknown"
+
+
+class AwsError(OrchestratorError):
+    """An AWS API call failed."""
+
+    code = "aws_error"
+
+    def __init__(
+        self, service: str, operation: str, aws_code: str, message: str, status: int | None = None
+    ) -> None:
+        self.service = service
+        self.operation = operation
+        self.aws_code = aws_code
+        self.aws_message = message
+        self.status = status
+        super().__init__(f"{service} {operation}: {aws_code}: {message}")
+
+
+class AwsThrottled(AwsError):
+    """AWS refused the call for its rate (after botocore's own retries)."""
+
+    code = "aws_throttled"
+
+
+class AwsServerFault(AwsError):
+    """AWS failed on its side (5xx): the call may or may not have taken effect."""
+
+    code = "aws_server_fault"
+
+
+class AwsRejected(AwsError):
+    """AWS rejected the request as invalid or not allowed (4xx): retrying will not help."""
+
+    code = "aws_rejected"
+
+
+class AwsUnreachable(AwsError):
+    """The AWS endpoint could not be reached, or did not answer in time."""
+
+    code = "aws_unreachable"
+
+
+class HealthCheckFailed(OrchestratorError):
+    """A backend's start-up check failed: credentials, permissions or resources are wrong."""
+
+    code = "health_check_failed"

@@ -42,6 +42,18 @@ def _comma_list(value: object) -> object:
 _IntList = Annotated[list[int], NoDecode, pydantic.BeforeValidator(_comma_list)]
 
 
+def _json_object(value: object) -> object:
+    """API kwargs may come from env as a JSON object."""
+    if isinstance(value, str):
+        return pydantic.TypeAdapter(dict[str, Any]).validate_json(value)
+    return value
+
+
+_StrList = Annotated[list[str], NoDecode, pydantic.BeforeValidator(_comma_list)]
+_Json = Annotated[dict[str, Any], pydantic.BeforeValidator(_json_object)]
+_Rate = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+
+
 class _Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_default=True)
 
@@ -119,11 +131,83 @@ class LocalSettings(_Section):
     max_concurrency: _Count = pydantic.Field(default_factory=lambda: os.cpu_count() or 2)
     work_dir: Path | None = None  # default: <store dir>/jobs
     kill_grace_s: _Seconds = 10.0
-    inherit_env: Annotated[list[str], NoDecode, pydantic.BeforeValidator(_comma_list)] = (
-        pydantic.Field(
-            default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
-        )
+    inherit_env: _StrList = pydantic.Field(
+        default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
     )
+
+
+class _AwsBackend(_Section):
+    """What ECS and Batch share: credentials, retries, limits, tracking."""
+
+    enabled: bool = False
+    region_name: str | None = None
+    profile: str | None = None  # a named AWS profile; default: the standard credential chain
+    check_health_on_startup: bool = True
+    max_in_flight: _Count = 500  # jobs submitted and not yet terminal, at most
+    max_attempts: _Count = 5  # botocore `standard` retry mode: attempts per API call
+    connect_timeout_s: _Seconds = 10.0
+    read_timeout_s: _Seconds = 30.0
+    describe_rate_per_s: _Rate = 20.0
+    describe_burst: _Rate = 100.0
+    start_budget_s: _Seconds = 600.0  # wall-clock budget for retrying a job's start
+
+    def _require(self, section: str, *names: str) -> None:
+        if not self.enabled:
+            return
+        missing = [name for name in names if not getattr(self, name)]
+        if missing:
+            keys = ", ".join(f"{section}.{name}" for name in missing)
+            raise ValueError(f"{keys} required when {section}.enabled is true")
+
+
+class EcsSettings(_AwsBackend):
+    cluster: str | None = None
+    container_name: str | None = None
+    task_definition: str | None = None  # family[:revision] or ARN
+    launch_type: Literal["FARGATE", "EC2", "EXTERNAL"] | None = None  # default FARGATE, unless
+    capacity_provider_strategy: list[dict[str, Any]] = pydantic.Field(default_factory=list)
+    platform_version: str = "LATEST"  # Fargate only; dropped for EC2
+    subnets: _StrList = pydantic.Field(default_factory=list)
+    security_groups: _StrList = pydantic.Field(default_factory=list)
+    assign_public_ip: bool = False
+    max_run_task_attempts: _Count = 5
+    run_task_kwargs: _Json = pydantic.Field(default_factory=dict)
+    run_task_rate_per_s: _Rate = 20.0  # AWS: 20/s for Fargate RunTask, 40/s on EC2 (burst 100)
+    run_task_burst: _Rate = 100.0
+
+    @pydantic.field_validator("capacity_provider_strategy", mode="before")
+    @classmethod
+    def _strategy_from_json(cls, value: object) -> object:
+        return (
+            pydantic.TypeAdapter(list[Any]).validate_json(value)
+            if isinstance(value, str)
+            else value
+        )
+
+    @pydantic.model_validator(mode="after")
+    def _complete(self) -> EcsSettings:
+        self._require("ecs", "cluster", "container_name", "region_name", "task_definition")
+        return self
+
+
+class BatchSettings(_AwsBackend):
+    job_queue: str | None = None
+    job_definition: str | None = None
+    max_submit_attempts: _Count = 5
+    submit_job_kwargs: _Json = pydantic.Field(default_factory=dict)
+    submit_rate_per_s: _Rate = 50.0  # AWS: a fixed 50 SubmitJob calls/s per account
+    submit_burst: _Rate = 50.0
+    lookup_grace_s: _Seconds = 60.0  # ListJobs may lag SubmitJob: how long "not found" is unsure
+
+    @pydantic.model_validator(mode="after")
+    def _complete(self) -> BatchSettings:
+        self._require("batch", "job_queue", "job_definition", "region_name")
+        return self
+
+
+class CloudWatchSettings(_Section):
+    rate_per_s: _Rate = 10.0  # GetLogEvents and friends, shared by every backend
+    burst: _Rate = 10.0
 
 
 class LoggingSettings(_Section):
@@ -148,6 +232,9 @@ class Settings(pydantic_settings.BaseSettings):
     dispatcher: DispatcherSettings = pydantic.Field(default_factory=DispatcherSettings)
     poller: PollerSettings = pydantic.Field(default_factory=PollerSettings)
     local: LocalSettings = pydantic.Field(default_factory=LocalSettings)
+    ecs: EcsSettings = pydantic.Field(default_factory=EcsSettings)
+    batch: BatchSettings = pydantic.Field(default_factory=BatchSettings)
+    cloudwatch: CloudWatchSettings = pydantic.Field(default_factory=CloudWatchSettings)
     logging: LoggingSettings = pydantic.Field(default_factory=LoggingSettings)
 
     @classmethod

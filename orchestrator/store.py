@@ -449,10 +449,11 @@ class Store:
             attempt = job.attempt + 1
             token = f"{job.id}-{attempt}"
             now = self._clock()
+            info = orjson.dumps({**job.info, "attempt_started_at": now})
             conn.execute(
-                "UPDATE jobs SET attempt = ?, token = ?, launching = 1, updated_at = ? "
+                "UPDATE jobs SET attempt = ?, token = ?, launching = 1, updated_at = ?, info = ? "
                 "WHERE id = ?",
-                (attempt, token, now, job_id),
+                (attempt, token, now, info, job_id),
             )
             conn.execute(
                 "INSERT INTO attempts (job_id, attempt, token, started_at) VALUES (?, ?, ?, ?)",

@@ -58,6 +58,8 @@ class FakeBackend:
     name: str = "local"  # stands in for the local backend: job specs name a real backend
     max_in_flight: int = 1000
     describe_batch_size: int = 100
+    max_start_attempts: int | None = None
+    start_budget_s: float | None = None
     default_script: Script = field(default_factory=Script)
     scripts: dict[str, Script] = field(default_factory=dict)  # by job name
     submits: list[tuple[str, int]] = field(default_factory=list)  # (job id, attempt)
@@ -130,6 +132,9 @@ class FakeBackend:
             if not fake.forgotten and external_id == job.external_id:
                 return base.Located(external_id, launched=True)
         return base.Located(None, launched=None)
+
+    def can_resubmit(self, job: models.Job) -> bool:
+        return False
 
     async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
         if cursor:

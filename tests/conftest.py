@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+pytest_plugins = ["tests.support.moto"]
+
 import shutil
 import tempfile
 from collections.abc import Iterator

@@ -67,6 +67,8 @@ class Backend(Protocol):
     name: str
     max_in_flight: int  # jobs submitted and not yet terminal, at most
     describe_batch_size: int  # external ids per describe call, at most
+    max_start_attempts: int | None  # attempts at starting a job (None: the dispatcher's default)
+    start_budget_s: float | None  # wall-clock budget for them (None: the dispatcher's default)
 
     async def start(self) -> None:
         """Acquire clients and resources; check health if configured."""
@@ -85,7 +87,8 @@ class Backend(Protocol):
 
     async def submit(self, job: models.Job) -> Submitted:
         """Start `job.attempt` using `job.token`. Idempotent per token where the vendor allows.
-        Raise `StartFailed` (retryable or not) when nothing was started."""
+        Raise `StartFailed` (retryable or not) when nothing was started, `OutcomeUnknown`
+        when something may have been."""
 
     async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, Observation]:
         """Observations keyed by external id, for up to `describe_batch_size` jobs."""
@@ -94,7 +97,11 @@ class Backend(Protocol):
         """Ask the running job to stop. Idempotent; called again until the stop is observed."""
 
     async def locate(self, job: models.Job) -> Located:
-        """Find what the current attempt launched, when its external id is unknown or missing."""
+        """Find what the current attempt launched, when its external id is unknown or missing.
+        Never starts anything."""
+
+    def can_resubmit(self, job: models.Job) -> bool:
+        """Whether submitting the current attempt again (same token) is idempotent now."""
 
     async def read_logs(self, job: models.Job, cursor: Any) -> LogPage:
         """The job's own output from `cursor` on (None: from the start)."""

@@ -59,6 +59,8 @@ def _utf8_prefix(data: bytes) -> bytes:
 class LocalBackend:
     name = "local"
     describe_batch_size = 1000
+    max_start_attempts: int | None = None
+    start_budget_s: float | None = None
 
     def __init__(self, settings: LocalSettings, work_dir: Path) -> None:
         self._settings = settings
@@ -247,6 +249,9 @@ class LocalBackend:
         if claim.get("pid") is None:
             return base.Located(None, launched=False)
         return base.Located(f"{claim['pid']}:{claim['start_time']}", launched=True)
+
+    def can_resubmit(self, job: models.Job) -> bool:
+        return False  # `locate` always knows: the attempt's claim file decides
 
     # -- logs ------------------------------------------------------------------------------
 

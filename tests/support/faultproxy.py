@@ -39,27 +39,20 @@ from xml.sax.saxutils import escape
 import aiohttp
 import yarl
 from aiohttp import web
+from botocore import exceptions as botocore_errors  # type: ignore[import-untyped, unused-ignore]
 from botocore import loaders  # type: ignore[import-untyped, unused-ignore]
 from multidict import CIMultiDict
 
 OperationKey = tuple[str, str]
 
 ACCOUNT_ID = "123456789012"  # moto's default account
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "content-length",
-        "host",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+# Headers that describe one connection, not the message: never relayed.
+# fmt: off
+_HOP_BY_HOP = frozenset({
+    "connection", "content-length", "host", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# fmt: on
 _CREDENTIAL_SCOPE = re.compile(r"[^/,\s]+/\d{8}/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request")
 # How each service reports throttling: (HTTP status, error code, message). Codes are the ones
 # botocore's standard retry mode treats as throttling.
@@ -247,6 +240,7 @@ class FaultProxy:
         self._token_locks: dict[tuple[str, str], _KeyLock] = {}  # touched by the loop only
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._endpoint_url: str | None = None
 
     # -- lifecycle (call from the proxy's own event loop) --
 
@@ -262,12 +256,15 @@ class FaultProxy:
         try:
             await self._runner.setup()
             await web.SockSite(self._runner, _listening_socket()).start()
+            host, port = self._runner.addresses[0][:2]
+            self._endpoint_url = f"http://{host}:{port}"
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         # Stop accepting first so no request can reach a closed upstream session.
+        self._endpoint_url = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -289,10 +286,9 @@ class FaultProxy:
 
     @property
     def endpoint_url(self) -> str:
-        if self._runner is None or not self._runner.addresses:
+        if self._endpoint_url is None:
             raise RuntimeError("the fault proxy is not started")
-        host, port = self._runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        return self._endpoint_url
 
     # -- observation --
 
@@ -623,9 +619,8 @@ class ThreadedFaultProxy:
 
 def _credential_scope(http_request: web.Request) -> tuple[str, str]:
     """(region, signing service) from the SigV4 Authorization header or presigned query."""
-    source = http_request.headers.get("Authorization", "") or http_request.query.get(
-        "X-Amz-Credential", ""
-    )
+    headers, query = http_request.headers, http_request.query
+    source = headers.get("Authorization") or query.get("X-Amz-Credential", "")
     match = _CREDENTIAL_SCOPE.search(source)
     if match is None:
         return ("unknown", "unknown")
@@ -653,7 +648,7 @@ def _cluster_name(cluster: object) -> str:
 def _load_model(loader: Any, service: str) -> _ServiceModel | None:
     try:
         model = loader.load_service_model(service, "service-2")
-    except Exception:  # botocore's UnknownServiceError and kin: no model, no routes
+    except botocore_errors.DataNotFoundError:  # an unknown service: no model, no routes
         return None
     routes = [_route(name, op["http"]) for name, op in model["operations"].items()]
     # Literal paths before templated ones, so /v1/tags/{arn} never shadows a fixed path.

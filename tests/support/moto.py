@@ -143,21 +143,21 @@ class MotoServer:
         """Start the server and wait, at most `start_timeout_s`, until it answers."""
         if self._process is not None:
             raise RuntimeError("the moto server is already started")
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes it; stop() closes it
-        self._port = _free_port()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._port)],
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            self._wait_until_up()
-            self._initial_config = self._call("GET", "/moto-api/config")
-        except BaseException:
+        deadline = time.monotonic() + self._start_timeout_s
+        for _ in range(3):  # another process may take the free port before the server binds it
+            process = self._spawn()
+            try:
+                if self._wait_until_up(process, deadline):
+                    self._initial_config = self._call("GET", "/moto-api/config")
+                    return
+            except BaseException:
+                self.stop()
+                raise
+            log = self._log_tail()
             self.stop()
-            raise
+            if "Address already in use" not in log:
+                raise RuntimeError(f"moto server exited early:\n{log}")
+        raise RuntimeError("moto server: three free ports were taken before it could bind one")
 
     def stop(self) -> None:
         """Terminate the server; kill it if it has not exited within `stop_timeout_s`."""
@@ -186,21 +186,31 @@ class MotoServer:
     ) -> None:
         self.stop()
 
-    def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + self._start_timeout_s
-        while True:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(f"moto server exited early:\n{self._log_tail()}")
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes it; stop() closes it
+        self._port = _free_port()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._port)],
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self._process
+
+    def _wait_until_up(self, process: subprocess.Popen[bytes], deadline: float) -> bool:
+        """True once the server answers, False if it exited; TimeoutError past `deadline`."""
+        while process.poll() is None:
             try:
                 self._call("GET", "/moto-api/config", timeout_s=0.5)
-                return
+                return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"moto server not up within {self._start_timeout_s} s:\n{self._log_tail()}"
                     ) from None
                 time.sleep(0.05)
+        return False
 
     def _log_tail(self, max_bytes: int = 4000) -> str:
         if self._log is None:

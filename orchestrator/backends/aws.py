@@ -1,0 +1,256 @@
+"""aioboto3 plumbing shared by the ECS and Batch backends, and the only place that reads
+botocore's errors.
+
+- `AwsApi`: one service client (created in `start`, closed in `close`) with botocore's `standard`
+  retry mode for transport retries, every call paced by the token bucket of its AWS throttle
+  family, each throttled attempt (even one botocore retried away) shrinking that bucket.
+- `map_error`: a botocore/aiohttp exception → one typed `errors.AwsError` leaf, by error code.
+- `normalise` and `validate`: API kwargs checked against botocore's own service model, with
+  snake_case keys of structures renamed to the model's camelCase once, here.
+
+Endpoint and credentials come from the standard AWS chain (env, profile, instance/task role,
+`AWS_ENDPOINT_URL`), so the same daemon runs against AWS or a local moto server unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import aioboto3
+import botocore.config
+import botocore.exceptions
+import botocore.session
+import structlog
+from botocore.model import OperationModel, ServiceModel, Shape
+from botocore.validate import ParamValidator
+
+from orchestrator import errors
+from orchestrator.ratelimit import Priority, TokenBucket
+
+log = structlog.get_logger("orchestrator.aws")
+
+# botocore's list (retries/standard.py) of codes that mean "slow down".
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+    }
+)
+# ECS reports EC2-side throttling during RunTask as InvalidParameterException "… Rate exceeded".
+# The code is shared with real parameter errors, so here alone the message decides.
+_RATE_EXCEEDED = re.compile(r"rate exceeded", re.IGNORECASE)
+_SERVER_CODES = frozenset(
+    {"ServerException", "InternalFailure", "ServiceUnavailable", "InternalError"}
+)
+
+
+def error_code(parsed: Mapping[str, Any]) -> tuple[str, str]:
+    error = parsed.get("Error") or {}
+    return str(error.get("Code") or ""), str(error.get("Message") or parsed.get("message") or "")
+
+
+def is_throttling(code: str, message: str) -> bool:
+    return code in THROTTLING_CODES or (
+        code == "InvalidParameterException" and bool(_RATE_EXCEEDED.search(message))
+    )
+
+
+def map_error(exc: BaseException, service: str, operation: str) -> errors.AwsError:
+    """One typed error for any failure of an AWS call."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code, message = error_code(exc.response)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if is_throttling(code, message):
+            return errors.AwsThrottled(service, operation, code, message, status)
+        if code in _SERVER_CODES or (status is not None and status >= 500):
+            return errors.AwsServerFault(service, operation, code or str(status), message, status)
+        return errors.AwsRejected(service, operation, code or str(status), message, status)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.NoRegionError):
+        return errors.AwsRejected(service, operation, type(exc).__name__, str(exc))
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return errors.AwsRejected(service, operation, "ProfileNotFound", str(exc))
+    # Connection refused, DNS, timeouts: nothing came back, so nothing is known.
+    return errors.AwsUnreachable(service, operation, type(exc).__name__, str(exc))
+
+
+class AwsApi:
+    """One AWS service client, its buckets per operation, and call accounting."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        region_name: str | None,
+        profile: str | None,
+        max_attempts: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        buckets: Mapping[str, TokenBucket],
+    ) -> None:
+        self.service = service
+        self._region_name = region_name
+        self._profile = profile
+        self._config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            max_pool_connections=32,
+        )
+        self._buckets = dict(buckets)  # operation → bucket
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._model: ServiceModel | None = None
+        self.calls: Counter[str] = Counter()
+        self.throttles: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        self._model = await asyncio.to_thread(
+            botocore.session.get_session().get_service_model, self.service
+        )
+        session = aioboto3.Session(profile_name=self._profile, region_name=self._region_name)
+        try:
+            self._client = await self._stack.enter_async_context(
+                session.client(self.service, config=self._config)
+            )
+        except botocore.exceptions.BotoCoreError as exc:
+            raise map_error(exc, self.service, "CreateClient") from exc
+        self._client.meta.events.register(f"needs-retry.{self.service}", self._on_attempt)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    def _on_attempt(self, response: Any = None, operation: Any = None, **_: Any) -> None:
+        """Every attempt's response passes here (botocore's own retries included): a throttled
+        one shrinks its bucket. Returns None: the retry decision stays botocore's."""
+        if response is None or operation is None:
+            return
+        code, message = error_code(response[1] or {})
+        if is_throttling(code, message):
+            self.throttles[operation.name] += 1
+            log.warning("aws.throttled", service=self.service, operation=operation.name, code=code)
+            if (bucket := self._buckets.get(operation.name)) is not None:
+                bucket.throttled()
+
+    async def call(
+        self, operation: str, priority: Priority = Priority.NORMAL, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError."""
+        if self._client is None:
+            raise errors.AwsUnreachable(self.service, operation, "NotStarted", "client not started")
+        bucket = self._buckets.get(operation)
+        if bucket is not None:
+            await bucket.acquire(priority)
+        method = getattr(self._client, _snake(operation))
+        self.calls[operation] += 1
+        try:
+            response: dict[str, Any] = await method(**kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, self.service, operation) from exc
+        if bucket is not None:
+            bucket.succeeded()
+        return response
+
+    def operation(self, name: str) -> OperationModel:
+        """botocore's model of `name` (available once started)."""
+        assert self._model is not None, "start() loads the service model"
+        return self._model.operation_model(name)
+
+
+def _snake(operation: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
+
+
+# -- kwargs: normalise once, validate before any call -------------------------------------------
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def normalise(value: Any, shape: Shape, path: str = "") -> Any:
+    """Rename snake_case keys of structures to the model's camelCase member names, recursively.
+    Keys of maps (tags, parameters) are user data and stay as they are. Both spellings of one
+    member is an error naming the path."""
+    if shape.type_name == "structure" and isinstance(value, Mapping):
+        members = shape.members
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = key if key in members else _camel(key) if _camel(key) in members else key
+            if name in out:
+                raise errors.InvalidJob(f"given both as {name!r} and {key!r}", f"{path}{name}")
+            member = members.get(name)
+            out[name] = item if member is None else normalise(item, member, f"{path}{name}.")
+        return out
+    if shape.type_name == "list" and isinstance(value, list):
+        member = shape.member
+        return [normalise(v, member, f"{path.rstrip('.')}[{i}].") for i, v in enumerate(value)]
+    if shape.type_name == "map" and isinstance(value, Mapping):
+        member = shape.value
+        return {k: normalise(v, member, f"{path}{k}.") for k, v in value.items()}
+    return value
+
+
+def validate(kwargs: Mapping[str, Any], operation: OperationModel) -> None:
+    """Raise `InvalidJob` naming the first bad path if botocore would refuse `kwargs`."""
+    report = ParamValidator().validate(dict(kwargs), operation.input_shape)
+    if not report.has_errors():
+        return
+    kind, name, extra = report._errors[0]  # botocore keeps the structured errors here
+    path = name.lstrip(".")
+    if kind == "unknown field":
+        path = f"{path}.{extra['unknown_param']}".lstrip(".")
+    raise errors.InvalidJob(
+        f"{operation.name} would be refused: {report.generate_report().splitlines()[0]}", path
+    )
+
+
+def merge_kwargs(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` merged recursively into `base`. Lists replace, except lists of objects with a
+    `name` (container overrides, environment) which merge item by item on that name."""
+    out = dict(base)
+    for key, value in over.items():
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            out[key] = merge_kwargs(current, value)
+        elif isinstance(current, list) and _named_list(value) and _named_list(current):
+            merged = {item["name"]: item for item in current}
+            for item in value:
+                old = merged.get(item["name"])
+                merged[item["name"]] = merge_kwargs(old, item) if old is not None else item
+            out[key] = list(merged.values())
+        else:
+            out[key] = value
+    return out
+
+
+def _named_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, Mapping) and "name" in item for item in value)
+    )
+
+
+def environment(env: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"name": name, "value": value} for name, value in env.items()]

@@ -1,0 +1,274 @@
+"""AWS Batch: one `SubmitJob` per job attempt, tracked with batched `DescribeJobs`.
+
+Batch has no idempotency token. Each attempt gets a deterministic `jobName`
+(`orch-<job id>-<attempt>`) and tags, and before an attempt whose outcome is unknown is tried
+again, `ListJobs` (JOB_NAME filter, every status) is asked whether it exists — "not found" is
+only believed after `lookup_grace_s`, as the listing may lag. Should two jobs ever carry one
+attempt's name, the oldest is kept and the rest terminated, loudly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from orchestrator import errors, models
+from orchestrator.backends import aws, base
+from orchestrator.backends.ecs import read_cloudwatch
+from orchestrator.ratelimit import Priority, TokenBucket
+from orchestrator.settings import BatchSettings
+
+log = structlog.get_logger("orchestrator.backends.batch")
+
+S = models.JobState
+STATUS: Mapping[str, models.JobState] = {
+    "SUBMITTED": S.SUBMITTED,
+    "PENDING": S.PENDING,
+    "RUNNABLE": S.RUNNABLE,
+    "STARTING": S.STARTING,
+    "RUNNING": S.RUNNING,
+    "SUCCEEDED": S.SUCCEEDED,
+    "FAILED": S.FAILED,
+}
+DEFAULT_LOG_GROUP = "/aws/batch/job"
+
+
+def job_name(job: models.Job) -> str:
+    return f"orch-{job.id}-{job.attempt}"
+
+
+class BatchBackend:
+    name = "batch"
+    describe_batch_size = 100
+
+    def __init__(self, settings: BatchSettings, logs_bucket: TokenBucket) -> None:
+        self._settings = settings
+        self.max_in_flight = settings.max_in_flight
+        self.max_start_attempts: int | None = settings.max_submit_attempts
+        self.start_budget_s: float | None = settings.start_budget_s
+        self._submit_bucket = TokenBucket(
+            "batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst
+        )
+        self._describe_bucket = TokenBucket(
+            "batch.DescribeJobs", settings.describe_rate_per_s, settings.describe_burst
+        )
+        common: dict[str, Any] = {
+            "region_name": settings.region_name,
+            "profile": settings.profile,
+            "max_attempts": settings.max_attempts,
+            "connect_timeout_s": settings.connect_timeout_s,
+            "read_timeout_s": settings.read_timeout_s,
+        }
+        self.api = aws.AwsApi(
+            "batch",
+            buckets={
+                "SubmitJob": self._submit_bucket,
+                "TerminateJob": self._submit_bucket,
+                "DescribeJobs": self._describe_bucket,
+                "ListJobs": self._describe_bucket,
+                "DescribeJobQueues": self._describe_bucket,
+            },
+            **common,
+        )
+        self.logs = aws.AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
+        self._base: dict[str, Any] = {}
+
+    @property
+    def buckets(self) -> list[TokenBucket]:
+        return [self._submit_bucket, self._describe_bucket]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.api.start()
+        await self.logs.start()
+        shape = self.api.operation("SubmitJob").input_shape
+        base_kwargs = {
+            "jobQueue": self._settings.job_queue,
+            "jobDefinition": self._settings.job_definition,
+        }
+        try:
+            self._base = aws.merge_kwargs(
+                base_kwargs, aws.normalise(self._settings.submit_job_kwargs, shape)
+            )
+            self.validate(models.JobSpec(command=["true"]))
+        except errors.InvalidJob as exc:
+            raise errors.ConfigError(f"batch settings / submit_job_kwargs: {exc.message}") from exc
+        if self._settings.check_health_on_startup:
+            await self.check_health()
+
+    async def close(self) -> None:
+        await self.api.close()
+        await self.logs.close()
+
+    async def check_health(self) -> None:
+        """The queue exists and is ENABLED/VALID, and DescribeJobs answers a bogus id."""
+        queue = self._settings.job_queue
+        try:
+            reply = await self.api.call("DescribeJobQueues", Priority.HIGH, jobQueues=[queue])
+            await self.api.call("DescribeJobs", Priority.HIGH, jobs=["0" * 32])
+        except errors.AwsError as exc:
+            raise errors.HealthCheckFailed(f"batch: {exc}") from exc
+        queues = reply.get("jobQueues") or []
+        if not queues:
+            raise errors.HealthCheckFailed(f"batch: job queue {queue!r} does not exist")
+        state, status = queues[0].get("state"), queues[0].get("status")
+        if state != "ENABLED" or status not in (None, "VALID", "UPDATING", "CREATING"):
+            raise errors.HealthCheckFailed(f"batch: job queue {queue!r} is {state}/{status}")
+        log.info("batch.healthy", job_queue=queue)
+
+    def set_wake(self, wake: base.Wake) -> None:
+        pass
+
+    # -- kwargs ----------------------------------------------------------------------------
+
+    def submit_job_kwargs(self, job: models.Job) -> dict[str, Any]:
+        operation = self.api.operation("SubmitJob")
+        container: dict[str, Any] = {"command": list(job.spec.command)}
+        if job.spec.env:
+            container["environment"] = aws.environment(job.spec.env)
+        kwargs = aws.merge_kwargs(self._base, {"containerOverrides": container})
+        kwargs = aws.merge_kwargs(kwargs, aws.normalise(job.spec.overrides, operation.input_shape))
+        tags = {
+            k: v for k, v in (kwargs.get("tags") or {}).items() if not k.startswith("orchestrator:")
+        }
+        tags.update({"orchestrator:job-id": job.id, "orchestrator:attempt": str(job.attempt)})
+        kwargs.update(jobName=job_name(job), tags=tags)
+        aws.validate(kwargs, operation)
+        return kwargs
+
+    def validate(self, spec: models.JobSpec) -> None:
+        probe = models.Job(
+            id="0" * 26,
+            spec=spec,
+            backend=self.name,
+            state=S.QUEUED,
+            created_at=0.0,
+            updated_at=0.0,
+            state_times={},
+            attempt=1,
+        )
+        self.submit_job_kwargs(probe)
+
+    def partition(self, job: models.Job) -> str:
+        return self.name  # DescribeJobs takes ids from any queue
+
+    # -- submit ----------------------------------------------------------------------------
+
+    async def submit(self, job: models.Job) -> base.Submitted:
+        kwargs = self.submit_job_kwargs(job)
+        try:
+            reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
+        except errors.AwsThrottled as exc:
+            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
+        except errors.AwsRejected as exc:
+            raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
+        except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
+            raise errors.OutcomeUnknown(str(exc)) from exc
+        return base.Submitted(
+            external_id=reply["jobId"],
+            state=S.SUBMITTED,
+            vendor_status="SUBMITTED",
+            info={"job_name": kwargs["jobName"], "job_queue": kwargs["jobQueue"]},
+        )
+
+    def can_resubmit(self, job: models.Job) -> bool:
+        return False  # no idempotency token: only a lookup can settle an unknown outcome
+
+    # -- describe --------------------------------------------------------------------------
+
+    async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, base.Observation]:
+        ids = [job.external_id for job in jobs if job.external_id]
+        if not ids:
+            return {}
+        reply = await self.api.call("DescribeJobs", Priority.HIGH, jobs=ids)
+        return {detail["jobId"]: self._observe(detail) for detail in reply.get("jobs", [])}
+
+    def _observe(self, detail: Mapping[str, Any]) -> base.Observation:
+        status = str(detail.get("status", ""))
+        state = STATUS.get(status, S.SUBMITTED)
+        container = detail.get("container") or {}
+        exit_code = container.get("exitCode")
+        info: dict[str, Any] = {}
+        if stream := container.get("logStreamName"):
+            info["log_stream"] = stream
+        if group := ((container.get("logConfiguration") or {}).get("options") or {}).get(
+            "awslogs-group"
+        ):
+            info["log_group"] = group
+        if summary := (detail.get("arrayProperties") or {}).get("statusSummary"):
+            info["array_status"] = summary
+        reason = (
+            "; ".join(str(p) for p in (detail.get("statusReason"), container.get("reason")) if p)
+            or None
+        )
+        if state == S.FAILED and exit_code not in (None, 0):
+            reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
+        if state == S.SUCCEEDED:
+            reason = None
+        return base.Observation(
+            detail["jobId"], state, status, reason=reason, exit_code=exit_code, info=info
+        )
+
+    # -- stop, locate ----------------------------------------------------------------------
+
+    async def stop(self, job: models.Job) -> None:
+        """TerminateJob works in every state (CancelJob silently ignores running jobs)."""
+        if job.external_id is None:
+            return
+        await self.api.call(
+            "TerminateJob",
+            Priority.HIGH,
+            jobId=job.external_id,
+            reason=f"orchestrator: {job.stop_reason or 'stop'}",
+        )
+
+    async def locate(self, job: models.Job) -> base.Located:
+        name = job_name(job)
+        summaries: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "jobQueue": job.info.get("job_queue") or self._settings.job_queue,
+            "filters": [{"name": "JOB_NAME", "values": [name]}],
+        }
+        while True:
+            reply = await self.api.call("ListJobs", Priority.NORMAL, **kwargs)
+            summaries += [s for s in reply.get("jobSummaryList", []) if s.get("jobName") == name]
+            if not (token := reply.get("nextToken")):
+                break
+            kwargs["nextToken"] = token
+        if summaries:
+            summaries.sort(key=lambda s: (s.get("createdAt", 0), s["jobId"]))
+            keep, *duplicates = summaries
+            for duplicate in duplicates:
+                log.error(
+                    "batch.duplicate_job",
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    kept=keep["jobId"],
+                    terminated=duplicate["jobId"],
+                )
+                await self.api.call(
+                    "TerminateJob",
+                    Priority.HIGH,
+                    jobId=duplicate["jobId"],
+                    reason="orchestrator: duplicate of this attempt",
+                )
+            return base.Located(keep["jobId"], launched=True)
+        started = job.info.get("attempt_started_at")
+        unsure = (
+            isinstance(started, int | float)
+            and time.time() - started < self._settings.lookup_grace_s
+        )
+        return base.Located(None, launched=None if unsure else False)
+
+    # -- logs ------------------------------------------------------------------------------
+
+    async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
+        stream = job.info.get("log_stream")
+        if not stream:
+            return base.LogPage([], cursor)  # not started yet; a follower asks again
+        group = str(job.info.get("log_group") or DEFAULT_LOG_GROUP)
+        return await read_cloudwatch(self.logs, group, str(stream), cursor)

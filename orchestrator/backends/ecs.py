@@ -1,0 +1,369 @@
+"""AWS ECS: one `RunTask` (count=1) per job attempt, tracked with batched `DescribeTasks`.
+
+Idempotency: `clientToken` and `startedBy` are the attempt's token (`<job id>-<attempt>`), so a
+repeat of the same attempt — after a crash, a timeout, a 5xx — returns the task it already
+started instead of starting another (ECS keeps tokens ~24 h). After that, `ListTasks(startedBy)`
+finds it. RunTask kwargs: settings < `run_task_kwargs` < the job's command and env (in the
+container override of `container_name`) < the job's `overrides`, validated against botocore's
+model before any call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from orchestrator import errors, models
+from orchestrator.backends import aws, base
+from orchestrator.ratelimit import Priority, TokenBucket
+from orchestrator.settings import EcsSettings
+
+log = structlog.get_logger("orchestrator.backends.ecs")
+
+S = models.JobState
+# lastStatus → our state. Anything after RUNNING and before STOPPED is still running.
+STATUS: Mapping[str, models.JobState] = {
+    "PROVISIONING": S.RUNNABLE,  # waiting for capacity (an ENI, a Fargate slot, an instance)
+    "PENDING": S.STARTING,
+    "ACTIVATING": S.STARTING,
+    "RUNNING": S.RUNNING,
+    "DEACTIVATING": S.RUNNING,
+    "STOPPING": S.RUNNING,
+    "DEPROVISIONING": S.RUNNING,
+    # STOPPED: SUCCEEDED only if the job's container exited 0 (see `_observe`).
+}
+# RunTask `failures[].reason`: worth another attempt, or not.
+_RETRYABLE_FAILURE_PREFIXES = ("RESOURCE:", "AGENT", "Capacity is unavailable", "LOCATION")
+TOKEN_LIFETIME_S = 23 * 3600  # ECS keeps client tokens ~24 h; stay clear of the edge
+
+
+def classify_failure(reason: str) -> bool:
+    """Whether a RunTask `failures[]` reason is worth retrying (capacity comes and goes)."""
+    return reason.startswith(_RETRYABLE_FAILURE_PREFIXES) or "capacity" in reason.lower()
+
+
+class EcsBackend:
+    name = "ecs"
+    describe_batch_size = 100
+
+    def __init__(self, settings: EcsSettings, logs_bucket: TokenBucket) -> None:
+        self._settings = settings
+        self.max_in_flight = settings.max_in_flight
+        self.max_start_attempts: int | None = settings.max_run_task_attempts
+        self.start_budget_s: float | None = settings.start_budget_s
+        self._run_bucket = TokenBucket(
+            "ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst
+        )
+        self._describe_bucket = TokenBucket(
+            "ecs.DescribeTasks", settings.describe_rate_per_s, settings.describe_burst
+        )
+        common = {
+            "region_name": settings.region_name,
+            "profile": settings.profile,
+            "max_attempts": settings.max_attempts,
+            "connect_timeout_s": settings.connect_timeout_s,
+            "read_timeout_s": settings.read_timeout_s,
+        }
+        self.api = aws.AwsApi(
+            "ecs",
+            buckets={
+                "RunTask": self._run_bucket,
+                "StopTask": self._run_bucket,
+                "DescribeTasks": self._describe_bucket,
+                "ListTasks": self._describe_bucket,
+                "DescribeTaskDefinition": self._describe_bucket,
+                "DescribeClusters": self._describe_bucket,
+            },
+            **common,  # type: ignore[arg-type]
+        )
+        self.logs = aws.AwsApi(
+            "logs",
+            buckets={"GetLogEvents": logs_bucket},
+            **common,  # type: ignore[arg-type]
+        )
+        self._base: dict[str, Any] = {}  # RunTask kwargs from settings, built in start()
+        self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
+
+    @property
+    def buckets(self) -> list[TokenBucket]:
+        return [self._run_bucket, self._describe_bucket]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.api.start()
+        await self.logs.start()
+        try:
+            self._base = self._base_kwargs()
+            self.validate(models.JobSpec(command=["true"]))
+        except errors.InvalidJob as exc:
+            raise errors.ConfigError(f"ecs settings / run_task_kwargs: {exc.message}") from exc
+        if self._settings.check_health_on_startup:
+            await self.check_health()
+
+    async def close(self) -> None:
+        await self.api.close()
+        await self.logs.close()
+
+    async def check_health(self) -> None:
+        """The cluster exists and is ACTIVE, and StopTask on a bogus id is refused as "not
+        found" (Airflow's probe): credentials, permissions and cluster are all fine."""
+        cluster = self._settings.cluster
+        try:
+            reply = await self.api.call("DescribeClusters", Priority.HIGH, clusters=[cluster])
+        except errors.AwsError as exc:
+            raise errors.HealthCheckFailed(
+                f"ecs: cannot describe cluster {cluster!r}: {exc}"
+            ) from exc
+        found = [c for c in reply.get("clusters", []) if c.get("status") == "ACTIVE"]
+        if not found:
+            raise errors.HealthCheckFailed(f"ecs: cluster {cluster!r} is missing or not ACTIVE")
+        try:
+            await self.api.call(
+                "StopTask", Priority.HIGH, cluster=cluster, task="0" * 32, reason="health check"
+            )
+        except errors.AwsRejected as exc:
+            if exc.aws_code not in ("InvalidParameterException", "ClientException"):
+                raise errors.HealthCheckFailed(f"ecs: StopTask probe refused: {exc}") from exc
+        except errors.AwsServerFault as exc:
+            log.warning("ecs.health_inconclusive", error=str(exc))
+        except errors.AwsError as exc:
+            raise errors.HealthCheckFailed(f"ecs: StopTask probe failed: {exc}") from exc
+        log.info("ecs.healthy", cluster=cluster)
+
+    def set_wake(self, wake: base.Wake) -> None:
+        pass  # ECS pushes nothing to us; the poller asks
+
+    # -- kwargs ----------------------------------------------------------------------------
+
+    def _base_kwargs(self) -> dict[str, Any]:
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "cluster": s.cluster,
+            "taskDefinition": s.task_definition,
+            "count": 1,
+        }
+        if s.capacity_provider_strategy:
+            kwargs["capacityProviderStrategy"] = s.capacity_provider_strategy
+        else:
+            kwargs["launchType"] = s.launch_type or "FARGATE"
+        if kwargs.get("launchType") not in ("EC2", "EXTERNAL"):
+            kwargs["platformVersion"] = s.platform_version
+        if s.subnets or s.security_groups:
+            kwargs["networkConfiguration"] = {
+                "awsvpcConfiguration": {
+                    "subnets": s.subnets,
+                    "securityGroups": s.security_groups,
+                    "assignPublicIp": "ENABLED" if s.assign_public_ip else "DISABLED",
+                }
+            }
+        shape = self.api.operation("RunTask").input_shape
+        return aws.merge_kwargs(kwargs, aws.normalise(s.run_task_kwargs, shape))
+
+    def run_task_kwargs(self, job: models.Job) -> dict[str, Any]:
+        """The final RunTask kwargs for this attempt (validated)."""
+        operation = self.api.operation("RunTask")
+        shape = operation.input_shape
+        container: dict[str, Any] = {
+            "name": self._settings.container_name,
+            "command": list(job.spec.command),
+        }
+        if job.spec.env:
+            container["environment"] = aws.environment(job.spec.env)
+        kwargs = aws.merge_kwargs(self._base, {"overrides": {"containerOverrides": [container]}})
+        kwargs = aws.merge_kwargs(kwargs, aws.normalise(job.spec.overrides, shape))
+        token = job.token or f"{job.id}-{job.attempt}"
+        tags = [
+            t
+            for t in kwargs.get("tags", [])
+            if not str(t.get("key", "")).startswith("orchestrator:")
+        ]
+        kwargs.update(
+            clientToken=token,
+            startedBy=token,
+            count=1,
+            tags=[
+                *tags,
+                {"key": "orchestrator:job-id", "value": job.id},
+                {"key": "orchestrator:attempt", "value": str(job.attempt)},
+            ],
+        )
+        aws.validate(kwargs, operation)
+        return kwargs
+
+    def validate(self, spec: models.JobSpec) -> None:
+        probe = models.Job(
+            id="0" * 26,
+            spec=spec,
+            backend=self.name,
+            state=S.QUEUED,
+            created_at=0.0,
+            updated_at=0.0,
+            state_times={},
+            attempt=1,
+        )
+        self.run_task_kwargs(probe)
+
+    def partition(self, job: models.Job) -> str:
+        return str(job.info.get("cluster") or self._settings.cluster)
+
+    # -- submit ----------------------------------------------------------------------------
+
+    async def submit(self, job: models.Job) -> base.Submitted:
+        kwargs = self.run_task_kwargs(job)
+        try:
+            reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
+        except errors.AwsThrottled as exc:
+            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
+        except errors.AwsRejected as exc:
+            raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
+        except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
+            # The request may have reached ECS: only a repeat with the same token is safe.
+            raise errors.OutcomeUnknown(str(exc)) from exc
+        tasks = reply.get("tasks") or []
+        if not tasks:
+            failures = reply.get("failures") or [{"reason": "RunTask returned no task"}]
+            reason = "; ".join(
+                f"{f.get('reason')}" + (f" ({f['detail']})" if f.get("detail") else "")
+                for f in failures
+            )
+            retryable = all(classify_failure(str(f.get("reason", ""))) for f in failures)
+            raise errors.StartFailed(reason, retryable=retryable)
+        task = tasks[0]
+        return base.Submitted(
+            external_id=task["taskArn"],
+            state=STATUS.get(task.get("lastStatus", ""), S.SUBMITTED),
+            vendor_status=task.get("lastStatus"),
+            info={"cluster": kwargs["cluster"], "task_definition": task.get("taskDefinitionArn")},
+        )
+
+    def can_resubmit(self, job: models.Job) -> bool:
+        started = job.info.get("attempt_started_at")
+        return isinstance(started, int | float) and time.time() - started < TOKEN_LIFETIME_S
+
+    # -- describe --------------------------------------------------------------------------
+
+    async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, base.Observation]:
+        arns = [job.external_id for job in jobs if job.external_id]
+        if not arns:
+            return {}
+        reply = await self.api.call(
+            "DescribeTasks", Priority.HIGH, cluster=self.partition(jobs[0]), tasks=arns
+        )
+        return {task["taskArn"]: self._observe(task) for task in reply.get("tasks", [])}
+
+    def _observe(self, task: Mapping[str, Any]) -> base.Observation:
+        arn = task["taskArn"]
+        status = str(task.get("lastStatus", ""))
+        info = {"task_definition": task.get("taskDefinitionArn")}
+        if status != "STOPPED":
+            return base.Observation(arn, STATUS.get(status, S.SUBMITTED), status, info=info)
+        container: Mapping[str, Any] = next(
+            (
+                c
+                for c in task.get("containers", [])
+                if c.get("name") == self._settings.container_name
+            ),
+            {},
+        )
+        exit_code = container.get("exitCode")
+        parts = [task.get("stopCode"), task.get("stoppedReason"), container.get("reason")]
+        reason = ": ".join(str(p) for p in parts if p) or None
+        if exit_code == 0:
+            return base.Observation(arn, S.SUCCEEDED, status, reason=None, exit_code=0, info=info)
+        if exit_code is not None:
+            reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
+        return base.Observation(
+            arn, S.FAILED, status, reason=reason, exit_code=exit_code, info=info
+        )
+
+    # -- stop, locate ----------------------------------------------------------------------
+
+    async def stop(self, job: models.Job) -> None:
+        if job.external_id is None:
+            return
+        try:
+            await self.api.call(
+                "StopTask",
+                Priority.HIGH,
+                cluster=self.partition(job),
+                task=job.external_id,
+                reason=f"orchestrator: {job.stop_reason or 'stop'}",
+            )
+        except errors.AwsRejected as exc:
+            log.info("ecs.stop_refused", job_id=job.id, error=str(exc))  # already gone
+
+    async def locate(self, job: models.Job) -> base.Located:
+        """Find the attempt's task by `startedBy` (running or stopped); never starts one."""
+        token = job.token or f"{job.id}-{job.attempt}"
+        for desired in ("RUNNING", "STOPPED"):
+            reply = await self.api.call(
+                "ListTasks",
+                Priority.NORMAL,
+                cluster=self.partition(job),
+                startedBy=token,
+                desiredStatus=desired,
+            )
+            arns = reply.get("taskArns") or []
+            if arns:
+                if len(arns) > 1:
+                    log.error("ecs.duplicate_tasks", job_id=job.id, attempt=job.attempt, tasks=arns)
+                return base.Located(arns[0], launched=True)
+        return base.Located(None, launched=None)
+
+    # -- logs ------------------------------------------------------------------------------
+
+    async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
+        if job.external_id is None:
+            return base.LogPage([], cursor)
+        where = await self._log_stream(job)
+        if where is None:
+            return base.LogPage(
+                [base.LogChunk("stderr", "no awslogs configuration for this container\n")], "none"
+            )
+        if cursor == "none":
+            return base.LogPage([], cursor)
+        group, stream = where
+        return await read_cloudwatch(self.logs, group, stream, cursor)
+
+    async def _log_stream(self, job: models.Job) -> tuple[str, str] | None:
+        task_definition = str(job.info.get("task_definition") or self._settings.task_definition)
+        if task_definition not in self._log_config:
+            reply = await self.api.call(
+                "DescribeTaskDefinition", Priority.NORMAL, taskDefinition=task_definition
+            )
+            containers = reply["taskDefinition"].get("containerDefinitions", [])
+            container: Mapping[str, Any] = next(
+                (c for c in containers if c.get("name") == self._settings.container_name), {}
+            )
+            options = (container.get("logConfiguration") or {}).get("options") or {}
+            group, prefix = options.get("awslogs-group"), options.get("awslogs-stream-prefix")
+            self._log_config[task_definition] = (group, prefix) if group and prefix else None
+        config = self._log_config[task_definition]
+        if config is None:
+            return None
+        group, prefix = config
+        task_id = str(job.external_id).rsplit("/", 1)[-1]
+        return group, f"{prefix}/{self._settings.container_name}/{task_id}"
+
+
+async def read_cloudwatch(api: aws.AwsApi, group: str, stream: str, cursor: Any) -> base.LogPage:
+    """One page of a CloudWatch log stream from `cursor` (a forward token) on."""
+    kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
+    if cursor:
+        kwargs["nextToken"] = cursor
+    try:
+        reply = await api.call("GetLogEvents", Priority.NORMAL, **kwargs)
+    except errors.AwsRejected as exc:
+        if exc.aws_code == "ResourceNotFoundException":  # the stream is not created yet
+            return base.LogPage([], cursor)
+        raise
+    chunks = [
+        base.LogChunk(stream, event["message"].rstrip("\n") + "\n")
+        for event in reply.get("events", [])
+    ]
+    token = reply.get("nextForwardToken")
+    return base.LogPage(chunks, token if token else cursor)
