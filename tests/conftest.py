@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-pytest_plugins = ["tests.support.moto"]
-
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.support.moto"]
 
 
 @pytest.fixture

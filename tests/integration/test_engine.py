@@ -33,7 +33,7 @@ async def test_many_jobs_are_described_in_batches_of_at_most_100(short_tmp: Path
     assert {job["state"] for job in finals} == {"SUCCEEDED"}
     sizes = [len(batch) for batch in fake.describe_batches]
     assert max(sizes) <= 100
-    # 350 jobs × 4 observations each = 1,400 job-describes; batched, that is a few dozen calls.
+    # 350 jobs x 4 observations each = 1,400 job-describes; batched, that is a few dozen calls.
     assert sum(sizes) >= 350 * 4
     assert len(sizes) <= 350 * 4 / 25, sizes
     assert [h["to"] for h in history] == ["QUEUED", "SUBMITTED", "RUNNABLE", "RUNNING", "SUCCEEDED"]

@@ -213,7 +213,8 @@ async def test_batch_kwargs_and_deterministic_job_name() -> None:
         ("RESOURCE:ENI", True),
         ("AGENT", True),
         (
-            "Capacity is unavailable at this time. Please try again later or in a different availability zone",
+            "Capacity is unavailable at this time. Please try again later or in a different "
+            "availability zone",
             True,
         ),
         ("LOCATION", True),
