@@ -110,6 +110,10 @@ class BatchBackend:
         try:
             reply = await self.api.call("DescribeJobQueues", Priority.HIGH, jobQueues=[queue])
             await self.api.call("DescribeJobs", Priority.HIGH, jobs=["0" * 32])
+        except errors.AwsThrottled as exc:
+            # Throttled means authenticated and allowed: too busy to tell more, not broken.
+            log.warning("batch.health_inconclusive", error=str(exc))
+            return
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(f"batch: {exc}") from exc
         queues = reply.get("jobQueues") or []

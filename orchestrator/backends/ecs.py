@@ -114,6 +114,10 @@ class EcsBackend:
         cluster = self._settings.cluster
         try:
             reply = await self.api.call("DescribeClusters", Priority.HIGH, clusters=[cluster])
+        except errors.AwsThrottled as exc:
+            # Throttled means authenticated and allowed: too busy to tell more, not broken.
+            log.warning("ecs.health_inconclusive", error=str(exc))
+            return
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(
                 f"ecs: cannot describe cluster {cluster!r}: {exc}"
@@ -128,7 +132,7 @@ class EcsBackend:
         except errors.AwsRejected as exc:
             if exc.aws_code not in ("InvalidParameterException", "ClientException"):
                 raise errors.HealthCheckFailed(f"ecs: StopTask probe refused: {exc}") from exc
-        except errors.AwsServerFault as exc:
+        except (errors.AwsServerFault, errors.AwsThrottled) as exc:
             log.warning("ecs.health_inconclusive", error=str(exc))
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(f"ecs: StopTask probe failed: {exc}") from exc
@@ -272,7 +276,12 @@ class EcsBackend:
         exit_code = container.get("exitCode")
         parts = [task.get("stopCode"), task.get("stoppedReason"), container.get("reason")]
         reason = ": ".join(str(p) for p in parts if p) or None
-        if exit_code == 0:
+        # Stopped on request (ours carry the "orchestrator:" reason): not a success, whatever
+        # the container's exit code after its SIGTERM.
+        stopped_on_request = task.get("stopCode") == "UserInitiated" or str(
+            task.get("stoppedReason", "")
+        ).startswith("orchestrator:")
+        if exit_code == 0 and not stopped_on_request:
             return base.Observation(arn, S.SUCCEEDED, status, reason=None, exit_code=0, info=info)
         if exit_code is not None:
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")

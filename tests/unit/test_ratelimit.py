@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator import ratelimit
@@ -134,11 +134,8 @@ async def test_burst_is_available_at_once_then_the_rate_limits() -> None:
         clock.advance(0.0015)  # 2 tokens, for the two left
         await asyncio.gather(*waiters)
     snap = bucket.snapshot()
-    assert (snap["granted"], snap["waiters"], snap["tokens"]) == (
-        8,
-        0,
-        pytest.approx(0.0, abs=1e-6),
-    )
+    assert (snap["granted"], snap["waiters"]) == (8, 0)
+    assert snap["tokens"] == pytest.approx(0.0, abs=1e-6)
 
 
 async def test_refill_never_exceeds_burst() -> None:
@@ -328,6 +325,7 @@ async def test_a_throttle_takes_away_the_burst() -> None:
         await waiter
 
 
+@settings(deadline=None)  # pure arithmetic; a loaded CI machine must not fail it on time
 @given(
     rate=st.floats(min_value=0.01, max_value=1e6),
     min_fraction=st.floats(min_value=1e-6, max_value=1.0),
@@ -369,11 +367,8 @@ async def test_cancelled_waiter_takes_no_token_and_blocks_nobody() -> None:
         clock.advance(0.001)
         await second
     snap = bucket.snapshot()
-    assert (snap["granted"], snap["waiters"], snap["tokens"]) == (
-        2,
-        0,
-        pytest.approx(0.0, abs=1e-6),
-    )
+    assert (snap["granted"], snap["waiters"]) == (2, 0)
+    assert snap["tokens"] == pytest.approx(0.0, abs=1e-6)
 
 
 async def test_timeout_while_waiting_raises_and_leaves_the_bucket_clean() -> None:
