@@ -136,7 +136,7 @@ class LocalSettings(_Section):
     )
 
 
-class _AwsBackend(_Section):
+class AwsBackendSettings(_Section):
     """What ECS and Batch share: credentials, retries, limits, tracking."""
 
     enabled: bool = False
@@ -160,7 +160,7 @@ class _AwsBackend(_Section):
             raise ValueError(f"{keys} required when {section}.enabled is true")
 
 
-class EcsSettings(_AwsBackend):
+class EcsSettings(AwsBackendSettings):
     cluster: str | None = None
     container_name: str | None = None
     task_definition: str | None = None  # family[:revision] or ARN
@@ -190,7 +190,7 @@ class EcsSettings(_AwsBackend):
         return self
 
 
-class BatchSettings(_AwsBackend):
+class BatchSettings(AwsBackendSettings):
     job_queue: str | None = None
     job_definition: str | None = None
     max_submit_attempts: _Count = 5

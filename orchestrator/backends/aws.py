@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aioboto3
@@ -29,8 +29,9 @@ import structlog
 from botocore.model import OperationModel, ServiceModel, Shape
 from botocore.validate import ParamValidator
 
-from orchestrator import errors
+from orchestrator import errors, models
 from orchestrator.ratelimit import Priority, TokenBucket
+from orchestrator.settings import AwsBackendSettings
 
 log = structlog.get_logger("orchestrator.aws")
 
@@ -178,6 +179,47 @@ class AwsApi:
 
 def _snake(operation: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
+
+
+def client_options(settings: AwsBackendSettings) -> dict[str, Any]:
+    """The `AwsApi` keyword arguments a backend's settings give."""
+    return {
+        "region_name": settings.region_name,
+        "profile": settings.profile,
+        "max_attempts": settings.max_attempts,
+        "connect_timeout_s": settings.connect_timeout_s,
+        "read_timeout_s": settings.read_timeout_s,
+    }
+
+
+@contextlib.contextmanager
+def start_outcome() -> Iterator[None]:
+    """Translate a failed RunTask/SubmitJob into what the dispatcher needs to know: nothing
+    started (retryable or not), or maybe something did."""
+    try:
+        yield
+    except errors.AwsThrottled as exc:  # refused before anything happened
+        raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
+    except errors.AwsRejected as exc:
+        raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
+    except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
+        # The request may have reached AWS: only a lookup, or a repeat under the same token,
+        # can say whether it started something.
+        raise errors.OutcomeUnknown(str(exc)) from exc
+
+
+def probe_job(spec: models.JobSpec, backend: str) -> models.Job:
+    """A stand-in job for `spec`, to build and validate API kwargs before it is accepted."""
+    return models.Job(
+        id="0" * 26,
+        spec=spec,
+        backend=backend,
+        state=models.JobState.QUEUED,
+        created_at=0.0,
+        updated_at=0.0,
+        state_times={},
+        attempt=1,
+    )
 
 
 # -- kwargs: normalise once, validate before any call -------------------------------------------

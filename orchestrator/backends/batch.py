@@ -55,13 +55,7 @@ class BatchBackend:
         self._describe_bucket = TokenBucket(
             "batch.DescribeJobs", settings.describe_rate_per_s, settings.describe_burst
         )
-        common: dict[str, Any] = {
-            "region_name": settings.region_name,
-            "profile": settings.profile,
-            "max_attempts": settings.max_attempts,
-            "connect_timeout_s": settings.connect_timeout_s,
-            "read_timeout_s": settings.read_timeout_s,
-        }
+        common = aws.client_options(settings)
         self.api = aws.AwsApi(
             "batch",
             buckets={
@@ -145,17 +139,7 @@ class BatchBackend:
         return kwargs
 
     def validate(self, spec: models.JobSpec) -> None:
-        probe = models.Job(
-            id="0" * 26,
-            spec=spec,
-            backend=self.name,
-            state=S.QUEUED,
-            created_at=0.0,
-            updated_at=0.0,
-            state_times={},
-            attempt=1,
-        )
-        self.submit_job_kwargs(probe)
+        self.submit_job_kwargs(aws.probe_job(spec, self.name))
 
     def partition(self, job: models.Job) -> str:
         return self.name  # DescribeJobs takes ids from any queue
@@ -164,14 +148,8 @@ class BatchBackend:
 
     async def submit(self, job: models.Job) -> base.Submitted:
         kwargs = self.submit_job_kwargs(job)
-        try:
+        with aws.start_outcome():
             reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
-        except errors.AwsThrottled as exc:
-            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
-        except errors.AwsRejected as exc:
-            raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
-        except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
-            raise errors.OutcomeUnknown(str(exc)) from exc
         return base.Submitted(
             external_id=reply["jobId"],
             state=S.SUBMITTED,

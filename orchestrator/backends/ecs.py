@@ -60,13 +60,7 @@ class EcsBackend:
         self._describe_bucket = TokenBucket(
             "ecs.DescribeTasks", settings.describe_rate_per_s, settings.describe_burst
         )
-        common = {
-            "region_name": settings.region_name,
-            "profile": settings.profile,
-            "max_attempts": settings.max_attempts,
-            "connect_timeout_s": settings.connect_timeout_s,
-            "read_timeout_s": settings.read_timeout_s,
-        }
+        common = aws.client_options(settings)
         self.api = aws.AwsApi(
             "ecs",
             buckets={
@@ -77,12 +71,12 @@ class EcsBackend:
                 "DescribeTaskDefinition": self._describe_bucket,
                 "DescribeClusters": self._describe_bucket,
             },
-            **common,  # type: ignore[arg-type]
+            **common,
         )
         self.logs = aws.AwsApi(
             "logs",
             buckets={"GetLogEvents": logs_bucket},
-            **common,  # type: ignore[arg-type]
+            **common,
         )
         self._base: dict[str, Any] = {}  # RunTask kwargs from settings, built in start()
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
@@ -199,17 +193,7 @@ class EcsBackend:
         return kwargs
 
     def validate(self, spec: models.JobSpec) -> None:
-        probe = models.Job(
-            id="0" * 26,
-            spec=spec,
-            backend=self.name,
-            state=S.QUEUED,
-            created_at=0.0,
-            updated_at=0.0,
-            state_times={},
-            attempt=1,
-        )
-        self.run_task_kwargs(probe)
+        self.run_task_kwargs(aws.probe_job(spec, self.name))
 
     def partition(self, job: models.Job) -> str:
         return str(job.info.get("cluster") or self._settings.cluster)
@@ -218,15 +202,8 @@ class EcsBackend:
 
     async def submit(self, job: models.Job) -> base.Submitted:
         kwargs = self.run_task_kwargs(job)
-        try:
+        with aws.start_outcome():
             reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
-        except errors.AwsThrottled as exc:
-            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
-        except errors.AwsRejected as exc:
-            raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
-        except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
-            # The request may have reached ECS: only a repeat with the same token is safe.
-            raise errors.OutcomeUnknown(str(exc)) from exc
         tasks = reply.get("tasks") or []
         if not tasks:
             failures = reply.get("failures") or [{"reason": "RunTask returned no task"}]

@@ -20,7 +20,7 @@ from orchestrator.daemon import Daemon
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.settings import EcsSettings
 from orchestrator.testing import make_settings
-from tests.support.daemon import running
+from tests.support.daemon import running, until_state
 from tests.support.faultproxy import Reply, Request, Rule
 from tests.support.moto import BatchEnv, EcsEnv, MotoServer
 
@@ -151,12 +151,7 @@ async def test_ecs_cancel_stops_the_task(
     moto.set_transition("ecs::task", "manual", times=10_000)  # stays RUNNING until stopped
     async with client_of(ecs_daemon) as client:
         job = await client.submit({"command": ["sleep", "3600"]})
-        async for reply in client.watch(job["id"]):
-            if (
-                reply.get("event", {}).get("to") == "RUNNING"
-                or reply.get("job", {}).get("state") == "RUNNING"
-            ):
-                break
+        await until_state(client, job["id"], "RUNNING")
         await client.cancel(job["id"])
         final = await client.wait(job["id"])
     assert (final["state"], final["stop_reason"]) == ("CANCELLED", "cancel")

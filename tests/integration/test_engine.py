@@ -13,7 +13,7 @@ from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.models import JobState as S
 from orchestrator.testing import FakeBackend, Script, make_settings
-from tests.support.daemon import running
+from tests.support.daemon import running, until_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,9 +120,7 @@ async def test_a_job_the_backend_forgets_becomes_lost_after_the_grace_period(
         Client(settings.server.socket_path) as c,
     ):
         job = await c.submit({"command": ["x"]})
-        async for reply in c.watch(job["id"]):
-            if reply.get("event", {}).get("to") == "RUNNING":
-                break
+        await until_state(c, job["id"], "RUNNING")
         running_job = await c.get(job["id"])
         fake.forget(running_job["external_id"])
         final = await c.wait(job["id"])
@@ -138,9 +136,7 @@ async def test_cancel_is_reissued_until_the_backend_reports_the_end(short_tmp: P
         Client(settings.server.socket_path) as c,
     ):
         job = await c.submit({"command": ["x"]})
-        async for reply in c.watch(job["id"]):
-            if reply.get("event", {}).get("to") == "RUNNING":
-                break
+        await until_state(c, job["id"], "RUNNING")
         await c.cancel(job["id"])
         final = await c.wait(job["id"])
     assert (final["state"], final["stop_reason"]) == ("CANCELLED", "cancel")
@@ -155,9 +151,7 @@ async def test_a_job_that_succeeds_despite_a_cancel_keeps_its_true_outcome(short
         Client(settings.server.socket_path) as c,
     ):
         job = await c.submit({"command": ["x"]})
-        async for reply in c.watch(job["id"]):
-            if reply.get("event", {}).get("to") == "RUNNING":
-                break
+        await until_state(c, job["id"], "RUNNING")
         await c.cancel(job["id"])
         final = await c.wait(job["id"])
     assert final["state"] == "SUCCEEDED"

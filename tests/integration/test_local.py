@@ -13,7 +13,7 @@ import pytest
 from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
-from tests.support.daemon import running
+from tests.support.daemon import running, until_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,9 +109,7 @@ async def test_cancel_terminates_the_whole_process_group(short_tmp: Path) -> Non
     script = f"sleep 60 & echo $! > {pid_file}; wait"
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await client.submit({"command": ["sh", "-c", script]})
-        async for reply in client.watch(job["id"]):
-            if reply.get("event", {}).get("to") == "RUNNING":
-                break
+        await until_state(client, job["id"], "RUNNING")
         async with asyncio.timeout(10):
             while not pid_file.exists() or not pid_file.read_text().strip():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)  # a file written by the job: nothing to wait on

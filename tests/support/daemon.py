@@ -159,3 +159,12 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+
+async def until_state(client: Client, job_id: str, state: str) -> None:
+    """Return once the job has reached `state` (watched, not polled)."""
+    async for reply in client.watch(job_id):
+        current = reply.get("event", {}).get("to") or reply.get("job", {}).get("state")
+        if current == state:
+            return
+    raise AssertionError(f"job {job_id} ended without reaching {state}")
