@@ -146,6 +146,7 @@ class Dispatcher:
     async def _dispatch(self, lane: _Lane, job_id: str) -> None:
         backend = lane.backend
         try:
+            faults.crashpoint("dispatch.before_attempt")
             job = await self._store.begin_attempt(job_id)
             if job is None:  # cancelled or timed out while it waited
                 lane.in_flight.discard(job_id)

@@ -12,6 +12,7 @@ import sys
 ENV = "ORCHESTRATOR_CRASH_AT"
 POINTS = frozenset(
     {
+        "dispatch.before_attempt",  # a queued job taken for dispatch, its attempt not recorded
         "dispatch.after_attempt_recorded",  # attempt and token committed, backend not called
         "dispatch.after_submit",  # backend accepted the job, external id not yet stored
         "poller.before_transition",  # an observed state change not yet committed

@@ -237,8 +237,7 @@ class Poller:
             return
         reason = obs.reason
         if new.terminal and job.stop_reason and new != models.JobState.SUCCEEDED:
-            new, stop_reason = store.stopped_outcome(job, job.stop_reason)
-            reason = f"{stop_reason} (last status: {obs.reason})" if obs.reason else stop_reason
+            new, reason = store.stopped_outcome(job, job.stop_reason)
         faults.crashpoint("poller.before_transition")
         try:
             job = await self._store.transition(

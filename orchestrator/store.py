@@ -626,15 +626,16 @@ class Store:
 
 
 def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:
-    """The terminal state and reason of a job stopped by us."""
+    """The terminal state and reason of a job stopped by us; a timeout's reason says which
+    timeout and what the vendor last said of the job."""
     if why == "cancel":
         return models.JobState.CANCELLED, "cancelled by request"
     if why == "timeout":
-        return models.JobState.FAILED, f"timeout: ran longer than timeout_s={job.spec.timeout_s}"
-    return (
-        models.JobState.FAILED,
-        f"queue_timeout: not running after queue_timeout_s={job.spec.queue_timeout_s}",
-    )
+        reason = f"timeout: ran longer than timeout_s={job.spec.timeout_s}"
+    else:
+        reason = f"queue_timeout: not running after queue_timeout_s={job.spec.queue_timeout_s}"
+    last = ": ".join(part for part in (job.vendor_status, job.reason) if part)
+    return models.JobState.FAILED, f"{reason} (last status: {last})" if last else reason
 
 
 def _apply(
