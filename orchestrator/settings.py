@@ -95,6 +95,7 @@ class StoreSettings(_Section):
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retention_days: Annotated[float, pydantic.Field(ge=0)] = 30.0  # 0 keeps terminal jobs forever
     max_batch: _Count = 2048  # operations committed together in one transaction
+    startup_check: Literal["quick", "full"] = "quick"  # PRAGMA quick_check or integrity_check
 
 
 class JobDefaults(_Section):

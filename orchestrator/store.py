@@ -197,7 +197,8 @@ class Store:
             if mode != "wal":
                 raise errors.StoreError(f"{self._settings.path}: cannot enable WAL (got {mode})")
             conn.execute(f"PRAGMA synchronous={self._settings.synchronous}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            pragma = "quick_check" if self._settings.startup_check == "quick" else "integrity_check"
+            check = conn.execute(f"PRAGMA {pragma}").fetchone()[0]
             if check != "ok":
                 raise errors.StoreError(f"{self._settings.path}: integrity check failed: {check}")
             conn.executescript(_SCHEMA)
