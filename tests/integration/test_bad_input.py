@@ -4,6 +4,7 @@ usable where that makes sense, other clients keep being served, and nothing stor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,7 +49,8 @@ class Raw:
 
     async def close(self) -> None:
         self.writer.close()
-        await self.writer.wait_closed()
+        with contextlib.suppress(ConnectionError):  # the daemon may have hung up first
+            await self.writer.wait_closed()
 
 
 @pytest.fixture
@@ -247,3 +249,36 @@ async def test_socket_file_is_0660_in_a_private_directory(daemon: Daemon) -> Non
     path = daemon.settings.server.socket_path
     assert path.stat().st_mode & 0o777 == 0o660
     assert not any(p.name.startswith(".o.sock") for p in path.parent.iterdir())
+
+
+async def test_a_flood_of_connections_is_refused_beyond_the_cap_without_starving_others(
+    short_tmp: Path,
+) -> None:
+    settings = make_settings(
+        short_tmp, server={"max_connections": 20, "max_connections_per_peer": 1000}
+    )
+    async with running(settings):
+        path = settings.server.socket_path
+        steady = await Raw.open(path)
+        assert (await steady.ask(PING))["ok"]
+        flood = [await Raw.open(path) for _ in range(60)]
+        answers = await asyncio.gather(*(_first_reply(conn) for conn in flood))
+        refused = [a for a in answers if not a["ok"]]
+        assert {a["code"] for a in refused} == {"overloaded"}
+        assert len(refused) >= 60 - 19
+        assert (await steady.ask(PING))["ok"]  # the established client is still served
+        for conn in flood:
+            await conn.close()
+        await steady.close()
+
+
+async def _first_reply(conn: Raw) -> dict[str, Any]:
+    """A refused connection is answered (and closed) before it asks anything; an accepted one
+    says nothing until asked."""
+    try:
+        async with asyncio.timeout(1.0):
+            line = await conn.reader.readline()
+    except TimeoutError:
+        return await conn.ask(PING)
+    value: dict[str, Any] = orjson.loads(line)
+    return value
