@@ -115,13 +115,14 @@ class Daemon:
                 recovered=recovered,
                 startup_s=round(time.monotonic() - started, 3),
             )
-            notify.send("READY=1", f"STATUS=ready; {recovered} unfinished jobs recovered")
+            notify.send("READY=1", f"STATUS={self.status_line()} ({recovered} recovered)")
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.server.serve(), name="server"),
                     tg.create_task(self.dispatcher.run(), name="dispatcher"),
                     tg.create_task(self.poller.run(), name="poller"),
                     tg.create_task(self._retention(), name="retention"),
+                    tg.create_task(self._watchdog(), name="watchdog"),
                 ]
                 await self._stop.wait()
                 await self._shutdown(tasks)
@@ -163,6 +164,27 @@ class Daemon:
         #    launching; the next start-up asks the backend whether they launched.
         for task in tasks:
             task.cancel()
+
+    async def _watchdog(self) -> None:
+        """systemd's watchdog: WATCHDOG=1 (with a STATUS= line) at half of WATCHDOG_USEC, each
+        only after a round trip through the event loop and the store's writer, so a wedged
+        loop or writer stops the pings and systemd restarts us."""
+        interval_s = notify.watchdog_interval_s()
+        while interval_s is None:
+            await asyncio.Event().wait()  # no watchdog asked for; idle until cancelled
+        while True:
+            await self.store.ping()
+            notify.send("WATCHDOG=1", f"STATUS={self.status_line()}")
+            await asyncio.sleep(interval_s)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: what is in flight where."""
+        parts = [
+            f"{name}: {self.dispatcher.in_flight(name)} in flight, "
+            f"{self.dispatcher.queued(name)} queued"
+            for name in sorted(self.backends)
+        ]
+        return "ready; " + "; ".join(parts)
 
     async def _retention(self) -> None:
         """Delete terminal jobs older than `store.retention_days`, with their local files."""

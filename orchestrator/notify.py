@@ -19,3 +19,12 @@ def send(*assignments: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of systemd's WATCHDOG_USEC when the watchdog is meant for this process, else None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2

@@ -554,6 +554,15 @@ class Store:
 
         return await self._write(op)
 
+    async def ping(self) -> None:
+        """A round trip through the writer thread and a transaction: proof it is not wedged."""
+
+        def op(conn: sqlite3.Connection) -> tuple[None, list[models.Event]]:
+            conn.execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+            return None, []
+
+        await self._write(op)
+
     # -- reads -----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> models.Job:
