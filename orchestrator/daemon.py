@@ -16,7 +16,7 @@ import time
 
 import structlog
 
-from orchestrator import events, faults, logs, models, notify
+from orchestrator import events, faults, logs, metrics, models, notify
 from orchestrator.api import Api
 from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
@@ -61,7 +61,10 @@ class Daemon:
         self.hub = events.Hub()
         self.store = Store(settings.store, self.hub)
         self.backends = build_backends(settings) if backends is None else backends
-        self.poller = Poller(settings.poller, self.store, self.backends)
+        self.metrics = metrics.Metrics()
+        self.poller = Poller(
+            settings.poller, self.store, self.backends, on_detected=self.metrics.detected
+        )
         self.dispatcher = Dispatcher(
             settings.dispatcher, self.store, self.backends, self.poller, self.hub
         )
@@ -69,6 +72,19 @@ class Daemon:
             settings.jobs, self.store, self.dispatcher, self.poller, self.backends, self.hub
         )
         self.server = Server(settings.server, self.api)
+        self.metrics.add_collector(
+            metrics.Sampled(
+                aws_calls=lambda: [c for b in self.backends.values() for c in b.telemetry().calls],
+                buckets=lambda: [r for b in self.backends.values() for r in b.telemetry().buckets],
+                rejections=lambda: self.server.rejections.items(),
+            )
+        )
+        self.hub.listen(self.metrics.on_event)
+        self._endpoint = (
+            metrics.Endpoint(self.metrics, settings.metrics.listen, self._refresh_metrics)
+            if settings.metrics.listen
+            else None
+        )
         self._inherited_socket = inherited_socket
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -76,6 +92,10 @@ class Daemon:
         self.hub.listen(logs.log_transition)
         for backend in self.backends.values():
             backend.set_wake(self.poller.poke)
+
+    @property
+    def metrics_address(self) -> str | None:
+        return None if self._endpoint is None else self._endpoint.address
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -107,6 +127,8 @@ class Daemon:
                 await backend.start()
             recovered = await self._recover()
             await self.server.start(self._inherited_socket)
+            if self._endpoint is not None:
+                await self._endpoint.start()
             log.info(
                 "daemon.ready",
                 socket=str(self.server.path),
@@ -127,6 +149,8 @@ class Daemon:
                 await self._stop.wait()
                 await self._shutdown(tasks)
         finally:
+            if self._endpoint is not None:
+                await self._endpoint.close()
             for backend in self.backends.values():
                 await backend.close()
             await self.store.close()
@@ -164,6 +188,11 @@ class Daemon:
         #    launching; the next start-up asks the backend whether they launched.
         for task in tasks:
             task.cancel()
+
+    async def _refresh_metrics(self) -> None:
+        counts = await self.store.count_by_state()
+        for state in models.JobState:
+            self.metrics.jobs.labels(state.value).set(counts.get(state.value, 0))
 
     async def _watchdog(self) -> None:
         """systemd's watchdog: WATCHDOG=1 (with a STATUS= line) at half of WATCHDOG_USEC, each

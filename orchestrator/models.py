@@ -186,6 +186,7 @@ class Event:
     at: float
     reason: str | None = None
     exit_code: int | None = None
+    created_at: float = 0.0  # when the job was accepted (for latency metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return {

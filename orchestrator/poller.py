@@ -50,8 +50,10 @@ class Poller:
         *,
         rng: backoff.Uniform | None = None,
         clock: Callable[[], float] = time.time,
+        on_detected: Callable[[str, float], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_detected = on_detected  # (backend, when the backend says the job ended)
         self._store = store
         self._backends = backends
         self._policy = settings.policy()
@@ -251,6 +253,9 @@ class Poller:
             )
         except errors.StaleState:
             job = await self._store.get(job.id)  # changed under us; trust the store
+        finished_at = obs.info.get("finished_at")
+        if new.terminal and self._on_detected and isinstance(finished_at, int | float):
+            self._on_detected(job.backend, float(finished_at))
         self._settle(entry, job)
 
     async def _missing(self, backend: Backend, entry: _Tracked) -> None:

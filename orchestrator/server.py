@@ -117,6 +117,7 @@ class Server:
         self._inode: int | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._per_peer: Counter[int] = Counter()
+        self.rejections: Counter[str] = Counter()  # by error code, for metrics
 
     @property
     def path(self) -> Path:
@@ -183,6 +184,7 @@ class Server:
         try:
             refusal = self._refusal(peer)
             if refusal is not None:
+                self.rejections[refusal.code] += 1
                 log.warning(
                     "socket.rejected", peer_uid=peer.uid, peer_pid=peer.pid, reason=refusal.code
                 )

@@ -211,6 +211,17 @@ class CloudWatchSettings(_Section):
     burst: _Rate = 10.0
 
 
+class MetricsSettings(_Section):
+    listen: str = ""  # HOST:PORT for the Prometheus endpoint, e.g. "127.0.0.1:9464"; empty: off
+
+    @pydantic.field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not value.rpartition(":")[2].isdigit():
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9464")
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
@@ -236,6 +247,7 @@ class Settings(pydantic_settings.BaseSettings):
     ecs: EcsSettings = pydantic.Field(default_factory=EcsSettings)
     batch: BatchSettings = pydantic.Field(default_factory=BatchSettings)
     cloudwatch: CloudWatchSettings = pydantic.Field(default_factory=CloudWatchSettings)
+    metrics: MetricsSettings = pydantic.Field(default_factory=MetricsSettings)
     logging: LoggingSettings = pydantic.Field(default_factory=LoggingSettings)
 
     @classmethod

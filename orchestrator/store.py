@@ -128,6 +128,7 @@ def _event(job: models.Job, old: models.JobState | None) -> models.Event:
         at=job.updated_at,
         reason=job.reason,
         exit_code=job.exit_code,
+        created_at=job.created_at,
     )
 
 

@@ -133,6 +133,9 @@ class FakeBackend:
                 return base.Located(external_id, launched=True)
         return base.Located(None, launched=None)
 
+    def telemetry(self) -> base.Telemetry:
+        return base.Telemetry()
+
     def can_resubmit(self, job: models.Job) -> bool:
         return False
 

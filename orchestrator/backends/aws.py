@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import aioboto3
@@ -30,6 +30,7 @@ from botocore.model import OperationModel, ServiceModel, Shape
 from botocore.validate import ParamValidator
 
 from orchestrator import errors, models
+from orchestrator.backends import base
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import AwsBackendSettings
 
@@ -179,6 +180,16 @@ class AwsApi:
 
 def _snake(operation: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
+
+
+def telemetry(apis: Iterable[AwsApi], buckets: Iterable[TokenBucket]) -> base.Telemetry:
+    calls = [
+        (api.service, operation, count, api.throttles[operation])
+        for api in apis
+        for operation, count in sorted(api.calls.items())
+    ]
+    rates = [(b.name, b.rate_per_s, b.configured_rate_per_s) for b in buckets]
+    return base.Telemetry(calls=calls, buckets=rates)
 
 
 def client_options(settings: AwsBackendSettings) -> dict[str, Any]:

@@ -60,6 +60,14 @@ class LogPage:
     cursor: Any  # opaque: pass it back to read on from here
 
 
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """What a backend reports to the metrics endpoint at scrape time."""
+
+    calls: Sequence[tuple[str, str, int, int]] = ()  # (service, operation, calls, throttles)
+    buckets: Sequence[tuple[str, float, float]] = ()  # (bucket, current rate, configured rate)
+
+
 Wake = Callable[[str], None]  # a backend may call this with a job id to have it polled now
 
 
@@ -105,3 +113,6 @@ class Backend(Protocol):
 
     async def read_logs(self, job: models.Job, cursor: Any) -> LogPage:
         """The job's own output from `cursor` on (None: from the start)."""
+
+    def telemetry(self) -> Telemetry:
+        """Counters and rates for the metrics endpoint."""

@@ -70,6 +70,9 @@ class BatchBackend:
         self.logs = aws.AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
         self._base: dict[str, Any] = {}
 
+    def telemetry(self) -> base.Telemetry:
+        return aws.telemetry([self.api, self.logs], self.buckets)
+
     @property
     def buckets(self) -> list[TokenBucket]:
         return [self._submit_bucket, self._describe_bucket]
@@ -181,6 +184,8 @@ class BatchBackend:
             "awslogs-group"
         ):
             info["log_group"] = group
+        if isinstance(stopped_at := detail.get("stoppedAt"), int):
+            info["finished_at"] = stopped_at / 1000  # Batch: epoch milliseconds
         if summary := (detail.get("arrayProperties") or {}).get("statusSummary"):
             info["array_status"] = summary
         reason = (

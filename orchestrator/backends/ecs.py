@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -80,6 +81,9 @@ class EcsBackend:
         )
         self._base: dict[str, Any] = {}  # RunTask kwargs from settings, built in start()
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
+
+    def telemetry(self) -> base.Telemetry:
+        return aws.telemetry([self.api, self.logs], self.buckets)
 
     @property
     def buckets(self) -> list[TokenBucket]:
@@ -239,9 +243,11 @@ class EcsBackend:
     def _observe(self, task: Mapping[str, Any]) -> base.Observation:
         arn = task["taskArn"]
         status = str(task.get("lastStatus", ""))
-        info = {"task_definition": task.get("taskDefinitionArn")}
+        info: dict[str, Any] = {"task_definition": task.get("taskDefinitionArn")}
         if status != "STOPPED":
             return base.Observation(arn, STATUS.get(status, S.SUBMITTED), status, info=info)
+        if isinstance(stopped_at := task.get("stoppedAt"), datetime):
+            info["finished_at"] = stopped_at.timestamp()
         container: Mapping[str, Any] = next(
             (
                 c

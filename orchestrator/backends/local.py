@@ -203,7 +203,10 @@ class LocalBackend:
         else:
             reason = None if code == 0 else f"exit code {code}"
         state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
-        return base.Observation(external_id, state, "exited", reason=reason, exit_code=code)
+        info = {"finished_at": result["finished_at"]} if "finished_at" in result else {}
+        return base.Observation(
+            external_id, state, "exited", reason=reason, exit_code=code, info=info
+        )
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -249,6 +252,9 @@ class LocalBackend:
         if claim.get("pid") is None:
             return base.Located(None, launched=False)
         return base.Located(f"{claim['pid']}:{claim['start_time']}", launched=True)
+
+    def telemetry(self) -> base.Telemetry:
+        return base.Telemetry()
 
     def can_resubmit(self, job: models.Job) -> bool:
         return False  # `locate` always knows: the attempt's claim file decides

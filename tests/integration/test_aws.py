@@ -211,9 +211,13 @@ async def test_ecs_throttling_bursts_on_every_api_fail_no_job(
         ids = [j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(12))]
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
         throttles = daemon.backends["ecs"].api.throttles  # type: ignore[attr-defined]
+        exported = daemon.metrics.render().decode()
     assert [j["state"] for j in finals] == ["SUCCEEDED"] * 12
     assert throttles["RunTask"] >= 3
     assert throttles["DescribeTasks"] >= 1
+    runtask_throttles = f'orchestrator_aws_throttles_total{{operation="RunTask",service="ecs"}} {float(throttles["RunTask"])}'
+    assert runtask_throttles in exported
+    assert 'orchestrator_ratelimit_configured_rate_per_s{bucket="ecs.RunTask"} 20.0' in exported
 
 
 async def test_ecs_placement_failures_retry_when_retryable_and_fail_when_not(

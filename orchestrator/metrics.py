@@ -1,0 +1,187 @@
+"""Prometheus metrics, opt-in (`metrics.listen`), served from the daemon's own event loop.
+
+Pushed as things happen: jobs accepted and finished (from the event hub), dispatch latency and
+detection lag. Pulled at scrape time: jobs by state (one store query), AWS calls and throttles,
+token-bucket rates, socket rejections. No job ids as labels: cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import prometheus_client
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator import __version__, models
+
+log = structlog.get_logger("orchestrator.metrics")
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """Every metric the daemon exports, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.accepted = Counter(
+            "orchestrator_jobs_submitted", "Jobs accepted, by backend", ["backend"], registry=r
+        )
+        self.finished = Counter(
+            "orchestrator_jobs_finished",
+            "Jobs that reached a terminal state, by backend and state",
+            ["backend", "state"],
+            registry=r,
+        )
+        self.dispatch_seconds = Histogram(
+            "orchestrator_dispatch_seconds",
+            "Acceptance to the backend accepting the job",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detection_lag_seconds = Histogram(
+            "orchestrator_detection_lag_seconds",
+            "The backend reporting a job ended to the daemon recording it",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Gauge("orchestrator_jobs", "Jobs in the store, by state", ["state"], registry=r)
+        Info("orchestrator_build", "Build information", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+
+    def on_event(self, event: models.Event) -> None:
+        """A hub listener: counts acceptances, finishes and dispatch latency."""
+        if event.from_state is None:
+            self.accepted.labels(event.backend).inc()
+        elif event.from_state == models.JobState.QUEUED and not event.to_state.terminal:
+            self.dispatch_seconds.labels(event.backend).observe(
+                max(0.0, event.at - event.created_at)
+            )
+        if event.to_state.terminal:
+            self.finished.labels(event.backend, event.to_state.value).inc()
+
+    def detected(self, backend: str, finished_at: float, now: float | None = None) -> None:
+        lag = (time.time() if now is None else now) - finished_at
+        self.detection_lag_seconds.labels(backend).observe(max(0.0, lag))
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+class Sampled(Collector):
+    """Values read at scrape time from the components that own them."""
+
+    def __init__(
+        self,
+        aws_calls: Callable[[], Iterable[tuple[str, str, int, int]]],
+        buckets: Callable[[], Iterable[tuple[str, float, float]]],
+        rejections: Callable[[], Iterable[tuple[str, int]]],
+    ) -> None:
+        self._aws_calls = aws_calls
+        self._buckets = buckets
+        self._rejections = rejections
+
+    def collect(self) -> Iterable[Any]:
+        calls = CounterMetricFamily(
+            "orchestrator_aws_calls", "AWS API calls", labels=["service", "operation"]
+        )
+        throttles = CounterMetricFamily(
+            "orchestrator_aws_throttles",
+            "AWS API responses that said to slow down (botocore's own retries included)",
+            labels=["service", "operation"],
+        )
+        for service, operation, n_calls, n_throttles in self._aws_calls():
+            calls.add_metric([service, operation], n_calls)
+            throttles.add_metric([service, operation], n_throttles)
+        rate = GaugeMetricFamily(
+            "orchestrator_ratelimit_rate_per_s", "Current token-bucket rate", labels=["bucket"]
+        )
+        configured = GaugeMetricFamily(
+            "orchestrator_ratelimit_configured_rate_per_s",
+            "Configured token-bucket rate",
+            labels=["bucket"],
+        )
+        for name, current, limit in self._buckets():
+            rate.add_metric([name], current)
+            configured.add_metric([name], limit)
+        rejected = CounterMetricFamily(
+            "orchestrator_socket_rejections", "Connections refused, by reason", labels=["reason"]
+        )
+        for reason, count in self._rejections():
+            rejected.add_metric([reason], count)
+        return [calls, throttles, rate, configured, rejected]
+
+
+class Endpoint:
+    """A minimal HTTP/1.0 responder for `GET /metrics` on the daemon's loop."""
+
+    def __init__(
+        self, metrics: Metrics, listen: str, refresh: Callable[[], Awaitable[None]]
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        self._host, self._port = host or "127.0.0.1", int(port)
+        self._metrics = metrics
+        self._refresh = refresh
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        log.info("metrics.listening", address=self.address)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT actually bound (port 0 in the settings picks a free one)."""
+        if self._server is None or not self._server.sockets:
+            return f"{self._host}:{self._port}"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass  # headers: not needed
+            parts = request.split()
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                await self._refresh()
+                body, status = self._metrics.render(), b"200 OK"
+            else:
+                body, status = b"not found; try /metrics\n", b"404 Not Found"
+            writer.write(
+                b"HTTP/1.0 "
+                + status
+                + b"\r\nContent-Type: "
+                + prometheus_client.CONTENT_TYPE_LATEST.encode()
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

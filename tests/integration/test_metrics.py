@@ -1,0 +1,62 @@
+"""The Prometheus endpoint, scraped over HTTP from a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.testing import make_settings
+from tests.support.daemon import running
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def scrape(address: str, path: str = "/metrics") -> str:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        body: bytes = reply.read()
+    return body.decode()
+
+
+def sample(text: str, name: str) -> float:
+    """The value of the sample line starting with `name` (labels included)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in:\n{text}")
+
+
+async def test_metrics_endpoint_reports_jobs_latencies_and_rejections(short_tmp: Path) -> None:
+    settings = make_settings(
+        short_tmp, metrics={"listen": "127.0.0.1:0"}, server={"allowed_uids": [os.getuid()]}
+    )
+    async with running(settings) as daemon, Client(settings.server.socket_path) as client:
+        assert daemon.metrics_address is not None
+        for command in (["true"], ["true"], ["false"]):
+            await client.wait((await client.submit({"command": command}))["id"])
+        text = await asyncio.to_thread(scrape, daemon.metrics_address)
+        missing = await asyncio.to_thread(_status_of, daemon.metrics_address, "/nope")
+    assert sample(text, 'orchestrator_jobs_submitted_total{backend="local"}') == 3
+    assert sample(text, 'orchestrator_jobs_finished_total{backend="local",state="SUCCEEDED"}') == 2
+    assert sample(text, 'orchestrator_jobs_finished_total{backend="local",state="FAILED"}') == 1
+    assert sample(text, 'orchestrator_jobs{state="SUCCEEDED"}') == 2
+    assert sample(text, 'orchestrator_jobs{state="QUEUED"}') == 0
+    assert sample(text, 'orchestrator_dispatch_seconds_count{backend="local"}') == 3
+    assert sample(text, 'orchestrator_detection_lag_seconds_count{backend="local"}') == 3
+    assert 'orchestrator_build_info{python="' in text
+    assert "job_id" not in text  # no per-job labels
+    assert missing == 404
+
+
+def _status_of(address: str, path: str) -> int:
+    try:
+        scrape(address, path)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
