@@ -53,6 +53,7 @@ CHECKS = ("integrity", "lost_jobs", "idempotency", "reruns", "exit_codes", "daem
 _EXIT_CODES = (0, 0, 0, 1, 2, 3, 7)
 _SLEEPS = ("0.01", "0.02", "0.04", "0.06", "0.09")
 _EXIT_RE = re.compile(r"; exit (\d+)$")
+_READY_RESETS_MAX = 50
 
 Spec = dict[str, Any]
 
@@ -126,6 +127,7 @@ class Report:
     seed: int
     kills: int = 0
     kills_before_ready: int = 0
+    ready_resets: list[int] = dataclasses.field(default_factory=list)  # starts; see `_start`
     sent: int = 0
     resubmits: int = 0
     acknowledged: int = 0
@@ -159,6 +161,7 @@ class Report:
         rows: list[tuple[str, object]] = [
             ("seed", self.seed),
             ("kills (before ready)", f"{self.kills} ({self.kills_before_ready})"),
+            ("readiness pings reset", len(self.ready_resets)),
             ("submissions sent (resubmits)", f"{self.sent} ({self.resubmits})"),
             ("acknowledged jobs", self.acknowledged),
             ("unacknowledged submissions", self.unacknowledged),
@@ -234,13 +237,13 @@ def _client_loop(
                 reply = client.call("submit", job=spec)
             except errors.RemoteError as exc:
                 ledger.refusal(exc.remote_code, spec)
-                continue
             except (errors.DaemonUnreachable, errors.ProtocolError, OSError):
                 ledger.lost_reply()  # killed mid-request: the job may or may not exist
                 client.close()
                 client = None
                 continue
-            ledger.acknowledged(spec, reply["job"])
+            else:
+                ledger.acknowledged(spec, reply["job"])
             stop.wait(rng.expovariate(1 / cfg.pause_s))
     finally:
         if client is not None:
@@ -250,26 +253,21 @@ def _client_loop(
 # -- the killer ----------------------------------------------------------------------------
 
 
-def _start(daemon: DaemonProcess) -> None:
-    """`daemon.start()`, and wait until it is ready."""
+def _start(daemon: DaemonProcess, report: Report) -> None:
+    """`daemon.start()` that tolerates a ping reset while the previous daemon's socket dies.
+
+    Right after a SIGKILL the old socket can still take a connection and then reset it (seen on
+    ~5% of restarts here); `DaemonProcess.wait_ready` only retries when nothing answers.
+    """
     daemon.start(wait=False)
-    while True:
+    for _ in range(_READY_RESETS_MAX):
         try:
             daemon.wait_ready()
             return
-        except ConnectionError as exc:
-            assert daemon.proc is not None
-            status = daemon.proc.poll()
-            print(
-                f"[kill9] start {daemon.starts}: ping failed: {exc!r}; exit status {status}",
-                flush=True,
-            )
-            import datetime
-
-            print(datetime.datetime.utcnow().isoformat(), "\n", daemon.log()[-3000:], flush=True)
-            if status is not None:
-                raise AssertionError(f"daemon exited {status}:\n{daemon.log()}") from exc
-            time.sleep(0.05)
+        except ConnectionError:
+            report.ready_resets.append(daemon.starts)
+            time.sleep(0.02)
+    raise AssertionError(f"readiness ping reset {_READY_RESETS_MAX} times:\n{daemon.log()}")
 
 
 def _kill_loop(daemon: DaemonProcess, cfg: Config, report: Report, started: float) -> None:
@@ -280,7 +278,7 @@ def _kill_loop(daemon: DaemonProcess, cfg: Config, report: Report, started: floa
                 daemon.start(wait=False)
                 time.sleep(rng.uniform(0.0, cfg.startup_kill_max_s))
             else:
-                _start(daemon)
+                _start(daemon, report)
                 time.sleep(rng.uniform(cfg.up_min_s, cfg.up_max_s))
         except AssertionError as exc:  # it exited during start-up, or never became ready
             report.violations["daemon"].append(f"start {daemon.starts}: {exc}")
@@ -470,7 +468,7 @@ def run(cfg: Config, root: Path) -> Report:
             for thread in clients:
                 thread.join(timeout=cfg.client_timeout_s + 5)
         try:
-            daemon.start()
+            _start(daemon, report)
         except AssertionError as exc:  # the store would not open, or the like: report it
             report.violations["daemon"].append(f"the final start failed: {exc}")
         else:

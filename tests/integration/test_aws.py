@@ -215,8 +215,8 @@ async def test_ecs_throttling_bursts_on_every_api_fail_no_job(
     assert [j["state"] for j in finals] == ["SUCCEEDED"] * 12
     assert throttles["RunTask"] >= 3
     assert throttles["DescribeTasks"] >= 1
-    runtask_throttles = f'orchestrator_aws_throttles_total{{operation="RunTask",service="ecs"}} {float(throttles["RunTask"])}'
-    assert runtask_throttles in exported
+    series = 'orchestrator_aws_throttles_total{operation="RunTask",service="ecs"}'
+    assert f"{series} {float(throttles['RunTask'])}" in exported
     assert 'orchestrator_ratelimit_configured_rate_per_s{bucket="ecs.RunTask"} 20.0' in exported
 
 

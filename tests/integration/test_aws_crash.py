@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 WAIT_S = 30.0  # upper bound of any single wait in these tests
 BOTOCORE_ATTEMPTS = 2  # `max_attempts` for the daemon's AWS clients: one quick retry
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
 ECS_JSON = {"Content-Type": "application/x-amz-json-1.1"}
 BATCH_JSON = {"Content-Type": "application/json"}
 
@@ -144,8 +144,7 @@ def submit_maybe_unanswered(daemon: DaemonProcess, spec: Mapping[str, Any]) -> s
 def resubmit(daemon: DaemonProcess, spec: Mapping[str, Any]) -> dict[str, Any]:
     """What a client that got no answer does: the same spec under the same idempotency key."""
     with daemon.client() as client:
-        reply = client.call("submit", job=spec)
-    return reply
+        return client.call("submit", job=spec)
 
 
 def wait_terminal(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def task_arn(cluster: str) -> str:
     return f"arn:aws:ecs:{DEFAULT_REGION}:{ACCOUNT_ID}:task/{cluster}/{uuid.uuid4().hex}"
 
 
-# -- 1. crash point × backend ------------------------------------------------------------------
+# -- 1. every crash point, on each backend -----------------------------------------------------
 
 POINTS = sorted(faults.POINTS)
 # What the restarted daemon's settling of a half-launched attempt must conclude, per point.
@@ -293,7 +292,7 @@ def test_batch_crash_at_each_point_leaves_exactly_one_job(
     assert reconciled(daemon, job_id) == BATCH_RECONCILED.get(point, [])
 
 
-# -- 2. a cancel is durable across a kill -----------------------------------------------------
+# -- 2. a cancel is durable across a kill ------------------------------------------------------
 
 
 def test_ecs_cancel_whose_stop_failed_is_reissued_after_a_kill(
@@ -310,8 +309,14 @@ def test_ecs_cancel_whose_stop_failed_is_reissued_after_a_kill(
     with daemon.client() as client:
         asked = client.cancel(job_id)
     assert (asked["state"], asked["stop_reason"]) == ("RUNNING", "cancel")
-    # The daemon tried (every botocore attempt refused) and tries again on the next rounds.
-    fault_proxy.wait_for_count("ecs", "StopTask", BOTOCORE_ATTEMPTS + 1, timeout_s=WAIT_S)
+    # The daemon tried, every botocore attempt was refused, and it will try again next round.
+    wait_for(
+        lambda: any(
+            e.get("event") == "job.stop_failed" and e.get("job_id") == job_id
+            for e in daemon.log_events()
+        ),
+        "a failed StopTask",
+    )
     assert get_job(daemon, job_id)["state"] == "RUNNING"
     daemon.kill()
     assert fault_proxy.forwarded[("ecs", "StopTask")] == 0
@@ -327,7 +332,7 @@ def test_ecs_cancel_whose_stop_failed_is_reissued_after_a_kill(
     assert (task["lastStatus"], task["stoppedReason"]) == ("STOPPED", "orchestrator: cancel")
 
 
-# -- 3. timeouts stop what they time out ------------------------------------------------------
+# -- 3. timeouts stop what they time out -------------------------------------------------------
 
 
 def test_ecs_queue_timeout_stops_a_task_stuck_provisioning(
@@ -407,7 +412,8 @@ def test_ecs_timeout_stops_a_task_that_runs_too_long(
     assert final["reason"].startswith("timeout"), final["reason"]
     assert "RUNNING" in final["reason"]
     stops = [r.json() for r in fault_proxy.requests("ecs", "StopTask")]
-    assert stops and all(s["task"] == final["external_id"] for s in stops)
+    assert stops
+    assert {s["task"] for s in stops} == {final["external_id"]}
     assert fault_proxy.forwarded[("ecs", "StopTask")] >= 1
     (task,) = ecs_tasks(moto, ecs_env.cluster)
     assert (task["lastStatus"], task["stoppedReason"]) == ("STOPPED", "orchestrator: timeout")
@@ -535,9 +541,92 @@ def test_ecs_max_attempts_bounds_the_attempts_of_one_call(
     assert seen == [BOTOCORE_ATTEMPTS]
 
 
+# -- a call that reached AWS after the daemon gave up on it ------------------------------------
+#
+# The proxy holds the first request longer than the daemon's read timeout, then relays it: AWS
+# acts on a call whose caller saw only a timeout. Every later request goes through at once.
+
+SLOW_S = 3.0  # how long the proxy holds the first request
+READ_TIMEOUT_S = 1.0  # the daemon's read timeout: it gives up on that request well before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: aws.start_outcome maps a call's last error alone: a RunTask whose first attempt "
+    "timed out (maybe launched) and whose botocore retries were throttled becomes "
+    "StartFailed(retryable), so the dispatcher starts attempt 2 under a new token",
+)
+def test_ecs_run_task_that_timed_out_then_was_throttled_is_not_retried_under_a_new_token(
+    make_daemon: DaemonFactory, ecs_env: EcsEnv, moto: MotoServer, fault_proxy: FaultProxy
+) -> None:
+    fault_proxy.honour_client_token = True
+    fault_proxy.record("ecs", "RunTask")
+    fault_proxy.latency("ecs", "RunTask", SLOW_S)
+    fault_proxy.throttle("ecs", "RunTask", skip=1, times=None)  # every RunTask but the first
+    daemon = make_daemon(ecs_settings(ecs_env, read_timeout_s=READ_TIMEOUT_S))
+    daemon.start()
+    with daemon.client() as client:
+        job_id = client.submit({"command": ["echo", "once"]})["id"]
+    fault_proxy.wait_for_count("ecs", "RunTask", 1, timeout_s=WAIT_S)
+    fault_proxy.latency("ecs", "RunTask", 0)
+    token = f"{job_id}-1"
+
+    def tokens() -> set[str]:
+        return {r.json()["clientToken"] for r in fault_proxy.requests("ecs", "RunTask")}
+
+    wait_for(
+        lambda: tokens() != {token} or get_job(daemon, job_id)["state"] in TERMINAL,
+        "the job to end or a RunTask under another token",
+    )
+    wait_for(
+        lambda: any(t["startedBy"] == token for t in ecs_tasks(moto, ecs_env.cluster)),
+        "the held RunTask to reach ECS",
+    )
+    assert tokens() == {token}  # attempt 1's fate was never established: no attempt 2
+    assert len(ecs_tasks(moto, ecs_env.cluster)) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: SubmitJob has no idempotency token, yet botocore's standard retries repeat it "
+    "after a read timeout or 5xx that may have reached Batch: two Batch jobs for one attempt, "
+    "and the daemon tracks only the second",
+)
+def test_batch_submit_that_timed_out_after_reaching_batch_is_not_submitted_twice(
+    make_daemon: DaemonFactory, batch_env: BatchEnv, moto: MotoServer, fault_proxy: FaultProxy
+) -> None:
+    fault_proxy.latency("batch", "SubmitJob", SLOW_S)
+    # "Not found" must not be believed while the held SubmitJob may still land.
+    daemon = make_daemon(
+        batch_settings(batch_env, read_timeout_s=READ_TIMEOUT_S, lookup_grace_s=4 * SLOW_S)
+    )
+    daemon.start()
+    with daemon.client() as client:
+        job_id = client.submit({"command": ["echo", "once"]})["id"]
+    fault_proxy.wait_for_count("batch", "SubmitJob", 1, timeout_s=WAIT_S)
+    fault_proxy.latency("batch", "SubmitJob", 0)
+    final = wait_terminal(daemon, job_id)
+
+    def all_landed() -> bool:
+        sent = fault_proxy.forwarded[("batch", "SubmitJob")]
+        received = fault_proxy.counts[("batch", "SubmitJob")]
+        landed = batch_jobs_named(moto, batch_env.job_queue, f"orch-{job_id}-*")
+        return sent == received and len(landed) >= sent
+
+    wait_for(all_landed, "every SubmitJob the proxy received to reach Batch")
+    assert final["state"] == "SUCCEEDED", final
+    assert len(batch_jobs_named(moto, batch_env.job_queue, f"orch-{job_id}-*")) == 1
+    assert fault_proxy.forwarded[("batch", "SubmitJob")] == 1
+
+
 # -- start-up must survive AWS being unavailable -----------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Daemon._recover awaits Dispatcher.settle for every launching job before "
+    "serving; an AWS error in the lookup (ListTasks 5xx) escapes and `serve` exits 1",
+)
 def test_restart_with_a_half_launched_attempt_while_ecs_lookups_fail_still_serves(
     make_daemon: DaemonFactory, ecs_env: EcsEnv, moto: MotoServer, fault_proxy: FaultProxy
 ) -> None:
@@ -545,9 +634,9 @@ def test_restart_with_a_half_launched_attempt_while_ecs_lookups_fail_still_serve
     5xx the daemon must still start and serve, and settle the attempt once ECS is back."""
     fault_proxy.honour_client_token = True
     daemon = make_daemon(ecs_settings(ecs_env))
+    spec = {"command": ["echo", "once"], "idempotency_key": "startup-outage"}
     daemon.start(extra_env={faults.ENV: "dispatch.after_submit"})
-    job_id = submit_maybe_unanswered(daemon, {"command": ["echo", "once"]})
-    assert job_id is not None
+    submit_maybe_unanswered(daemon, spec)
     assert daemon.wait_exit(timeout_s=WAIT_S) == 137
 
     outage = fault_proxy.http_5xx("ecs", "ListTasks", times=None)
@@ -556,6 +645,7 @@ def test_restart_with_a_half_launched_attempt_while_ecs_lookups_fail_still_serve
         daemon.wait_ready()
     finally:
         fault_proxy.remove_rule(outage)
+    job_id = resubmit(daemon, spec)["job"]["id"]
     final = wait_terminal(daemon, job_id)
 
     assert (final["state"], final["exit_code"]) == ("SUCCEEDED", 0), final
@@ -574,7 +664,7 @@ def test_run_time_deadline_is_enforced_after_a_kill_and_restart(
     with daemon.client() as client:
         job_id = client.submit({"command": ["sleep", "3600"], "timeout_s": 3.0})["id"]
     wait_for(lambda: get_job(daemon, job_id)["state"] == "RUNNING", "the task to run")
-    daemon.stop(signal.SIGKILL)
+    daemon.kill()
     daemon.start()
     final = wait_terminal(daemon, job_id)
 

@@ -23,7 +23,7 @@ KILLS = 24
 
 
 def test_kill9_loses_nothing_and_runs_nothing_twice(short_tmp: Path) -> None:
-    report = kill9.run(kill9.Config(kills=KILLS, seed=SEED, clients=2), short_tmp)
+    report = kill9.run(kill9.Config(kills=KILLS, seed=SEED, clients=2, final_wait_s=60), short_tmp)
     print(report.summary())
     lost_reasons = "; ".join(f"{job_id}: {reason}" for job_id, reason in report.lost)
     print(f"kill9 LOST: {len(report.lost)} {lost_reasons}")
