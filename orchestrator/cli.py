@@ -151,6 +151,30 @@ def _inherited_socket() -> socket.socket | None:
     return sock
 
 
+@main.command()
+@config_option
+@json_option
+def check(config_path: Path | None, as_json: bool) -> None:
+    """Check that this configuration can run jobs: store, backends, AWS resources."""
+    from orchestrator import preflight
+
+    try:
+        loaded = settings.load(config_path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    checks = asyncio.run(preflight.run(loaded.settings))
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        _print_json({"ok": not failed, "checks": [c.to_dict() for c in checks]})
+    else:
+        click.echo(f"config: {loaded.config_path or 'none (defaults and environment)'}")
+        click.echo(preflight.environment_summary())
+        for c in checks:
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<22} {c.detail}")
+        click.echo(f"checks: {len(checks) - len(failed)} ok, {len(failed)} failing")
+    sys.exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
 @main.group()
 def config() -> None:
     """Inspect the configuration."""
