@@ -20,7 +20,8 @@ from orchestrator.store import Store
 log = structlog.get_logger("orchestrator.api")
 
 Send = Callable[[bytes], Awaitable[None]]
-_LOG_FOLLOW_INTERVAL_S = 0.25
+_LOG_FOLLOW_MIN_S = 0.25
+_LOG_FOLLOW_MAX_S = 2.0
 
 
 class Api:
@@ -173,16 +174,21 @@ class Api:
             raise errors.BackendUnavailable(job.backend)
         cursor: object = None
         attempt = job.attempt
+        interval_s = _LOG_FOLLOW_MIN_S
         while True:
             page = await backend.read_logs(job, cursor)
             cursor = page.cursor
             for chunk in page.chunks:
                 await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
             if page.chunks:
+                interval_s = _LOG_FOLLOW_MIN_S
                 continue  # more may be waiting right behind
             if not follow or job.state.terminal:
                 break
-            await asyncio.sleep(_LOG_FOLLOW_INTERVAL_S)
+            # Nothing new: ask again later, less often the longer it stays quiet (CloudWatch
+            # reads draw from a bucket every follower shares).
+            await asyncio.sleep(interval_s)
+            interval_s = min(_LOG_FOLLOW_MAX_S, interval_s * 1.5)
             job = await self._store.get(job_id)
             if job.attempt != attempt:  # a new attempt writes new logs
                 attempt, cursor = job.attempt, None

@@ -140,7 +140,11 @@ class Dispatcher:
                 pass
 
     async def _expire(self, job_id: str) -> None:
-        job = await self._store.request_stop(job_id, "queue_timeout")
+        try:
+            job = await self._store.request_stop(job_id, "queue_timeout")
+        except Exception:
+            log.exception("job.queue_timeout_failed", job_id=job_id)
+            return
         log.info("job.queue_timeout", job_id=job_id, state=job.state.value)
 
     async def _dispatch(self, lane: _Lane, job_id: str) -> None:
@@ -154,9 +158,10 @@ class Dispatcher:
             faults.crashpoint("dispatch.after_attempt_recorded")
             await self._submit(lane, job)
         except Exception:
-            # A job's failure never takes the daemon down; it stays recorded as launching and
-            # the next start-up's reconciliation settles it.
+            # A job's failure never takes the daemon down: look at it again later (it may be
+            # half-launched) with the same care as after a restart.
             log.exception("dispatch.failed", job_id=job_id, backend=backend.name)
+            self._settle_in(lane, job_id, self._settings.retry_cap_s)
         finally:
             lane.slots.release()
             lane.wake.set()
@@ -225,6 +230,9 @@ class Dispatcher:
             job = await self._store.get(job_id)
             if job.state == models.JobState.QUEUED and job.launching:
                 await self.settle(job)
+            elif job.state == models.JobState.QUEUED:  # the attempt was never recorded
+                lane.in_flight.discard(job_id)
+                self.enqueue(job)
         except Exception:
             log.exception("dispatch.settle_failed", job_id=job_id)
             self._settle_in(lane, job_id, self._settings.retry_cap_s)
