@@ -1,0 +1,123 @@
+"""Socket ingest: acknowledged jobs/s and ack latency, one at a time and bulk, FULL and NORMAL.
+
+    python bench/ingest.py [--jobs 20000] [--rate 1000] [--window 1024]
+
+Starts `orchestrator serve` (local backend, max_concurrency=1 so accepted jobs wait QUEUED and
+running them does not compete for the CPU), then per `store.synchronous` mode:
+- paced: one request at a time on one connection at `--rate`/s; ack latency p50/p99/max;
+- bulk: `--jobs` submissions pipelined on one connection (`--window` unanswered at most), the
+  way `orchestrator submit --file` feeds them; acknowledged jobs/s.
+An ack means the job is committed to SQLite. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.daemon import DaemonProcess  # noqa: E402
+
+
+def request(i: int) -> bytes:
+    job = {"command": ["sleep", "3600"], "name": f"bench-{i}"}
+    return orjson.dumps({"v": 1, "id": i, "op": "submit", "job": job}) + b"\n"
+
+
+async def paced(path: Path, count: int, rate: float) -> list[float]:
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+    latencies = []
+    start = time.perf_counter()
+    for i in range(count):
+        due = start + i / rate
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        writer.write(request(i))
+        reply = orjson.loads(await reader.readline())
+        latencies.append(time.perf_counter() - sent)
+        assert reply["ok"], reply
+    writer.close()
+    return latencies
+
+
+async def bulk(path: Path, count: int, window: int) -> float:
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+    slots = asyncio.Semaphore(window)
+    start = time.perf_counter()
+
+    async def feed() -> None:
+        for i in range(count):
+            await slots.acquire()
+            writer.write(request(i))
+            if i % 256 == 0:
+                await writer.drain()
+        await writer.drain()
+
+    feeder = asyncio.create_task(feed())
+    for _ in range(count):
+        reply = orjson.loads(await reader.readline())
+        assert reply["ok"], reply
+        slots.release()
+    elapsed = time.perf_counter() - start
+    await feeder
+    writer.close()
+    return count / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else values[0]
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="orc-bench-", dir="/tmp"))
+    daemon = DaemonProcess(
+        root,
+        env={
+            "ORCHESTRATOR__STORE__SYNCHRONOUS": mode,
+            "ORCHESTRATOR__LOCAL__MAX_CONCURRENCY": "1",
+            "ORCHESTRATOR__LOGGING__LEVEL": "WARNING",
+        },
+    )
+    daemon.start()
+    try:
+        latencies = asyncio.run(paced(daemon.socket_path, args.paced, args.rate))
+        rate = asyncio.run(bulk(daemon.socket_path, args.jobs, args.window))
+    finally:
+        daemon.stop()
+    return {
+        "p50_ms": pct(latencies, 0.50) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+        "max_ms": max(latencies) * 1000,
+        "bulk_per_s": rate,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000, help="bulk submissions per mode")
+    parser.add_argument("--paced", type=int, default=5_000, help="paced submissions per mode")
+    parser.add_argument("--rate", type=float, default=1000.0, help="paced submissions per second")
+    parser.add_argument("--window", type=int, default=1024, help="bulk: unanswered at most")
+    args = parser.parse_args()
+    print(f"# ingest: {os.cpu_count()} CPUs, paced {args.paced} at {args.rate:.0f}/s, bulk {args.jobs}")
+    print("| synchronous | ack p50 (ms) | ack p99 (ms) | ack max (ms) | bulk acked jobs/s |")
+    print("|---|---|---|---|---|")
+    for mode in ("FULL", "NORMAL"):
+        r = run_mode(mode, args)
+        print(
+            f"| {mode} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['bulk_per_s']:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
