@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -42,7 +43,7 @@ class Api:
         self._hub = hub
         self._started = time.monotonic()
         self.accepting = True
-        self._accepting_tasks: set[asyncio.Task[tuple[models.Job, bool]]] = set()
+        self._accepting_tasks: set[asyncio.Task[Any]] = set()
 
     async def handle(self, request: protocol.Request, peer: models.Peer, send: Send) -> None:
         """Answer one request; errors become error replies, never exceptions."""
@@ -54,6 +55,8 @@ class Api:
                 case protocol.Submit(job=spec):
                     job, created = await self.submit(spec, peer)
                     await send(protocol.reply(rid, job=job.to_dict(), created=created))
+                case protocol.SubmitMany(jobs=raw):
+                    await send(protocol.reply(rid, results=await self.submit_many(raw, peer)))
                 case protocol.Get(job_id=job_id, history=history):
                     await send(protocol.reply(rid, job=await self.get(job_id, history=history)))
                 case protocol.ListJobs(state=states, backend=backend, limit=limit):
@@ -84,43 +87,92 @@ class Api:
         }
 
     async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
+        (outcome,) = await self._accept_all([self._prepare(spec)], peer)
+        if isinstance(outcome, errors.OrchestratorError):
+            raise outcome
+        return outcome
+
+    async def submit_many(self, raw: list[Any], peer: models.Peer) -> list[dict[str, Any]]:
+        """Validate each spec alone; accept the valid ones in one store operation; report
+        each outcome in order (a compact job, or the error that names the field)."""
+        prepared: list[tuple[models.JobSpec, str] | errors.OrchestratorError] = []
+        for value in raw:
+            try:
+                prepared.append(self._prepare(protocol.job_spec(value, ("job",))))
+            except errors.OrchestratorError as exc:
+                prepared.append(exc)
+        valid = [p for p in prepared if not isinstance(p, errors.OrchestratorError)]
+        accepted = iter(await self._accept_all(valid, peer) if valid else [])
+        results: list[dict[str, Any]] = []
+        for item in prepared:
+            outcome = item if isinstance(item, errors.OrchestratorError) else next(accepted)
+            if isinstance(outcome, errors.OrchestratorError):
+                results.append({"ok": False, "code": outcome.code, "message": outcome.message})
+            else:
+                job, created = outcome
+                results.append(
+                    {
+                        "ok": True,
+                        "id": job.id,
+                        "name": job.name,
+                        "state": job.state.value,
+                        "created": created,
+                    }
+                )
+        return results
+
+    def _prepare(self, spec: models.JobSpec) -> tuple[models.JobSpec, str]:
+        """The spec with the daemon's defaults filled in, checked by its backend."""
         if not self.accepting:
             raise errors.ShuttingDown
         name = spec.backend or self._defaults.backend
         backend = self._backends.get(name)
         if backend is None:
             raise errors.BackendUnavailable(name)
-        spec = spec.model_copy(
-            update={
-                "backend": name,
-                "timeout_s": spec.timeout_s or self._defaults.timeout_s,
-                "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
-            }
-        )
+        if (
+            spec.backend is None
+            or (spec.timeout_s is None and self._defaults.timeout_s)
+            or (spec.queue_timeout_s is None and self._defaults.queue_timeout_s)
+        ):
+            spec = spec.model_copy(
+                update={
+                    "backend": name,
+                    "timeout_s": spec.timeout_s or self._defaults.timeout_s,
+                    "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
+                }
+            )
         backend.validate(spec)
-        # Shielded: once the job is committed it must also reach the dispatcher, even if the
+        return spec, name
+
+    async def _accept_all(
+        self, specs: list[tuple[models.JobSpec, str]], peer: models.Peer
+    ) -> list[tuple[models.Job, bool] | errors.OrchestratorError]:
+        # Shielded: once jobs are committed they must also reach the dispatcher, even if the
         # request's deadline or the client's disconnect cancels us meanwhile.
-        task = asyncio.create_task(self._accept(spec, name, peer), name="accept")
+        task = asyncio.create_task(self._accept(specs, peer), name="accept")
         self._accepting_tasks.add(task)
         task.add_done_callback(self._accepting_tasks.discard)
         return await asyncio.shield(task)
 
     async def _accept(
-        self, spec: models.JobSpec, backend: str, peer: models.Peer
-    ) -> tuple[models.Job, bool]:
-        job, created = await self._store.accept(spec, backend, peer)
+        self, specs: list[tuple[models.JobSpec, str]], peer: models.Peer
+    ) -> list[tuple[models.Job, bool] | errors.OrchestratorError]:
+        outcomes = await self._store.accept_many(specs, peer)
         faults.crashpoint("server.after_accept")
-        if created:
+        for outcome in outcomes:
+            if isinstance(outcome, errors.OrchestratorError) or not outcome[1]:
+                continue
+            job = outcome[0]
             log.info(
                 "job.accepted",
                 job_id=job.id,
-                backend=backend,
+                backend=job.backend,
                 name=job.name,
                 peer_uid=peer.uid,
                 peer_pid=peer.pid,
             )
             self._dispatcher.enqueue(job)
-        return job, created
+        return outcomes
 
     async def get(self, job_id: str, *, history: bool) -> dict[str, object]:
         job = await self._store.get(job_id)

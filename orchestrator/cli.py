@@ -332,6 +332,7 @@ def _echo_outcome(job: dict[str, Any]) -> None:
 
 def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
     failures = 0
+    numbers: list[int] = []  # the line number of each spec sent, in order
 
     def specs() -> Iterator[dict[str, Any]]:
         nonlocal failures
@@ -348,15 +349,18 @@ def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) ->
                 failures += 1
                 click.echo(f"orchestrator: line {number}: not a JSON object", err=True)
                 continue
+            numbers.append(number)
             yield spec
 
     async def go() -> None:
         nonlocal failures
         async with _client(socket_path) as client:
+            index = 0
             async for result in client.submit_many(specs()):
+                number, index = numbers[index], index + 1
                 if isinstance(result, errors.RemoteError):
                     failures += 1
-                    click.echo(f"orchestrator: {result.message}", err=True)
+                    click.echo(f"orchestrator: line {number}: {result.message}", err=True)
                 elif as_json:
                     click.echo(orjson.dumps(result).decode())
                 else:

@@ -18,10 +18,11 @@ import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from orchestrator import errors, protocol, settings
 
+T = TypeVar("T")
 _Route = asyncio.Queue[dict[str, Any] | BaseException]
 
 
@@ -37,6 +38,13 @@ def _check(reply: dict[str, Any]) -> dict[str, Any]:
     if not reply.get("ok"):
         raise errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
     return reply
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`itertools.batched` (Python 3.12) for 3.11."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 class Client:
@@ -157,24 +165,36 @@ class Client:
         return job_out
 
     async def submit_many(
-        self, jobs: Iterable[Mapping[str, Any]], window: int = 512
+        self, jobs: Iterable[Mapping[str, Any]], batch: int = 500, window: int = 4
     ) -> AsyncIterator[dict[str, Any] | errors.RemoteError]:
-        """Pipeline many submissions (up to `window` unanswered); yield each reply's job, or
-        its error, in input order."""
-        pending: asyncio.Queue[asyncio.Task[dict[str, Any]]] = asyncio.Queue(window)
+        """Submit many jobs: `batch` per `submit_many` request, `window` requests in flight.
+        Yields each job's result in input order: a compact job (`id`, `name`, `state`,
+        `created`) or the `RemoteError` that names what was wrong with that one spec."""
+        pending: asyncio.Queue[tuple[asyncio.Task[dict[str, Any]], int] | None] = asyncio.Queue(
+            window
+        )
 
         async def feed() -> None:
-            for job in jobs:
-                await pending.put(asyncio.create_task(self.submit(job)))
-            await pending.put(None)  # type: ignore[arg-type]
+            for chunk in _chunks(jobs, batch):
+                task = asyncio.create_task(self.call("submit_many", jobs=list(chunk)))
+                await pending.put((task, len(chunk)))
+            await pending.put(None)
 
         feeder = asyncio.create_task(feed(), name="client-feed")
         try:
-            while (task := await pending.get()) is not None:
+            while (item := await pending.get()) is not None:
+                task, count = item
                 try:
-                    yield await task
+                    reply = await task
                 except errors.RemoteError as exc:
-                    yield exc
+                    for _ in range(count):
+                        yield exc
+                    continue
+                for result in reply["results"]:
+                    if result["ok"]:
+                        yield result
+                    else:
+                        yield errors.RemoteError(result["code"], result["message"])
             await feeder
         finally:
             feeder.cancel()

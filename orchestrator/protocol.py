@@ -33,6 +33,13 @@ class Submit(Params):
     job: models.JobSpec
 
 
+class SubmitMany(Params):
+    """Many job specs in one request; each is validated on its own, so one bad spec fails
+    alone (its result carries the error, the others are accepted)."""
+
+    jobs: Annotated[list[Any], pydantic.Field(min_length=1, max_length=10_000)]
+
+
 class Get(Params):
     job_id: _JobId
     history: bool = False
@@ -81,6 +88,7 @@ class Logs(Params):
 OPS: dict[str, type[Params]] = {
     "ping": Ping,
     "submit": Submit,
+    "submit_many": SubmitMany,
     "get": Get,
     "list": ListJobs,
     "cancel": Cancel,
@@ -146,10 +154,12 @@ def decode(line: bytes) -> Request:
     return Request(id=request_id, op=op, params=params)
 
 
-def _invalid(exc: pydantic.ValidationError) -> errors.InvalidRequest:
+def _invalid(
+    exc: pydantic.ValidationError, prefix: tuple[int | str, ...] = ()
+) -> errors.InvalidRequest:
     problems = []
     for error in exc.errors(include_url=False):
-        path = _path(error["loc"])
+        path = _path((*prefix, *error["loc"]))
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown field")
         elif error["type"] == "missing":
@@ -167,6 +177,14 @@ def _path(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}" if out else part
     return out or "request"
+
+
+def job_spec(value: Any, path: tuple[int | str, ...]) -> models.JobSpec:
+    """Validate one job spec of a `submit_many`; errors name the field (`job.command`)."""
+    try:
+        return models.JobSpec.model_validate(value)
+    except pydantic.ValidationError as exc:
+        raise _invalid(exc, path) from None
 
 
 def reply(request_id: RequestId, **fields: Any) -> bytes:

@@ -147,6 +147,59 @@ def _insert_event(conn: sqlite3.Connection, event: models.Event) -> None:
     )
 
 
+def _insert_job(
+    conn: sqlite3.Connection,
+    spec: models.JobSpec,
+    backend: str,
+    spec_json: bytes,
+    peer: models.Peer | None,
+    now: float,
+) -> tuple[models.Job, bool]:
+    """Insert a new QUEUED job, or find the one its idempotency key already names. Reads
+    before it writes, so a conflict raises before anything is written."""
+    if spec.idempotency_key is not None:
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
+        ).fetchone()
+        if row is not None:
+            existing = _job_from_row(row)
+            if existing.spec != spec or existing.backend != backend:
+                raise IdempotencyConflict(
+                    f"idempotency key {spec.idempotency_key!r} already names job "
+                    f"{existing.id} with a different spec"
+                )
+            return existing, False
+    job = models.Job(
+        id=models.new_job_id(now),
+        spec=spec,
+        backend=backend,
+        state=models.JobState.QUEUED,
+        created_at=now,
+        updated_at=now,
+        state_times={models.JobState.QUEUED.value: now},
+        peer=peer,
+    )
+    conn.execute(
+        "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
+        "peer_pid, created_at, updated_at, state_times, info) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, X'7B7D')",  # info: b'{}'
+        (
+            job.id,
+            spec.idempotency_key,
+            backend,
+            spec_json,
+            job.state.value,
+            None if peer is None else peer.uid,
+            None if peer is None else peer.gid,
+            None if peer is None else peer.pid,
+            now,
+            now,
+            orjson.dumps(job.state_times),
+        ),
+    )
+    return job, True
+
+
 class IdempotencyConflict(errors.OrchestratorError):
     """The idempotency key belongs to a job with a different spec."""
 
@@ -319,54 +372,37 @@ class Store:
     ) -> tuple[models.Job, bool]:
         """Durably record a new QUEUED job. Returns (job, created); an existing job is
         returned instead when the spec's idempotency key is already known."""
-        now = self._clock()
-        spec_json = spec.model_dump_json(exclude_defaults=True).encode()
+        (outcome,) = await self.accept_many([(spec, backend)], peer)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        def op(conn: sqlite3.Connection) -> tuple[tuple[models.Job, bool], list[models.Event]]:
-            if spec.idempotency_key is not None:
-                row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?",
-                    (spec.idempotency_key,),
-                ).fetchone()
-                if row is not None:
-                    existing = _job_from_row(row)
-                    if existing.spec != spec or existing.backend != backend:
-                        raise IdempotencyConflict(
-                            f"idempotency key {spec.idempotency_key!r} already names job "
-                            f"{existing.id} with a different spec"
-                        )
-                    return (existing, False), []
-            job = models.Job(
-                id=models.new_job_id(now),
-                spec=spec,
-                backend=backend,
-                state=models.JobState.QUEUED,
-                created_at=now,
-                updated_at=now,
-                state_times={models.JobState.QUEUED.value: now},
-                peer=peer,
-            )
-            conn.execute(
-                "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
-                "peer_pid, created_at, updated_at, state_times, info) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, X'7B7D')",  # info: b'{}'
-                (
-                    job.id,
-                    spec.idempotency_key,
-                    backend,
-                    spec_json,
-                    job.state.value,
-                    None if peer is None else peer.uid,
-                    None if peer is None else peer.gid,
-                    None if peer is None else peer.pid,
-                    now,
-                    now,
-                    orjson.dumps(job.state_times),
-                ),
-            )
-            event = _event(job, None)
-            _insert_event(conn, event)
-            return (job, True), [event]
+    async def accept_many(
+        self, specs: Sequence[tuple[models.JobSpec, str]], peer: models.Peer | None
+    ) -> list[tuple[models.Job, bool] | errors.OrchestratorError]:
+        """`accept` for many jobs in one operation; each outcome, or its error, in order."""
+        now = self._clock()
+        rows = [
+            (spec, backend, spec.model_dump_json(exclude_defaults=True).encode())
+            for spec, backend in specs
+        ]
+
+        def op(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[models.Job, bool] | errors.OrchestratorError], list[models.Event]]:
+            outcomes: list[tuple[models.Job, bool] | errors.OrchestratorError] = []
+            events: list[models.Event] = []
+            for spec, backend, spec_json in rows:
+                try:
+                    job, created = _insert_job(conn, spec, backend, spec_json, peer, now)
+                except IdempotencyConflict as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append((job, created))
+                if created:
+                    events.append(_event(job, None))
+                    _insert_event(conn, events[-1])
+            return outcomes, events
 
         return await self._write(op)
 

@@ -127,7 +127,7 @@ def test_submit_file_from_stdin_prints_one_id_per_line(daemon: DaemonProcess) ->
     assert bad.returncode == 1
     assert len(bad.stdout.split()) == 1
     assert "line 2: invalid JSON" in bad.stderr
-    assert "job.command" in bad.stderr
+    assert "line 3: invalid_request: job.command" in bad.stderr
 
 
 def test_unknown_job_and_usage_errors(daemon: DaemonProcess) -> None:
