@@ -282,3 +282,25 @@ async def _first_reply(conn: Raw) -> dict[str, Any]:
         return await conn.ask(PING)
     value: dict[str, Any] = orjson.loads(line)
     return value
+
+
+async def test_submit_many_rejects_only_the_bad_specs(raw: Raw) -> None:
+    jobs = [
+        {"command": ["true"], "name": "good-1"},
+        {"command": "true"},
+        {"command": ["true"], "bogus": 1},
+        {"command": ["true"], "name": "good-2", "idempotency_key": "k"},
+        {"command": ["false"], "idempotency_key": "k"},
+        "not an object",
+    ]
+    reply = await raw.ask(orjson.dumps({"id": 9, "op": "submit_many", "jobs": jobs}) + b"\n")
+    assert (reply["id"], reply["ok"]) == (9, True)
+    results = reply["results"]
+    assert [r["ok"] for r in results] == [True, False, False, True, False, False]
+    assert [r.get("name") for r in results if r["ok"]] == ["good-1", "good-2"]
+    assert "job.command" in results[1]["message"]
+    assert "job.bogus: unknown field" in results[2]["message"]
+    assert results[4]["code"] == "idempotency_conflict"
+    assert results[5]["code"] == "invalid_request"
+    names = sorted(j["name"] for j in (await raw.ask(b'{"id": 11, "op": "list"}\n'))["jobs"])
+    assert names == ["good-1", "good-2"]
