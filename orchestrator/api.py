@@ -129,17 +129,13 @@ class Api:
         backend = self._backends.get(name)
         if backend is None:
             raise errors.BackendUnavailable(name)
-        if (
-            spec.backend is None
-            or (spec.timeout_s is None and self._defaults.timeout_s)
-            or (spec.queue_timeout_s is None and self._defaults.queue_timeout_s)
-        ):
+        timeout_s = spec.timeout_s or self._defaults.timeout_s
+        queue_timeout_s = spec.queue_timeout_s or self._defaults.queue_timeout_s
+        if (timeout_s, queue_timeout_s) != (spec.timeout_s, spec.queue_timeout_s):
+            # The daemon's default timeouts become the job's own, to survive a restart with
+            # other defaults. (The backend is stored beside the spec, not in it.)
             spec = spec.model_copy(
-                update={
-                    "backend": name,
-                    "timeout_s": spec.timeout_s or self._defaults.timeout_s,
-                    "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
-                }
+                update={"timeout_s": timeout_s, "queue_timeout_s": queue_timeout_s}
             )
         backend.validate(spec)
         return spec, name

@@ -32,6 +32,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.accepted = Counter(
             "orchestrator_jobs_submitted", "Jobs accepted, by backend", ["backend"], registry=r
@@ -64,13 +65,20 @@ class Metrics:
     def on_event(self, event: models.Event) -> None:
         """A hub listener: counts acceptances, finishes and dispatch latency."""
         if event.from_state is None:
-            self.accepted.labels(event.backend).inc()
+            self._child(self.accepted, event.backend).inc()
         elif event.from_state == models.JobState.QUEUED and not event.to_state.terminal:
-            self.dispatch_seconds.labels(event.backend).observe(
-                max(0.0, event.at - event.created_at)
-            )
+            latency = max(0.0, event.at - event.created_at)
+            self._child(self.dispatch_seconds, event.backend).observe(latency)
         if event.to_state.terminal:
-            self.finished.labels(event.backend, event.to_state.value).inc()
+            self._child(self.finished, event.backend, event.to_state.value).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: it sits on the per-job hot path."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def detected(self, backend: str, finished_at: float, now: float | None = None) -> None:
         lag = (time.time() if now is None else now) - finished_at

@@ -40,6 +40,12 @@ VALID_CASES: list[tuple[dict[str, Any], protocol.Request]] = [
         ),
     ),
     (
+        {"id": "b", "op": "submit_many", "jobs": [{"command": ["x"]}, "junk"]},
+        protocol.Request(
+            "b", "submit_many", protocol.SubmitMany(jobs=[{"command": ["x"]}, "junk"])
+        ),
+    ),
+    (
         {"id": 2, "op": "get", "job_id": "j1", "history": True},
         protocol.Request(2, "get", protocol.Get(job_id="j1", history=True)),
     ),
@@ -317,6 +323,7 @@ states = st.sampled_from([state.value for state in S])
 PARAMS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "ping": {},
     "submit": {"job": _or_junk(job_specs)},
+    "submit_many": {"jobs": _or_junk(st.lists(_or_junk(job_specs), min_size=1, max_size=3))},
     "get": {"job_id": job_ids, "history": flags},
     "list": {
         "state": _or_junk(states | st.lists(states, max_size=3)),
@@ -328,7 +335,7 @@ PARAMS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "watch": {"job_id": job_ids},
     "logs": {"job_id": job_ids, "follow": flags},
 }
-REQUIRED = {"job", "job_id"}  # mostly present; their absence is tested above
+REQUIRED = {"job", "jobs", "job_id"}  # mostly present; their absence is tested above
 
 
 def _request_for(op: str) -> st.SearchStrategy[dict[str, Any]]:

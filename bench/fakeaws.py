@@ -1,0 +1,1011 @@
+"""A fast in-memory stand-in for the parts of AWS ECS and Batch the daemon calls, for benchmarks.
+
+moto answers about 20 DescribeTasks(100 ARNs) calls a second, too few to load the daemon with
+10,000 jobs. This server answers thousands: it keeps tasks and jobs in dicts, works out each
+one's state lazily from its creation time (no timers, so 100,000 jobs cost a few dicts), and
+caches each task's JSON per life-cycle phase. It speaks the wire protocols botocore uses (ECS
+and CloudWatch Logs: JSON 1.1 over ``POST /`` with ``X-Amz-Target``; Batch: REST-JSON on
+``/v1/<operation>``), accepts any signature, and enforces AWS-like token buckets with the real
+throttling replies, so botocore's retry modes behave as they do against AWS::
+
+    async with FakeAws(Config(pending_s=5, run_s=60, time_scale=60)) as aws:
+        ...  # aioboto3 clients with endpoint_url=aws.endpoint_url, any credentials
+        aws.stats()             # calls, throttled calls and describe batch sizes
+        aws.terminal_times()    # when each job became terminal, and when a describe said so
+
+    python bench/fakeaws.py --port 0 --pending-s 5 --run-s 60 --exit-code 0 --time-scale 10
+
+The CLI prints the URL on its first line and the stats as JSON when SIGINT/SIGTERM stops it;
+``GET /_fakeaws/stats``, ``GET /_fakeaws/terminal`` and ``POST /_fakeaws/reset`` work too.
+
+Operations: ECS RunTask, DescribeTasks, StopTask, ListTasks, DescribeClusters,
+DescribeTaskDefinition; Batch SubmitJob, DescribeJobs, TerminateJob, ListJobs,
+DescribeJobQueues; Logs GetLogEvents (always empty). Anything else gets a 400.
+
+Life of a task or job, in seconds of the injected clock divided by ``time_scale``: ``pending_s``
+(ECS PROVISIONING then PENDING; Batch SUBMITTED, PENDING, RUNNABLE, STARTING, in equal parts),
+then ``run_s`` RUNNING, then (ECS only) ``stopping_s`` DEACTIVATING/STOPPING/DEPROVISIONING,
+then STOPPED or SUCCEEDED/FAILED. Timestamps in replies are on the injected clock, unscaled.
+
+Throttle families (``Config.buckets``; AWS's documented defaults unless noted): ``ecs.run``
+RunTask+StopTask, burst 100, 40/s (Fargate RunTask: 20/s); ``ecs.describe``
+DescribeTasks+ListTasks, burst 100, 20/s; ``batch.submit`` SubmitJob, 50/s; ``batch.describe``
+DescribeJobs+ListJobs, burst 100, 20/s — AWS documents no limit for it, this is a guess;
+``logs.get`` GetLogEvents, 25/s. Other operations are never throttled.
+
+Known simplifications: tags are always returned (ECS wants ``include=["TAGS"]``); stopped tasks
+and finished jobs are kept forever; every cluster and queue exists; Batch ``startedAt`` appears
+only once a job has started, as on AWS (botocore's model calls it required).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import orjson
+from aiohttp import web
+
+Service = Literal["ecs", "batch"]
+
+ECS_TARGET = "AmazonEC2ContainerServiceV20141113"
+LOGS_TARGET = "Logs_20140328"
+BATCH_PATHS: Mapping[str, str] = {
+    "/v1/submitjob": "SubmitJob",
+    "/v1/describejobs": "DescribeJobs",
+    "/v1/terminatejob": "TerminateJob",
+    "/v1/listjobs": "ListJobs",
+    "/v1/describejobqueues": "DescribeJobQueues",
+}
+MAX_DESCRIBE = 100  # ids per DescribeTasks / DescribeJobs call
+SIGTERM_EXIT = 143  # a container stopped on request exits on SIGTERM
+
+# Life-cycle phases; a task's phase indexes these. ECS splits pending into 2 and stopping into 3.
+ECS_LIFE = ("PROVISIONING", "PENDING", "RUNNING", "DEACTIVATING", "STOPPING", "DEPROVISIONING")
+ECS_STOPPED = len(ECS_LIFE)
+BATCH_LIFE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+BATCH_DONE = len(BATCH_LIFE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A token bucket: `burst` calls at once, refilled at `rate_per_s`."""
+
+    burst: float
+    rate_per_s: float
+
+
+DEFAULT_BUCKETS: Mapping[str, Bucket] = {
+    "ecs.run": Bucket(100, 40),
+    "ecs.describe": Bucket(100, 20),
+    "batch.submit": Bucket(50, 50),
+    "batch.describe": Bucket(100, 20),  # undocumented by AWS: a guess
+    "logs.get": Bucket(25, 25),
+}
+# "service.Operation" → throttle family. Operations not listed are never throttled.
+FAMILIES: Mapping[str, str] = {
+    "ecs.RunTask": "ecs.run",
+    "ecs.StopTask": "ecs.run",
+    "ecs.DescribeTasks": "ecs.describe",
+    "ecs.ListTasks": "ecs.describe",
+    "batch.SubmitJob": "batch.submit",
+    "batch.DescribeJobs": "batch.describe",
+    "batch.ListJobs": "batch.describe",
+    "logs.GetLogEvents": "logs.get",
+}
+DESCRIBES = ("ecs.DescribeTasks", "batch.DescribeJobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What an exit-code function is told about a new task or job."""
+
+    service: Service
+    name: str  # ECS startedBy (else the task id); Batch jobName
+    command: tuple[str, ...]
+    rng: random.Random  # the server's seeded RNG
+
+
+ExitCode = int | Callable[[Launch], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks; see FakeAws.endpoint_url
+    region: str = "us-east-1"
+    account_id: str = "123456789012"
+    pending_s: float = 5.0  # creation → RUNNING
+    run_s: float = 60.0  # RUNNING → the container exits
+    stopping_s: float = 0.0  # ECS only: the container exited → STOPPED
+    jitter: float = 0.0  # each duration times uniform(1 - jitter, 1 + jitter)
+    exit_code: ExitCode = 0
+    failure_ratio: float = 0.0  # this share of jobs exits with failure_exit_code instead
+    failure_exit_code: int = 1
+    seed: int = 0
+    time_scale: float = 1.0  # durations are divided by it: 60 turns a minute into a second
+    clock: Callable[[], float] = time.time  # epoch seconds
+    container_name: str = "main"
+    log_group: str = "/ecs/jobs"
+    log_stream_prefix: str = "ecs"
+    throttle: bool = True
+    buckets: Mapping[str, Bucket] = dataclasses.field(default_factory=lambda: dict(DEFAULT_BUCKETS))
+
+    def __post_init__(self) -> None:
+        if self.time_scale <= 0 or not 0 <= self.jitter < 1 or not 0 <= self.failure_ratio <= 1:
+            raise ValueError("need time_scale > 0, 0 <= jitter < 1, 0 <= failure_ratio <= 1")
+        if min(self.pending_s, self.run_s, self.stopping_s) < 0:
+            raise ValueError("durations must not be negative")
+        if unknown := set(self.buckets) - set(FAMILIES.values()):
+            raise ValueError(f"unknown throttle families: {sorted(unknown)}")
+
+
+class AwsError(Exception):
+    """An error reply: HTTP status, AWS error code, message and extra body fields."""
+
+    def __init__(self, status: int, code: str, message: str, **fields: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+
+def _invalid(message: str) -> AwsError:
+    return AwsError(400, "InvalidParameterException", message)
+
+
+def _client_error(message: str) -> AwsError:
+    return AwsError(400, "ClientException", message)
+
+
+class _Bucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, spec: Bucket) -> None:
+        self.burst, self.rate = spec.burst, spec.rate_per_s
+        self.tokens, self.stamp = spec.burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class _Job:
+    """One ECS task or Batch job; its state follows from the clock, so it needs no timer."""
+
+    __slots__ = (
+        "arn", "cached", "cached_phase", "command", "created_at", "definition", "exit_at",
+        "exit_code", "id", "name", "owner", "reported_at", "request", "running_at", "service",
+        "stop_at", "stop_reason", "stopping_s",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        service: Service,
+        job_id: str,
+        arn: str,
+        *,
+        name: str,
+        owner: str,  # ECS cluster name, Batch queue name
+        definition: str,  # task definition / job definition ARN
+        command: tuple[str, ...],
+        request: dict[str, Any],
+        created_at: float,
+        pending_s: float,
+        run_s: float,
+        stopping_s: float,
+        exit_code: int,
+    ) -> None:
+        self.service, self.id, self.arn, self.name, self.owner = service, job_id, arn, name, owner
+        self.definition, self.command, self.request = definition, command, request
+        self.created_at = created_at
+        self.running_at = created_at + pending_s
+        self.exit_at = self.running_at + run_s
+        self.stopping_s = stopping_s
+        self.exit_code = exit_code
+        self.stop_at: float | None = None  # StopTask / TerminateJob before the natural exit
+        self.stop_reason = ""
+        self.reported_at: float | None = None  # first describe that showed it terminal
+        self.cached_phase = -1
+        self.cached = b""
+
+    @property
+    def end_at(self) -> float:
+        return self.exit_at if self.stop_at is None else self.stop_at
+
+    @property
+    def terminal_at(self) -> float:
+        return self.end_at + self.stopping_s
+
+    @property
+    def started(self) -> bool:
+        """Whether it reached RUNNING (a task stopped while pending never did)."""
+        return self.stop_at is None or self.running_at < self.stop_at
+
+    def stop(self, now: float, reason: str) -> None:
+        if now < self.end_at:
+            self.stop_at, self.stop_reason, self.cached_phase = now, reason, -1
+
+    def phase(self, now: float) -> int:
+        """Index into ECS_LIFE / BATCH_LIFE; ECS_STOPPED / BATCH_DONE once terminal."""
+        ecs = self.service == "ecs"
+        pending = 2 if ecs else 4  # the statuses before RUNNING
+        end = self.end_at
+        if now >= end + self.stopping_s:
+            return ECS_STOPPED if ecs else BATCH_DONE
+        if now >= end:  # ECS only: DEACTIVATING, STOPPING, DEPROVISIONING
+            return pending + 1 + _part(now - end, self.stopping_s, 3)
+        if now >= self.running_at:
+            return pending  # RUNNING
+        return _part(now - self.created_at, self.running_at - self.created_at, pending)
+
+    def desired_status(self, phase: int) -> str:
+        """ECS: RUNNING until the container exits or a stop is asked for."""
+        return "STOPPED" if phase > 2 or self.stop_at is not None else "RUNNING"
+
+    def final_exit_code(self) -> int | None:
+        if not self.started:
+            return None
+        return SIGTERM_EXIT if self.stop_at is not None else self.exit_code
+
+
+def _part(elapsed: float, span: float, parts: int) -> int:
+    """Which of `parts` equal slices of `span` seconds `elapsed` falls in (clamped)."""
+    return max(0, min(parts - 1, int(elapsed * parts / span))) if span > 0 else parts - 1
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000)
+
+
+def _name(ref: Any, default: str = "default") -> str:
+    """A cluster's or queue's name from its name or ARN."""
+    if not isinstance(ref, str) or not ref:
+        return default
+    return ref.rpartition("/")[2] if ref.startswith("arn:") else ref
+
+
+class FakeAws:
+    """The server: ``async with FakeAws(config) as aws`` (or `start`/`close`). Not thread-safe:
+    use it from the loop it runs on, or run the CLI in its own process."""
+
+    def __init__(self, config: Config | None = None, **overrides: Any) -> None:
+        self.config = dataclasses.replace(config or Config(), **overrides)
+        c = self.config
+        self._clock = c.clock
+        self._rng = random.Random(c.seed)
+        self._ids = random.Random(f"{c.seed}/ids")
+        self._ecs_arn = f"arn:aws:ecs:{c.region}:{c.account_id}:"
+        self._batch_arn = f"arn:aws:batch:{c.region}:{c.account_id}:"
+        self._tasks: dict[str, _Job] = {}  # ECS task id → task
+        self._jobs: dict[str, _Job] = {}  # Batch job id → job
+        self._by_started_by: dict[str, list[_Job]] = defaultdict(list)
+        self._by_job_name: dict[str, list[_Job]] = defaultdict(list)  # lower-case name
+        self._tokens: dict[tuple[str, str], tuple[dict[str, Any], list[_Job]]] = {}
+        self._buckets = {family: _Bucket(spec) for family, spec in c.buckets.items()}
+        self._handlers: dict[str, Callable[[dict[str, Any], float], bytes]] = {
+            "ecs.RunTask": self._run_task,
+            "ecs.DescribeTasks": self._describe_tasks,
+            "ecs.StopTask": self._stop_task,
+            "ecs.ListTasks": self._list_tasks,
+            "ecs.DescribeClusters": self._describe_clusters,
+            "ecs.DescribeTaskDefinition": self._describe_task_definition,
+            "batch.SubmitJob": self._submit_job,
+            "batch.DescribeJobs": self._describe_jobs,
+            "batch.TerminateJob": self._terminate_job,
+            "batch.ListJobs": self._list_jobs,
+            "batch.DescribeJobQueues": self._describe_job_queues,
+            "logs.GetLogEvents": self._get_log_events,
+        }
+        self._request_ids = itertools.count(1)
+        self.calls: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter()
+        self._describe_sizes: dict[str, Counter[int]] = {op: Counter() for op in DESCRIBES}
+        self._counted_since = time.monotonic()
+        self._runner: web.ServerRunner | None = None
+        self._endpoint_url: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        server = web.Server(self._handle, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        try:
+            await self._runner.setup()
+            await web.TCPSite(self._runner, self.config.host, self.config.port).start()
+            host, port = self._runner.addresses[0][:2]
+            self._endpoint_url = f"http://{host}:{port}"
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        self._endpoint_url = None
+        if self._runner is not None:
+            await self._runner.cleanup()  # stop listening, let in-flight replies finish
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._endpoint_url is None:
+            raise RuntimeError("FakeAws is not started")
+        return self._endpoint_url
+
+    # -- observation -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Calls and throttled calls per "service.Operation", ids per describe call, jobs."""
+        elapsed_s = time.monotonic() - self._counted_since
+        describes: dict[str, Any] = {}
+        for op, sizes in self._describe_sizes.items():
+            calls, ids = sum(sizes.values()), sum(n * k for n, k in sizes.items())
+            describes[op] = {
+                "calls": calls,
+                "ids": ids,
+                "mean_ids": round(ids / calls, 2) if calls else None,
+                "sizes": {str(n): k for n, k in sorted(sizes.items())},
+            }
+        total = sum(self.calls.values())
+        return {
+            "elapsed_s": round(elapsed_s, 3),
+            "calls_total": total,
+            "calls_per_s": round(total / elapsed_s, 1) if elapsed_s > 0 else None,
+            "calls": dict(sorted(self.calls.items())),
+            "throttled": dict(sorted(self.throttled.items())),
+            "describe_ids": describes,
+            "tasks": {"ecs": len(self._tasks), "batch": len(self._jobs)},
+        }
+
+    def reset_counts(self) -> None:
+        """Zero the call counters (not the tasks and jobs)."""
+        self.calls.clear()
+        self.throttled.clear()
+        for sizes in self._describe_sizes.values():
+            sizes.clear()
+        self._counted_since = time.monotonic()
+
+    def terminal_at(self, job_id: str) -> float | None:
+        """When the task (ARN or id) or Batch job became terminal; None while it is not yet.
+        KeyError for an unknown one."""
+        job = self._find(job_id)
+        return job.terminal_at if job.terminal_at <= self._clock() else None
+
+    def reported_at(self, job_id: str) -> float | None:
+        """When a describe call first showed it terminal (None: not yet)."""
+        return self._find(job_id).reported_at
+
+    def terminal_times(self) -> dict[str, dict[str, Any]]:
+        """Every task (by ARN) and job (by id): created, terminal and first reported terminal."""
+        now = self._clock()
+        return {
+            (job.arn if job.service == "ecs" else job.id): {
+                "service": job.service,
+                "name": job.name,
+                "created_at": job.created_at,
+                "terminal_at": job.terminal_at if job.terminal_at <= now else None,
+                "reported_at": job.reported_at,
+                "exit_code": job.final_exit_code(),
+                "stopped": job.stop_at is not None,
+            }
+            for job in itertools.chain(self._tasks.values(), self._jobs.values())
+        }
+
+    def _find(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id) or self._tasks.get(job_id.rpartition("/")[2])
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        target = request.headers.get("X-Amz-Target")
+        if target is not None:
+            prefix, _, operation = target.partition(".")
+            service = "ecs" if prefix == ECS_TARGET else "logs" if prefix == LOGS_TARGET else "?"
+        elif (operation_ := BATCH_PATHS.get(request.path)) is not None:
+            service, operation = "batch", operation_
+        elif request.path.startswith("/_fakeaws/"):
+            return self._control(request)
+        else:
+            service, operation = "batch", "Unknown"
+        key = f"{service}.{operation}"
+        self.calls[key] += 1
+        try:
+            bucket = self._buckets.get(FAMILIES.get(key, "")) if self.config.throttle else None
+            if bucket is not None and not bucket.take():
+                self.throttled[key] += 1
+                raise self._throttling(service)
+            handler = self._handlers.get(key)
+            if handler is None:
+                raise AwsError(400, "UnknownOperationException", f"{key} is not faked")
+            params = orjson.loads(body) if body else {}
+            if not isinstance(params, dict):
+                raise AwsError(400, "SerializationException", "the body is not a JSON object")
+            payload, status = handler(params, self._clock()), 200
+        except AwsError as exc:
+            return self._error(service, exc)
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed request
+            return self._error(service, _client_error(f"bad request: {exc!r}"))
+        return web.Response(body=payload, status=status, headers=self._headers(service))
+
+    def _headers(self, service: str) -> dict[str, str]:
+        kind = "application/json" if service == "batch" else "application/x-amz-json-1.1"
+        return {"Content-Type": kind, "x-amzn-RequestId": f"fake-{next(self._request_ids)}"}
+
+    def _error(self, service: str, exc: AwsError) -> web.Response:
+        headers = self._headers(service)
+        if service == "batch":  # REST-JSON: the code travels in a header
+            headers["x-amzn-ErrorType"] = exc.code
+            body = {"message": exc.message, **exc.fields}
+        else:
+            body = {"__type": exc.code, "message": exc.message, **exc.fields}
+        return web.Response(body=orjson.dumps(body), status=exc.status, headers=headers)
+
+    @staticmethod
+    def _throttling(service: str) -> AwsError:
+        if service == "batch":
+            return AwsError(429, "TooManyRequestsException", "Too Many Requests")
+        return AwsError(400, "ThrottlingException", "Rate exceeded")
+
+    def _control(self, request: web.BaseRequest) -> web.Response:
+        if request.path == "/_fakeaws/stats":
+            payload: Any = self.stats()
+        elif request.path == "/_fakeaws/terminal":
+            payload = self.terminal_times()
+        elif request.path == "/_fakeaws/reset" and request.method == "POST":
+            self.reset_counts()
+            payload = {"reset": True}
+        else:
+            return web.Response(status=404, text="unknown control path")
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        return f"{self._ids.getrandbits(128):032x}"
+
+    def _life(self, launch: Launch) -> tuple[float, float, float, int]:
+        """(pending, run, stopping) clock seconds and the exit code for a new task or job."""
+        c, rng = self.config, self._rng
+
+        def span(seconds: float) -> float:
+            factor = rng.uniform(1 - c.jitter, 1 + c.jitter) if c.jitter else 1.0
+            return seconds * factor / c.time_scale
+
+        pending_s, run_s = span(c.pending_s), span(c.run_s)
+        stopping_s = span(c.stopping_s) if launch.service == "ecs" else 0.0
+        if c.failure_ratio and rng.random() < c.failure_ratio:
+            code = c.failure_exit_code
+        else:
+            code = c.exit_code if isinstance(c.exit_code, int) else c.exit_code(launch)
+        return pending_s, run_s, stopping_s, code
+
+    def _render(self, job: _Job, now: float, *, report: bool = True) -> bytes:
+        """The task's or job's JSON, rendered once per phase."""
+        phase = job.phase(now)
+        if phase != job.cached_phase:
+            render = self._ecs_task if job.service == "ecs" else self._batch_job
+            job.cached, job.cached_phase = orjson.dumps(render(job, phase)), phase
+        if (
+            report
+            and job.reported_at is None
+            and phase >= (ECS_STOPPED if job.service == "ecs" else BATCH_DONE)
+        ):
+            job.reported_at = now
+        return job.cached
+
+    def _count_ids(self, op: str, n: int) -> None:
+        self._describe_sizes[op][n] += 1
+
+    # -- ECS ---------------------------------------------------------------------------------
+
+    def _definition_arn(self, ref: str) -> str:
+        if ref.startswith("arn:"):
+            return ref
+        family, _, revision = ref.partition(":")
+        return self._ecs_arn + f"task-definition/{family}:{revision or 1}"
+
+    def _run_task(self, params: dict[str, Any], now: float) -> bytes:
+        cluster = _name(params.get("cluster"))
+        token = params.pop("clientToken", None)
+        if isinstance(token, str) and (issued := self._tokens.get((cluster, token))):
+            first, tasks = issued
+            if first != params:
+                message = f"The clientToken {token!r} is already in use with other parameters."
+                raise AwsError(
+                    400, "ConflictException", message, resourceIds=[t.arn for t in tasks]
+                )
+        else:
+            definition = params.get("taskDefinition")
+            count = params.get("count", 1)
+            if not isinstance(definition, str) or not definition:
+                raise _invalid("taskDefinition is required.")
+            if not isinstance(count, int) or not 1 <= count <= 10:
+                raise _invalid("count must be between 1 and 10.")
+            tasks = [self._new_task(params, cluster, definition, now) for _ in range(count)]
+            if isinstance(token, str):
+                self._tokens[(cluster, token)] = (params, tasks)
+        rendered = b",".join(self._render(t, now, report=False) for t in tasks)
+        return b'{"tasks":[' + rendered + b'],"failures":[]}'
+
+    def _new_task(self, params: dict[str, Any], cluster: str, definition: str, now: float) -> _Job:
+        task_id = self._new_id()
+        started_by = params.get("startedBy")
+        overrides = (params.get("overrides") or {}).get("containerOverrides") or []
+        command = next(
+            (
+                o.get("command") or []
+                for o in overrides
+                if o.get("name") == self.config.container_name
+            ),
+            [],
+        )
+        name = started_by if isinstance(started_by, str) else task_id
+        pending_s, run_s, stopping_s, code = self._life(
+            Launch("ecs", name, tuple(command), self._rng)
+        )
+        task = _Job(
+            "ecs",
+            task_id,
+            self._ecs_arn + f"task/{cluster}/{task_id}",
+            name=name,
+            owner=cluster,
+            definition=self._definition_arn(definition),
+            command=tuple(command),
+            request=params,
+            created_at=now,
+            pending_s=pending_s,
+            run_s=run_s,
+            stopping_s=stopping_s,
+            exit_code=code,
+        )
+        self._tasks[task_id] = task
+        if isinstance(started_by, str):
+            self._by_started_by[started_by].append(task)
+        return task
+
+    def _ecs_task(self, task: _Job, phase: int) -> dict[str, Any]:
+        r = task.request
+        stopping, stopped = phase > 2, phase == ECS_STOPPED
+        status = "STOPPED" if stopped else ECS_LIFE[phase]
+        container: dict[str, Any] = {
+            "containerArn": self._ecs_arn + f"container/{task.owner}/{task.id}/main",
+            "taskArn": task.arn,
+            "name": self.config.container_name,
+            "image": "public.ecr.aws/docker/library/busybox:latest",
+            "lastStatus": "STOPPED" if stopping else "RUNNING" if phase == 2 else "PENDING",
+        }
+        doc: dict[str, Any] = {
+            "taskArn": task.arn,
+            "clusterArn": self._ecs_arn + f"cluster/{task.owner}",
+            "taskDefinitionArn": task.definition,
+            "lastStatus": status,
+            "desiredStatus": task.desired_status(phase),
+            "createdAt": round(task.created_at, 3),
+            "launchType": r.get("launchType", "FARGATE"),
+            "cpu": "256",
+            "memory": "512",
+            "group": r.get("group") or "family:" + task.definition.rpartition("/")[2].split(":")[0],
+            "version": phase + 1,
+            "containers": [container],
+            "overrides": r.get("overrides") or {"containerOverrides": []},
+            "tags": r.get("tags") or [],
+        }
+        if isinstance(started_by := r.get("startedBy"), str):
+            doc["startedBy"] = started_by
+        if task.started and phase >= 2:
+            doc["startedAt"] = round(task.running_at, 3)
+        if stopping:
+            end = round(task.end_at, 3)
+            doc.update(stoppingAt=end, executionStoppedAt=end)
+            if task.stop_at is not None:
+                doc["stopCode"] = "UserInitiated"
+                doc["stoppedReason"] = task.stop_reason or "Task stopped by user"
+            else:
+                doc["stopCode"] = "EssentialContainerExited"
+                doc["stoppedReason"] = "Essential container in task exited"
+            if (exit_code := task.final_exit_code()) is not None:
+                container["exitCode"] = exit_code
+        if stopped:
+            doc["stoppedAt"] = round(task.terminal_at, 3)
+        return doc
+
+    def _task_for(self, ref: Any, cluster: str) -> _Job | None:
+        task = self._tasks.get(ref.rpartition("/")[2]) if isinstance(ref, str) else None
+        return task if task is not None and task.owner == cluster else None
+
+    def _describe_tasks(self, params: dict[str, Any], now: float) -> bytes:
+        refs = params.get("tasks")
+        if not isinstance(refs, list) or not refs:
+            raise _invalid("Tasks cannot be empty.")
+        if len(refs) > MAX_DESCRIBE:
+            raise _invalid(f"Tasks cannot have more than {MAX_DESCRIBE} elements.")
+        self._count_ids("ecs.DescribeTasks", len(refs))
+        cluster = _name(params.get("cluster"))
+        found, failures, tasks = [], [], self._tasks
+        for ref in refs:  # the hot loop: _task_for inlined, reported STOPPED tasks from cache
+            task = tasks.get(ref.rpartition("/")[2]) if isinstance(ref, str) else None
+            if task is None or task.owner != cluster:
+                failures.append({"arn": ref, "reason": "MISSING"})
+            elif task.cached_phase == ECS_STOPPED and task.reported_at is not None:
+                found.append(task.cached)  # STOPPED is final: its JSON never changes again
+            else:
+                found.append(self._render(task, now))
+        return b'{"tasks":[' + b",".join(found) + b'],"failures":' + orjson.dumps(failures) + b"}"
+
+    def _stop_task(self, params: dict[str, Any], now: float) -> bytes:
+        task = self._task_for(params.get("task"), _name(params.get("cluster")))
+        if task is None:
+            raise _invalid("The referenced task was not found.")
+        task.stop(now, str(params.get("reason") or ""))
+        return b'{"task":' + self._render(task, now, report=False) + b"}"
+
+    def _list_tasks(self, params: dict[str, Any], now: float) -> bytes:
+        cluster = _name(params.get("cluster"))
+        desired = params.get("desiredStatus", "RUNNING")
+        family = params.get("family")
+        started_by = params.get("startedBy")
+        pool: Iterable[_Job] = (
+            self._by_started_by.get(started_by, [])
+            if isinstance(started_by, str)
+            else self._tasks.values()
+        )
+        arns = [
+            t.arn
+            for t in pool
+            if t.owner == cluster
+            and t.desired_status(t.phase(now)) == desired
+            and (family is None or f"task-definition/{family}:" in t.definition)
+        ]
+        return orjson.dumps(_page(arns, params, "taskArns", limit=100))
+
+    def _describe_clusters(self, params: dict[str, Any], now: float) -> bytes:
+        names = [_name(c) for c in params.get("clusters") or ["default"]]
+        counts: Counter[tuple[str, str]] = Counter()
+        for task in self._tasks.values():
+            phase = task.phase(now)
+            if phase < ECS_STOPPED:
+                counts[(task.owner, "running" if phase == 2 else "pending")] += 1
+        clusters = [
+            {
+                "clusterArn": self._ecs_arn + f"cluster/{name}",
+                "clusterName": name,
+                "status": "ACTIVE",
+                "registeredContainerInstancesCount": 0,
+                "runningTasksCount": counts[(name, "running")],
+                "pendingTasksCount": counts[(name, "pending")],
+                "activeServicesCount": 0,
+                "capacityProviders": ["FARGATE", "FARGATE_SPOT"],
+            }
+            for name in names
+        ]
+        return orjson.dumps({"clusters": clusters, "failures": []})
+
+    def _describe_task_definition(self, params: dict[str, Any], now: float) -> bytes:
+        arn = self._definition_arn(str(params["taskDefinition"]))
+        family, _, revision = arn.rpartition("/")[2].partition(":")
+        c = self.config
+        container = {
+            "name": c.container_name,
+            "image": "public.ecr.aws/docker/library/busybox:latest",
+            "essential": True,
+            "memory": 512,
+            "logConfiguration": {
+                "logDriver": "awslogs",
+                "options": {
+                    "awslogs-group": c.log_group,
+                    "awslogs-region": c.region,
+                    "awslogs-stream-prefix": c.log_stream_prefix,
+                },
+            },
+        }
+        definition = {
+            "taskDefinitionArn": arn,
+            "family": family,
+            "revision": int(revision) if revision.isdigit() else 1,
+            "containerDefinitions": [container],
+            "networkMode": "awsvpc",
+            "status": "ACTIVE",
+            "requiresCompatibilities": ["FARGATE"],
+            "compatibilities": ["EC2", "FARGATE"],
+            "cpu": "256",
+            "memory": "512",
+            "registeredAt": 1_700_000_000.0,
+        }
+        return orjson.dumps({"taskDefinition": definition, "tags": []})
+
+    # -- Batch ---------------------------------------------------------------------------------
+
+    def _submit_job(self, params: dict[str, Any], now: float) -> bytes:
+        name, queue, definition = params["jobName"], params["jobQueue"], params["jobDefinition"]
+        if not all(isinstance(v, str) and v for v in (name, queue, definition)):
+            raise _client_error("jobName, jobQueue and jobDefinition are required.")
+        job_id = str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
+        command = tuple((params.get("containerOverrides") or {}).get("command") or ())
+        pending_s, run_s, _, code = self._life(Launch("batch", name, command, self._rng))
+        if not definition.startswith("arn:"):
+            definition_name, _, revision = definition.partition(":")
+            definition = self._batch_arn + f"job-definition/{definition_name}:{revision or 1}"
+        job = _Job(
+            "batch",
+            job_id,
+            self._batch_arn + f"job/{job_id}",
+            name=name,
+            owner=_name(queue),
+            definition=definition,
+            command=command,
+            request=params,
+            created_at=now,
+            pending_s=pending_s,
+            run_s=run_s,
+            stopping_s=0.0,
+            exit_code=code,
+        )
+        self._jobs[job_id] = job
+        self._by_job_name[name.lower()].append(job)
+        return orjson.dumps({"jobArn": job.arn, "jobName": name, "jobId": job_id})
+
+    def _batch_job(self, job: _Job, phase: int) -> dict[str, Any]:
+        done = phase == BATCH_DONE
+        exit_code = job.final_exit_code()
+        if done:
+            status = "SUCCEEDED" if job.stop_at is None and exit_code == 0 else "FAILED"
+        else:
+            status = BATCH_LIFE[phase]
+        task_id = job.id.replace("-", "")
+        definition_name = job.definition.rpartition("/")[2].partition(":")[0]
+        container: dict[str, Any] = {
+            "image": "public.ecr.aws/docker/library/busybox:latest",
+            "command": list(job.command),
+            "logConfiguration": {"logDriver": "awslogs", "options": {}},
+        }
+        r = job.request
+        doc: dict[str, Any] = {
+            "jobArn": job.arn,
+            "jobName": job.name,
+            "jobId": job.id,
+            "jobQueue": self._batch_arn + f"job-queue/{job.owner}",
+            "status": status,
+            "createdAt": _ms(job.created_at),
+            "jobDefinition": job.definition,
+            "dependsOn": r.get("dependsOn") or [],
+            "parameters": r.get("parameters") or {},
+            "tags": r.get("tags") or {},
+            "platformCapabilities": ["FARGATE"],
+            "attempts": [],
+            "container": container,
+        }
+        if job.started and phase >= 4:
+            doc["startedAt"] = _ms(job.running_at)
+            container["logStreamName"] = f"{definition_name}/default/{task_id}"
+            container["taskArn"] = self._ecs_arn + f"task/batch/{task_id}"
+        if job.stop_at is not None:
+            doc["isTerminated"] = True
+        if done:
+            doc["stoppedAt"] = _ms(job.end_at)
+            reason = job.stop_reason if job.stop_at is not None else None
+            doc["statusReason"] = reason or "Essential container in task exited"
+            if exit_code is not None:
+                container["exitCode"] = exit_code
+                doc["attempts"] = [
+                    {
+                        "container": {
+                            "exitCode": exit_code,
+                            "logStreamName": container["logStreamName"],
+                            "taskArn": container["taskArn"],
+                        },
+                        "startedAt": doc["startedAt"],
+                        "stoppedAt": doc["stoppedAt"],
+                        "statusReason": doc["statusReason"],
+                    }
+                ]
+        return doc
+
+    def _describe_jobs(self, params: dict[str, Any], now: float) -> bytes:
+        ids = params.get("jobs")
+        if not isinstance(ids, list):
+            raise _client_error("jobs is required.")
+        if len(ids) > MAX_DESCRIBE:
+            raise _client_error(f"jobs cannot have more than {MAX_DESCRIBE} elements.")
+        self._count_ids("batch.DescribeJobs", len(ids))
+        found = [self._render(job, now) for i in ids if (job := self._jobs.get(i)) is not None]
+        return b'{"jobs":[' + b",".join(found) + b"]}"  # unknown ids are left out, as on AWS
+
+    def _terminate_job(self, params: dict[str, Any], now: float) -> bytes:
+        job = self._jobs.get(params.get("jobId", ""))
+        if job is None:
+            raise _client_error(f"Job {params.get('jobId')} not found.")
+        job.stop(now, str(params.get("reason") or "terminated"))
+        return b"{}"
+
+    def _list_jobs(self, params: dict[str, Any], now: float) -> bytes:
+        queue = _name(params.get("jobQueue"), "")
+        filters = params.get("filters") or []
+        names = [
+            v.lower() for f in filters if f.get("name") == "JOB_NAME" for v in f.get("values", [])
+        ]
+        if names:  # every status, newest first
+            pool: list[_Job] = []
+            for wanted in names:
+                if wanted.endswith("*"):
+                    prefix = wanted[:-1]
+                    pool += [j for j in self._jobs.values() if j.name.lower().startswith(prefix)]
+                else:
+                    pool += self._by_job_name.get(wanted, [])
+            jobs = sorted(
+                (j for j in pool if j.owner == queue), key=lambda j: j.created_at, reverse=True
+            )
+            limit = 100
+        else:
+            jobs = [j for j in self._jobs.values() if j.owner == queue]
+            limit = 1000
+        details = [self._batch_job(j, j.phase(now)) for j in jobs]
+        if not names:  # without a filter: one status, RUNNING unless told
+            details = [d for d in details if d["status"] == params.get("jobStatus", "RUNNING")]
+        summaries = [_job_summary(d) for d in details]
+        return orjson.dumps(_page(summaries, params, "jobSummaryList", limit=limit))
+
+    def _describe_job_queues(self, params: dict[str, Any], now: float) -> bytes:
+        names = [_name(q) for q in params.get("jobQueues") or ["default"]]
+        queues = [
+            {
+                "jobQueueName": name,
+                "jobQueueArn": self._batch_arn + f"job-queue/{name}",
+                "state": "ENABLED",
+                "status": "VALID",
+                "priority": 1,
+                "computeEnvironmentOrder": [
+                    {
+                        "order": 1,
+                        "computeEnvironment": self._batch_arn + "compute-environment/fake",
+                    }
+                ],
+            }
+            for name in names
+        ]
+        return orjson.dumps({"jobQueues": queues})
+
+    # -- CloudWatch Logs ------------------------------------------------------------------------
+
+    def _get_log_events(self, params: dict[str, Any], now: float) -> bytes:
+        token = (
+            params.get("nextToken") or "f/00000000000000000000000000000000000000000000000000000000"
+        )
+        return orjson.dumps(
+            {"events": [], "nextForwardToken": token, "nextBackwardToken": "b/" + token[2:]}
+        )
+
+
+def _job_summary(detail: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("jobArn", "jobId", "jobName", "createdAt", "status", "statusReason", "startedAt",
+            "stoppedAt", "jobDefinition")  # fmt: skip
+    summary = {k: detail[k] for k in keys if k in detail}
+    if "exitCode" in detail["container"]:
+        summary["container"] = {"exitCode": detail["container"]["exitCode"]}
+    return summary
+
+
+def _page(items: list[Any], params: Mapping[str, Any], key: str, *, limit: int) -> dict[str, Any]:
+    """One page of a list call: `maxResults` (capped at `limit`) from the `nextToken` offset."""
+    size = min(int(params.get("maxResults") or limit), limit)
+    start = int(params.get("nextToken") or 0)
+    page: dict[str, Any] = {key: items[start : start + size]}
+    if start + size < len(items):
+        page["nextToken"] = str(start + size)
+    return page
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add = p.add_argument
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=0)
+    add("--region", default="us-east-1")
+    add("--pending-s", type=float, default=5.0)
+    add("--run-s", type=float, default=60.0)
+    add("--stopping-s", type=float, default=0.0, help="ECS: container exit → STOPPED")
+    add("--jitter", type=float, default=0.0, help="relative, e.g. 0.2 for ±20%%")
+    add("--exit-code", type=int, default=0)
+    add("--failure-ratio", type=float, default=0.0)
+    add("--failure-exit-code", type=int, default=1)
+    add("--seed", type=int, default=0)
+    add("--time-scale", type=float, default=1.0, help="durations are divided by this")
+    add("--container-name", default="main")
+    add("--log-group", default="/ecs/jobs")
+    add("--no-throttle", action="store_true", help="never throttle")
+    for family, spec in DEFAULT_BUCKETS.items():
+        flag = family.replace(".", "-")
+        add(f"--{flag}-rate", type=float, default=spec.rate_per_s, help=f"{family} calls/s")
+        add(f"--{flag}-burst", type=float, default=spec.burst)
+    add("--dump", metavar="PATH", help="write terminal_times() here as JSON on exit")
+    add("--no-uvloop", action="store_true")
+    a = p.parse_args(argv)
+    buckets = {
+        family: Bucket(
+            getattr(a, f"{family.replace('.', '_')}_burst"),
+            getattr(a, f"{family.replace('.', '_')}_rate"),
+        )
+        for family in DEFAULT_BUCKETS
+    }
+    plain = ("host", "port", "region", "pending_s", "run_s", "stopping_s", "jitter", "exit_code",
+             "failure_ratio", "failure_exit_code", "seed", "time_scale", "container_name",
+             "log_group")  # fmt: skip
+    settings = {name: getattr(a, name) for name in plain}
+    config = Config(**settings, throttle=not a.no_throttle, buckets=buckets)
+    return config, a.dump, not a.no_uvloop
+
+
+async def serve(config: Config, dump: str | None = None) -> dict[str, Any]:
+    """Run until SIGINT/SIGTERM (a second one exits at once); return the final stats."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(1)  # a second signal: the operator wants out now
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    async with FakeAws(config) as aws:
+        print(aws.endpoint_url, flush=True)
+        await stop.wait()
+        stats = aws.stats()
+        if dump:
+            data = orjson.dumps(aws.terminal_times())
+            await asyncio.to_thread(Path(dump).write_bytes, data)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, dump, use_uvloop = _parse(argv)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if use_uvloop:
+        try:
+            import uvloop  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        stats = runner.run(serve(config, dump))
+    sys.stdout.write(json.dumps(stats) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,675 @@
+"""bench/fakeaws.py proved with real aioboto3 clients and the daemon's own ECS and Batch backends.
+
+Run by hand, not part of the suite::
+
+    /work/venv/bin/python -m pytest bench/test_fakeaws.py -q -p no:cacheprovider -s
+
+``-s`` shows the printed throughput. For a longer throughput measurement against the CLI in its
+own process (a lean pipelined HTTP client, then aioboto3)::
+
+    /work/venv/bin/python bench/test_fakeaws.py --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aioboto3  # type: ignore[import-untyped, unused-ignore]
+import pytest
+import pytest_asyncio
+from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped, unused-ignore]
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run as `python bench/test_fakeaws.py`
+    sys.path.insert(0, str(_REPO))
+
+from bench import fakeaws  # noqa: E402
+
+REGION = "us-east-1"
+CLUSTER = "jobs"
+T0 = 1_800_000_000.0
+SESSION = aioboto3.Session(
+    region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+)
+Client = Callable[..., AbstractAsyncContextManager[Any]]
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, offset_s: float) -> None:
+        self.now = T0 + offset_s
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest_asyncio.fixture
+async def aws(clock: Clock) -> AsyncIterator[fakeaws.FakeAws]:
+    async with fakeaws.FakeAws(clock=clock, pending_s=4, run_s=10) as server:
+        yield server
+
+
+def client_for(server: fakeaws.FakeAws) -> Client:
+    """``async with client("ecs", max_attempts=1) as ecs``, in botocore's `standard` mode;
+    there `max_attempts` counts retries (`total_max_attempts` counts the first call too)."""
+
+    def client(service: str, max_attempts: int = 3) -> AbstractAsyncContextManager[Any]:
+        config = Config(retries={"mode": "standard", "max_attempts": max_attempts})
+        manager: AbstractAsyncContextManager[Any] = SESSION.client(
+            service, endpoint_url=server.endpoint_url, config=config
+        )
+        return manager
+
+    return client
+
+
+@pytest.fixture
+def client(aws: fakeaws.FakeAws) -> Client:
+    return client_for(aws)
+
+
+def run_kwargs(token: str = "job1-1", **extra: Any) -> dict[str, Any]:
+    return {
+        "cluster": CLUSTER,
+        "taskDefinition": "job-runner:7",
+        "count": 1,
+        "launchType": "FARGATE",
+        "clientToken": token,
+        "startedBy": token,
+        "overrides": {"containerOverrides": [{"name": "main", "command": ["true"]}]},
+        "tags": [{"key": "orchestrator:job-id", "value": "job1"}],
+        **extra,
+    }
+
+
+async def describe(ecs: Any, *arns: str) -> dict[str, Any]:
+    return dict(await ecs.describe_tasks(cluster=CLUSTER, tasks=list(arns)))
+
+
+# -- ECS ---------------------------------------------------------------------------------------
+
+
+async def test_ecs_task_walks_its_life_cycle(
+    aws: fakeaws.FakeAws, client: Client, clock: Clock
+) -> None:
+    async with client("ecs") as ecs:
+        [task] = (await ecs.run_task(**run_kwargs()))["tasks"]
+        arn = task["taskArn"]
+        assert re.fullmatch(
+            rf"arn:aws:ecs:{REGION}:123456789012:task/{CLUSTER}/[0-9a-f]{{32}}", arn
+        )
+        assert task["lastStatus"] == "PROVISIONING"
+        assert task["desiredStatus"] == "RUNNING"
+        assert task["taskDefinitionArn"].endswith(":task-definition/job-runner:7")
+        assert task["createdAt"] == datetime.fromtimestamp(T0).astimezone()
+        assert task["startedBy"] == "job1-1"
+        assert task["tags"] == [{"key": "orchestrator:job-id", "value": "job1"}]
+        assert task["containers"][0]["name"] == "main"
+        assert "exitCode" not in task["containers"][0]
+
+        seen = []
+        for offset_s in (1, 2.5, 5, 13.9, 14):
+            clock.set(offset_s)
+            [task] = (await describe(ecs, arn))["tasks"]
+            seen.append((task["lastStatus"], task["containers"][0]["lastStatus"]))
+            assert aws.terminal_at(arn) == (None if offset_s < 14 else T0 + 14)
+            assert aws.reported_at(arn) == (None if offset_s < 14 else T0 + 14)
+
+    assert seen == [
+        ("PROVISIONING", "PENDING"),
+        ("PENDING", "PENDING"),
+        ("RUNNING", "RUNNING"),
+        ("RUNNING", "RUNNING"),
+        ("STOPPED", "STOPPED"),
+    ]
+    assert task["desiredStatus"] == "STOPPED"
+    assert task["containers"][0]["exitCode"] == 0
+    assert task["stopCode"] == "EssentialContainerExited"
+    assert task["startedAt"].timestamp() == T0 + 4
+    assert task["stoppedAt"].timestamp() == T0 + 14
+    dump = aws.terminal_times()[arn]
+    assert dump["terminal_at"] == T0 + 14
+    assert dump["exit_code"] == 0
+
+
+async def test_ecs_stopping_phases_and_time_scale() -> None:
+    # 20 s pending, 60 s running, 9 s stopping, compressed 100-fold onto the real clock.
+    config = fakeaws.Config(pending_s=20, run_s=60, stopping_s=9, time_scale=100)
+    async with fakeaws.FakeAws(config) as server, client_for(server)("ecs") as ecs:
+        [task] = (await ecs.run_task(**run_kwargs()))["tasks"]
+        arn = task["taskArn"]
+        statuses: list[str] = []
+        deadline = time.monotonic() + 10
+        while not statuses or statuses[-1] != "STOPPED":
+            assert time.monotonic() < deadline, statuses
+            status = (await describe(ecs, arn))["tasks"][0]["lastStatus"]
+            if not statuses or statuses[-1] != status:
+                statuses.append(status)
+            await asyncio.sleep(0.01)
+        terminal_at = server.terminal_at(arn)
+    life = [*fakeaws.ECS_LIFE, "STOPPED"]
+    assert statuses == sorted(statuses, key=life.index)  # in life order, maybe with gaps
+    assert "RUNNING" in statuses
+    assert terminal_at == pytest.approx(task["createdAt"].timestamp() + 0.89, abs=0.002)
+
+
+async def test_client_token_returns_the_same_task(aws: fakeaws.FakeAws, client: Client) -> None:
+    async with client("ecs") as ecs:
+        first = (await ecs.run_task(**run_kwargs("tok")))["tasks"][0]["taskArn"]
+        again = (await ecs.run_task(**run_kwargs("tok")))["tasks"][0]["taskArn"]
+        elsewhere = (await ecs.run_task(**run_kwargs("tok", cluster="other")))["tasks"][0]
+        with pytest.raises(ClientError) as info:
+            await ecs.run_task(**run_kwargs("tok", taskDefinition="job-runner:8"))
+    assert again == first
+    assert elsewhere["taskArn"] != first  # tokens are per cluster
+    assert info.value.response["Error"]["Code"] == "ConflictException"
+    assert info.value.response["resourceIds"] == [first]
+    assert aws.stats()["tasks"]["ecs"] == 2
+
+
+async def test_describe_limits_and_missing(aws: fakeaws.FakeAws, client: Client) -> None:
+    async with client("ecs") as ecs:
+        arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+        missing = arn[:-32] + "f" * 32
+        reply = await describe(ecs, arn, missing)
+        elsewhere = await ecs.describe_tasks(cluster="other", tasks=[arn])
+        await describe(ecs, *[arn] * 100)
+        with pytest.raises(ClientError) as info:
+            await describe(ecs, *[arn] * 101)
+    assert [t["taskArn"] for t in reply["tasks"]] == [arn]
+    assert reply["failures"] == [{"arn": missing, "reason": "MISSING"}]
+    assert elsewhere["failures"] == [{"arn": arn, "reason": "MISSING"}]
+    assert info.value.response["Error"]["Code"] == "InvalidParameterException"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    sizes = aws.stats()["describe_ids"]["ecs.DescribeTasks"]
+    assert sizes["calls"] == 3
+    assert sizes["sizes"] == {"2": 1, "1": 1, "100": 1}
+
+
+async def test_stop_task(aws: fakeaws.FakeAws, client: Client, clock: Clock) -> None:
+    async with client("ecs") as ecs:
+        running = (await ecs.run_task(**run_kwargs("a")))["tasks"][0]["taskArn"]
+        clock.set(5)
+        pending = (await ecs.run_task(**run_kwargs("b")))["tasks"][0]["taskArn"]
+        stopped = (await ecs.stop_task(cluster=CLUSTER, task=running, reason="orchestrator: x"))[
+            "task"
+        ]
+        await ecs.stop_task(cluster=CLUSTER, task=pending.rpartition("/")[2])
+        clock.set(6)  # a stop after the end changes nothing
+        await ecs.stop_task(cluster=CLUSTER, task=running)
+        tasks = {t["taskArn"]: t for t in (await describe(ecs, running, pending))["tasks"]}
+        with pytest.raises(ClientError) as info:
+            await ecs.stop_task(cluster=CLUSTER, task="0" * 32, reason="health check")
+    assert stopped["lastStatus"] == "STOPPED"
+    assert stopped["stopCode"] == "UserInitiated"
+    assert stopped["stoppedReason"] == "orchestrator: x"
+    assert stopped["containers"][0]["exitCode"] == fakeaws.SIGTERM_EXIT
+    assert tasks[running]["stoppedAt"].timestamp() == T0 + 5
+    assert tasks[pending]["stopCode"] == "UserInitiated"
+    assert "exitCode" not in tasks[pending]["containers"][0]  # it never started
+    assert "startedAt" not in tasks[pending]
+    assert aws.terminal_at(running) == T0 + 5
+    assert info.value.response["Error"]["Code"] == "InvalidParameterException"
+
+
+async def test_list_tasks_by_started_by(client: Client, clock: Clock) -> None:
+    async with client("ecs") as ecs:
+        done = (await ecs.run_task(**run_kwargs("early")))["tasks"][0]["taskArn"]
+        clock.set(10)
+        live = (await ecs.run_task(**run_kwargs("late")))["tasks"][0]["taskArn"]
+        clock.set(15)
+
+        async def arns(started_by: str, desired: str) -> list[str]:
+            reply = await ecs.list_tasks(
+                cluster=CLUSTER, startedBy=started_by, desiredStatus=desired
+            )
+            return list(reply["taskArns"])
+
+        assert await arns("early", "RUNNING") == []
+        assert await arns("early", "STOPPED") == [done]
+        assert await arns("late", "RUNNING") == [live]
+        assert await arns("nobody", "STOPPED") == []
+        everything = await ecs.list_tasks(cluster=CLUSTER, maxResults=1)
+    assert everything["taskArns"] == [live]
+    assert "nextToken" not in everything
+
+
+async def test_describe_cluster_and_task_definition(client: Client) -> None:
+    async with client("ecs") as ecs:
+        clusters = await ecs.describe_clusters(clusters=["anything"])
+        definition = (await ecs.describe_task_definition(taskDefinition="job-runner:7"))[
+            "taskDefinition"
+        ]
+    assert clusters["clusters"][0]["status"] == "ACTIVE"
+    assert clusters["clusters"][0]["clusterName"] == "anything"
+    [container] = definition["containerDefinitions"]
+    assert container["name"] == "main"
+    assert container["logConfiguration"]["logDriver"] == "awslogs"
+    assert container["logConfiguration"]["options"]["awslogs-stream-prefix"] == "ecs"
+    assert definition["revision"] == 7
+
+
+# -- Batch -------------------------------------------------------------------------------------
+
+
+async def test_batch_job_life_cycle_and_terminate(
+    aws: fakeaws.FakeAws, client: Client, clock: Clock
+) -> None:
+    async with client("batch") as batch:
+        submitted = await batch.submit_job(
+            jobName="orch-j1-1",
+            jobQueue="jobs",
+            jobDefinition="job-runner:3",
+            containerOverrides={"command": ["true"]},
+            tags={"orchestrator:job-id": "j1"},
+        )
+        job_id = submitted["jobId"]
+        assert submitted["jobName"] == "orch-j1-1"
+        assert submitted["jobArn"] == f"arn:aws:batch:{REGION}:123456789012:job/{job_id}"
+        statuses = []
+        for offset_s in (0, 1, 2, 3, 4, 14):
+            clock.set(offset_s)
+            [detail] = (await batch.describe_jobs(jobs=[job_id, "no-such-job"]))["jobs"]
+            statuses.append(detail["status"])
+        victim = (await batch.submit_job(jobName="v", jobQueue="jobs", jobDefinition="d"))["jobId"]
+        clock.set(19)
+        await batch.terminate_job(jobId=victim, reason="orchestrator: cancel")
+        [killed] = (await batch.describe_jobs(jobs=[victim]))["jobs"]
+        with pytest.raises(ClientError) as too_many:
+            await batch.describe_jobs(jobs=[job_id] * 101)
+    assert statuses == ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert detail["createdAt"] == int(T0 * 1000)
+    assert detail["startedAt"] == int((T0 + 4) * 1000)
+    assert detail["stoppedAt"] == int((T0 + 14) * 1000)
+    assert detail["container"]["exitCode"] == 0
+    assert detail["jobQueue"].endswith(":job-queue/jobs")
+    assert detail["jobDefinition"].endswith(":job-definition/job-runner:3")
+    assert detail["container"]["logStreamName"].startswith("job-runner/default/")
+    assert killed["status"] == "FAILED"
+    assert killed["statusReason"] == "orchestrator: cancel"
+    assert killed["isTerminated"] is True
+    assert killed["container"]["exitCode"] == fakeaws.SIGTERM_EXIT
+    assert aws.terminal_at(victim) == T0 + 19
+    assert too_many.value.response["Error"]["Code"] == "ClientException"
+
+
+async def test_batch_failures_and_list_jobs(clock: Clock) -> None:
+    def exit_code(launch: fakeaws.Launch) -> int:
+        return 7 if launch.command == ("fail",) else 0
+
+    config = fakeaws.Config(clock=clock, pending_s=1, run_s=1, exit_code=exit_code)
+    async with fakeaws.FakeAws(config) as server, client_for(server)("batch") as batch:
+        ids = []
+        for i, command in enumerate((["ok"], ["fail"], ["ok"])):
+            clock.set(i)
+            reply = await batch.submit_job(
+                jobName="orch-same-1",
+                jobQueue="jobs",
+                jobDefinition="d",
+                containerOverrides={"command": command},
+            )
+            ids.append(reply["jobId"])
+        clock.set(10)
+        details = {d["jobId"]: d for d in (await batch.describe_jobs(jobs=ids))["jobs"]}
+        listed = await batch.list_jobs(
+            jobQueue="jobs", filters=[{"name": "JOB_NAME", "values": ["ORCH-SAME-1"]}]
+        )
+        prefixed = await batch.list_jobs(
+            jobQueue="jobs", filters=[{"name": "JOB_NAME", "values": ["orch-*"]}]
+        )
+        running = await batch.list_jobs(jobQueue="jobs")  # no filter: RUNNING ones only
+        queues = await batch.describe_job_queues(jobQueues=["jobs"])
+    failed = details[ids[1]]
+    assert failed["status"] == "FAILED"
+    assert failed["container"]["exitCode"] == 7
+    assert details[ids[0]]["status"] == "SUCCEEDED"
+    assert [s["jobId"] for s in listed["jobSummaryList"]] == ids[::-1]  # newest first
+    assert len(prefixed["jobSummaryList"]) == 3
+    assert running["jobSummaryList"] == []
+    assert queues["jobQueues"][0]["state"] == "ENABLED"
+    assert queues["jobQueues"][0]["status"] == "VALID"
+
+
+async def test_seeded_jitter_and_failure_ratio_are_reproducible(clock: Clock) -> None:
+    async def lives(seed: int) -> list[tuple[Any, ...]]:
+        config = fakeaws.Config(
+            clock=clock, jitter=0.5, failure_ratio=0.3, failure_exit_code=9, seed=seed
+        )
+        clock.set(0)
+        async with fakeaws.FakeAws(config) as server, client_for(server)("batch") as batch:
+            for i in range(40):
+                await batch.submit_job(jobName=f"j{i}", jobQueue="q", jobDefinition="d")
+            clock.set(1000)
+            return [(d["name"], d["terminal_at"], d["exit_code"]) for d in _dump(server)]
+
+    first, again, other = await lives(1), await lives(1), await lives(2)
+    assert first == again
+    assert first != other
+    assert {code for *_, code in first} == {0, 9}
+    assert len({at for _, at, _ in first}) == 40  # jittered
+
+
+def _dump(server: fakeaws.FakeAws) -> list[dict[str, Any]]:
+    return sorted(server.terminal_times().values(), key=lambda d: d["name"])
+
+
+# -- throttling --------------------------------------------------------------------------------
+
+
+async def test_throttling_replies_are_the_ones_botocore_knows(clock: Clock) -> None:
+    buckets = {
+        "ecs.describe": fakeaws.Bucket(2, 0.001),
+        "ecs.run": fakeaws.Bucket(1, 0.001),
+        "batch.submit": fakeaws.Bucket(1, 0.001),
+    }
+    config = fakeaws.Config(clock=clock, buckets=buckets)
+    async with fakeaws.FakeAws(config) as server:
+        client = client_for(server)
+        async with client("ecs", max_attempts=1) as ecs, client("batch", max_attempts=1) as batch:
+            arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+            with pytest.raises(ClientError) as stop_throttled:  # StopTask shares RunTask's bucket
+                await ecs.stop_task(cluster=CLUSTER, task=arn)
+            await describe(ecs, arn)
+            await ecs.list_tasks(cluster=CLUSTER)  # shares DescribeTasks' bucket
+            with pytest.raises(ClientError) as ecs_throttled:
+                await describe(ecs, arn)
+            await ecs.describe_clusters(clusters=[CLUSTER])  # never throttled
+            await batch.submit_job(jobName="a", jobQueue="q", jobDefinition="d")
+            with pytest.raises(ClientError) as batch_throttled:
+                await batch.submit_job(jobName="b", jobQueue="q", jobDefinition="d")
+        # botocore's standard mode retries throttled calls by itself (max_attempts: retries).
+        async with client("batch", max_attempts=2) as batch:
+            with pytest.raises(ClientError) as retried:
+                await batch.submit_job(jobName="c", jobQueue="q", jobDefinition="d")
+        stats = server.stats()
+    for info in (stop_throttled, ecs_throttled):
+        assert info.value.response["Error"]["Code"] == "ThrottlingException"
+        assert info.value.response["Error"]["Message"] == "Rate exceeded"
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert batch_throttled.value.response["Error"]["Code"] == "TooManyRequestsException"
+    assert batch_throttled.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert batch_throttled.value.response["ResponseMetadata"]["RetryAttempts"] == 1
+    assert retried.value.response["ResponseMetadata"]["RetryAttempts"] == 2
+    assert stats["throttled"] == {
+        "batch.SubmitJob": 2 + 3,
+        "ecs.DescribeTasks": 2,
+        "ecs.StopTask": 2,
+    }
+    assert stats["calls"]["batch.SubmitJob"] == 1 + 2 + 3
+    assert stats["calls"]["ecs.DescribeClusters"] == 1
+
+
+async def test_buckets_refill(clock: Clock) -> None:
+    config = fakeaws.Config(clock=clock, buckets={"ecs.describe": fakeaws.Bucket(1, 2)})
+    async with fakeaws.FakeAws(config) as server, client_for(server)("ecs", 0) as ecs:
+        await ecs.list_tasks(cluster=CLUSTER)
+        with pytest.raises(ClientError):
+            await ecs.list_tasks(cluster=CLUSTER)
+        await asyncio.sleep(0.6)  # 2/s: a token every 500 ms
+        await ecs.list_tasks(cluster=CLUSTER)
+        server.reset_counts()
+        assert server.stats()["calls"] == {}
+
+
+# -- the daemon's own backends -----------------------------------------------------------------
+
+
+async def test_the_daemons_backends_work_against_it(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    from orchestrator import models
+    from orchestrator.backends.batch import BatchBackend
+    from orchestrator.backends.ecs import EcsBackend
+    from orchestrator.ratelimit import TokenBucket
+    from orchestrator.settings import BatchSettings, EcsSettings
+
+    def job(job_id: str, backend: str) -> models.Job:
+        return models.Job(
+            id=job_id,
+            spec=models.JobSpec(command=["true"]),
+            backend=backend,
+            state=models.JobState.QUEUED,
+            created_at=0.0,
+            updated_at=0.0,
+            state_times={},
+            attempt=1,
+            token=f"{job_id}-1",
+        )
+
+    common: dict[str, Any] = {
+        "enabled": True,
+        "region_name": REGION,
+        "check_health_on_startup": True,
+    }
+    async with fakeaws.FakeAws(clock=clock, pending_s=4, run_s=10, exit_code=3) as server:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        ecs = EcsBackend(
+            EcsSettings(**common, cluster=CLUSTER, container_name="main", task_definition="td:1"),
+            TokenBucket("logs", 10, 10),
+        )
+        batch = BatchBackend(
+            BatchSettings(**common, job_queue="jobs", job_definition="jd:1"),
+            TokenBucket("logs", 10, 10),
+        )
+        await ecs.start()  # health checks: DescribeClusters, StopTask probe
+        await batch.start()  # DescribeJobQueues, DescribeJobs
+        try:
+            ecs_job, batch_job = job("e1", "ecs"), job("b1", "batch")
+            task = await ecs.submit(ecs_job)
+            assert (await ecs.submit(ecs_job)).external_id == task.external_id  # same token
+            submitted = await batch.submit(batch_job)
+            ecs_job = dataclasses.replace(ecs_job, external_id=task.external_id)
+            batch_job = dataclasses.replace(batch_job, external_id=submitted.external_id)
+            clock.set(5)
+            assert (await ecs.describe([ecs_job]))[
+                task.external_id
+            ].state == models.JobState.RUNNING
+            assert (await ecs.locate(ecs_job)).external_id == task.external_id
+            assert (await batch.locate(batch_job)).external_id == submitted.external_id
+            assert (await ecs.read_logs(ecs_job, None)).chunks == []
+            clock.set(20)
+            seen = (await ecs.describe([ecs_job]))[task.external_id]
+            done = (await batch.describe([batch_job]))[submitted.external_id]
+            await ecs.stop(ecs_job)  # already stopped: no error
+            await batch.stop(batch_job)
+        finally:
+            await ecs.close()
+            await batch.close()
+    assert (seen.state, seen.exit_code) == (models.JobState.FAILED, 3)
+    assert seen.info["finished_at"] == T0 + 14
+    assert (done.state, done.exit_code) == (models.JobState.FAILED, 3)
+    assert done.info["finished_at"] == T0 + 14
+
+
+# -- the CLI, and a throughput print -----------------------------------------------------------
+
+
+async def test_cli_prints_the_url_and_the_counts_on_sigterm() -> None:
+    args = ["--port", "0", "--pending-s", "0", "--run-s", "0", "--exit-code", "3", "--no-uvloop"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(fakeaws.__file__)),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        url = (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        config = Config(retries={"mode": "standard", "max_attempts": 1})
+        async with SESSION.client("ecs", endpoint_url=url, config=config) as ecs:
+            arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+            [task] = (await describe(ecs, arn))["tasks"]
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(process.communicate(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert task["lastStatus"] == "STOPPED"
+    assert task["containers"][0]["exitCode"] == 3
+    stats = json.loads(out)
+    assert stats["calls"] == {"ecs.DescribeTasks": 1, "ecs.RunTask": 1}
+    assert process.returncode == 0
+
+
+async def test_print_describe_throughput(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not asserted: how many DescribeTasks(100 ARNs) aioboto3 gets through in a second.
+    The client (botocore parsing 100 tasks per reply) shares the process and costs the most."""
+    async with fakeaws.FakeAws(throttle=False, pending_s=1, run_s=3600) as server:
+        per_s = await aioboto3_describe_rate(server.endpoint_url, seconds=1.0, workers=4)
+        served = server.stats()["describe_ids"]["ecs.DescribeTasks"]
+    with capsys.disabled():
+        print(
+            f"\n  aioboto3 DescribeTasks(100 ARNs): {per_s:.0f} calls/s ({served['calls']} served)"
+        )
+
+
+async def aioboto3_describe_rate(url: str, *, seconds: float, workers: int) -> float:
+    config = Config(retries={"mode": "standard", "max_attempts": 1}, max_pool_connections=workers)
+    async with SESSION.client("ecs", endpoint_url=url, config=config) as ecs:
+        arns = [
+            (await ecs.run_task(**run_kwargs(f"t{i}")))["tasks"][0]["taskArn"] for i in range(100)
+        ]
+        calls = 0
+        stop = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal calls
+            while time.monotonic() < stop:
+                await describe(ecs, *arns)
+                calls += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return calls / (time.monotonic() - started)
+
+
+# -- a longer measurement: python bench/test_fakeaws.py ----------------------------------------
+
+
+def _request(target: str, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body).encode()
+    head = (
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-amz-json-1.1\r\n"
+        f"X-Amz-Target: {fakeaws.ECS_TARGET}.{target}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+async def _exchange(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    return await reader.readexactly(length)
+
+
+async def _pipelined(port: int, request: bytes, *, seconds: float, connections: int) -> int:
+    """Requests answered in `seconds` by `connections` connections with 8 requests in flight."""
+    answered = 0
+    stop = time.monotonic() + seconds
+
+    async def connection() -> None:
+        nonlocal answered
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        in_flight = 0
+        try:
+            while True:
+                while in_flight < 8 and time.monotonic() < stop:
+                    writer.write(request)
+                    in_flight += 1
+                if not in_flight:
+                    return
+                await _exchange(reader)
+                in_flight -= 1
+                answered += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return answered
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
+
+
+async def measure(seconds: float, connections: int) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(fakeaws.__file__)),
+        *("--port", "0", "--no-throttle", "--pending-s", "1", "--run-s", "3600"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    url = (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
+    port = int(url.rpartition(":")[2])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    arns = []
+    for i in range(100):
+        writer.write(_request("RunTask", run_kwargs(f"t{i}")))
+        arns.append(json.loads(await _exchange(reader))["tasks"][0]["taskArn"])
+    writer.close()
+    cases = {
+        "DescribeTasks(100 ARNs)": _request("DescribeTasks", {"cluster": CLUSTER, "tasks": arns}),
+        "DescribeTasks(1 ARN)": _request("DescribeTasks", {"cluster": CLUSTER, "tasks": arns[:1]}),
+        "RunTask": _request(
+            "RunTask", {k: v for k, v in run_kwargs().items() if k != "clientToken"}
+        ),
+    }
+    load = os.getloadavg()[0]
+    print(f"fakeaws at {url} (pid {process.pid}); {seconds:.0f} s per case; load {load:.1f}")
+    print(f"{'raw HTTP, pipelined':<34}{'calls/s':>10}{'server CPU':>12}{'calls/CPU-s':>13}")
+    for name, request in cases.items():
+        cpu0, t0 = _cpu_s(process.pid), time.monotonic()
+        answered = await _pipelined(port, request, seconds=seconds, connections=connections)
+        elapsed, cpu = time.monotonic() - t0, _cpu_s(process.pid) - cpu0
+        print(
+            f"  {name:<32}{answered / elapsed:>10.0f}{cpu / elapsed:>11.0%}"
+            f"{answered / max(cpu, 0.01):>13.0f}"
+        )
+    cpu0, t0 = _cpu_s(process.pid), time.monotonic()
+    per_s = await aioboto3_describe_rate(url, seconds=seconds, workers=connections)
+    cpu = _cpu_s(process.pid) - cpu0
+    elapsed = time.monotonic() - t0
+    print(f"{'aioboto3 (client-bound)':<34}")
+    print(f"  {'DescribeTasks(100 ARNs)':<32}{per_s:>10.0f}{cpu / elapsed:>11.0%}")
+    process.send_signal(signal.SIGINT)
+    await process.communicate()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Measure bench/fakeaws.py's throughput.")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=4)
+    options = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(measure(options.seconds, options.connections))
