@@ -114,10 +114,13 @@ class Peer:
     uid: int
     gid: int
     pid: int
+    groups: frozenset[int] = frozenset()  # supplementary groups
 
     @classmethod
     def me(cls) -> Peer:
-        return cls(uid=os.getuid(), gid=os.getgid(), pid=os.getpid())
+        return cls(
+            uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(os.getgroups())
+        )
 
 
 @dataclass(frozen=True, slots=True)

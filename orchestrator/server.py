@@ -28,22 +28,34 @@ from orchestrator.settings import ServerSettings
 log = structlog.get_logger("orchestrator.server")
 
 _PEERCRED = struct.Struct("3i")
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13; no constant in 3.11
 
 
 def peer_of(sock: socket.socket) -> models.Peer:
     pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
-    return models.Peer(uid=uid, gid=gid, pid=pid)
+    return models.Peer(uid=uid, gid=gid, pid=pid, groups=_peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups (a user added with `usermod -aG` is in them)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+    except OSError:
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 def peer_allowed(
     peer: models.Peer, allowed_uids: Collection[int], allowed_gids: Collection[int]
 ) -> bool:
-    """With no lists configured: the daemon's own uid and root. Otherwise either list admits."""
+    """With no lists configured: the daemon's own uid and root. Otherwise either list admits,
+    the gid list by the peer's primary or any supplementary group."""
     if not allowed_uids and not allowed_gids:
         return peer.uid in (os.getuid(), 0)
-    return peer.uid in allowed_uids or peer.gid in allowed_gids
+    gids = {peer.gid, *peer.groups}
+    return peer.uid in allowed_uids or not gids.isdisjoint(allowed_gids)
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -80,8 +92,8 @@ def bind_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(tmp, 0o660)
+    sock.listen(1024)  # before it is visible: no client ever finds it refusing
     os.replace(tmp, path)
-    sock.listen(1024)
     sock.setblocking(False)
     return sock
 

@@ -54,17 +54,30 @@ async def test_a_regular_file_at_the_socket_path_is_not_replaced(short_tmp: Path
     assert path.read_text() == "precious"
 
 
-async def _ask_as(uid: int, path: Path, request: dict[str, object]) -> dict[str, object]:
+async def _ask_as(
+    uid: int, path: Path, request: dict[str, object], groups: tuple[int, ...] = ()
+) -> dict[str, object]:
     """Send one request from a process running as `uid` (the system python: no venv needed)."""
     code = (
         "import socket, sys\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         f"s.connect({str(path)!r})\n"
-        f"s.sendall({orjson.dumps(request)!r} + b'\\n')\n"
+        "try:\n"
+        f"    s.sendall({orjson.dumps(request)!r} + b'\\n')\n"
+        "except BrokenPipeError:\n"
+        "    pass  # refused: the answer is already on its way\n"
         "sys.stdout.buffer.write(s.makefile('rb').readline())\n"
     )
     proc = await asyncio.create_subprocess_exec(
-        SYSTEM_PYTHON, "-I", "-c", code, user=uid, stdout=PIPE, stderr=PIPE
+        SYSTEM_PYTHON,
+        "-I",
+        "-c",
+        code,
+        user=uid,
+        group=uid,
+        extra_groups=list(groups),
+        stdout=PIPE,
+        stderr=PIPE,
     )
     async with asyncio.timeout(30):
         out, err = await proc.communicate()
@@ -101,6 +114,18 @@ async def test_peer_credentials_decide_who_may_use_the_socket(
         stored = await daemon.store.get(job["id"])
         assert stored.peer is not None
         assert stored.peer.uid == NOBODY
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+async def test_a_supplementary_group_in_allowed_gids_admits_the_peer(short_tmp: Path) -> None:
+    settings = make_settings(short_tmp, server={"allowed_gids": [4242]})
+    async with running(settings):
+        os.chmod(short_tmp, 0o755)
+        os.chmod(settings.server.socket_path, 0o666)
+        admitted = await _ask_as(NOBODY, settings.server.socket_path, {"op": "ping"}, (4242,))
+        refused = await _ask_as(NOBODY, settings.server.socket_path, {"op": "ping"}, (4243,))
+    assert admitted["ok"] is True
+    assert (refused["ok"], refused["code"]) == (False, "forbidden")
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
