@@ -192,6 +192,41 @@ def telemetry(apis: Iterable[AwsApi], buckets: Iterable[TokenBucket]) -> base.Te
     return base.Telemetry(calls=calls, buckets=rates)
 
 
+class AwsBackendBase:
+    """What the ECS and Batch backends share: a client of their service and one of CloudWatch
+    Logs, the token buckets their operations draw from, the start limits, the accounting."""
+
+    describe_batch_size = 100  # DescribeTasks and DescribeJobs take at most 100 ids
+
+    def __init__(
+        self,
+        service: str,
+        settings: AwsBackendSettings,
+        logs_bucket: TokenBucket,
+        buckets: Mapping[str, TokenBucket],
+    ) -> None:
+        self.max_in_flight = settings.max_in_flight
+        self.start_budget_s: float | None = settings.start_budget_s
+        common = client_options(settings)
+        self.api = AwsApi(service, buckets=buckets, **common)
+        self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
+        self.buckets = list(dict.fromkeys(buckets.values()))
+
+    async def _start_clients(self) -> None:
+        await self.api.start()
+        await self.logs.start()
+
+    async def close(self) -> None:
+        await self.api.close()
+        await self.logs.close()
+
+    def set_wake(self, wake: base.Wake) -> None:
+        pass  # AWS pushes nothing to us: the poller asks
+
+    def telemetry(self) -> base.Telemetry:
+        return telemetry([self.api, self.logs], self.buckets)
+
+
 def client_options(settings: AwsBackendSettings) -> dict[str, Any]:
     """The `AwsApi` keyword arguments a backend's settings give."""
     return {

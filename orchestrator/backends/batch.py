@@ -40,48 +40,34 @@ def job_name(job: models.Job) -> str:
     return f"orch-{job.id}-{job.attempt}"
 
 
-class BatchBackend:
+class BatchBackend(aws.AwsBackendBase):
     name = "batch"
-    describe_batch_size = 100
 
     def __init__(self, settings: BatchSettings, logs_bucket: TokenBucket) -> None:
-        self._settings = settings
-        self.max_in_flight = settings.max_in_flight
-        self.max_start_attempts: int | None = settings.max_submit_attempts
-        self.start_budget_s: float | None = settings.start_budget_s
-        self._submit_bucket = TokenBucket(
-            "batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst
-        )
-        self._describe_bucket = TokenBucket(
+        submit = TokenBucket("batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst)
+        describe = TokenBucket(
             "batch.DescribeJobs", settings.describe_rate_per_s, settings.describe_burst
         )
-        common = aws.client_options(settings)
-        self.api = aws.AwsApi(
+        super().__init__(
             "batch",
-            buckets={
-                "SubmitJob": self._submit_bucket,
-                "TerminateJob": self._submit_bucket,
-                "DescribeJobs": self._describe_bucket,
-                "ListJobs": self._describe_bucket,
-                "DescribeJobQueues": self._describe_bucket,
+            settings,
+            logs_bucket,
+            {
+                "SubmitJob": submit,
+                "TerminateJob": submit,
+                "DescribeJobs": describe,
+                "ListJobs": describe,
+                "DescribeJobQueues": describe,
             },
-            **common,
         )
-        self.logs = aws.AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
+        self._settings = settings
+        self.max_start_attempts: int | None = settings.max_submit_attempts
         self._base: dict[str, Any] = {}
-
-    def telemetry(self) -> base.Telemetry:
-        return aws.telemetry([self.api, self.logs], self.buckets)
-
-    @property
-    def buckets(self) -> list[TokenBucket]:
-        return [self._submit_bucket, self._describe_bucket]
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.api.start()
-        await self.logs.start()
+        await self._start_clients()
         shape = self.api.operation("SubmitJob").input_shape
         base_kwargs = {
             "jobQueue": self._settings.job_queue,
@@ -96,10 +82,6 @@ class BatchBackend:
             raise errors.ConfigError(f"batch settings / submit_job_kwargs: {exc.message}") from exc
         if self._settings.check_health_on_startup:
             await self.check_health()
-
-    async def close(self) -> None:
-        await self.api.close()
-        await self.logs.close()
 
     async def check_health(self) -> None:
         """The queue exists and is ENABLED/VALID, and DescribeJobs answers a bogus id."""
@@ -120,9 +102,6 @@ class BatchBackend:
         if state != "ENABLED" or status not in (None, "VALID", "UPDATING", "CREATING"):
             raise errors.HealthCheckFailed(f"batch: job queue {queue!r} is {state}/{status}")
         log.info("batch.healthy", job_queue=queue)
-
-    def set_wake(self, wake: base.Wake) -> None:
-        pass
 
     # -- kwargs ----------------------------------------------------------------------------
 

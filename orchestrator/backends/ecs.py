@@ -46,54 +46,37 @@ def classify_failure(reason: str) -> bool:
     return reason.startswith(_RETRYABLE_FAILURE_PREFIXES) or "capacity" in reason.lower()
 
 
-class EcsBackend:
+class EcsBackend(aws.AwsBackendBase):
     name = "ecs"
-    describe_batch_size = 100
 
     def __init__(self, settings: EcsSettings, logs_bucket: TokenBucket) -> None:
-        self._settings = settings
-        self.max_in_flight = settings.max_in_flight
-        self.max_start_attempts: int | None = settings.max_run_task_attempts
-        self.start_budget_s: float | None = settings.start_budget_s
-        self._run_bucket = TokenBucket(
-            "ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst
-        )
-        self._describe_bucket = TokenBucket(
+        run = TokenBucket("ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst)
+        describe = TokenBucket(
             "ecs.DescribeTasks", settings.describe_rate_per_s, settings.describe_burst
         )
-        common = aws.client_options(settings)
-        self.api = aws.AwsApi(
+        super().__init__(
             "ecs",
-            buckets={
-                "RunTask": self._run_bucket,
-                "StopTask": self._run_bucket,
-                "DescribeTasks": self._describe_bucket,
-                "ListTasks": self._describe_bucket,
-                "DescribeTaskDefinition": self._describe_bucket,
-                "DescribeClusters": self._describe_bucket,
+            settings,
+            logs_bucket,
+            {
+                # AWS meters RunTask with StopTask, and DescribeTasks with ListTasks.
+                "RunTask": run,
+                "StopTask": run,
+                "DescribeTasks": describe,
+                "ListTasks": describe,
+                "DescribeTaskDefinition": describe,
+                "DescribeClusters": describe,
             },
-            **common,
         )
-        self.logs = aws.AwsApi(
-            "logs",
-            buckets={"GetLogEvents": logs_bucket},
-            **common,
-        )
+        self._settings = settings
+        self.max_start_attempts: int | None = settings.max_run_task_attempts
         self._base: dict[str, Any] = {}  # RunTask kwargs from settings, built in start()
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
-
-    def telemetry(self) -> base.Telemetry:
-        return aws.telemetry([self.api, self.logs], self.buckets)
-
-    @property
-    def buckets(self) -> list[TokenBucket]:
-        return [self._run_bucket, self._describe_bucket]
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.api.start()
-        await self.logs.start()
+        await self._start_clients()
         try:
             self._base = self._base_kwargs()
             self.validate(models.JobSpec(command=["true"]))
@@ -101,10 +84,6 @@ class EcsBackend:
             raise errors.ConfigError(f"ecs settings / run_task_kwargs: {exc.message}") from exc
         if self._settings.check_health_on_startup:
             await self.check_health()
-
-    async def close(self) -> None:
-        await self.api.close()
-        await self.logs.close()
 
     async def check_health(self) -> None:
         """The cluster exists and is ACTIVE, and StopTask on a bogus id is refused as "not
@@ -135,9 +114,6 @@ class EcsBackend:
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(f"ecs: StopTask probe failed: {exc}") from exc
         log.info("ecs.healthy", cluster=cluster)
-
-    def set_wake(self, wake: base.Wake) -> None:
-        pass  # ECS pushes nothing to us; the poller asks
 
     # -- kwargs ----------------------------------------------------------------------------
 
