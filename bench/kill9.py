@@ -54,6 +54,8 @@ _EXIT_CODES = (0, 0, 0, 1, 2, 3, 7)
 _SLEEPS = ("0.01", "0.02", "0.04", "0.06", "0.09")
 _EXIT_RE = re.compile(r"; exit (\d+)$")
 _READY_RESETS_MAX = 50
+# Error replies a valid submission may get from a busy or stopping daemon; any other is a bug.
+_TRANSIENT_ERRORS = frozenset({"shutting_down", "overloaded", "timeout", "idempotency_conflict"})
 
 Spec = dict[str, Any]
 
@@ -200,6 +202,11 @@ def job_spec(rng: random.Random, client: int, seq: int, ran_log: Path, key_share
     return spec
 
 
+def _tail(text: str, lines: int = 10, width: int = 400) -> str:
+    """The end of a daemon log (or of a message that quotes one), for a violation message."""
+    return "\n".join(line[:width] for line in text.splitlines()[-lines:])
+
+
 def expected_exit_code(command: list[str]) -> int:
     match = _EXIT_RE.search(command[-1])
     assert match is not None, command
@@ -214,8 +221,11 @@ def _client_loop(
     ran_log: Path,
     stop: threading.Event,
 ) -> None:
+    """Submit until `stop`: new jobs, some with a key, and repeats of keys already sent. A
+    keyed submission whose reply was lost is retried as is, the way a careful client would."""
     rng = random.Random(f"{cfg.seed}-client-{index}")
     client: SyncClient | None = None
+    retry: Spec | None = None
     seq = 0
     try:
         while not stop.is_set():
@@ -227,10 +237,13 @@ def _client_loop(
                     client = None
                     stop.wait(0.01)  # the daemon is down or starting
                     continue
-            resubmit = rng.random() < cfg.resubmit_share
-            spec = ledger.pick_key(rng) if resubmit else None
+            spec, retry = retry, None
+            resubmit = spec is not None
+            if spec is None and rng.random() < cfg.resubmit_share:
+                spec = ledger.pick_key(rng)
+                resubmit = spec is not None
             if spec is None:
-                resubmit, seq = False, seq + 1
+                seq += 1
                 spec = job_spec(rng, index, seq, ran_log, cfg.key_share)
             ledger.sending(spec, resubmit)
             try:
@@ -241,6 +254,9 @@ def _client_loop(
                 ledger.lost_reply()  # killed mid-request: the job may or may not exist
                 client.close()
                 client = None
+                if "idempotency_key" in spec:
+                    retry = spec
+                stop.wait(0.01)
                 continue
             else:
                 ledger.acknowledged(spec, reply["job"])
@@ -267,7 +283,7 @@ def _start(daemon: DaemonProcess, report: Report) -> None:
         except ConnectionError:
             report.ready_resets.append(daemon.starts)
             time.sleep(0.02)
-    raise AssertionError(f"readiness ping reset {_READY_RESETS_MAX} times:\n{daemon.log()}")
+    raise AssertionError(f"readiness ping reset {_READY_RESETS_MAX} times:\n{_tail(daemon.log())}")
 
 
 def _kill_loop(daemon: DaemonProcess, cfg: Config, report: Report, started: float) -> None:
@@ -281,7 +297,7 @@ def _kill_loop(daemon: DaemonProcess, cfg: Config, report: Report, started: floa
                 _start(daemon, report)
                 time.sleep(rng.uniform(cfg.up_min_s, cfg.up_max_s))
         except AssertionError as exc:  # it exited during start-up, or never became ready
-            report.violations["daemon"].append(f"start {daemon.starts}: {exc}")
+            report.violations["daemon"].append(f"start {daemon.starts}: {_tail(str(exc))}")
             daemon.close()
             return
         assert daemon.proc is not None
@@ -289,9 +305,9 @@ def _kill_loop(daemon: DaemonProcess, cfg: Config, report: Report, started: floa
         daemon.kill()
         report.kills = n
         if ended_by_itself is not None:
-            tail = "\n".join(daemon.log().splitlines()[-5:])
             report.violations["daemon"].append(
-                f"start {daemon.starts}: the daemon exited {ended_by_itself} by itself:\n{tail}"
+                f"start {daemon.starts}: the daemon exited {ended_by_itself} by itself:\n"
+                f"{_tail(daemon.log())}"
             )
         elif not any(e.get("event") == "daemon.ready" for e in daemon.log_events()):
             report.kills_before_ready += 1
@@ -470,9 +486,12 @@ def run(cfg: Config, root: Path) -> Report:
         try:
             _start(daemon, report)
         except AssertionError as exc:  # the store would not open, or the like: report it
-            report.violations["daemon"].append(f"the final start failed: {exc}")
+            report.violations["daemon"].append(f"the final start failed: {_tail(str(exc))}")
         else:
-            _settle(daemon, ledger, cfg, report)
+            try:
+                _settle(daemon, ledger, cfg, report)
+            except (errors.DaemonUnreachable, OSError) as exc:  # it died with no kill of ours
+                report.violations["daemon"].append(f"the final run failed: {exc!r}")
             if (status := daemon.stop(signal.SIGTERM)) != 0:
                 report.violations["daemon"].append(f"the final SIGTERM stop exited {status}")
     finally:
@@ -480,6 +499,11 @@ def run(cfg: Config, root: Path) -> Report:
     report.sent, report.resubmits = ledger.sent, ledger.resubmits
     report.acknowledged, report.unacknowledged = len(ledger.acked), ledger.unacknowledged
     report.refused = dict(ledger.refused)
+    report.violations["daemon"] += [
+        f"{n} valid submissions answered {code}"
+        for code, n in sorted(ledger.refused.items())
+        if code not in _TRANSIENT_ERRORS  # a conflict is counted under idempotency
+    ]
     _check(daemon.store_path, ran_log, ledger, report)
     report.elapsed_s = time.monotonic() - started
     return report

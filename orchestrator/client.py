@@ -108,7 +108,9 @@ class Client:
                 elif not reply.get("ok"):  # an error not tied to a request (e.g. forbidden)
                     failure = errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
                     break
-        except (ConnectionError, errors.ProtocolError) as exc:
+        except ConnectionError as exc:  # reset by the peer: a daemon dying or not yet up
+            failure = errors.DaemonUnreachable(str(self.socket_path), str(exc))
+        except errors.ProtocolError as exc:
             failure = exc
         for route in self._routes.values():
             route.put_nowait(failure)
@@ -273,9 +275,15 @@ class SyncClient:
             self.connect()
         assert self._sock is not None
         request_id = next(self._ids)
-        self._sock.sendall(protocol.request(op, request_id, **params))
+        try:
+            self._sock.sendall(protocol.request(op, request_id, **params))
+        except ConnectionError as exc:
+            raise errors.DaemonUnreachable(str(self.socket_path), str(exc)) from exc
         while True:
-            line = self._file.readline()
+            try:
+                line = self._file.readline()
+            except ConnectionError as exc:
+                raise errors.DaemonUnreachable(str(self.socket_path), str(exc)) from exc
             if not line:
                 raise errors.DaemonUnreachable(
                     str(self.socket_path), "the daemon closed the connection"

@@ -163,7 +163,10 @@ def _insert_job(
         ).fetchone()
         if row is not None:
             existing = _job_from_row(row)
-            if existing.spec != spec or existing.backend != backend:
+            # The backend is compared as stored beside the spec; inside the spec it is optional.
+            if existing.backend != backend or _without_backend(existing.spec) != _without_backend(
+                spec
+            ):
                 raise IdempotencyConflict(
                     f"idempotency key {spec.idempotency_key!r} already names job "
                     f"{existing.id} with a different spec"
@@ -198,6 +201,10 @@ def _insert_job(
         ),
     )
     return job, True
+
+
+def _without_backend(spec: models.JobSpec) -> dict[str, Any]:
+    return spec.model_dump(exclude={"backend"})
 
 
 class IdempotencyConflict(errors.OrchestratorError):

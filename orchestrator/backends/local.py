@@ -43,6 +43,20 @@ def _alive(pid: int, start: int) -> bool:
         return False
 
 
+def _inheritable_fds() -> list[int]:
+    """Our descriptors above stderr that a child would inherit (event-loop internals opened
+    without close-on-exec): a job must never hold the daemon's sockets or pipes."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:
+            continue  # closed since the listing (it was the listing's own descriptor)
+    return fds
+
+
 def _utf8_prefix(data: bytes) -> bytes:
     """`data` less a trailing incomplete UTF-8 sequence (read it next time, whole)."""
     for back in range(1, min(4, len(data)) + 1):
@@ -128,6 +142,7 @@ class LocalBackend:
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, str(attempt_dir / "stdout"), append, 0o600),
                     (os.POSIX_SPAWN_OPEN, 2, str(attempt_dir / "stderr"), append, 0o600),
+                    *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
                 ],
                 setsid=True,
             )

@@ -198,6 +198,9 @@ async def test_idempotency_key_returns_the_same_job(short_tmp: Path) -> None:
         with pytest.raises(errors.RemoteError) as info:
             await client.submit({"command": ["false"], "idempotency_key": "order-17"})
         assert info.value.remote_code == "idempotency_conflict"
+        # naming the default backend explicitly, or not, is the same request
+        explicit = await client.call("submit", job={**spec, "backend": "local"})
+        assert (explicit["created"], explicit["job"]["id"]) == (False, first["job"]["id"])
         assert len(await client.list()) == 1
 
 
@@ -245,3 +248,12 @@ def _alive(pid: int) -> bool:
     # A zombie is dead for our purposes.
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_a_job_inherits_no_descriptor_of_the_daemon(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await submit_and_wait(client, command=["ls", "/proc/self/fd"])
+        listed = "".join([r.get("data", "") async for r in client.logs(job["id"])]).split()
+    # 0, 1, 2 and the descriptor `ls` opened to list the directory itself
+    assert sorted(int(fd) for fd in listed)[:3] == [0, 1, 2]
+    assert len(listed) == 4, listed
