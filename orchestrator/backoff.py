@@ -40,16 +40,24 @@ def jitter(delay_s: float, kind: Jitter, rng: Uniform) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A back-off schedule: `delay(n) = max(floor, jitter(min(cap, base · factor^n)))`."""
+    """A back-off schedule: `delay(n) = max(floor, jitter(min(cap, base · factor^n)))`.
+
+    With `cap_band` set, a delay that reached the cap is drawn from [cap·(1 - band), cap]
+    instead: a job polled at the cap for hours needs no wide spread (its polls are batched
+    anyway), and a narrow one keeps the detection lag near the cap and the call count down.
+    """
 
     base_s: float
     factor: float
     cap_s: float
     jitter: Jitter = "equal"
     floor_s: float = 0.0
+    cap_band: float | None = None
 
     def delay(self, n: int, rng: Uniform) -> float:
         raw = exponential(n, base_s=self.base_s, factor=self.factor, cap_s=self.cap_s)
+        if self.cap_band is not None and raw >= self.cap_s and self.jitter != "none":
+            return max(self.floor_s, raw - rng.uniform(0.0, raw * self.cap_band))
         return max(self.floor_s, jitter(raw, self.jitter, rng))
 
 

@@ -192,11 +192,10 @@ class Poller:
                 jobs = [entry.job for entry in batch]
                 self.describe_calls += 1
                 observations = await backend.describe(jobs)
-            for entry in batch:
-                obs = observations.get(entry.job.external_id or "")
-                await self._apply(
-                    backend, entry, obs or Observation(entry.job.external_id or "", None)
-                )
+            # All at once: the store commits the batch's changes together (group commit).
+            await asyncio.gather(
+                *(self._apply_one(backend, entry, observations) for entry in batch)
+            )
         except Exception:
             log.exception("poll.failed", backend=backend_name, jobs=len(batch))
         finally:
@@ -204,6 +203,17 @@ class Poller:
                 entry.busy = False
                 if entry.job.id in self._tracked and self._tracked[entry.job.id] is entry:
                     self._schedule(entry, self._policy.delay(entry.n, self._rng))
+
+    async def _apply_one(
+        self, backend: Backend, entry: _Tracked, observations: Mapping[str, Observation]
+    ) -> None:
+        external_id = entry.job.external_id or ""
+        try:
+            await self._apply(
+                backend, entry, observations.get(external_id) or Observation(external_id, None)
+            )
+        except Exception:  # one job's trouble must not hold up the rest of its batch
+            log.exception("poll.apply_failed", job_id=entry.job.id, backend=backend.name)
 
     async def _enforce_deadline(self, backend: Backend, entry: _Tracked) -> None:
         job = entry.job

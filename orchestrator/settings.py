@@ -115,15 +115,20 @@ class DispatcherSettings(_Section):
 class PollerSettings(_Section):
     base_s: _Seconds = 1.0
     factor: Annotated[float, pydantic.Field(ge=1.0, allow_inf_nan=False)] = 1.5
-    cap_s: _Seconds = 15.0
+    cap_s: _Seconds = 5.0
     jitter: backoff.Jitter = "equal"
+    cap_band: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.1
     describe_concurrency: _Count = 4  # describe calls in flight at once, per backend
     fill_ahead_s: Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)] = 2.0
     missing_grace_s: _Seconds = 60.0
 
     def policy(self) -> backoff.Policy:
         return backoff.Policy(
-            base_s=self.base_s, factor=self.factor, cap_s=self.cap_s, jitter=self.jitter
+            base_s=self.base_s,
+            factor=self.factor,
+            cap_s=self.cap_s,
+            jitter=self.jitter,
+            cap_band=self.cap_band,
         )
 
 

@@ -118,6 +118,7 @@ class AwsApi:
         self._buckets = dict(buckets)  # operation → bucket
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._starting = asyncio.Lock()
         self._model: ServiceModel | None = None
         self.calls: Counter[str] = Counter()
         self.throttles: Counter[str] = Counter()
@@ -154,9 +155,12 @@ class AwsApi:
     async def call(
         self, operation: str, priority: Priority = Priority.NORMAL, **kwargs: Any
     ) -> dict[str, Any]:
-        """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError."""
+        """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError.
+        A client not started yet is started on first use (CloudWatch Logs: only if asked)."""
         if self._client is None:
-            raise errors.AwsUnreachable(self.service, operation, "NotStarted", "client not started")
+            async with self._starting:
+                if self._client is None:
+                    await self.start()
         bucket = self._buckets.get(operation)
         if bucket is not None:
             await bucket.acquire(priority)
@@ -213,8 +217,7 @@ class AwsBackendBase:
         self.buckets = list(dict.fromkeys(buckets.values()))
 
     async def _start_clients(self) -> None:
-        await self.api.start()
-        await self.logs.start()
+        await self.api.start()  # the logs client starts when logs are first read
 
     async def close(self) -> None:
         await self.api.close()
