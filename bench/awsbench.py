@@ -1,0 +1,377 @@
+"""Shared plumbing of the AWS benchmarks (`track.py`, `dispatch.py`, `restart.py`).
+
+- `FakeAwsProcess`: `bench/fakeaws.py` as a child process (its CPU is its own), its URL read
+  from the first line it prints, its control endpoints (`stats`, `terminal`, `reset`).
+- `daemon_env`: the environment that points `orchestrator serve` at the stand-in with dummy
+  credentials and enables one AWS backend.
+- `ProcSample` / `proc_sample`: CPU seconds and RSS of a process from `/proc`.
+- `StatsSampler`: the stand-in's describe-call counter sampled over time, for "calls per poll
+  round" (the most calls in any window one poller cap long).
+- small helpers: percentiles, RFC 3339 parsing, Markdown tables, the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import orjson
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+if str(REPO) not in sys.path:  # run as `python bench/x.py`: make `tests.support` importable
+    sys.path.insert(0, str(REPO))
+
+REGION = "us-east-1"
+CLUSTER = "bench"
+CONTAINER = "main"
+TASK_DEFINITION = "bench-job:1"
+JOB_QUEUE = "bench"
+JOB_DEFINITION = "bench-job:1"
+GENEROUS = 1_000_000.0  # a bucket rate/burst that never throttles
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "LOST")
+DESCRIBE_OP = {"batch": "batch.DescribeJobs", "ecs": "ecs.DescribeTasks"}
+LAUNCH_OP = {"batch": "batch.SubmitJob", "ecs": "ecs.RunTask"}
+# fakeaws CLI flag prefixes of each backend's throttle families
+LAUNCH_FAMILY = {"batch": "batch-submit", "ecs": "ecs-run"}
+DESCRIBE_FAMILY = {"batch": "batch-describe", "ecs": "ecs-describe"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- the stand-in ------------------------------------------------------------------------------
+
+
+class FakeAwsProcess:
+    """`python bench/fakeaws.py ARGS` as a child; `url` once started."""
+
+    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+        self.args = ["--port", "0", *args]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.final_stats: dict[str, Any] | None = None
+        self._log: TextIO | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(BENCH / "fakeaws.py"), *self.args]
+
+    def start(self) -> str:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()  # the URL, first thing it prints
+        if not line.startswith("http"):  # it died: readline() returned b""
+            self.stop()
+            raise RuntimeError(f"fakeaws did not start: {line!r}; see {self.log_path}")
+        self.url = line
+        return line
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> dict[str, Any] | None:
+        """SIGTERM; the stats it prints on the way out (None if it printed none)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self.proc = None
+        with contextlib.suppress(orjson.JSONDecodeError):
+            last = out.decode().strip().splitlines()
+            if last:
+                self.final_stats = orjson.loads(last[-1])
+        return self.final_stats
+
+    async def get(self, session: aiohttp.ClientSession, what: str) -> Any:
+        async with session.get(f"{self.url}/_fakeaws/{what}") as response:
+            response.raise_for_status()
+            return orjson.loads(await response.read())
+
+    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        result: dict[str, Any] = await self.get(session, "stats")
+        return result
+
+    async def terminal(self, session: aiohttp.ClientSession) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = await self.get(session, "terminal")
+        return result
+
+    async def reset(self, session: aiohttp.ClientSession) -> None:
+        async with session.post(f"{self.url}/_fakeaws/reset") as response:
+            response.raise_for_status()
+
+
+def fake_args(
+    *,
+    pending_s: float,
+    run_s: float,
+    jitter: float,
+    time_scale: float,
+    seed: int = 0,
+    buckets: Mapping[str, tuple[float, float]] = {},
+) -> list[str]:
+    """fakeaws CLI arguments; `buckets` maps a flag prefix ("batch-submit") to (rate, burst)."""
+    args = ["--pending-s", f"{pending_s:g}", "--run-s", f"{run_s:g}", "--jitter", f"{jitter:g}"]
+    args += ["--time-scale", f"{time_scale:g}", "--seed", str(seed)]
+    args += ["--container-name", CONTAINER]
+    for family, (rate, burst) in buckets.items():
+        args += [f"--{family}-rate", f"{rate:g}", f"--{family}-burst", f"{burst:g}"]
+    return args
+
+
+# -- the daemon's environment ------------------------------------------------------------------
+
+
+def aws_env(endpoint_url: str) -> dict[str, str]:
+    """Dummy credentials, the stand-in as every service's endpoint, no profile, no IMDS."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PollerTiming:
+    """The poller's durations (defaults: the daemon's), all divided by one time scale."""
+
+    time_scale: float = 1.0
+    base_s: float = 1.0
+    factor: float = 1.5
+    cap_s: float = 15.0
+    fill_ahead_s: float = 2.0
+    missing_grace_s: float = 60.0
+
+    @property
+    def scaled_cap_s(self) -> float:
+        return self.cap_s / self.time_scale
+
+    def env(self) -> dict[str, str]:
+        s = self.time_scale
+        return {
+            "ORCHESTRATOR__POLLER__BASE_S": f"{self.base_s / s:g}",
+            "ORCHESTRATOR__POLLER__FACTOR": f"{self.factor:g}",
+            "ORCHESTRATOR__POLLER__CAP_S": f"{self.cap_s / s:g}",
+            "ORCHESTRATOR__POLLER__FILL_AHEAD_S": f"{self.fill_ahead_s / s:g}",
+            "ORCHESTRATOR__POLLER__MISSING_GRACE_S": f"{self.missing_grace_s / s:g}",
+        }
+
+    def describe(self) -> str:
+        s = self.time_scale
+        return (
+            f"poller base_s={self.base_s:g}/{s:g}={self.base_s / s:g} s, factor={self.factor:g}, "
+            f"cap_s={self.cap_s:g}/{s:g}={self.cap_s / s:g} s, fill_ahead_s and "
+            f"missing_grace_s also /{s:g}"
+        )
+
+
+def daemon_env(
+    backend: str,
+    endpoint_url: str,
+    *,
+    max_in_flight: int,
+    poller: PollerTiming,
+    launch: tuple[float, float],  # the daemon's own launch bucket (rate/s, burst)
+    describe: tuple[float, float],  # the daemon's own describe bucket (rate/s, burst)
+    log_level: str = "WARNING",
+    synchronous: str = "FULL",
+) -> dict[str, str]:
+    """`orchestrator serve` with `backend` ("batch" or "ecs") against the stand-in."""
+    prefix = f"ORCHESTRATOR__{backend.upper()}__"
+    env = {
+        **aws_env(endpoint_url),
+        **poller.env(),
+        "ORCHESTRATOR__JOBS__BACKEND": backend,
+        "ORCHESTRATOR__LOCAL__ENABLED": "false",
+        "ORCHESTRATOR__LOGGING__LEVEL": log_level,
+        "ORCHESTRATOR__LOGGING__FORMAT": "json",
+        "ORCHESTRATOR__STORE__SYNCHRONOUS": synchronous,
+        f"{prefix}ENABLED": "true",
+        f"{prefix}REGION_NAME": REGION,
+        f"{prefix}MAX_IN_FLIGHT": str(max_in_flight),
+        f"{prefix}CHECK_HEALTH_ON_STARTUP": "true",
+        f"{prefix}DESCRIBE_RATE_PER_S": f"{describe[0]:g}",
+        f"{prefix}DESCRIBE_BURST": f"{describe[1]:g}",
+    }
+    if backend == "batch":
+        env |= {
+            f"{prefix}JOB_QUEUE": JOB_QUEUE,
+            f"{prefix}JOB_DEFINITION": JOB_DEFINITION,
+            f"{prefix}SUBMIT_RATE_PER_S": f"{launch[0]:g}",
+            f"{prefix}SUBMIT_BURST": f"{launch[1]:g}",
+        }
+    elif backend == "ecs":
+        env |= {
+            f"{prefix}CLUSTER": CLUSTER,
+            f"{prefix}CONTAINER_NAME": CONTAINER,
+            f"{prefix}TASK_DEFINITION": TASK_DEFINITION,
+            f"{prefix}RUN_TASK_RATE_PER_S": f"{launch[0]:g}",
+            f"{prefix}RUN_TASK_BURST": f"{launch[1]:g}",
+        }
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return env
+
+
+def job_specs(count: int, prefix: str) -> list[dict[str, Any]]:
+    return [{"command": ["bench", str(i)], "name": f"{prefix}-{i}"} for i in range(count)]
+
+
+# -- process accounting ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcSample:
+    at: float  # time.monotonic()
+    cpu_s: float  # utime + stime
+    rss_mb: float  # VmRSS
+    hwm_mb: float  # VmHWM: peak RSS so far
+
+
+def proc_sample(pid: int) -> ProcSample | None:
+    """The process's CPU and memory now; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    cpu_s = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    kb = {
+        key: int(value.split()[0])
+        for line in status.splitlines()
+        if line.startswith(("VmRSS:", "VmHWM:"))
+        for key, value in [line.split(":", 1)]
+    }
+    return ProcSample(time.monotonic(), cpu_s, kb.get("VmRSS", 0) / 1024, kb.get("VmHWM", 0) / 1024)
+
+
+# -- describe calls over time ------------------------------------------------------------------
+
+
+class StatsSampler:
+    """Samples the stand-in's cumulative count of one operation (and a process's RSS) every
+    `interval_s` until stopped; `max_in_window` gives the most calls in any `window_s`."""
+
+    def __init__(
+        self,
+        fake: FakeAwsProcess,
+        session: aiohttp.ClientSession,
+        operation: str,
+        interval_s: float,
+        pid: int | None = None,
+    ) -> None:
+        self.fake, self.session, self.operation = fake, session, operation
+        self.interval_s = interval_s
+        self.pid = pid
+        self.times: list[float] = []
+        self.counts: list[int] = []
+        self.peak_rss_mb = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="stats-sampler")
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._sample()  # the final count
+
+    async def _sample(self) -> None:
+        stats = await self.fake.stats(self.session)
+        self.times.append(time.monotonic())
+        self.counts.append(int(stats["calls"].get(self.operation, 0)))
+        if self.pid is not None and (sample := proc_sample(self.pid)) is not None:
+            self.peak_rss_mb = max(self.peak_rss_mb, sample.rss_mb)
+
+    async def _run(self) -> None:
+        while True:
+            await self._sample()
+            await asyncio.sleep(self.interval_s)
+
+    def max_in_window(self, window_s: float) -> int:
+        """The most calls counted between two samples at most `window_s` apart."""
+        best = 0
+        for i, start in enumerate(self.times):
+            j = bisect.bisect_right(self.times, start + window_s) - 1
+            best = max(best, self.counts[j] - self.counts[i])
+        return best
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def terminal_time(job: Mapping[str, Any]) -> float | None:
+    """When the store recorded the job's terminal state (epoch seconds)."""
+    at = (job.get("state_times") or {}).get(job.get("state"))
+    return epoch(at) if job.get("state") in TERMINAL and isinstance(at, str) else None
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line (for `--help`)."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def machine_line() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
