@@ -24,7 +24,6 @@ from typing import Any
 import aioboto3
 import botocore.config
 import botocore.exceptions
-import botocore.session
 import structlog
 from botocore.model import OperationModel, ServiceModel, Shape
 from botocore.validate import ParamValidator
@@ -124,9 +123,6 @@ class AwsApi:
         self.throttles: Counter[str] = Counter()
 
     async def start(self) -> None:
-        self._model = await asyncio.to_thread(
-            botocore.session.get_session().get_service_model, self.service
-        )
         session = aioboto3.Session(profile_name=self._profile, region_name=self._region_name)
         try:
             self._client = await self._stack.enter_async_context(
@@ -134,6 +130,7 @@ class AwsApi:
             )
         except botocore.exceptions.BotoCoreError as exc:
             raise map_error(exc, self.service, "CreateClient") from exc
+        self._model = self._client.meta.service_model  # loaded once, by the client
         self._client.meta.events.register(f"needs-retry.{self.service}", self._on_attempt)
 
     async def close(self) -> None:
