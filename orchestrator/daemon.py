@@ -174,7 +174,7 @@ class Daemon:
                 self.dispatcher.adopt(job)
                 self.poller.track(job)
         # Attempts cut short by a crash: settle each one (did it launch?) before serving.
-        await asyncio.gather(*(self.dispatcher.settle(job) for job in launching))
+        await asyncio.gather(*(self.dispatcher.settle_at_start(job) for job in launching))
         return len(jobs)
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:

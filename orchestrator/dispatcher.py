@@ -42,6 +42,7 @@ class _Lane:
         self.queued: set[str] = set()  # in `ready` or waiting for a retry
         self.timers: list[_Timer] = []
         self.in_flight: set[str] = set()
+        self.settle_tries: dict[str, int] = {}  # job → settle attempts of its current attempt
         self.slots = asyncio.Semaphore(submit_concurrency)
         self.wake = asyncio.Event()
 
@@ -166,11 +167,17 @@ class Dispatcher:
             lane.slots.release()
             lane.wake.set()
 
-    async def _submit(self, lane: _Lane, job: models.Job) -> None:
-        """Call the backend for the job's current attempt and record what came of it."""
+    async def _submit(self, lane: _Lane, job: models.Job, *, settling: bool = False) -> None:
+        """Call the backend for the job's current attempt and record what came of it. While
+        settling an attempt whose outcome is unknown, a refusal proves nothing about the
+        earlier call: look again later rather than start a new attempt."""
         try:
             submitted = await lane.backend.submit(job)
         except errors.StartFailed as exc:
+            if settling:
+                log.info("job.settle_retry", job_id=job.id, attempt=job.attempt, reason=exc.reason)
+                self._settle_in(lane, job.id, self._retry.delay(job.attempt, self._rng))
+                return
             await self._start_failed(lane, job, exc)
             return
         except errors.OutcomeUnknown as exc:
@@ -178,6 +185,7 @@ class Dispatcher:
             self._settle_in(lane, job.id, self._retry.delay(0, self._rng))
             return
         faults.crashpoint("dispatch.after_submit")
+        lane.settle_tries.pop(job.id, None)
         job = await self._store.record_submitted(
             job.id,
             external_id=submitted.external_id,
@@ -237,6 +245,15 @@ class Dispatcher:
             log.exception("dispatch.settle_failed", job_id=job_id)
             self._settle_in(lane, job_id, self._settings.retry_cap_s)
 
+    async def settle_at_start(self, job: models.Job) -> None:
+        """`settle` for the start-up reconciliation: an AWS hiccup must not keep the daemon
+        from serving; the job is looked at again shortly."""
+        try:
+            await self.settle(job)
+        except Exception:
+            log.exception("dispatch.settle_failed", job_id=job.id)
+            self._settle_in(self._lanes[job.backend], job.id, self._settings.retry_base_s)
+
     async def settle(self, job: models.Job) -> None:
         """Settle an attempt recorded as launching whose outcome is unknown (a crash, a timeout,
         a 5xx): adopt what it launched, start it under the same token where the backend makes
@@ -244,7 +261,10 @@ class Dispatcher:
         a new attempt on a guess; LOST once the start budget is spent without an answer."""
         lane = self._lanes[job.backend]
         lane.in_flight.add(job.id)
+        tries = lane.settle_tries[job.id] = lane.settle_tries.get(job.id, 0) + 1
         located = await lane.backend.locate(job)
+        if located.external_id is not None or located.launched is False:
+            lane.settle_tries.pop(job.id, None)
         if located.external_id is not None:
             job = await self._store.record_submitted(
                 job.id, external_id=located.external_id, state=models.JobState.SUBMITTED
@@ -261,12 +281,15 @@ class Dispatcher:
                 self.enqueue(job)
             else:
                 await self._store.request_stop(job.id, job.stop_reason)
-        elif lane.backend.can_resubmit(job):
+        elif lane.backend.can_resubmit(job) and tries <= lane.max_attempts:
             log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="resubmitted")
-            await self._submit(lane, job)  # same attempt, same token: idempotent
-        elif self._clock() - _attempt_started(job) < lane.budget_s:
+            await self._submit(lane, job, settling=True)  # same attempt, same token: idempotent
+        elif not lane.backend.can_resubmit(job) and (
+            self._clock() - _attempt_started(job) < lane.budget_s
+        ):
             self._settle_in(lane, job.id, self._retry.delay(job.attempt, self._rng))
         else:
+            lane.settle_tries.pop(job.id, None)
             reason = f"cannot establish whether attempt {job.attempt} launched"
             await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)

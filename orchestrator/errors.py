@@ -195,6 +195,7 @@ class AwsError(OrchestratorError):
         self.aws_code = aws_code
         self.aws_message = message
         self.status = status
+        self.maybe_took_effect = False  # set by the caller that knows the call's attempts
         super().__init__(f"{service} {operation}: {aws_code}: {message}")
 
 

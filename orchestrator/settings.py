@@ -150,7 +150,7 @@ class AwsBackendSettings(_Section):
     profile: str | None = None  # a named AWS profile; default: the standard credential chain
     check_health_on_startup: bool = True
     max_in_flight: _Count = 500  # jobs submitted and not yet terminal, at most
-    max_attempts: _Count = 5  # botocore `standard` retry mode: attempts per API call
+    max_attempts: _Count = 5  # botocore `standard` retry mode: attempts per API call, in all
     connect_timeout_s: _Seconds = 10.0
     read_timeout_s: _Seconds = 30.0
     describe_rate_per_s: _Rate = 20.0

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
@@ -91,8 +93,25 @@ def map_error(exc: BaseException, service: str, operation: str) -> errors.AwsErr
     return errors.AwsUnreachable(service, operation, type(exc).__name__, str(exc))
 
 
+@dataclass
+class _CallState:
+    """What the attempts of one call went through (botocore retries inside a call)."""
+
+    ambiguous: bool = False  # an attempt timed out or got a 5xx: it may have taken effect
+
+
+_call_state: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
+    "aws_call_state", default=None
+)
+
+
 class AwsApi:
-    """One AWS service client, its buckets per operation, and call accounting."""
+    """One AWS service client, its buckets per operation, and call accounting.
+
+    `single_attempt` operations go through a second client that never retries: for calls that
+    are not idempotent (Batch SubmitJob has no token), a botocore retry after a timeout could
+    create a second job; such a failure is reported instead, for the caller to settle.
+    """
 
     def __init__(
         self,
@@ -104,19 +123,22 @@ class AwsApi:
         connect_timeout_s: float,
         read_timeout_s: float,
         buckets: Mapping[str, TokenBucket],
+        single_attempt: frozenset[str] = frozenset(),
     ) -> None:
         self.service = service
         self._region_name = region_name
         self._profile = profile
         self._config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
             max_pool_connections=32,
         )
+        self._single_attempt = single_attempt
         self._buckets = dict(buckets)  # operation → bucket
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._once: Any = None  # the client that never retries, if any operation needs it
         self._starting = asyncio.Lock()
         self._model: ServiceModel | None = None
         self.calls: Counter[str] = Counter()
@@ -128,20 +150,44 @@ class AwsApi:
             self._client = await self._stack.enter_async_context(
                 session.client(self.service, config=self._config)
             )
+            if self._single_attempt:
+                once = self._config.merge(
+                    botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1})
+                )
+                self._once = await self._stack.enter_async_context(
+                    session.client(self.service, config=once)
+                )
         except botocore.exceptions.BotoCoreError as exc:
             raise map_error(exc, self.service, "CreateClient") from exc
         self._model = self._client.meta.service_model  # loaded once, by the client
-        self._client.meta.events.register(f"needs-retry.{self.service}", self._on_attempt)
+        for client in (self._client, self._once):
+            if client is not None:
+                client.meta.events.register(f"needs-retry.{self.service}", self._on_attempt)
 
     async def close(self) -> None:
         await self._stack.aclose()
-        self._client = None
+        self._client = self._once = None
 
-    def _on_attempt(self, response: Any = None, operation: Any = None, **_: Any) -> None:
-        """Every attempt's response passes here (botocore's own retries included): a throttled
-        one shrinks its bucket. Returns None: the retry decision stays botocore's."""
-        if response is None or operation is None:
+    def _on_attempt(
+        self,
+        response: Any = None,
+        operation: Any = None,
+        caught_exception: BaseException | None = None,
+        **_: Any,
+    ) -> None:
+        """Every attempt passes here (botocore's own retries included): a throttled one
+        shrinks its bucket; one that may have reached AWS without an answer marks its call
+        ambiguous. Returns None: the retry decision stays botocore's."""
+        if operation is None:
             return
+        state = _call_state.get()
+        if response is None:
+            if caught_exception is not None and state is not None:
+                state.ambiguous = True  # sent, perhaps received, never answered
+            return
+        status = response[0].status_code if response[0] is not None else None
+        if state is not None and status is not None and status >= 500:
+            state.ambiguous = True
         code, message = error_code(response[1] or {})
         if is_throttling(code, message):
             self.throttles[operation.name] += 1
@@ -152,7 +198,8 @@ class AwsApi:
     async def call(
         self, operation: str, priority: Priority = Priority.NORMAL, **kwargs: Any
     ) -> dict[str, Any]:
-        """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError.
+        """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError
+        (`maybe_took_effect` set if any attempt of the call may have reached AWS unanswered).
         A client not started yet is started on first use (CloudWatch Logs: only if asked)."""
         if self._client is None:
             async with self._starting:
@@ -161,14 +208,23 @@ class AwsApi:
         bucket = self._buckets.get(operation)
         if bucket is not None:
             await bucket.acquire(priority)
-        method = getattr(self._client, _snake(operation))
+        client = self._once if operation in self._single_attempt else self._client
+        method = getattr(client, _snake(operation))
         self.calls[operation] += 1
+        state = _CallState()
+        token = _call_state.set(state)
         try:
             response: dict[str, Any] = await method(**kwargs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise map_error(exc, self.service, operation) from exc
+            error = map_error(exc, self.service, operation)
+            error.maybe_took_effect = state.ambiguous or isinstance(
+                error, errors.AwsServerFault | errors.AwsUnreachable
+            )
+            raise error from exc
+        finally:
+            _call_state.reset(token)
         if bucket is not None:
             bucket.succeeded()
         return response
@@ -205,11 +261,12 @@ class AwsBackendBase:
         settings: AwsBackendSettings,
         logs_bucket: TokenBucket,
         buckets: Mapping[str, TokenBucket],
+        single_attempt: frozenset[str] = frozenset(),
     ) -> None:
         self.max_in_flight = settings.max_in_flight
         self.start_budget_s: float | None = settings.start_budget_s
         common = client_options(settings)
-        self.api = AwsApi(service, buckets=buckets, **common)
+        self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)
         self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
         self.buckets = list(dict.fromkeys(buckets.values()))
 
@@ -244,14 +301,14 @@ def start_outcome() -> Iterator[None]:
     started (retryable or not), or maybe something did."""
     try:
         yield
-    except errors.AwsThrottled as exc:  # refused before anything happened
-        raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
-    except errors.AwsRejected as exc:
+    except errors.AwsError as exc:
+        if exc.maybe_took_effect:
+            # An attempt of this call (botocore retries inside it) may have reached AWS: only
+            # a lookup, or a repeat under the same token, can say whether it started something.
+            raise errors.OutcomeUnknown(str(exc)) from exc
+        if isinstance(exc, errors.AwsThrottled):  # refused before anything happened
+            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
         raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
-    except (errors.AwsServerFault, errors.AwsUnreachable) as exc:
-        # The request may have reached AWS: only a lookup, or a repeat under the same token,
-        # can say whether it started something.
-        raise errors.OutcomeUnknown(str(exc)) from exc
 
 
 def probe_job(spec: models.JobSpec, backend: str) -> models.Job:

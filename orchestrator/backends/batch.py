@@ -59,6 +59,9 @@ class BatchBackend(aws.AwsBackendBase):
                 "ListJobs": describe,
                 "DescribeJobQueues": describe,
             },
+            # No idempotency token: a botocore retry after a timeout could create a second
+            # job. One attempt per call; an unanswered one is settled by a ListJobs lookup.
+            single_attempt=frozenset({"SubmitJob"}),
         )
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_submit_attempts

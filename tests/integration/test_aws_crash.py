@@ -516,12 +516,6 @@ def test_ecs_run_task_5xx_is_settled_under_the_same_token(
     assert events == [("job.start_unknown", None), ("job.reconciled", "resubmitted")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: aws.AwsApi passes `max_attempts` to botocore's retries config, where it counts "
-    "retries, not attempts: each call makes max_attempts + 1 attempts (use total_max_attempts)",
-)
 @pytest.mark.usefixtures("proxied_aws_env")
 async def test_ecs_max_attempts_bounds_the_attempts_of_one_call(
     ecs_env: EcsEnv, fault_proxy: FaultProxy
@@ -549,13 +543,6 @@ SLOW_S = 2.5  # how long the proxy holds the first request
 READ_TIMEOUT_S = 1.0  # the daemon's read timeout: it gives up on that request well before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: aws.start_outcome maps a call's last error alone: a RunTask whose first attempt "
-    "timed out (maybe launched) and whose botocore retries were throttled becomes "
-    "StartFailed(retryable), so the dispatcher starts attempt 2 under a new token",
-)
 def test_ecs_run_task_that_timed_out_then_was_throttled_is_not_retried_under_a_new_token(
     make_daemon: DaemonFactory, ecs_env: EcsEnv, moto: MotoServer, fault_proxy: FaultProxy
 ) -> None:
@@ -586,13 +573,6 @@ def test_ecs_run_task_that_timed_out_then_was_throttled_is_not_retried_under_a_n
     assert len(ecs_tasks(moto, ecs_env.cluster)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: SubmitJob has no idempotency token, yet botocore's standard retries repeat it "
-    "after a read timeout or 5xx that may have reached Batch: two Batch jobs for one attempt, "
-    "and the daemon tracks only the second",
-)
 def test_batch_submit_that_timed_out_after_reaching_batch_is_not_submitted_twice(
     make_daemon: DaemonFactory, batch_env: BatchEnv, moto: MotoServer, fault_proxy: FaultProxy
 ) -> None:
@@ -623,12 +603,6 @@ def test_batch_submit_that_timed_out_after_reaching_batch_is_not_submitted_twice
 # -- start-up must survive AWS being unavailable -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: Daemon._recover awaits Dispatcher.settle for every launching job before "
-    "serving; an AWS error in the lookup (ListTasks 5xx) escapes and `serve` exits 1",
-)
 def test_restart_with_a_half_launched_attempt_while_ecs_lookups_fail_still_serves(
     make_daemon: DaemonFactory, ecs_env: EcsEnv, moto: MotoServer, fault_proxy: FaultProxy
 ) -> None:
