@@ -31,6 +31,8 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
+from orchestrator.settings import PollerSettings
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(REPO) not in sys.path:  # run as `python bench/x.py`: make `tests.support` importable
@@ -162,16 +164,19 @@ def aws_env(endpoint_url: str) -> dict[str, str]:
     }
 
 
+_DEFAULTS = PollerSettings()  # the daemon's own defaults, not a copy that can go stale
+
+
 @dataclasses.dataclass(frozen=True)
 class PollerTiming:
     """The poller's durations (defaults: the daemon's), all divided by one time scale."""
 
     time_scale: float = 1.0
-    base_s: float = 1.0
-    factor: float = 1.5
-    cap_s: float = 15.0
-    fill_ahead_s: float = 2.0
-    missing_grace_s: float = 60.0
+    base_s: float = _DEFAULTS.base_s
+    factor: float = _DEFAULTS.factor
+    cap_s: float = _DEFAULTS.cap_s
+    fill_ahead_s: float = _DEFAULTS.fill_ahead_s
+    missing_grace_s: float = _DEFAULTS.missing_grace_s
 
     @property
     def scaled_cap_s(self) -> float:
