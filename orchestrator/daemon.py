@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 
 import structlog
 
@@ -222,9 +223,13 @@ class Daemon:
             await asyncio.Event().wait()  # keep everything; idle until cancelled
         work_dir = self.settings.local_work_dir()
         while True:
-            purged = await self.store.purge(time.time() - days * 86400)
-            for job_id in purged:
-                shutil.rmtree(work_dir / job_id, ignore_errors=True)
-            if purged:
+            cutoff = time.time() - days * 86400
+            while purged := await self.store.purge(cutoff):  # in slices: writes keep flowing
+                await asyncio.to_thread(_remove_dirs, work_dir, purged)
                 log.info("store.purged", jobs=len(purged), retention_days=days)
             await asyncio.sleep(_RETENTION_INTERVAL_S)
+
+
+def _remove_dirs(work_dir: Path, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        shutil.rmtree(work_dir / job_id, ignore_errors=True)

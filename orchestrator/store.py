@@ -590,7 +590,7 @@ class Store:
                 row[0]
                 for row in conn.execute(
                     f"SELECT id FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND updated_at < ? "
-                    "LIMIT 10000",
+                    "LIMIT 2000",
                     (older_than,),
                 )
             ]
