@@ -23,15 +23,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 import orjson
 
+from orchestrator.client import Client
 from orchestrator.settings import PollerSettings
+
+if TYPE_CHECKING:
+    from tests.support.daemon import DaemonProcess
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -380,3 +384,23 @@ def command_line() -> str:
 def machine_line() -> str:
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+async def wait_counts(
+    client: Client,
+    daemon: DaemonProcess,
+    done: Callable[[dict[str, int]], bool],
+    timeout_s: float,
+    interval_s: float = 0.2,
+) -> dict[str, int]:
+    """`ping` until `done(counts)`; the last counts (also on a timeout)."""
+    deadline = time.monotonic() + timeout_s
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited {daemon.proc.returncode}; see {daemon.log_path}")
+        counts = (await client.ping())["jobs"]
+        if done(counts):
+            break
+        await asyncio.sleep(interval_s)
+    return counts

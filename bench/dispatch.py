@@ -93,16 +93,11 @@ async def wait_dispatched(
     client: Client, daemon: DaemonProcess, n: int, timeout_s: float
 ) -> dict[str, int]:
     """Until no job is QUEUED (each launched, or failed); the final counts by state."""
-    deadline = time.monotonic() + timeout_s
-    counts: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        if daemon.proc is not None and daemon.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited {daemon.proc.returncode}; see {daemon.log_path}")
-        counts = (await client.ping())["jobs"]
-        if sum(counts.values()) >= n and counts.get("QUEUED", 0) == 0:
-            return counts
-        await asyncio.sleep(0.1)
-    return counts
+
+    def dispatched(counts: dict[str, int]) -> bool:
+        return sum(counts.values()) >= n and counts.get("QUEUED", 0) == 0
+
+    return await ab.wait_counts(client, daemon, dispatched, timeout_s, interval_s=0.1)
 
 
 async def run_backend(backend: str, args: argparse.Namespace, root: Path) -> Row:

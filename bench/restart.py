@@ -35,7 +35,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -89,26 +89,6 @@ def start_and_time(daemon: DaemonProcess, label: str, env: Mapping[str, str]) ->
             result.startup_s = float(event.get("startup_s", math.nan))
             result.recovered = event.get("recovered")
     return result
-
-
-async def wait_counts(
-    client: Client,
-    daemon: DaemonProcess,
-    done: Callable[[dict[str, int]], bool],
-    timeout_s: float,
-    interval_s: float = 0.2,
-) -> dict[str, int]:
-    """`ping` until `done(counts)`; the last counts (also on a timeout)."""
-    deadline = time.monotonic() + timeout_s
-    counts: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        if daemon.proc is not None and daemon.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited {daemon.proc.returncode}; see {daemon.log_path}")
-        counts = (await client.ping())["jobs"]
-        if done(counts):
-            break
-        await asyncio.sleep(interval_s)
-    return counts
 
 
 async def time_repoll(
@@ -173,7 +153,7 @@ async def amain(args: argparse.Namespace, root: Path) -> None:
                 ]
                 if bad:
                     raise RuntimeError(f"{len(bad)} submissions refused, e.g. {bad[0]}")
-                before = await wait_counts(
+                before = await ab.wait_counts(
                     client,
                     daemon,
                     lambda c: sum(c.values()) >= n and c.get("QUEUED", 0) == 0,
@@ -202,7 +182,7 @@ async def amain(args: argparse.Namespace, root: Path) -> None:
             if args.finish:
                 t_finish = time.monotonic()
                 async with Client(daemon.socket_path) as client:
-                    finished = await wait_counts(
+                    finished = await ab.wait_counts(
                         client, daemon, lambda c: in_flight(c) == 0, args.finish_timeout_s, 1.0
                     )
                 finish_s = time.monotonic() - t_finish

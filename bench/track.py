@@ -144,17 +144,13 @@ def sample_interval(args: argparse.Namespace) -> float:
 async def wait_terminal(
     client: Client, daemon: DaemonProcess, n: int, timeout_s: float, interval_s: float
 ) -> None:
-    deadline = time.monotonic() + timeout_s
+    def all_terminal(counts: dict[str, int]) -> bool:
+        return sum(counts.get(s, 0) for s in ab.TERMINAL) >= n
+
     interval = min(1.0, max(0.1, interval_s))
-    counts: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        if daemon.proc is not None and daemon.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited {daemon.proc.returncode}; see {daemon.log_path}")
-        counts = (await client.ping())["jobs"]
-        if sum(counts.get(s, 0) for s in ab.TERMINAL) >= n:
-            return
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"not all {n} jobs terminal after {timeout_s:.0f}s: {counts}")
+    counts = await ab.wait_counts(client, daemon, all_terminal, timeout_s, interval)
+    if not all_terminal(counts):
+        raise TimeoutError(f"not all {n} jobs terminal after {timeout_s:.0f}s: {counts}")
 
 
 async def run_orchestrator(n: int, args: argparse.Namespace, root: Path) -> Row:
