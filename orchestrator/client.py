@@ -31,7 +31,7 @@ def default_socket_path() -> Path:
     configured = os.environ.get(f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH")
     if configured:
         return Path(configured)
-    return settings.runtime_dir() / "orchestrator.sock"
+    return settings.default_socket_path()
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

@@ -116,12 +116,6 @@ class Peer:
     pid: int
     groups: frozenset[int] = frozenset()  # supplementary groups
 
-    @classmethod
-    def me(cls) -> Peer:
-        return cls(
-            uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(os.getgroups())
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Job:

@@ -66,7 +66,6 @@ class Poller:
         self._describe_slots = {
             name: asyncio.Semaphore(settings.describe_concurrency) for name in backends
         }
-        self.describe_calls = 0  # for the benchmarks and metrics
 
     # -- what other components call --------------------------------------------------------
 
@@ -94,9 +93,6 @@ class Poller:
         entry.n = 0
         if not entry.busy:
             self._schedule(entry, 0.0)
-
-    def tracked(self) -> int:
-        return len(self._tracked)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -190,7 +186,6 @@ class Poller:
                 for entry in batch:
                     await self._enforce_deadline(backend, entry)
                 jobs = [entry.job for entry in batch]
-                self.describe_calls += 1
                 observations = await backend.describe(jobs)
             # All at once: the store commits the batch's changes together (group commit).
             await asyncio.gather(

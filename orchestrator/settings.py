@@ -67,6 +67,11 @@ def runtime_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"orchestrator-{os.getuid()}"
 
 
+def default_socket_path() -> Path:
+    """The socket when none is configured (the daemon's default, and so the client's)."""
+    return runtime_dir() / "orchestrator.sock"
+
+
 def state_dir() -> Path:
     """Where the journal lives: systemd's StateDirectory, else XDG_STATE_HOME, else
     ~/.local/state."""
@@ -78,7 +83,7 @@ def state_dir() -> Path:
 
 
 class ServerSettings(_Section):
-    socket_path: Path = pydantic.Field(default_factory=lambda: runtime_dir() / "orchestrator.sock")
+    socket_path: Path = pydantic.Field(default_factory=default_socket_path)
     max_line_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1024 * 1024
     idle_timeout_s: _Seconds = 300.0
     request_timeout_s: _Seconds = 30.0

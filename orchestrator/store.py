@@ -229,7 +229,6 @@ class Store:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-reader")
         self._read_conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.commits = 0  # transactions committed, for the benchmarks and metrics
 
     @property
     def path(self) -> Path:
@@ -330,7 +329,6 @@ class Store:
                 outcomes.append((future, result, None))
                 published.extend(op_events)
             conn.execute("COMMIT")
-            self.commits += 1
         except sqlite3.Error as exc:
             log.exception("store.commit_failed", operations=len(batch))
             if conn.in_transaction:
