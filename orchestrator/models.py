@@ -6,7 +6,7 @@ Pure data: nothing here does I/O. The store enforces these rules; everything els
 from __future__ import annotations
 
 import enum
-import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -204,14 +204,13 @@ def iso(at: float) -> str:
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_DIGIT_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value, 2 digits
+_PAIR_SHIFTS = range(120, -10, -10)
 
 
 def new_job_id(now: float | None = None) -> str:
     """A 26-character id that sorts by creation time (48-bit ms timestamp + 80 random bits)."""
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    value = (ms << 80) | random.getrandbits(80)  # reseeded from the OS in a forked child
+    # 26 base-32 digits (130 bits, the first two zero), two at a time.
+    return "".join([_DIGIT_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])

@@ -134,75 +134,108 @@ def _event(job: models.Job, old: models.JobState | None) -> models.Event:
     )
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
+    "peer_pid, created_at, updated_at, state_times, info) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, X'7B7D')"  # info: b'{}'
+)
+
+
+def _event_row(event: models.Event) -> tuple[Any, ...]:
+    return (
+        event.job_id,
+        event.at,
+        None if event.from_state is None else event.from_state.value,
+        event.to_state.value,
+        event.reason,
+        event.exit_code,
+    )
+
+
 def _insert_event(conn: sqlite3.Connection, event: models.Event) -> None:
-    conn.execute(
-        "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            event.job_id,
-            event.at,
-            None if event.from_state is None else event.from_state.value,
-            event.to_state.value,
-            event.reason,
-            event.exit_code,
-        ),
-    )
+    conn.execute(_INSERT_EVENT, _event_row(event))
 
 
-def _insert_job(
-    conn: sqlite3.Connection,
-    spec: models.JobSpec,
-    backend: str,
-    spec_json: bytes,
-    peer: models.Peer | None,
-    now: float,
-) -> tuple[models.Job, bool]:
-    """Insert a new QUEUED job, or find the one its idempotency key already names. Reads
-    before it writes, so a conflict raises before anything is written."""
-    if spec.idempotency_key is not None:
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
-        ).fetchone()
-        if row is not None:
-            existing = _job_from_row(row)
-            # The backend is compared as stored beside the spec; inside the spec it is optional.
-            if existing.backend != backend or _without_backend(existing.spec) != _without_backend(
-                spec
-            ):
-                raise IdempotencyConflict(
-                    f"idempotency key {spec.idempotency_key!r} already names job "
-                    f"{existing.id} with a different spec"
-                )
-            return existing, False
-    job = models.Job(
-        id=models.new_job_id(now),
-        spec=spec,
-        backend=backend,
-        state=models.JobState.QUEUED,
-        created_at=now,
-        updated_at=now,
-        state_times={models.JobState.QUEUED.value: now},
-        peer=peer,
-    )
-    conn.execute(
-        "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
-        "peer_pid, created_at, updated_at, state_times, info) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, X'7B7D')",  # info: b'{}'
-        (
-            job.id,
-            spec.idempotency_key,
-            backend,
-            spec_json,
-            job.state.value,
-            None if peer is None else peer.uid,
-            None if peer is None else peer.gid,
-            None if peer is None else peer.pid,
-            now,
-            now,
-            orjson.dumps(job.state_times),
-        ),
-    )
-    return job, True
+class _NewJobs:
+    """Accepts a run of new jobs with one `executemany` per table: the bulk ingest path spends
+    its time per row otherwise. A job with an idempotency key is looked up first, after the
+    rows before it are written, so a key repeated within one run is found."""
+
+    def __init__(self, conn: sqlite3.Connection, peer: models.Peer | None, now: float) -> None:
+        self._conn = conn
+        self._peer = peer
+        self._peer_columns = (None, None, None) if peer is None else (peer.uid, peer.gid, peer.pid)
+        self._now = now
+        self._state_times = orjson.dumps({models.JobState.QUEUED.value: now})
+        self._jobs: list[tuple[Any, ...]] = []
+        self._events: list[tuple[Any, ...]] = []
+
+    def add(
+        self, spec: models.JobSpec, backend: str, spec_json: bytes
+    ) -> tuple[models.Job, models.Event | None]:
+        """The new job and its acceptance event, or the existing job (and no event) that the
+        spec's idempotency key already names. A conflict raises before anything is written."""
+        if spec.idempotency_key is not None:
+            self.flush()
+            existing = _find_by_key(self._conn, spec, backend)
+            if existing is not None:
+                return existing, None
+        now = self._now
+        job = models.Job(
+            id=models.new_job_id(now),
+            spec=spec,
+            backend=backend,
+            state=models.JobState.QUEUED,
+            created_at=now,
+            updated_at=now,
+            state_times={models.JobState.QUEUED.value: now},
+            peer=self._peer,
+        )
+        event = _event(job, None)
+        self._jobs.append(
+            (
+                job.id,
+                spec.idempotency_key,
+                backend,
+                spec_json,
+                job.state.value,
+                *self._peer_columns,
+                now,
+                now,
+                self._state_times,
+            )
+        )
+        self._events.append(_event_row(event))
+        return job, event
+
+    def flush(self) -> None:
+        if self._jobs:
+            self._conn.executemany(_INSERT_JOB, self._jobs)
+            self._conn.executemany(_INSERT_EVENT, self._events)
+            self._jobs.clear()
+            self._events.clear()
+
+
+def _find_by_key(conn: sqlite3.Connection, spec: models.JobSpec, backend: str) -> models.Job | None:
+    """The job `spec.idempotency_key` already names, if any; a different spec under the same
+    key is an `IdempotencyConflict`."""
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
+    ).fetchone()
+    if row is None:
+        return None
+    existing = _job_from_row(row)
+    # The backend is compared as stored beside the spec; inside the spec it is optional.
+    if existing.backend != backend or _without_backend(existing.spec) != _without_backend(spec):
+        raise IdempotencyConflict(
+            f"idempotency key {spec.idempotency_key!r} already names job "
+            f"{existing.id} with a different spec"
+        )
+    return existing
 
 
 def _without_backend(spec: models.JobSpec) -> dict[str, Any]:
@@ -399,16 +432,17 @@ class Store:
         ) -> tuple[list[tuple[models.Job, bool] | errors.OrchestratorError], list[models.Event]]:
             outcomes: list[tuple[models.Job, bool] | errors.OrchestratorError] = []
             events: list[models.Event] = []
+            new_jobs = _NewJobs(conn, peer, now)
             for spec, backend, spec_json in rows:
                 try:
-                    job, created = _insert_job(conn, spec, backend, spec_json, peer, now)
+                    job, event = new_jobs.add(spec, backend, spec_json)
                 except IdempotencyConflict as exc:
                     outcomes.append(exc)
                     continue
-                outcomes.append((job, created))
-                if created:
-                    events.append(_event(job, None))
-                    _insert_event(conn, events[-1])
+                outcomes.append((job, event is not None))
+                if event is not None:
+                    events.append(event)
+            new_jobs.flush()
             return outcomes, events
 
         return await self._write(op)

@@ -304,3 +304,16 @@ async def test_submit_many_rejects_only_the_bad_specs(raw: Raw) -> None:
     assert results[5]["code"] == "invalid_request"
     names = sorted(j["name"] for j in (await raw.ask(b'{"id": 11, "op": "list"}\n'))["jobs"])
     assert names == ["good-1", "good-2"]
+
+
+async def test_submit_many_finds_a_key_repeated_in_the_same_request(raw: Raw) -> None:
+    """Jobs are written in runs; a key already used earlier in the run must still be found."""
+    same = {"command": ["true"], "name": "once", "idempotency_key": "twice-in-one"}
+    jobs = [{"command": ["true"], "name": "before"}, same, {"command": ["true"]}, same]
+    reply = await raw.ask(orjson.dumps({"id": 3, "op": "submit_many", "jobs": jobs}) + b"\n")
+    results = reply["results"]
+    assert [r["ok"] for r in results] == [True, True, True, True]
+    assert [r["created"] for r in results] == [True, True, True, False]
+    assert results[3]["id"] == results[1]["id"]
+    listed = (await raw.ask(b'{"id": 4, "op": "list"}\n'))["jobs"]
+    assert sorted(j["name"] for j in listed) == sorted(["before", "once", results[2]["id"]])
