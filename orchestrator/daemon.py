@@ -121,12 +121,20 @@ class Daemon:
 
     async def _serve(self) -> None:
         started = time.monotonic()
+        phases: dict[str, float] = {}  # seconds each start-up step took, for the ready line
+
+        def lap(phase: str) -> None:
+            phases[phase] = round(time.monotonic() - started - sum(phases.values()), 3)
+
         faults.arm(os.environ.get(faults.ENV))
         await self.store.open()
+        lap("store_s")
         try:
             for backend in self.backends.values():
                 await backend.start()
+            lap("backends_s")
             recovered = await self._recover()
+            lap("recover_s")
             await self.server.start(self._inherited_socket)
             if self._endpoint is not None:
                 await self._endpoint.start()
@@ -137,6 +145,7 @@ class Daemon:
                 backends=sorted(self.backends),
                 recovered=recovered,
                 startup_s=round(time.monotonic() - started, 3),
+                **phases,
             )
             notify.send("READY=1", f"STATUS={self.status_line()} ({recovered} recovered)")
             async with asyncio.TaskGroup() as tg:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import pydantic
 import structlog
 
 from orchestrator import errors, events, models
@@ -93,9 +94,7 @@ def _job_from_row(row: Sequence[Any]) -> models.Job:
     return models.Job(
         id=row[0],
         backend=row[1],
-        # Validated when it was accepted; rebuilt without validating again (the recovery scan
-        # of 10,000 jobs spends its time here otherwise).
-        spec=models.JobSpec.model_construct(**orjson.loads(row[2])),
+        spec=_spec_from_json(row[2]),
         state=models.JobState(row[3]),
         attempt=row[4],
         launching=bool(row[5]),
@@ -111,6 +110,16 @@ def _job_from_row(row: Sequence[Any]) -> models.Job:
         state_times=orjson.loads(row[17]),
         info=orjson.loads(row[18]),
     )
+
+
+def _spec_from_json(data: bytes) -> models.JobSpec:
+    """A stored spec. Validating it again is the fast path (pydantic-core parses the JSON;
+    `model_construct` spends more on defaults); a spec that a newer version's rules refuse
+    was valid when accepted, so it is kept as it is."""
+    try:
+        return models.JobSpec.model_validate_json(data)
+    except pydantic.ValidationError:
+        return models.JobSpec.model_construct(**orjson.loads(data))
 
 
 def _fetch(conn: sqlite3.Connection, job_id: str) -> models.Job:
