@@ -4,23 +4,31 @@
 
 Starts `orchestrator serve` (local backend, max_concurrency=1 so accepted jobs wait QUEUED and
 running them does not compete for the CPU), then per `store.synchronous` mode:
-- paced: one request at a time on one connection at `--rate`/s; ack latency p50/p99/max;
+- paced: one request at a time on one connection at `--rate`/s (a blocking socket, so the
+  client's own event loop stays out of the figures); ack latency p50/p99/max;
 - bulk: `--jobs` one-job `submit` lines pipelined on one connection (`--window` unanswered at
   most), as a raw NDJSON producer would send them; acknowledged jobs/s;
 - batched: the same jobs as `submit_many` requests of 500, the way `orchestrator submit --file`
   and `Client.submit_many` send them.
-An ack means the job is committed to SQLite. Prints a Markdown table.
+An ack means the job is committed to SQLite. Then the floors an ack cannot beat here: a reply
+the daemon gives before any task, store or thread (an unknown op), and the fdatasync latency of
+the file system under the store. Prints Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -35,21 +43,49 @@ def request(i: int) -> bytes:
     return orjson.dumps({"v": 1, "id": i, "op": "submit", "job": job}) + b"\n"
 
 
-async def paced(path: Path, count: int, rate: float) -> list[float]:
-    reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+def paced(
+    path: Path, count: int, rate: float, line: Callable[[int], bytes] = request
+) -> list[float]:
+    """`count` requests one at a time at `rate`/s; the latency of each reply. A blocking socket
+    and no event loop: the client's own overhead stays out of the figures."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(path))
+    replies = sock.makefile("rb")
     latencies = []
     start = time.perf_counter()
     for i in range(count):
         due = start + i / rate
         if (delay := due - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
+            time.sleep(delay)
+        data = line(i)
         sent = time.perf_counter()
-        writer.write(request(i))
-        reply = orjson.loads(await reader.readline())
+        sock.sendall(data)
+        reply = orjson.loads(replies.readline())
         latencies.append(time.perf_counter() - sent)
-        assert reply["ok"], reply
-    writer.close()
+        assert reply["ok"] or reply["error"]["code"] == "unknown_op", reply
+    sock.close()
     return latencies
+
+
+def unknown_op(i: int) -> bytes:
+    """Answered by the connection's reader before any task, store or thread: the floor."""
+    return b'{"v": 1, "id": %d, "op": "no-such-op"}\n' % i
+
+
+def fsync_latencies(directory: Path, count: int = 2000) -> list[float]:
+    """fdatasync of a 4 KiB append, as a WAL commit does, on the store's file system."""
+    fd, name = tempfile.mkstemp(dir=directory)
+    try:
+        latencies = []
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            latencies.append(time.perf_counter() - t)
+        return latencies
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 async def batched(path: Path, count: int, batch: int = 500, window: int = 4) -> float:
@@ -119,11 +155,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     )
     daemon.start()
     try:
-        latencies = asyncio.run(paced(daemon.socket_path, args.paced, args.rate))
+        latencies = paced(daemon.socket_path, args.paced, args.rate)
         rate = asyncio.run(bulk(daemon.socket_path, args.jobs, args.window))
         batched_rate = asyncio.run(batched(daemon.socket_path, args.jobs))
     finally:
         daemon.stop()
+        kill_jobs_under(root)
+        shutil.rmtree(root, ignore_errors=True)
     return {
         "p50_ms": pct(latencies, 0.50) * 1000,
         "p99_ms": pct(latencies, 0.99) * 1000,
@@ -131,6 +169,40 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
         "bulk_per_s": rate,
         "batched_per_s": batched_rate,
     }
+
+
+def kill_jobs_under(root: Path) -> None:
+    """Local jobs outlive the daemon (by design): end the benchmark's `sleep`s, each runner's
+    process group (a runner leads its own session)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"_runner.py" in cmdline and str(root).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(entry.name), signal.SIGKILL)
+
+
+def floors(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
+    """What an ack cannot beat on this machine: the socket and event loop alone, and the
+    fsync that a FULL commit waits for."""
+    root = Path(tempfile.mkdtemp(prefix="orc-bench-", dir="/tmp"))
+    daemon = DaemonProcess(root, env={"ORCHESTRATOR__LOGGING__LEVEL": "WARNING"})
+    daemon.start()
+    try:
+        loop_only = paced(daemon.socket_path, args.paced, args.rate, unknown_op)
+    finally:
+        daemon.stop()
+    try:
+        return [
+            ("reply from the connection's reader (no store, no thread)", loop_only),
+            ("fdatasync of a 4 KiB append (the store's file system)", fsync_latencies(root)),
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -141,8 +213,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024, help="bulk: unanswered at most")
     args = parser.parse_args()
     print(
-        f"# ingest: {os.cpu_count()} CPUs, paced {args.paced} at {args.rate:.0f}/s, "
-        f"bulk {args.jobs}"
+        f"# ingest: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
+        f"paced {args.paced} at {args.rate:.0f}/s, bulk {args.jobs}"
     )
     print(
         "| synchronous | ack p50 (ms) | ack p99 (ms) | ack max (ms) "
@@ -154,6 +226,12 @@ def main() -> None:
         print(
             f"| {mode} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} "
             f"| {r['bulk_per_s']:,.0f} | {r['batched_per_s']:,.0f} |"
+        )
+    print("\n| floor | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|")
+    for label, values in floors(args):
+        print(
+            f"| {label} | {pct(values, 0.5) * 1000:.2f} | {pct(values, 0.99) * 1000:.2f} "
+            f"| {max(values) * 1000:.1f} |"
         )
 
 

@@ -204,6 +204,33 @@ async def test_many_pipelined_requests_on_one_connection_all_get_their_own_reply
     replies = [await raw.reply() for _ in range(300)]
     assert sorted(r["id"] for r in replies) == list(range(300))
     assert all(r["job"]["name"] == f"n{r['id']}" for r in replies)
+    assert len({r["job"]["id"] for r in replies}) == 300
+
+
+async def test_a_burst_of_submissions_keeps_each_outcome_apart(raw: Raw) -> None:
+    """Submissions that arrive together are committed together; each still gets its own
+    outcome: a bad spec, a repeated key and a key conflict do not touch their neighbours."""
+    keyed = {"command": ["true"], "idempotency_key": "burst"}
+    jobs: list[Any] = [{"command": ["true"], "name": f"n{i}"} for i in range(40)]
+    jobs[10] = {"command": "not a list"}
+    jobs[20] = keyed
+    jobs[30] = keyed
+    jobs[35] = {**keyed, "command": ["false"]}
+    await raw.send(
+        b"".join(
+            orjson.dumps({"id": i, "op": "submit", "job": job}) + b"\n"
+            for i, job in enumerate(jobs)
+        )
+    )
+    replies = {r["id"]: r for r in [await raw.reply() for _ in jobs]}
+    assert replies[10]["code"] == "invalid_request"
+    assert replies[20]["created"] is True
+    assert (replies[30]["created"], replies[30]["job"]["id"]) == (False, replies[20]["job"]["id"])
+    assert replies[35]["code"] == "idempotency_conflict"
+    plain = [replies[i] for i in range(40) if i not in (10, 20, 30, 35)]
+    assert all(r["ok"] and r["created"] and r["job"]["name"] == f"n{r['id']}" for r in plain)
+    listed = (await raw.ask(b'{"id": "l", "op": "list"}\n'))["jobs"]
+    assert len(listed) == len(plain) + 1
 
 
 async def test_idle_connection_is_closed_with_a_reason(short_tmp: Path) -> None:
