@@ -13,8 +13,8 @@ again, and measured:
 
 - spawn → ping: from `Popen` of the new process to the first `ping` answered on the socket
   (what a client sees; tried every 5 ms), and spawn → `daemon.ready` (the log line's
-  timestamp), `startup_s` and `recovered` from that line (in-process: store open, backends'
-  health checks, the recovery scan, socket bound);
+  timestamp), `startup_s`, its phases and `recovered` from that line (in-process: store open,
+  backends' health checks, the recovery scan, socket bound);
 - re-adopted: `recovered` against the jobs that were in flight at the stop, and `ping`'s
   counts by state (every job still there, none lost);
 - re-polled: the time after the first ping until the stand-in has answered describes for as
@@ -58,6 +58,7 @@ class Start:
     ready_log_s: float = math.nan  # spawn → daemon.ready timestamp
     startup_s: float = math.nan  # daemon.ready's own startup_s
     recovered: int | None = None
+    phases: str = ""  # daemon.ready's store_s / backends_s / recover_s
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     repolled_s: float = math.nan  # ready → describe ids ≥ in flight
     rss_mb: float = math.nan
@@ -88,6 +89,9 @@ def start_and_time(daemon: DaemonProcess, label: str, env: Mapping[str, str]) ->
             result.ready_log_s = ab.epoch(str(event["timestamp"])) - t0_wall
             result.startup_s = float(event.get("startup_s", math.nan))
             result.recovered = event.get("recovered")
+            result.phases = " / ".join(
+                str(event.get(key, "?")) for key in ("store_s", "backends_s", "recover_s")
+            )
     return result
 
 
@@ -193,7 +197,8 @@ async def amain(args: argparse.Namespace, root: Path) -> None:
 
     headers = [
         "start", "jobs in store", "in flight", "spawn → ping (s)", "spawn → daemon.ready (s)",
-        "startup_s (in-process)", "recovered", "all re-polled (s after ping)", "RSS (MB)",
+        "startup_s (in-process)", "store / backends / recover (s)", "recovered",
+        "all re-polled (s after ping)", "RSS (MB)",
     ]  # fmt: skip
     rows = [
         [
@@ -203,6 +208,7 @@ async def amain(args: argparse.Namespace, root: Path) -> None:
             ab.fmt(s.ping_s, 3),
             ab.fmt(s.ready_log_s, 3),
             ab.fmt(s.startup_s, 3),
+            s.phases,
             "n/a" if s.recovered is None else f"{s.recovered:,}",
             ab.fmt(s.repolled_s, 2),
             ab.fmt(s.rss_mb, 0),

@@ -58,28 +58,36 @@ class _Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_default=True)
 
 
-def runtime_dir() -> Path:
+def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """Where the socket lives: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp."""
-    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+    if runtime := environ.get("RUNTIME_DIRECTORY"):
         return Path(runtime.split(":")[0])
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+    if xdg := environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "orchestrator"
     return Path(tempfile.gettempdir()) / f"orchestrator-{os.getuid()}"
 
 
-def default_socket_path() -> Path:
+def default_socket_path(environ: Mapping[str, str] = os.environ) -> Path:
     """The socket when none is configured (the daemon's default, and so the client's)."""
-    return runtime_dir() / "orchestrator.sock"
+    return runtime_dir(environ) / "orchestrator.sock"
 
 
-def state_dir() -> Path:
+def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """Where the journal lives: systemd's StateDirectory, else XDG_STATE_HOME, else
     ~/.local/state."""
-    if state := os.environ.get("STATE_DIRECTORY"):
+    if state := environ.get("STATE_DIRECTORY"):
         return Path(state.split(":")[0])
-    if xdg := os.environ.get("XDG_STATE_HOME"):
+    if xdg := environ.get("XDG_STATE_HOME"):
         return Path(xdg) / "orchestrator"
     return Path.home() / ".local" / "state" / "orchestrator"
+
+
+def _path_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The defaults that depend on the environment, from the environment `load` was given."""
+    return {
+        "server": {"socket_path": default_socket_path(environ)},
+        "store": {"path": state_dir(environ) / "orchestrator.db"},
+    }
 
 
 class ServerSettings(_Section):
@@ -310,7 +318,7 @@ def load(config_path: Path | None = None, environ: Mapping[str, str] | None = No
     for key in _leaf_keys(env_data):
         sources[key] = f"env:{env_names.get(key, key)}"
 
-    merged = deep_merge(file_data, env_data)
+    merged = deep_merge(_path_defaults(environ), deep_merge(file_data, env_data))
     try:
         settings = Settings(**merged)
     except pydantic.ValidationError as exc:

@@ -37,8 +37,13 @@ def _config_error(config_path: Path | None = None, environ: dict[str, str] | Non
 # --- defaults --------------------------------------------------------------------------------
 
 
+def _dirs(tmp_path: Path) -> dict[str, str]:
+    """The fixture's directory variables, as an environ to hand to `load`."""
+    return {"XDG_RUNTIME_DIR": str(tmp_path / "run"), "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
 def test_defaults_with_an_empty_environ(tmp_path: Path) -> None:
-    loaded = settings.load(None, {})
+    loaded = settings.load(None, _dirs(tmp_path))
     assert loaded.settings == settings.Settings()
     assert (dict(loaded.sources), loaded.config_path) == ({}, None)
     assert loaded.settings.server.socket_path == tmp_path / "run" / "orchestrator" / (
@@ -51,12 +56,16 @@ def test_defaults_with_an_empty_environ(tmp_path: Path) -> None:
     assert {loaded.source_of(key) for key in settings.flatten(loaded.settings)} == {"default"}
 
 
-def test_systemd_directories_win_over_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("RUNTIME_DIRECTORY", f"{tmp_path}/rt:{tmp_path}/other")
-    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/st")
-    loaded = settings.load(None, {})
+def test_systemd_directories_win_over_xdg(tmp_path: Path) -> None:
+    environ = {
+        **_dirs(tmp_path),
+        "RUNTIME_DIRECTORY": f"{tmp_path}/rt:{tmp_path}/other",
+        "STATE_DIRECTORY": f"{tmp_path}/st",
+    }
+    loaded = settings.load(None, environ)
     assert loaded.settings.server.socket_path == tmp_path / "rt" / "orchestrator.sock"
     assert loaded.settings.store.path == tmp_path / "st" / "orchestrator.db"
+    assert loaded.source_of("server.socket_path") == "default"
 
 
 def test_the_process_environment_is_not_read_when_environ_is_given(
@@ -64,9 +73,12 @@ def test_the_process_environment_is_not_read_when_environ_is_given(
 ) -> None:
     monkeypatch.setenv("ORCHESTRATOR__SERVER__MAX_CONNECTIONS", "7")
     monkeypatch.setenv(settings.CONFIG_ENV, str(tmp_path / "missing.toml"))
-    loaded = settings.load(None, {})
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "process-rt"))
+    loaded = settings.load(None, {"STATE_DIRECTORY": str(tmp_path / "given")})
     assert loaded.settings.server.max_connections == settings.Settings().server.max_connections
     assert loaded.config_path is None
+    assert not loaded.settings.server.socket_path.is_relative_to(tmp_path / "process-rt")
+    assert loaded.settings.store.path == tmp_path / "given" / "orchestrator.db"
 
 
 # --- precedence ------------------------------------------------------------------------------
@@ -160,8 +172,13 @@ def test_env_names_are_case_insensitive() -> None:
     assert loaded.source_of("server.max_connections") == "env:orchestrator__Server__max_connections"
 
 
-def test_unrelated_env_is_ignored() -> None:
-    environ = {"PATH": "/bin", "ORCHESTRATOR_X": "1", "ORCHESTRATORS__SERVER__X": "1"}
+def test_unrelated_env_is_ignored(tmp_path: Path) -> None:
+    environ = {
+        **_dirs(tmp_path),
+        "PATH": "/bin",
+        "ORCHESTRATOR_X": "1",
+        "ORCHESTRATORS__SERVER__X": "1",
+    }
     loaded = settings.load(None, environ)
     assert (loaded.settings, dict(loaded.sources)) == (settings.Settings(), {})
 
@@ -347,7 +364,7 @@ def test_flatten_covers_every_field_of_every_section() -> None:
 
 
 def test_flatten_reflects_loaded_values(tmp_path: Path) -> None:
-    loaded = settings.load(None, {"ORCHESTRATOR__SERVER__ALLOWED_UIDS": "5,6"})
+    loaded = settings.load(None, {**_dirs(tmp_path), "ORCHESTRATOR__SERVER__ALLOWED_UIDS": "5,6"})
     flat = settings.flatten(loaded.settings)
     assert (flat["server.allowed_uids"], flat["server.socket_path"]) == (
         [5, 6],
