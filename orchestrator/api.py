@@ -262,7 +262,10 @@ class Api:
             if page.chunks:
                 interval_s = _LOG_FOLLOW_MIN_S
                 continue  # more may be waiting right behind
-            if not follow or job.state.terminal:
+            if not follow:
+                break
+            # An ended job's last lines can arrive late (CloudWatch): read on for a while.
+            if job.state.terminal and time.time() - job.updated_at >= backend.log_delivery_s:
                 break
             # Nothing new: ask again later, less often the longer it stays quiet (CloudWatch
             # reads draw from a bucket every follower shares).

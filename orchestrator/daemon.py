@@ -42,11 +42,15 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
     if settings.ecs.enabled:
         from orchestrator.backends.ecs import EcsBackend  # imports aioboto3: only when used
 
-        backends["ecs"] = EcsBackend(settings.ecs, logs_bucket)
+        backends["ecs"] = EcsBackend(
+            settings.ecs, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s
+        )
     if settings.batch.enabled:
         from orchestrator.backends.batch import BatchBackend
 
-        backends["batch"] = BatchBackend(settings.batch, logs_bucket)
+        backends["batch"] = BatchBackend(
+            settings.batch, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s
+        )
     return backends
 
 

@@ -6,6 +6,7 @@ Pure data: nothing here does I/O. The store enforces these rules; everything els
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import time
 from collections.abc import Mapping
@@ -198,6 +199,7 @@ class Event:
         }
 
 
+@functools.lru_cache(maxsize=64)  # a new job's times are all one instant, and so are a batch's
 def iso(at: float) -> str:
     """A Unix timestamp as RFC 3339 UTC with milliseconds."""
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -148,7 +148,20 @@ class Server:
 
     async def serve(self) -> None:
         assert self._server is not None
-        await self._server.serve_forever()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._expire_requests(), name="request-deadlines")
+            await self._server.serve_forever()
+
+    async def _expire_requests(self) -> None:
+        """Cancel unary requests past `request_timeout_s`. One sweep a few times a timeout (at
+        most a second apart) instead of a timer per request: requests are many, timeouts rare."""
+        interval_s = min(1.0, self._settings.request_timeout_s / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for connection in self._connections.values():
+                connection.expire(now)
 
     async def close(self, grace_s: float, force: asyncio.Event | None = None) -> None:
         """Stop accepting, give open connections `grace_s` to finish (less if `force` is set
@@ -247,8 +260,11 @@ class _Connection:
         self._peer = peer
         self._reader = reader
         self._writer = writer
-        self._slots = asyncio.Semaphore(settings.max_requests_in_flight)
         self._requests: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # set while fewer than max_requests_in_flight are open
+        self._room.set()
+        self._deadlines: dict[asyncio.Task[None], float] = {}  # unary requests: when they expire
+        self._expired: set[asyncio.Task[None]] = set()
         self._streams: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._stopping = False
@@ -305,32 +321,50 @@ class _Connection:
             except protocol.BadRequest as exc:
                 await self.send(protocol.error(exc.request_id, exc.error.code, exc.error.message))
                 continue
-            await self._slots.acquire()
+            if len(self._requests) >= s.max_requests_in_flight:
+                self._room.clear()
+                await self._room.wait()  # read no more until a reply has gone out
             task = asyncio.create_task(self._handle(request), name=f"request-{request.op}")
             self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
+            task.add_done_callback(self._finished)
             if request.op in protocol.STREAMING:
                 self._streams.add(task)
                 task.add_done_callback(self._streams.discard)
+            else:
+                self._deadlines[task] = asyncio.get_running_loop().time() + s.request_timeout_s
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        self._deadlines.pop(task, None)
+        self._expired.discard(task)
+        self._room.set()
+
+    def expire(self, now: float) -> None:
+        """Cancel the unary requests whose deadline has passed (they answer `timeout`)."""
+        for task, deadline in self._deadlines.items():
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
 
     async def _handle(self, request: protocol.Request) -> None:
         try:
-            if request.op in protocol.STREAMING:
-                await self._api.handle(request, self._peer, self.send)
-            else:
-                async with asyncio.timeout(self._settings.request_timeout_s):
-                    await self._api.handle(request, self._peer, self.send)
-        except TimeoutError:
-            await self.send(
-                protocol.error(
-                    request.id,
-                    "timeout",
-                    f"{request.op} took longer than {self._settings.request_timeout_s}s",
-                )
-            )
+            await self._api.handle(request, self._peer, self.send)
         except (ConnectionError, BrokenPipeError):
             pass
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task in self._expired and not self._stopping:
+                assert task is not None
+                task.uncancel()
+                with contextlib.suppress(ConnectionError, BrokenPipeError):
+                    await self.send(
+                        protocol.error(
+                            request.id,
+                            "timeout",
+                            f"{request.op} took longer than {self._settings.request_timeout_s}s",
+                        )
+                    )
+                return
             if self._stopping:
                 with contextlib.suppress(ConnectionError, BrokenPipeError):
                     self._writer.write(
@@ -343,5 +377,3 @@ class _Connection:
                 await self.send(
                     protocol.error(request.id, "internal", "internal error; see the daemon's log")
                 )
-        finally:
-            self._slots.release()

@@ -227,6 +227,9 @@ class BatchSettings(AwsBackendSettings):
 class CloudWatchSettings(_Section):
     rate_per_s: _Rate = 10.0  # GetLogEvents and friends, shared by every backend
     burst: _Rate = 10.0
+    # CloudWatch delivers a job's last lines seconds after it ends: `logs -f` reads on for this
+    # long after the end before it stops.
+    delivery_s: Annotated[float, pydantic.Field(ge=0, le=600)] = 10.0
 
 
 class MetricsSettings(_Section):

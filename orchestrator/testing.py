@@ -8,6 +8,7 @@ settings rooted in a temporary directory with fast polling.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class FakeBackend:
     describe_batch_size: int = 100
     max_start_attempts: int | None = None
     start_budget_s: float | None = None
+    log_delivery_s: float = 0.0
+    late_output_s: float | None = None  # a second log line appears this long after the end
     default_script: Script = field(default_factory=Script)
     scripts: dict[str, Script] = field(default_factory=dict)  # by job name
     submits: list[tuple[str, int]] = field(default_factory=list)  # (job id, attempt)
@@ -140,9 +143,20 @@ class FakeBackend:
         return False
 
     async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
-        if cursor:
-            return base.LogPage([], cursor)
-        return base.LogPage([base.LogChunk("stdout", f"output of {job.id}\n")], True)
+        """One line at once; with `late_output_s`, a second once the job has been over for
+        that long (as CloudWatch delivers the last lines late)."""
+        read = cursor or 0
+        if read == 0:
+            return base.LogPage([base.LogChunk("stdout", f"output of {job.id}\n")], 1)
+        late = self.late_output_s
+        if (
+            read == 1
+            and late is not None
+            and job.state.terminal
+            and time.time() - job.updated_at >= late
+        ):
+            return base.LogPage([base.LogChunk("stdout", f"late output of {job.id}\n")], 2)
+        return base.LogPage([], read)
 
     # -- for tests -------------------------------------------------------------------------
 

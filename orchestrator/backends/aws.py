@@ -262,8 +262,10 @@ class AwsBackendBase:
         logs_bucket: TokenBucket,
         buckets: Mapping[str, TokenBucket],
         single_attempt: frozenset[str] = frozenset(),
+        log_delivery_s: float = 10.0,
     ) -> None:
         self.max_in_flight = settings.max_in_flight
+        self.log_delivery_s = log_delivery_s
         self.start_budget_s: float | None = settings.start_budget_s
         common = client_options(settings)
         self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)

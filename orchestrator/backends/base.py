@@ -77,6 +77,7 @@ class Backend(Protocol):
     describe_batch_size: int  # external ids per describe call, at most
     max_start_attempts: int | None  # attempts at starting a job (None: the dispatcher's default)
     start_budget_s: float | None  # wall-clock budget for them (None: the dispatcher's default)
+    log_delivery_s: float  # a job's logs may still grow this long after it ends (follow on)
 
     async def start(self) -> None:
         """Acquire clients and resources; check health if configured."""

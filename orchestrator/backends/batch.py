@@ -43,7 +43,9 @@ def job_name(job: models.Job) -> str:
 class BatchBackend(aws.AwsBackendBase):
     name = "batch"
 
-    def __init__(self, settings: BatchSettings, logs_bucket: TokenBucket) -> None:
+    def __init__(
+        self, settings: BatchSettings, logs_bucket: TokenBucket, *, log_delivery_s: float = 10.0
+    ) -> None:
         submit = TokenBucket("batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst)
         describe = TokenBucket(
             "batch.DescribeJobs", settings.describe_rate_per_s, settings.describe_burst
@@ -62,6 +64,7 @@ class BatchBackend(aws.AwsBackendBase):
             # No idempotency token: a botocore retry after a timeout could create a second
             # job. One attempt per call; an unanswered one is settled by a ListJobs lookup.
             single_attempt=frozenset({"SubmitJob"}),
+            log_delivery_s=log_delivery_s,
         )
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_submit_attempts

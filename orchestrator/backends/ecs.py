@@ -49,7 +49,9 @@ def classify_failure(reason: str) -> bool:
 class EcsBackend(aws.AwsBackendBase):
     name = "ecs"
 
-    def __init__(self, settings: EcsSettings, logs_bucket: TokenBucket) -> None:
+    def __init__(
+        self, settings: EcsSettings, logs_bucket: TokenBucket, *, log_delivery_s: float = 10.0
+    ) -> None:
         run = TokenBucket("ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst)
         describe = TokenBucket(
             "ecs.DescribeTasks", settings.describe_rate_per_s, settings.describe_burst
@@ -67,6 +69,7 @@ class EcsBackend(aws.AwsBackendBase):
                 "DescribeTaskDefinition": describe,
                 "DescribeClusters": describe,
             },
+            log_delivery_s=log_delivery_s,
         )
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_run_task_attempts

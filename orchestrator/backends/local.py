@@ -75,6 +75,7 @@ class LocalBackend:
     describe_batch_size = 1000
     max_start_attempts: int | None = None
     start_budget_s: float | None = None
+    log_delivery_s = 0.0  # the runner has written everything once the job has ended
 
     def __init__(self, settings: LocalSettings, work_dir: Path) -> None:
         self._settings = settings

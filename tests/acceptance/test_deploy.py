@@ -133,15 +133,15 @@ def test_the_service_runs_the_daemon_as_a_notify_service_that_spares_local_jobs(
     assert service.get("PrivateUsers", "no") == "no"
 
 
-def test_the_socket_unit_listens_where_the_service_would_bind(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_socket_unit_listens_where_the_service_would_bind() -> None:
     service = read_unit(SERVICE)["Service"]
     sock = read_unit(SOCKET_UNIT)["Socket"]
     # What the daemon derives from systemd's RuntimeDirectory= and StateDirectory= (%t = /run).
-    monkeypatch.setenv("RUNTIME_DIRECTORY", f"/run/{service['RuntimeDirectory']}")
-    monkeypatch.setenv("STATE_DIRECTORY", f"/var/lib/{service['StateDirectory']}")
-    defaults = settings.load(environ={}).settings
+    environ = {
+        "RUNTIME_DIRECTORY": f"/run/{service['RuntimeDirectory']}",
+        "STATE_DIRECTORY": f"/var/lib/{service['StateDirectory']}",
+    }
+    defaults = settings.load(environ=environ).settings
     assert sock["ListenStream"].replace("%t", "/run") == str(defaults.server.socket_path)
     assert defaults.store.path == Path("/var/lib/orchestrator/orchestrator.db")
     assert (sock["SocketGroup"], sock["SocketMode"]) == (service["Group"], "0660")

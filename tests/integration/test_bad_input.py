@@ -344,3 +344,29 @@ async def test_submit_many_finds_a_key_repeated_in_the_same_request(raw: Raw) ->
     assert results[3]["id"] == results[1]["id"]
     listed = (await raw.ask(b'{"id": 4, "op": "list"}\n'))["jobs"]
     assert sorted(j["name"] for j in listed) == sorted(["before", "once", results[2]["id"]])
+
+
+async def test_a_request_past_its_deadline_is_answered_timeout_and_the_rest_go_on(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(short_tmp, server={"request_timeout_s": 0.3})
+    async with running(settings) as daemon:
+        stuck = asyncio.Event()
+
+        async def never(*_: Any, **__: Any) -> dict[str, object]:
+            await stuck.wait()
+            return {}
+
+        monkeypatch.setattr(daemon.api, "ping", never)  # a unary op that hangs
+        conn = await Raw.open(settings.server.socket_path)
+        await conn.send(b'{"id": "slow", "op": "ping"}\n')
+        submitted = await conn.ask(
+            b'{"id": "fast", "op": "submit", "job": {"command": ["true"]}}\n'
+        )
+        assert (submitted["id"], submitted["ok"]) == ("fast", True)
+        late = await conn.reply()
+        assert (late["id"], late["ok"], late["code"]) == ("slow", False, "timeout")
+        assert "ping took longer than 0.3s" in late["message"]
+        listed = await conn.ask(b'{"id": "after", "op": "list"}\n')
+        assert (listed["id"], len(listed["jobs"])) == ("after", 1)
+        await conn.close()

@@ -173,3 +173,24 @@ async def test_polling_backs_off_while_nothing_changes_and_stays_capped(short_tm
     # Delays 0.02, 0.04, 0.08 then 0.16 s forever: about 3 + (1.5 - 0.14) / 0.16 ≈ 11 polls.
     # Without the cap it would be ~6; without back-off ~75.
     assert 7 <= len(fake.describe_batches) <= 16, len(fake.describe_batches)
+
+
+@pytest.mark.parametrize("delivery_s", [0.0, 1.5])
+async def test_following_logs_waits_for_lines_delivered_after_the_end(
+    short_tmp: Path, delivery_s: float
+) -> None:
+    """CloudWatch delivers a job's last lines late: `logs -f` reads on for the backend's
+    delivery delay after the job has ended (and without one, stops at the end)."""
+    fake = FakeBackend(log_delivery_s=delivery_s, late_output_s=0.5)
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        await c.wait(job["id"])
+        lines = [m["data"] async for m in c.logs(job["id"], follow=True) if "data" in m]
+    expected = [f"output of {job['id']}\n"]
+    if delivery_s:
+        expected.append(f"late output of {job['id']}\n")
+    assert lines == expected
