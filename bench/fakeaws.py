@@ -45,6 +45,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -318,6 +319,11 @@ class FakeAws:
         self.calls: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
         self._describe_sizes: dict[str, Counter[int]] = {op: Counter() for op in DESCRIBES}
+        # Per describe op: sum of ids * ceil(N/100) / N over its calls, N the jobs open at the call
+        # (created, not yet reported terminal): the calls a poller batching every round of
+        # the open jobs perfectly into 100s would have made for the same describes.
+        self._round_calls: dict[str, float] = dict.fromkeys(DESCRIBES, 0.0)
+        self._reported: Counter[str] = Counter()  # service → jobs reported terminal
         self._counted_since = time.monotonic()
         self._runner: web.ServerRunner | None = None
         self._endpoint_url: str | None = None
@@ -373,6 +379,7 @@ class FakeAws:
                 "ids": ids,
                 "mean_ids": round(ids / calls, 2) if calls else None,
                 "sizes": {str(n): k for n, k in sorted(sizes.items())},
+                "round_calls": round(self._round_calls[op], 3),
             }
         total = sum(self.calls.values())
         return {
@@ -391,6 +398,7 @@ class FakeAws:
         self.throttled.clear()
         for sizes in self._describe_sizes.values():
             sizes.clear()
+        self._round_calls = dict.fromkeys(DESCRIBES, 0.0)
         self._counted_since = time.monotonic()
 
     def terminal_at(self, job_id: str) -> float | None:
@@ -523,10 +531,15 @@ class FakeAws:
             and phase >= (ECS_STOPPED if job.service == "ecs" else BATCH_DONE)
         ):
             job.reported_at = now
+            self._reported[job.service] += 1
         return job.cached
 
     def _count_ids(self, op: str, n: int) -> None:
         self._describe_sizes[op][n] += 1
+        service = op.partition(".")[0]
+        created = len(self._tasks) if service == "ecs" else len(self._jobs)
+        open_jobs = max(created - self._reported[service], n, 1)
+        self._round_calls[op] += n * math.ceil(open_jobs / 100) / open_jobs
 
     # -- ECS ---------------------------------------------------------------------------------
 

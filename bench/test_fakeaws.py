@@ -208,6 +208,25 @@ async def test_describe_limits_and_missing(aws: fakeaws.FakeAws, client: Client)
     sizes = aws.stats()["describe_ids"]["ecs.DescribeTasks"]
     assert sizes["calls"] == 3
     assert sizes["sizes"] == {"2": 1, "1": 1, "100": 1}
+    assert sizes["round_calls"] == 3.0  # every call covered all the ids open (or asked for)
+
+
+async def test_round_calls_weigh_each_call_by_the_jobs_open(
+    aws: fakeaws.FakeAws, client: Client
+) -> None:
+    """150 open tasks make a round of ceil(150/100) = 2 calls: a call of 100 ids and one of 50
+    count for exactly that; a call of 1 id counts for 1/75 of a call."""
+    async with client("ecs") as ecs:
+        arns = [
+            (await ecs.run_task(**run_kwargs(f"t{i}")))["tasks"][0]["taskArn"] for i in range(150)
+        ]
+        await describe(ecs, *arns[:100])
+        await describe(ecs, *arns[100:])
+        first_round = aws.stats()["describe_ids"]["ecs.DescribeTasks"]["round_calls"]
+        await describe(ecs, arns[0])
+    stats = aws.stats()["describe_ids"]["ecs.DescribeTasks"]
+    assert first_round == pytest.approx(2.0)
+    assert stats["round_calls"] == pytest.approx(2.0 + 2 / 150, abs=0.001)
 
 
 async def test_stop_task(aws: fakeaws.FakeAws, client: Client, clock: Clock) -> None:
