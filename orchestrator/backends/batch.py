@@ -40,6 +40,9 @@ def job_name(job: models.Job) -> str:
     return f"orch-{job.id}-{job.attempt}"
 
 
+_NAMES = {"job_name": "jobName", "job_queue": "jobQueue"}  # job.info key → DescribeJobs field
+
+
 class BatchBackend(aws.AwsBackendBase):
     name = "batch"
 
@@ -162,7 +165,10 @@ class BatchBackend(aws.AwsBackendBase):
         state = STATUS.get(status, S.SUBMITTED)
         container = detail.get("container") or {}
         exit_code = container.get("exitCode")
-        info: dict[str, Any] = {}
+        # Name and queue too: a job adopted after a crash (found by `locate`) has them from here.
+        info: dict[str, Any] = {
+            key: detail[field] for key, field in _NAMES.items() if detail.get(field)
+        }
         if stream := container.get("logStreamName"):
             info["log_stream"] = stream
         if group := ((container.get("logConfiguration") or {}).get("options") or {}).get(

@@ -310,11 +310,17 @@ def test_batch_status_map() -> None:
     done = backend._observe(
         {
             "jobId": "j",
+            "jobName": "orch-j-1",
+            "jobQueue": "arn:aws:batch:r:1:job-queue/q",
             "status": "SUCCEEDED",
             "container": {"exitCode": 0, "logStreamName": "d/default/x"},
         }
     )
     assert (done.state, done.exit_code, done.info["log_stream"]) == (S.SUCCEEDED, 0, "d/default/x")
+    assert (done.info["job_name"], done.info["job_queue"]) == (
+        "orch-j-1",
+        "arn:aws:batch:r:1:job-queue/q",
+    )
     failed = backend._observe(
         {
             "jobId": "j",
