@@ -155,7 +155,7 @@ class Server:
     async def _expire_requests(self) -> None:
         """Cancel unary requests past `request_timeout_s`. One sweep a few times a timeout (at
         most a second apart) instead of a timer per request: requests are many, timeouts rare."""
-        interval_s = min(1.0, self._settings.request_timeout_s / 4)
+        interval_s = max(0.05, min(1.0, self._settings.request_timeout_s / 4))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
