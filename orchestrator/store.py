@@ -416,20 +416,11 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def accept(
-        self, spec: models.JobSpec, backend: str, peer: models.Peer | None
-    ) -> tuple[models.Job, bool]:
-        """Durably record a new QUEUED job. Returns (job, created); an existing job is
-        returned instead when the spec's idempotency key is already known."""
-        (outcome,) = await self.accept_many([(spec, backend)], peer)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
     async def accept_many(
         self, specs: Sequence[tuple[models.JobSpec, str]], peer: models.Peer | None
     ) -> list[tuple[models.Job, bool] | errors.OrchestratorError]:
-        """`accept` for many jobs in one operation; each outcome, or its error, in order."""
+        """Durably record new QUEUED jobs in one operation. Each outcome, in order: (job, True),
+        (the existing job, False) when its idempotency key is already known, or the error."""
         now = self._clock()
         rows = [
             (spec, backend, spec.model_dump_json(exclude_defaults=True).encode())
