@@ -33,7 +33,7 @@ from botocore.validate import ParamValidator
 from orchestrator import errors, models
 from orchestrator.backends import base
 from orchestrator.ratelimit import Priority, TokenBucket
-from orchestrator.settings import AwsBackendSettings
+from orchestrator.settings import AwsBackendSettings, CloudWatchSettings
 
 log = structlog.get_logger("orchestrator.aws")
 
@@ -249,6 +249,10 @@ def telemetry(apis: Iterable[AwsApi], buckets: Iterable[TokenBucket]) -> base.Te
     return base.Telemetry(calls=calls, buckets=rates)
 
 
+# `cloudwatch.delivery_s`'s default, for a backend built without the daemon's settings (tests).
+LOG_DELIVERY_S: float = CloudWatchSettings.model_fields["delivery_s"].default
+
+
 class AwsBackendBase:
     """What the ECS and Batch backends share: a client of their service and one of CloudWatch
     Logs, the token buckets their operations draw from, the start limits, the accounting."""
@@ -262,7 +266,7 @@ class AwsBackendBase:
         logs_bucket: TokenBucket,
         buckets: Mapping[str, TokenBucket],
         single_attempt: frozenset[str] = frozenset(),
-        log_delivery_s: float = 10.0,
+        log_delivery_s: float = LOG_DELIVERY_S,
     ) -> None:
         self.max_in_flight = settings.max_in_flight
         self.log_delivery_s = log_delivery_s

@@ -47,7 +47,11 @@ class BatchBackend(aws.AwsBackendBase):
     name = "batch"
 
     def __init__(
-        self, settings: BatchSettings, logs_bucket: TokenBucket, *, log_delivery_s: float = 10.0
+        self,
+        settings: BatchSettings,
+        logs_bucket: TokenBucket,
+        *,
+        log_delivery_s: float = aws.LOG_DELIVERY_S,
     ) -> None:
         submit = TokenBucket("batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst)
         describe = TokenBucket(

@@ -50,7 +50,11 @@ class EcsBackend(aws.AwsBackendBase):
     name = "ecs"
 
     def __init__(
-        self, settings: EcsSettings, logs_bucket: TokenBucket, *, log_delivery_s: float = 10.0
+        self,
+        settings: EcsSettings,
+        logs_bucket: TokenBucket,
+        *,
+        log_delivery_s: float = aws.LOG_DELIVERY_S,
     ) -> None:
         run = TokenBucket("ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst)
         describe = TokenBucket(
