@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import aiohttp
 import orjson
 
+from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.settings import PollerSettings
 
@@ -255,6 +256,17 @@ def daemon_env(
 
 def job_specs(count: int, prefix: str) -> list[dict[str, Any]]:
     return [{"command": ["bench", str(i)], "name": f"{prefix}-{i}"} for i in range(count)]
+
+
+async def submit_all(client: Client, count: int, prefix: str) -> None:
+    """`job_specs(count, prefix)` through `submit_many`; raise if the daemon refused any."""
+    bad = [
+        r
+        async for r in client.submit_many(job_specs(count, prefix))
+        if isinstance(r, errors.RemoteError)
+    ]
+    if bad:
+        raise RuntimeError(f"{len(bad)} submissions refused, e.g. {bad[0]}")
 
 
 # -- process accounting ------------------------------------------------------------------------

@@ -150,13 +150,7 @@ async def amain(args: argparse.Namespace, root: Path) -> None:
         async with aiohttp.ClientSession() as http:
             async with Client(daemon.socket_path) as client:
                 t0 = time.monotonic()
-                bad = [
-                    r
-                    async for r in client.submit_many(ab.job_specs(n, "restart"))
-                    if isinstance(r, errors.RemoteError)
-                ]
-                if bad:
-                    raise RuntimeError(f"{len(bad)} submissions refused, e.g. {bad[0]}")
+                await ab.submit_all(client, n, "restart")
                 before = await ab.wait_counts(
                     client,
                     daemon,
