@@ -28,31 +28,13 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("proxied_aws_env
 
 
 def ecs_section(env: EcsEnv, **extra: Any) -> dict[str, Any]:
-    return {
-        "enabled": True,
-        "cluster": env.cluster,
-        "container_name": env.container_name,
-        "region_name": env.region,
-        "task_definition": env.task_definition,
-        "subnets": list(env.subnet_ids),
-        "security_groups": list(env.security_group_ids),
-        "max_attempts": 4,
-        # moto answers the StopTask probe with a 500 (retried with back-off): checked in one
-        # test of its own instead of slowing every start-up.
-        "check_health_on_startup": False,
-        **extra,
-    }
+    # moto answers the StopTask probe with a 500 (retried with back-off): checked in one test
+    # of its own instead of slowing every start-up.
+    return env.settings(**{"max_attempts": 4, "check_health_on_startup": False, **extra})
 
 
 def batch_section(env: BatchEnv, **extra: Any) -> dict[str, Any]:
-    return {
-        "enabled": True,
-        "job_queue": env.job_queue,
-        "job_definition": env.job_definition,
-        "region_name": env.region,
-        "max_attempts": 4,
-        **extra,
-    }
+    return env.settings(**{"max_attempts": 4, **extra})
 
 
 @pytest.fixture

@@ -56,37 +56,30 @@ def aws_process_env(endpoint_url: str) -> dict[str, str]:
 def ecs_settings(env: EcsEnv, **extra: Any) -> dict[str, dict[str, Any]]:
     return {
         "jobs": {"backend": "ecs"},
-        "ecs": {
-            "enabled": True,
-            "cluster": env.cluster,
-            "container_name": env.container_name,
-            "region_name": env.region,
-            "task_definition": env.task_definition,
-            "subnets": list(env.subnet_ids),
-            "security_groups": list(env.security_group_ids),
-            "max_attempts": BOTOCORE_ATTEMPTS,
-            # moto answers the StopTask probe with HTTP 500, which botocore retries slowly.
-            "check_health_on_startup": False,
-            **extra,
-        },
+        "ecs": env.settings(
+            **{
+                "max_attempts": BOTOCORE_ATTEMPTS,
+                # moto answers the StopTask probe with HTTP 500, which botocore retries slowly.
+                "check_health_on_startup": False,
+                **extra,
+            }
+        ),
     }
 
 
 def batch_settings(env: BatchEnv, **extra: Any) -> dict[str, dict[str, Any]]:
     return {
         "jobs": {"backend": "batch"},
-        "batch": {
-            "enabled": True,
-            "job_queue": env.job_queue,
-            "job_definition": env.job_definition,
-            "region_name": env.region,
-            "max_attempts": BOTOCORE_ATTEMPTS,
-            "check_health_on_startup": False,
-            # moto's ListJobs never lags SubmitJob: "not found" can be believed after a second
-            # (the default, 60 s, would make the never-launched case wait a minute).
-            "lookup_grace_s": 1.0,
-            **extra,
-        },
+        "batch": env.settings(
+            **{
+                "max_attempts": BOTOCORE_ATTEMPTS,
+                "check_health_on_startup": False,
+                # moto's ListJobs never lags SubmitJob: "not found" can be believed after a
+                # second (the default, 60 s, would make the never-launched case wait a minute).
+                "lookup_grace_s": 1.0,
+                **extra,
+            }
+        ),
     }
 
 

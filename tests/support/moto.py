@@ -90,6 +90,19 @@ class EcsEnv:
         """The awslogs stream of the task's container: ``prefix/container/task-id``."""
         return f"{self.stream_prefix}/{self.container_name}/{task_arn.rpartition('/')[2]}"
 
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """The daemon's `ecs` settings section for this environment, `extra` merged over."""
+        return {
+            "enabled": True,
+            "cluster": self.cluster,
+            "container_name": self.container_name,
+            "region_name": self.region,
+            "task_definition": self.task_definition,
+            "subnets": list(self.subnet_ids),
+            "security_groups": list(self.security_group_ids),
+            **extra,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchEnv:
@@ -103,6 +116,16 @@ class BatchEnv:
     job_queue_arn: str
     job_definition: str
     job_definition_arn: str
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """The daemon's `batch` settings section for this environment, `extra` merged over."""
+        return {
+            "enabled": True,
+            "job_queue": self.job_queue,
+            "job_definition": self.job_definition,
+            "region_name": self.region,
+            **extra,
+        }
 
 
 class MotoServer:
