@@ -4,6 +4,7 @@ through `send`, one encoded line at a time."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import time
@@ -49,25 +50,38 @@ class Api:
         self._intake: list[_Intake] = []  # submissions waiting for the next store operation
         self._intake_task: asyncio.Task[None] | None = None
 
-    async def handle(self, request: protocol.Request, peer: models.Peer, send: Send) -> None:
-        """Answer one request; errors become error replies, never exceptions."""
+    async def answer(self, request: protocol.Request, peer: models.Peer) -> bytes:
+        """The one reply line of a unary request; errors become error replies, never
+        exceptions. Nothing is sent here: the connection sends the line, so a deadline that
+        fires while the client is slow to read can never produce a second reply."""
         rid = request.id
         try:
             match request.params:
                 case protocol.Ping():
-                    await send(protocol.reply(rid, **await self.ping()))
+                    return protocol.reply(rid, **await self.ping())
                 case protocol.Submit(job=spec):
                     job, created = await self.submit(spec, peer)
-                    await send(protocol.reply(rid, job=job.to_dict(), created=created))
+                    return protocol.reply(rid, job=job.to_dict(), created=created)
                 case protocol.SubmitMany(jobs=raw):
-                    await send(protocol.reply(rid, results=await self.submit_many(raw, peer)))
+                    return protocol.reply(rid, results=await self.submit_many(raw, peer))
                 case protocol.Get(job_id=job_id, history=history):
-                    await send(protocol.reply(rid, job=await self.get(job_id, history=history)))
-                case protocol.ListJobs(state=states, backend=backend, limit=limit):
-                    jobs = await self._store.list_jobs(states, backend, limit)
-                    await send(protocol.reply(rid, jobs=[job.to_dict() for job in jobs]))
+                    return protocol.reply(rid, job=await self.get(job_id, history=history))
+                case protocol.ListJobs(state=states, backend=backend, limit=limit, cursor=cursor):
+                    return await self._list(rid, states, backend, limit, cursor)
                 case protocol.Cancel(job_id=job_id):
-                    await send(protocol.reply(rid, job=(await self.cancel(job_id)).to_dict()))
+                    job, recorded = await self.cancel(job_id)
+                    return protocol.reply(rid, job=job.to_dict(), recorded=recorded)
+                case _:
+                    raise errors.UnknownOperation(request.op)
+        except errors.OrchestratorError as exc:
+            return protocol.error(rid, exc.code, exc.message)
+
+    async def stream(self, request: protocol.Request, peer: models.Peer, send: Send) -> None:
+        """A streaming request: any number of lines through `send`, the last with `end` (or
+        an error line)."""
+        rid = request.id
+        try:
+            match request.params:
                 case protocol.Wait(job_id=job_id):
                     await send(protocol.end(rid, job=(await self.wait(job_id)).to_dict()))
                 case protocol.Watch(job_id=job_id):
@@ -79,10 +93,31 @@ class Api:
         except errors.OrchestratorError as exc:
             await send(protocol.error(rid, exc.code, exc.message))
 
+    async def _list(
+        self,
+        rid: protocol.RequestId,
+        states: list[models.JobState] | None,
+        backend: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> bytes:
+        """One page of at most `protocol.MAX_PAGE` jobs; `next_cursor` says whether (and
+        where) the listing goes on."""
+        page = min(limit, protocol.MAX_PAGE)
+        jobs = await self._store.list_jobs(states, backend, page + 1, before=cursor)
+        more = len(jobs) > page
+        del jobs[page:]
+        next_cursor = jobs[-1].id if more else None
+        return protocol.reply(rid, jobs=[job.to_dict() for job in jobs], next_cursor=next_cursor)
+
     async def ping(self) -> dict[str, object]:
         counts = await self._store.count_by_state()  # touches the store: a health check
+        problems = self._store.problems()
         return {
             "pong": True,
+            "status": "degraded" if problems else "ok",
+            "problems": [{"reason": p.reason, "message": p.message} for p in problems],
+            "store_free_bytes": self._store.free_bytes(),
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self._started, 3),
@@ -91,6 +126,7 @@ class Api:
         }
 
     async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
+        self._store.check_room()
         (outcome,) = await self._accept_all([self._prepare(spec)], peer)
         if isinstance(outcome, errors.OrchestratorError):
             raise outcome
@@ -98,7 +134,9 @@ class Api:
 
     async def submit_many(self, raw: list[Any], peer: models.Peer) -> list[dict[str, Any]]:
         """Validate each spec alone; accept the valid ones in one store operation; report
-        each outcome in order (a compact job, or the error that names the field)."""
+        each outcome in order (a compact job, or the error that names the field). A store short
+        of space refuses the whole request."""
+        self._store.check_room()
         prepared: list[tuple[models.JobSpec, str] | errors.OrchestratorError] = []
         for value in raw:
             try:
@@ -209,11 +247,36 @@ class Api:
             out["attempts"] = await self._store.attempts(job_id)
         return out
 
-    async def cancel(self, job_id: str) -> models.Job:
-        job = await self._store.request_stop(job_id, "cancel")
+    async def cancel(self, job_id: str) -> tuple[models.Job, bool]:
+        """Record the stop, then have it issued; and whether it was recorded. A store that
+        cannot write (a full disk) does not keep a job from being cancelled: it is signalled at
+        once and launched no more, and the stop is recorded as soon as the store can write."""
+        try:
+            job = await self._store.request_stop(job_id, "cancel")
+        except errors.StoreError as exc:
+            return await self._cancel_unrecorded(job_id, exc)
         log.info("job.cancel_requested", job_id=job_id, state=job.state.value)
         self._poller.update(job)
-        return job
+        return job, True
+
+    async def _cancel_unrecorded(
+        self, job_id: str, exc: errors.StoreError
+    ) -> tuple[models.Job, bool]:
+        job = await self._store.get(job_id)  # reads work on a full disk
+        if job.state.terminal or job.stop_reason is not None:
+            return job, True  # nothing new to record: it ended, or is being stopped already
+        log.warning(
+            "job.cancel_unrecorded", job_id=job_id, state=job.state.value, error=exc.message
+        )
+        self._poller.stop_unrecorded(job_id, "cancel")  # records it, retrying; gates dispatch
+        job = dataclasses.replace(job, stop_reason="cancel")
+        backend = self._backends.get(job.backend)
+        if backend is not None and job.external_id is not None:
+            try:
+                await backend.stop(job)
+            except Exception:  # one job's stop; the poller issues it again on every round
+                log.exception("job.stop_failed", job_id=job_id, backend=job.backend)
+        return job, False
 
     async def wait(self, job_id: str) -> models.Job:
         async with self._hub.subscribe(

@@ -29,6 +29,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
+_LOG_FLUSH_S = 2.0  # at exit, how long `serve` waits for queued log lines to reach stdout
+
 _SOCKET_ENV = f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH"
 _STATES = [
     "QUEUED",
@@ -124,9 +126,17 @@ def serve(config_path: Path | None) -> None:
     gc.freeze()
     try:
         _event_loop_runner(daemon.run)
+    except errors.StoreUnusable as exc:
+        # Held by another daemon, not a store, or a newer version's: restarting cannot help.
+        logs.log.error("daemon.failed", error=exc.message, code=exc.code)
+        sys.exit(EXIT_USAGE)
     except errors.OrchestratorError as exc:
         logs.log.error("daemon.failed", error=exc.message, code=exc.code)
         sys.exit(EXIT_FAILURE)
+    finally:
+        # The last lines (daemon.stopped) are still queued for stdout; a stdout nobody reads
+        # must not keep the process from exiting, so the wait is bounded.
+        logs.flush(_LOG_FLUSH_S)
 
 
 def _event_loop_runner(fn: Callable[[], Awaitable[None]]) -> None:
@@ -218,7 +228,11 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
 )
 @json_option
 def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
-    """Check that the daemon answers (and that its store does)."""
+    """Check that the daemon answers (and that its store does).
+
+    A degraded daemon (its store cannot commit, or is short of space) still exits 0, with one
+    warning line per problem on stderr: it still serves, and a restart would not help.
+    """
 
     async def go() -> dict[str, Any]:
         deadline = time.monotonic() + wait_s
@@ -239,8 +253,11 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
         jobs = ", ".join(f"{state.lower()} {n}" for state, n in sorted(reply["jobs"].items()))
         click.echo(
             f"orchestrator {reply['version']} pid {reply['pid']} up {reply['uptime_s']:.0f}s; "
+            f"{reply.get('status', 'ok')}; "
             f"backends: {', '.join(reply['backends'])}; jobs: {jobs or 'none'}"
         )
+    for problem in reply.get("problems", []):
+        click.echo(f"orchestrator: degraded: {problem['message']}", err=True)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
@@ -425,25 +442,31 @@ def list_jobs(
     limit: int,
     as_json: bool,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (printed a page at a time as they arrive)."""
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> None:
+        first = True
+        if not as_json:
+            click.echo(f"{'ID':<26}  {'STATE':<9}  {'BACKEND':<7}  {'EXIT':>4}  {'AGE':>4}  NAME")
         async with _client(socket_path) as client:
-            jobs: list[dict[str, Any]] = await client.list(
-                [s.upper() for s in states] or None, backend, limit
-            )
-            return jobs
+            async for job in client.iter_jobs([s.upper() for s in states] or None, backend, limit):
+                if as_json:  # one JSON array, written as it streams
+                    text = orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
+                    click.echo(("[\n" if first else ",\n") + _indent(text), nl=False)
+                else:
+                    click.echo(
+                        f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
+                        f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  {job['name']}"
+                    )
+                first = False
+        if as_json:
+            click.echo("[]" if first else "\n]")
 
-    jobs = _run(go)
-    if as_json:
-        _print_json(jobs)
-        return
-    click.echo(f"{'ID':<26}  {'STATE':<9}  {'BACKEND':<7}  {'EXIT':>4}  {'AGE':>4}  NAME")
-    for job in jobs:
-        click.echo(
-            f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
-            f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  {job['name']}"
-        )
+    _run(go)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 @main.command()
@@ -455,14 +478,21 @@ def cancel(socket_path: Path | None, as_json: bool, job_id: str) -> None:
 
     async def go() -> dict[str, Any]:
         async with _client(socket_path) as client:
-            job: dict[str, Any] = await client.cancel(job_id)
-            return job
+            reply: dict[str, Any] = await client.call("cancel", job_id=job_id)
+            return reply
 
-    job = _run(go)
+    reply = _run(go)
+    job = reply["job"]
     if as_json:
         _print_json(job)
     else:
         click.echo(f"{job['id']} {job['state']} (cancel requested)")
+    if reply.get("recorded") is False:
+        click.echo(
+            "orchestrator: the store cannot write now: the job was signalled and will not be "
+            "launched; the cancel is recorded once the store can write",
+            err=True,
+        )
 
 
 @main.command()

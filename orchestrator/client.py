@@ -102,12 +102,17 @@ class Client:
         try:
             while line := await self._reader.readline():
                 reply = protocol.parse_reply(line)
-                route = self._routes.get(reply.get("id"))  # type: ignore[arg-type]
+                request_id = reply.get("id")
+                route = self._routes.get(request_id)  # type: ignore[arg-type]
                 if route is not None:
                     route.put_nowait(reply)
-                elif not reply.get("ok"):  # an error not tied to a request (e.g. forbidden)
+                elif request_id is None and not reply.get("ok"):
+                    # An error not tied to a request (forbidden, idle_timeout): it ends the
+                    # connection, and every request still waiting on it.
                     failure = errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
                     break
+                # Else a line for a request that is already answered: a protocol error of
+                # that request alone, which has its outcome; the other requests go on.
         except ConnectionError as exc:  # reset by the peer: a daemon dying or not yet up
             failure = errors.DaemonUnreachable(str(self.socket_path), str(exc))
         except errors.ProtocolError as exc:
@@ -209,13 +214,29 @@ class Client:
     async def list(
         self, state: list[str] | None = None, backend: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit}
+        """Up to `limit` jobs, newest first (fetched a page at a time)."""
+        return [job async for job in self.iter_jobs(state, backend, limit)]
+
+    async def iter_jobs(
+        self, state: list[str] | None = None, backend: str | None = None, limit: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Jobs, newest first, a page at a time (all of them with `limit=None`)."""
+        params: dict[str, Any] = {}
         if state:
             params["state"] = state
         if backend:
             params["backend"] = backend
-        jobs: list[dict[str, Any]] = (await self.call("list", **params))["jobs"]
-        return jobs
+        left = limit
+        while left is None or left > 0:
+            page_size = protocol.MAX_PAGE if left is None else min(left, protocol.MAX_PAGE)
+            reply = await self.call("list", limit=page_size, **params)
+            for job in reply["jobs"]:
+                yield job
+            if left is not None:
+                left -= len(reply["jobs"])
+            if reply.get("next_cursor") is None:
+                return
+            params["cursor"] = reply["next_cursor"]
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = (await self.call("cancel", job_id=job_id))["job"]
@@ -288,7 +309,10 @@ class SyncClient:
                 raise errors.DaemonUnreachable(
                     str(self.socket_path), "the daemon closed the connection"
                 )
-            reply = _check(protocol.parse_reply(line))
+            reply = protocol.parse_reply(line)
+            if reply.get("id") != request_id and reply.get("id") is not None:
+                continue  # a late line of an earlier, answered request: not this one's
+            reply = _check(reply)
             yield reply
             if op not in protocol.STREAMING or reply.get("end"):
                 return

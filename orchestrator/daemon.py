@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from orchestrator import events, faults, logs, metrics, models, notify
+from orchestrator import errors, events, faults, logs, metrics, models, notify
 from orchestrator.api import Api
 from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
@@ -26,7 +26,7 @@ from orchestrator.poller import Poller
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
 from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.store import PROBLEM_REASONS, Store
 
 log = structlog.get_logger("orchestrator.daemon")
 
@@ -82,6 +82,10 @@ class Daemon:
                 aws_calls=lambda: [c for b in self.backends.values() for c in b.telemetry().calls],
                 buckets=lambda: [r for b in self.backends.values() for r in b.telemetry().buckets],
                 rejections=lambda: self.server.rejections.items(),
+                log_drops=logs.dropped,
+                local_read_errors=lambda: [
+                    e for b in self.backends.values() for e in b.telemetry().read_errors
+                ],
             )
         )
         self.hub.listen(self.metrics.on_event)
@@ -93,7 +97,8 @@ class Daemon:
         self._inherited_socket = inherited_socket
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
-        self._signals = 0
+        self._signals: list[str] = []  # names of the signals received, in order
+        self._signals_logged = 0
         self.hub.listen(logs.log_transition)
         for backend in self.backends.values():
             backend.set_wake(self.poller.poke)
@@ -106,12 +111,19 @@ class Daemon:
         self._stop.set()
 
     def _on_signal(self, signum: int) -> None:
-        # Handlers only set flags. A second signal skips the grace periods.
-        self._signals += 1
-        log.info("daemon.signal", signal=signal.Signals(signum).name, count=self._signals)
+        # Handlers only set flags (the normal flow logs them: `_log_signals`). A second signal
+        # skips the grace periods.
+        self._signals.append(signal.Signals(signum).name)
         self._stop.set()
-        if self._signals > 1:
+        if len(self._signals) > 1:
             self._force.set()
+
+    def _log_signals(self) -> None:
+        """One `daemon.signal` line per signal received since the last call."""
+        while self._signals_logged < len(self._signals):
+            self._signals_logged += 1
+            name = self._signals[self._signals_logged - 1]
+            log.info("daemon.signal", signal=name, count=self._signals_logged)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,6 +173,7 @@ class Daemon:
                     tg.create_task(self._watchdog(), name="watchdog"),
                 ]
                 await self._stop.wait()
+                self._log_signals()
                 await self._shutdown(tasks)
         finally:
             if self._endpoint is not None:
@@ -168,6 +181,7 @@ class Daemon:
             for backend in self.backends.values():
                 await backend.close()
             await self.store.close()
+            self._log_signals()  # one that came during start-up or the shutdown
             log.info("daemon.stopped")
 
     async def _recover(self) -> int:
@@ -181,7 +195,10 @@ class Daemon:
                 launching.append(job)
             elif job.state == models.JobState.QUEUED:
                 if job.stop_reason is not None:
-                    await self.store.request_stop(job.id, job.stop_reason)
+                    try:
+                        await self.store.request_stop(job.id, job.stop_reason)
+                    except errors.StoreError:  # a full disk must not keep us from serving
+                        self.poller.stop_unrecorded(job.id, job.stop_reason)
                 else:
                     self.dispatcher.enqueue(job)
             else:
@@ -198,6 +215,7 @@ class Daemon:
         # 1. Stop taking work; answer what was already asked within the grace period.
         self.api.accepting = False
         await self.server.close(grace_s, self._force)
+        self._log_signals()  # a second one, which cut the grace period short
         # 2. Stop dispatching and polling. Submissions cut off mid-call stay recorded as
         #    launching; the next start-up asks the backend whether they launched.
         for task in tasks:
@@ -207,6 +225,11 @@ class Daemon:
         counts = await self.store.count_by_state()
         for state in models.JobState:
             self.metrics.jobs.labels(state.value).set(counts.get(state.value, 0))
+        degraded = {problem.reason for problem in self.store.problems()}
+        for reason in PROBLEM_REASONS:
+            self.metrics.degraded.labels(reason).set(1 if reason in degraded else 0)
+        free = self.store.free_bytes()
+        self.metrics.store_free_bytes.set(-1 if free is None else free)
 
     async def _watchdog(self) -> None:
         """systemd's watchdog: WATCHDOG=1 (with a STATUS= line) at half of WATCHDOG_USEC, each
@@ -221,13 +244,15 @@ class Daemon:
             await asyncio.sleep(interval_s)
 
     def status_line(self) -> str:
-        """One line for `systemctl status`: what is in flight where."""
+        """One line for `systemctl status`: degraded or not (and why), what is in flight where."""
         parts = [
             f"{name}: {self.dispatcher.in_flight(name)} in flight, "
             f"{self.dispatcher.queued(name)} queued"
             for name in sorted(self.backends)
         ]
-        return "ready; " + "; ".join(parts)
+        problems = self.store.problems()
+        head = "degraded (" + "; ".join(p.message for p in problems) + ")" if problems else "ready"
+        return f"{head}; " + "; ".join(parts)
 
     async def _retention(self) -> None:
         """Delete terminal jobs older than `store.retention_days`, with their local files."""

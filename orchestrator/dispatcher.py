@@ -141,8 +141,16 @@ class Dispatcher:
                 pass
 
     async def _expire(self, job_id: str) -> None:
+        if self._poller.pending_stop(job_id) is not None:
+            return  # stopped already (not recorded yet): that stop ends it
         try:
             job = await self._store.request_stop(job_id, "queue_timeout")
+        except errors.StoreError as exc:
+            log.warning(
+                "job.stop_unrecorded", job_id=job_id, kind="queue_timeout", error=exc.message
+            )
+            self._poller.stop_unrecorded(job_id, "queue_timeout")
+            return
         except Exception:
             log.exception("job.queue_timeout_failed", job_id=job_id)
             return
@@ -152,6 +160,11 @@ class Dispatcher:
         backend = lane.backend
         try:
             faults.crashpoint("dispatch.before_attempt")
+            if self._poller.pending_stop(job_id) is not None:
+                # Stopped while the store could not record it: never launched, ended once the
+                # stop is recorded.
+                lane.in_flight.discard(job_id)
+                return
             job = await self._store.begin_attempt(job_id)
             if job is None:  # cancelled or timed out while it waited
                 lane.in_flight.discard(job_id)

@@ -158,6 +158,70 @@ class StoreError(OrchestratorError):
     code = "store_error"
 
 
+class StoreFull(StoreError):
+    """The store's file system is short of space: new jobs are refused, accepted ones go on."""
+
+    code = "store_full"
+
+    def __init__(self, path: str, free_bytes: int, min_free_bytes: int) -> None:
+        self.path = path
+        self.free_bytes = free_bytes
+        self.min_free_bytes = min_free_bytes
+        super().__init__(
+            f"the store {path} is short of space: its file system has {_size(free_bytes)} "
+            f"free, below store.min_free_bytes={min_free_bytes}; new jobs are refused until "
+            "space is freed (jobs already accepted are still tracked)"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / 2**20:.1f} MiB)"
+
+
+class StoreUnusable(ConfigError):
+    """This daemon cannot use the configured store; restarting will not change that."""
+
+    code = "store_unusable"
+
+
+class StoreLocked(StoreUnusable):
+    """Another daemon holds the store: one store is served by one daemon at a time."""
+
+    def __init__(self, path: str, holder_pid: int | None) -> None:
+        self.path = path
+        self.holder_pid = holder_pid
+        holder = "pid unknown" if holder_pid is None else f"pid {holder_pid}"
+        super().__init__(
+            f"store {path} is in use by another orchestrator daemon ({holder}); "
+            "one store is served by one daemon at a time"
+        )
+
+
+class NotAStore(StoreUnusable):
+    """The file at the store's path is not an orchestrator store; it is left untouched."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(
+            f"{path} is not an orchestrator store ({why}); refusing to use it: point "
+            "store.path at another file, or move this one away"
+        )
+
+
+class StoreTooNew(StoreUnusable):
+    """The store was written by a newer orchestrator than this one."""
+
+    def __init__(self, path: str, version: int, supported: int) -> None:
+        self.path = path
+        self.version = version
+        self.supported = supported
+        super().__init__(
+            f"store {path} has schema_version {version}, newer than this orchestrator "
+            f"understands ({supported}): run the newer version (downgrading is not supported)"
+        )
+
+
 class DaemonUnreachable(OrchestratorError):
     """The daemon's socket could not be reached."""
 
@@ -227,3 +291,9 @@ class HealthCheckFailed(OrchestratorError):
     """A backend's start-up check failed: credentials, permissions or resources are wrong."""
 
     code = "health_check_failed"
+
+
+class LogsUnavailable(OrchestratorError):
+    """The job's output cannot be read right now (e.g. the daemon is out of descriptors)."""
+
+    code = "logs_unavailable"

@@ -2,7 +2,8 @@
 
 Pushed as things happen: jobs accepted and finished (from the event hub), dispatch latency and
 detection lag. Pulled at scrape time: jobs by state (one store query), AWS calls and throttles,
-token-bucket rates, socket rejections. No job ids as labels: cardinality stays bounded.
+token-bucket rates, socket rejections, log lines dropped. No job ids as labels: cardinality stays
+bounded.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ class Metrics:
             registry=r,
         )
         self.jobs = Gauge("orchestrator_jobs", "Jobs in the store, by state", ["state"], registry=r)
+        self.degraded = Gauge(
+            "orchestrator_degraded",
+            "1 while the daemon is degraded for this reason (it still serves), else 0",
+            ["reason"],
+            registry=r,
+        )
+        self.store_free_bytes = Gauge(
+            "orchestrator_store_free_bytes",
+            "Free space on the store's file system (-1: cannot be measured)",
+            registry=r,
+        )
         Info("orchestrator_build", "Build information", registry=r).info(
             {"version": __version__, "python": platform.python_version()}
         )
@@ -99,10 +111,14 @@ class Sampled(Collector):
         aws_calls: Callable[[], Iterable[tuple[str, str, int, int]]],
         buckets: Callable[[], Iterable[tuple[str, float, float]]],
         rejections: Callable[[], Iterable[tuple[str, int]]],
+        log_drops: Callable[[], Iterable[tuple[str, int]]],
+        local_read_errors: Callable[[], Iterable[tuple[str, int]]] = tuple,
     ) -> None:
         self._aws_calls = aws_calls
         self._buckets = buckets
         self._rejections = rejections
+        self._log_drops = log_drops
+        self._local_read_errors = local_read_errors
 
     def collect(self) -> Iterable[Any]:
         calls = CounterMetricFamily(
@@ -132,7 +148,22 @@ class Sampled(Collector):
         )
         for reason, count in self._rejections():
             rejected.add_metric([reason], count)
-        return [calls, throttles, rate, configured, rejected]
+        log_dropped = CounterMetricFamily(
+            "orchestrator_log_lines_dropped",
+            "Log lines lost to a stdout that is full or failing, by reason",
+            labels=["reason"],
+        )
+        for reason, count in self._log_drops():
+            log_dropped.add_metric([reason], count)
+        read_errors = CounterMetricFamily(
+            "orchestrator_local_read_errors",
+            "Reads of a local job's files that failed without telling anything (EMFILE, EIO, "
+            "...): the job kept its state and was read again later, by errno",
+            labels=["errno"],
+        )
+        for errno_name, count in self._local_read_errors():
+            read_errors.add_metric([errno_name], count)
+        return [calls, throttles, rate, configured, rejected, log_dropped, read_errors]
 
 
 class Endpoint:

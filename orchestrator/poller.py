@@ -5,12 +5,14 @@ Each tracked job has a due time: a jittered exponential back-off since its last 
 or its timeout deadline if that is sooner. The loop sleeps until the earliest due time or a
 `poke`, takes every due job, groups them by (backend, partition) and describes them in batches of
 at most `describe_batch_size` per call. Stops (cancel, timeouts) are issued here too, and issued
-again on every round until the backend reports the job ended.
+again on every round until the backend reports the job ended. A stop the store cannot record (it
+cannot write: a full disk) is acted on from memory all the same, and recorded once it can.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import time
@@ -66,6 +68,8 @@ class Poller:
         self._describe_slots = {
             name: asyncio.Semaphore(settings.describe_concurrency) for name in backends
         }
+        self._unrecorded: dict[str, models.StopReason] = {}  # stops the store could not record
+        self._unrecorded_added = asyncio.Event()
 
     # -- what other components call --------------------------------------------------------
 
@@ -94,16 +98,35 @@ class Poller:
         if not entry.busy:
             self._schedule(entry, 0.0)
 
+    def stop_unrecorded(self, job_id: str, why: models.StopReason) -> None:
+        """A stop the store could not record (it cannot write). Until it is recorded, which is
+        tried again and again, the job is stopped as if it were: the stop is re-issued on every
+        poll, the job's end is judged by it, and the dispatcher launches the job no more."""
+        self._unrecorded.setdefault(job_id, why)
+        self._unrecorded_added.set()
+        entry = self._tracked.get(job_id)
+        if entry is not None:
+            entry.n = 0
+            if not entry.busy:
+                self._schedule(entry, 0.0)
+
+    def pending_stop(self, job_id: str) -> models.StopReason | None:
+        """The stop asked for this job that the store has not recorded yet, if any."""
+        return self._unrecorded.get(job_id)
+
+    def _stop_reason(self, job: models.Job) -> models.StopReason | None:
+        return job.stop_reason or self._unrecorded.get(job.id)
+
     # -- scheduling ------------------------------------------------------------------------
 
     def _first_delay(self, job: models.Job) -> float:
-        return 0.0 if job.stop_reason else self._policy.delay(0, self._rng)
+        return 0.0 if self._stop_reason(job) else self._policy.delay(0, self._rng)
 
     def _schedule(self, entry: _Tracked, delay_s: float) -> None:
         now = self._clock()
         due = now + delay_s
         deadline = _deadline(entry.job)
-        if deadline is not None and entry.job.stop_reason is None:
+        if deadline is not None and self._stop_reason(entry.job) is None:
             due = min(due, deadline)
         entry.due = due
         entry.delay = due - now
@@ -167,6 +190,7 @@ class Poller:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._record_stops(), name="record-stops")
             while True:
                 self._wake.clear()
                 for (backend, partition), batch in self._take_batches(self._clock()):
@@ -207,21 +231,30 @@ class Poller:
             await self._apply(
                 backend, entry, observations.get(external_id) or Observation(external_id, None)
             )
+        except errors.StoreError as exc:
+            # The store cannot write (it said so once, loudly): observed again next round.
+            log.debug("poll.apply_unrecorded", job_id=entry.job.id, error=exc.message)
         except Exception:  # one job's trouble must not hold up the rest of its batch
             log.exception("poll.apply_failed", job_id=entry.job.id, backend=backend.name)
 
     async def _enforce_deadline(self, backend: Backend, entry: _Tracked) -> None:
         job = entry.job
-        if job.stop_reason is None:
+        if self._stop_reason(job) is None:
             deadline = _deadline(job)
             if deadline is None or self._clock() < deadline:
                 return
             why: models.StopReason = (
                 "timeout" if job.entered(models.JobState.RUNNING) else "queue_timeout"
             )
-            job = entry.job = await self._store.request_stop(job.id, why)
+            try:
+                job = entry.job = await self._store.request_stop(job.id, why)
+            except errors.StoreError as exc:
+                log.warning("job.stop_unrecorded", job_id=job.id, kind=why, error=exc.message)
+                self.stop_unrecorded(job.id, why)
             log.info("job.timeout", job_id=job.id, kind=why, vendor_status=job.vendor_status)
             entry.n = 0
+        if job.stop_reason is None:  # not recorded yet: the backend still hears why
+            job = dataclasses.replace(job, stop_reason=self._stop_reason(job))
         try:
             await backend.stop(job)
         except Exception:
@@ -243,8 +276,9 @@ class Poller:
                 )
             return
         reason = obs.reason
-        if new.terminal and job.stop_reason and new != models.JobState.SUCCEEDED:
-            new, reason = store.stopped_outcome(job, job.stop_reason)
+        stop_reason = self._stop_reason(job)
+        if new.terminal and stop_reason and new != models.JobState.SUCCEEDED:
+            new, reason = store.stopped_outcome(job, stop_reason)
         faults.crashpoint("poller.before_transition")
         try:
             job = await self._store.transition(
@@ -286,6 +320,30 @@ class Poller:
         job = await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
         log.error("job.lost", job_id=job.id, backend=backend.name, reason=reason)
         self._settle(entry, job)
+
+    async def _record_stops(self) -> None:
+        """Record the stops the store could not, as soon as it can write again."""
+        delay_s = self._settings.base_s
+        while True:
+            await self._unrecorded_added.wait()
+            for job_id, why in list(self._unrecorded.items()):
+                try:
+                    job = await self._store.request_stop(job_id, why)
+                except errors.StoreError:
+                    continue  # still cannot write; try again below
+                except errors.OrchestratorError as exc:  # gone (purged): nothing to record
+                    self._unrecorded.pop(job_id, None)
+                    log.warning("job.stop_unrecordable", job_id=job_id, error=exc.message)
+                    continue
+                self._unrecorded.pop(job_id, None)
+                log.info("job.stop_recorded", job_id=job_id, kind=why, state=job.state.value)
+                self.update(job)
+            if self._unrecorded:
+                await asyncio.sleep(delay_s)  # a retry back-off: nothing signals "writable again"
+                delay_s = min(self._settings.cap_s, delay_s * 2)
+            else:
+                self._unrecorded_added.clear()
+                delay_s = self._settings.base_s
 
     def _settle(self, entry: _Tracked, job: models.Job) -> None:
         entry.job = job

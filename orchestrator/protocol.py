@@ -46,9 +46,13 @@ class Get(Params):
 
 
 class ListJobs(Params):
+    """One page of jobs, newest first. `limit` above `MAX_PAGE` is served `MAX_PAGE` at a
+    time: the reply's `next_cursor` (null on the last page) is the next request's `cursor`."""
+
     state: list[models.JobState] | None = None
     backend: str | None = None
     limit: Annotated[int, pydantic.Field(ge=1, le=100_000)] = 100
+    cursor: _JobId | None = None
 
     @pydantic.field_validator("state", mode="before")
     @classmethod
@@ -97,6 +101,7 @@ OPS: dict[str, type[Params]] = {
     "logs": Logs,
 }
 STREAMING = frozenset({"wait", "watch", "logs"})
+MAX_PAGE = 1000  # jobs in one `list` reply: a reply is built whole, so its size is capped
 
 
 @dataclass(frozen=True, slots=True)

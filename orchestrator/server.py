@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -29,6 +30,11 @@ log = structlog.get_logger("orchestrator.server")
 
 _PEERCRED = struct.Struct("3i")
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13; no constant in 3.11
+_OUTPUT_HIGH_BYTES = 256 * 1024  # unread reply bytes per connection before it is held back
+_HEAVY = frozenset({"list", "get"})  # ops whose one reply can be large
+_HEAVY_PER_CONNECTION = 4
+_HANGUP_CHECK_S = 0.25  # how often a half-closed connection is checked for a full hang-up
+_CLOSE_GRACE_S = 1.0  # to flush a closing connection's last lines before it is cut
 
 
 def peer_of(sock: socket.socket) -> models.Peer:
@@ -224,12 +230,10 @@ class Server:
             finally:
                 del self._connections[task]
                 self._per_peer[peer.uid] -= 1
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:
             pass  # the client went away; nothing of ours is lost
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, BrokenPipeError):
-                await writer.wait_closed()
+            await _close(writer)
 
     def _refusal(self, peer: models.Peer) -> errors.OrchestratorError | None:
         s = self._settings
@@ -246,7 +250,29 @@ class Server:
         return None
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close after flushing what the client has not read yet, if it reads it within
+    `_CLOSE_GRACE_S`; a client that never reads does not hold the socket open past that."""
+    writer.close()
+    try:
+        async with asyncio.timeout(_CLOSE_GRACE_S):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except ConnectionError:
+        pass
+
+
 class _Connection:
+    """One client: its requests run concurrently, its replies share one bounded output.
+
+    Output is bounded: a line is written only while the client has less than
+    `_OUTPUT_HIGH_BYTES` unread, and no new request is read while it has more, so a client
+    that does not read slows itself down and, after `idle_timeout_s` without reading, is
+    dropped. Every request gets exactly one final reply; a client that hangs up takes every
+    request of its connection with it.
+    """
+
     def __init__(
         self,
         settings: ServerSettings,
@@ -260,18 +286,53 @@ class _Connection:
         self._peer = peer
         self._reader = reader
         self._writer = writer
+        writer.transport.set_write_buffer_limits(high=_OUTPUT_HIGH_BYTES)
         self._requests: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()  # set while fewer than max_requests_in_flight are open
         self._room.set()
-        self._deadlines: dict[asyncio.Task[None], float] = {}  # unary requests: when they expire
+        self._heavy = asyncio.Semaphore(_HEAVY_PER_CONNECTION)
+        self._deadlines: dict[asyncio.Task[None], float] = {}  # unanswered unary requests
         self._expired: set[asyncio.Task[None]] = set()
         self._streams: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._stopping = False
+        self.dropped = False  # cut for not reading its replies
 
     async def send(self, line: bytes) -> None:
+        """Write one line once the client has room for it (see the class docstring)."""
+        if self.dropped:
+            raise ConnectionResetError("the connection was dropped")
+        if self._writer.transport.get_write_buffer_size() > _OUTPUT_HIGH_BYTES:
+            await self._wait_for_room()
         self._writer.write(line)
-        await self._writer.drain()
+
+    async def _wait_for_room(self) -> None:
+        """Wait until the client has read enough of its replies; drop it if it reads nothing
+        for `idle_timeout_s`."""
+        try:
+            async with asyncio.timeout(self._settings.idle_timeout_s):
+                await self._writer.drain()
+        except TimeoutError:
+            self._drop()
+            raise ConnectionResetError("the client stopped reading its replies") from None
+
+    def _drop(self) -> None:
+        if self.dropped:
+            return
+        self.dropped = True
+        s = self._settings
+        log.warning("socket.slow_reader", peer_uid=self._peer.uid, peer_pid=self._peer.pid)
+        # Last in line behind what it has not read: it sees this only if it reads after all.
+        self._writer.write(
+            protocol.error(
+                None,
+                "slow_reader",
+                f"the client read none of its replies for {s.idle_timeout_s}s; disconnected",
+            )
+        )
+        for task in (self._reading, *self._requests):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     def stop(self) -> None:
         """The daemon is shutting down: read no more, end the streams, finish the rest."""
@@ -287,18 +348,37 @@ class _Connection:
             try:
                 await self._reading
             except asyncio.CancelledError:
-                if not self._stopping:
+                if not (self._stopping or self.dropped):
                     raise
-            # The client closed its side, or we are stopping: answer what was already sent.
-            if self._requests:
+            if self._stopping:  # answer what was already asked, within the server's grace
                 await asyncio.gather(*self._requests, return_exceptions=True)
+            elif not self.dropped:
+                await self._finish_unless_hung_up()
         finally:
             for task in self._requests:
                 task.cancel()
 
+    async def _finish_unless_hung_up(self) -> None:
+        """The client closed its sending side. If it only half-closed, it still reads: answer
+        what it asked. Once it has hung up entirely nobody reads, so every request and stream
+        of this connection ends now and its slot is freed, whatever the jobs do."""
+        poller = select.poll()
+        poller.register(self._writer.get_extra_info("socket").fileno(), select.POLLIN)
+        hung_up = select.POLLHUP | select.POLLERR | select.POLLNVAL
+        while self._requests:
+            await asyncio.wait(set(self._requests), timeout=_HANGUP_CHECK_S)
+            # A transport that met an error has closed the socket (its descriptor may be
+            # another's by now): ask it first, and poll only a socket it still holds.
+            if self._writer.transport.is_closing() or any(
+                events & hung_up for _, events in poller.poll(0)
+            ):
+                return  # `run` cancels what is left
+
     async def _read_requests(self) -> None:
         s = self._settings
         while True:
+            if self._writer.transport.get_write_buffer_size() > _OUTPUT_HIGH_BYTES:
+                await self._wait_for_room()  # it is not reading: read no more from it either
             try:
                 async with asyncio.timeout(s.idle_timeout_s):
                     line = await _read_line(self._reader, s.max_line_bytes)
@@ -324,14 +404,15 @@ class _Connection:
             if len(self._requests) >= s.max_requests_in_flight:
                 self._room.clear()
                 await self._room.wait()  # read no more until a reply has gone out
-            task = asyncio.create_task(self._handle(request), name=f"request-{request.op}")
-            self._requests.add(task)
-            task.add_done_callback(self._finished)
             if request.op in protocol.STREAMING:
+                task = asyncio.create_task(self._stream(request), name=f"request-{request.op}")
                 self._streams.add(task)
                 task.add_done_callback(self._streams.discard)
             else:
+                task = asyncio.create_task(self._answer(request), name=f"request-{request.op}")
                 self._deadlines[task] = asyncio.get_running_loop().time() + s.request_timeout_s
+            self._requests.add(task)
+            task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._requests.discard(task)
@@ -340,40 +421,58 @@ class _Connection:
         self._room.set()
 
     def expire(self, now: float) -> None:
-        """Cancel the unary requests whose deadline has passed (they answer `timeout`)."""
+        """Cancel the unanswered unary requests whose deadline has passed (they answer
+        `timeout`). A request leaves `_deadlines` the moment its reply exists, so a reply
+        waiting for a slow client is never followed by a second one."""
         for task, deadline in self._deadlines.items():
             if deadline <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
 
-    async def _handle(self, request: protocol.Request) -> None:
+    async def _answer(self, request: protocol.Request) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        # Few big replies (pages of jobs) are built at a time on one connection.
+        limit = self._heavy if request.op in _HEAVY else contextlib.nullcontext()
         try:
-            await self._api.handle(request, self._peer, self.send)
-        except (ConnectionError, BrokenPipeError):
+            async with limit:
+                try:
+                    line = await self._api.answer(request, self._peer)
+                except Exception:
+                    log.exception("request.failed", op=request.op, peer_pid=self._peer.pid)
+                    line = protocol.error(request.id, "internal", "internal error; see the log")
+                del self._deadlines[task]  # answered: from here on no deadline can touch it
+                await self.send(line)
+        except asyncio.CancelledError:
+            if task not in self._expired or self._stopping:
+                raise
+            task.uncancel()
+            with contextlib.suppress(ConnectionError):
+                await self.send(
+                    protocol.error(
+                        request.id,
+                        "timeout",
+                        f"{request.op} took longer than {self._settings.request_timeout_s}s",
+                    )
+                )
+        except ConnectionError:
+            pass  # the client went away
+
+    async def _stream(self, request: protocol.Request) -> None:
+        try:
+            await self._api.stream(request, self._peer, self.send)
+        except ConnectionError:
             pass
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task in self._expired and not self._stopping:
-                assert task is not None
-                task.uncancel()
-                with contextlib.suppress(ConnectionError, BrokenPipeError):
-                    await self.send(
-                        protocol.error(
-                            request.id,
-                            "timeout",
-                            f"{request.op} took longer than {self._settings.request_timeout_s}s",
-                        )
-                    )
-                return
-            if self._stopping:
-                with contextlib.suppress(ConnectionError, BrokenPipeError):
+            if self._stopping and not self.dropped:
+                with contextlib.suppress(ConnectionError):
                     self._writer.write(
                         protocol.error(request.id, "shutting_down", "the daemon is shutting down")
                     )
             raise
         except Exception:
             log.exception("request.failed", op=request.op, peer_pid=self._peer.pid)
-            with contextlib.suppress(ConnectionError, BrokenPipeError):
+            with contextlib.suppress(ConnectionError):
                 await self.send(
                     protocol.error(request.id, "internal", "internal error; see the daemon's log")
                 )

@@ -109,6 +109,9 @@ class StoreSettings(_Section):
     retention_days: Annotated[float, pydantic.Field(ge=0)] = 30.0  # 0 keeps terminal jobs forever
     max_batch: _Count = 2048  # operations committed together in one transaction
     startup_check: Literal["quick", "full"] = "quick"  # PRAGMA quick_check or integrity_check
+    # Below this much free space on the store's file system, new jobs are refused (the rest is
+    # kept for the jobs already accepted) and the daemon reports itself degraded. 0: no check.
+    min_free_bytes: Annotated[int, pydantic.Field(ge=0)] = 64 * 1024 * 1024
 
 
 class JobDefaults(_Section):
@@ -153,6 +156,7 @@ class LocalSettings(_Section):
     inherit_env: _StrList = pydantic.Field(
         default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
     )
+    max_output_bytes: _Count = 1024**3  # per job and stream; past it, a marker and the rest dropped
 
 
 class AwsBackendSettings(_Section):

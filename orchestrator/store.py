@@ -5,11 +5,19 @@ waiting and commits them as one transaction (one fsync for many submissions or t
 inside its own savepoint so one failing operation cannot undo the others. A caller's future is
 resolved only after the commit, and the events of a batch are published, in commit order, right
 after it. Reads run on a separate connection and thread, so a long listing never delays a commit.
+
+One store is served by one daemon at a time: `open` takes an exclusive lock on `<store>.lock`
+before anything else, and refuses a file at the store's path that is not an orchestrator store
+(a new one is only ever created whole, under another name, then renamed into place). The store
+reports its own health: whether its last commit failed, and whether its file system has less
+than `min_free_bytes` free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import queue
 import sqlite3
@@ -17,8 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from stat import S_ISREG
+from typing import Any, Literal, TypeVar
 
 import orjson
 import pydantic
@@ -34,6 +44,8 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], tuple[T, list[models.Event]]]
 
 SCHEMA_VERSION = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+_FREE_SPACE_TTL_S = 1.0  # free space is measured at most this often
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
@@ -257,6 +269,18 @@ class IdempotencyConflict(errors.OrchestratorError):
     code = "idempotency_conflict"
 
 
+ProblemReason = Literal["store_commit_failed", "store_low_space"]
+PROBLEM_REASONS: tuple[ProblemReason, ...] = ("store_commit_failed", "store_low_space")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why the daemon is degraded: a stable `reason` (a metric label) and a message."""
+
+    reason: ProblemReason
+    message: str
+
+
 class Store:
     def __init__(
         self, settings: StoreSettings, hub: events.Hub, clock: Callable[[], float] = time.time
@@ -264,6 +288,11 @@ class Store:
         self._settings = settings
         self._hub = hub
         self._clock = clock
+        self._lock_fd: int | None = None
+        self._commit_failure: str | None = None  # why the last commit failed; None once one works
+        self._failed_commits = 0  # consecutive failed commits (the writer thread's own count)
+        self._free_bytes: int | None = None
+        self._free_checked_at: float | None = None
         self._ops: queue.SimpleQueue[tuple[Operation[Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -279,13 +308,19 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or open the database, check its integrity and start the writer thread."""
+        """Lock the store for this daemon, create it or check that it is one, check its
+        integrity and start the writer thread."""
         self._loop = asyncio.get_running_loop()
         path = self._settings.path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Create the file 0600 before SQLite does: job specs may carry secrets in env.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        conn = await asyncio.to_thread(self._connect_writer)
+        # Before anything that could write: a second daemon must not even recover.
+        self._lock_fd = _lock(path)
+        try:
+            await asyncio.to_thread(_check_or_create, path)
+            conn = await asyncio.to_thread(self._connect_writer)
+        except BaseException:
+            self._unlock()
+            raise
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="store-writer", daemon=True
         )
@@ -293,10 +328,10 @@ class Store:
         await self._read(lambda _: None)  # open the reader connection on its thread
 
     def _connect_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._settings.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        path = self._settings.path
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
+            _check_schema(conn, path)  # before anything writes: a file not ours stays as it was
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise errors.StoreError(f"{self._settings.path}: cannot enable WAL (got {mode})")
@@ -305,14 +340,12 @@ class Store:
             check = conn.execute(f"PRAGMA {pragma}").fetchone()[0]
             if check != "ok":
                 raise errors.StoreError(f"{self._settings.path}: integrity check failed: {check}")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            conn.executescript(_SCHEMA)  # what an older schema lacks (nothing, at version 1)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise errors.StoreError(f"{self._settings.path}: {exc}") from exc
+            if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+                raise errors.NotAStore(str(path), "not an SQLite database") from exc
+            raise errors.StoreError(f"{path}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -328,6 +361,13 @@ class Store:
             await self._read(lambda conn: conn.close())
             self._read_conn = None
         self._reader.shutdown(wait=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Let another daemon have the store (the kernel does this too, when we die)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -356,6 +396,8 @@ class Store:
     ) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         published: list[models.Event] = []
+        changes_before = conn.total_changes
+        commit_error: str | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in batch:
@@ -363,6 +405,8 @@ class Store:
                 try:
                     result, op_events = op(conn)
                 except Exception as exc:
+                    # Raises in turn if SQLite rolled the whole transaction back (a full disk
+                    # does that): then the batch fails below, as one.
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     outcomes.append((future, None, exc))
@@ -372,20 +416,37 @@ class Store:
                 published.extend(op_events)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.exception("store.commit_failed", operations=len(batch))
+            # Once per outage with the traceback, not once per retry: the journal the log
+            # goes to may be on the very disk that is full.
+            self._failed_commits += 1
+            if self._failed_commits == 1:
+                log.exception("store.commit_failed", operations=len(batch))
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            commit_error = str(exc)
             failure = errors.StoreError(f"commit failed: {exc}")
             outcomes = [(future, None, failure) for _, future in batch]
             published = []
+        wrote = commit_error is None and conn.total_changes > changes_before
+        if wrote and self._failed_commits:
+            log.info("store.commit_recovered", failed_commits=self._failed_commits)
+            self._failed_commits = 0
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, outcomes, published)
+        self._loop.call_soon_threadsafe(self._deliver, outcomes, published, commit_error, wrote)
 
     def _deliver(
         self,
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
         published: list[models.Event],
+        commit_error: str | None = None,
+        wrote: bool = False,
     ) -> None:
+        # Health first: whoever hears of a failure below already sees the store degraded.
+        if commit_error is not None:
+            self._commit_failure = commit_error
+        elif wrote:  # a commit that wrote nothing (a ping) proves nothing about the disk
+            self._commit_failure = None
         for event in published:
             self._hub.publish(event)
         for future, result, exc in outcomes:
@@ -641,6 +702,47 @@ class Store:
 
         await self._write(op)
 
+    # -- health ----------------------------------------------------------------------------
+
+    def free_bytes(self) -> int | None:
+        """Free space on the store's file system (as an unprivileged user sees it), measured
+        at most once a second; None when it cannot be measured."""
+        now = time.monotonic()
+        if self._free_checked_at is None or now - self._free_checked_at >= _FREE_SPACE_TTL_S:
+            self._free_checked_at = now
+            try:
+                stat = os.statvfs(self._settings.path.parent)
+            except OSError:
+                self._free_bytes = None
+            else:
+                self._free_bytes = stat.f_bavail * stat.f_frsize
+        return self._free_bytes
+
+    def check_room(self) -> None:
+        """Raise `StoreFull` while the free space is below `min_free_bytes`: what is left is
+        kept for the jobs already accepted."""
+        minimum = self._settings.min_free_bytes
+        free = self.free_bytes() if minimum else None
+        if free is not None and free < minimum:
+            raise errors.StoreFull(str(self._settings.path), free, minimum)
+
+    def problems(self) -> list[Problem]:
+        """Why the store is degraded, if it is: its last commit failed (cleared by the next
+        commit that writes), or its file system is short of space."""
+        found = []
+        if self._commit_failure is not None:
+            found.append(
+                Problem(
+                    "store_commit_failed",
+                    f"the store's last commit failed: {self._commit_failure}",
+                )
+            )
+        try:
+            self.check_room()
+        except errors.StoreFull as exc:
+            found.append(Problem("store_low_space", exc.message))
+        return found
+
     # -- reads -----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> models.Job:
@@ -651,9 +753,14 @@ class Store:
         states: Iterable[models.JobState] | None = None,
         backend: str | None = None,
         limit: int = 100,
+        before: str | None = None,
     ) -> list[models.Job]:
-        """Newest first."""
-        clauses, args = [], []
+        """Newest first; with `before` (a job id), only the jobs older than that one."""
+        clauses: list[str] = []
+        args: list[object] = []
+        if before is not None:
+            clauses.append("id < ?")
+            args.append(before)
         if states is not None:
             wanted = [s.value for s in states]
             clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
@@ -711,6 +818,118 @@ class Store:
             return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
 
         return await self._read(fetch)
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on `<store>.lock` for as long as this process serves the store,
+    with our pid written in it for whoever finds it taken. The kernel releases the lock when the
+    process ends, however it ends; close-on-exec keeps it out of every job we start."""
+    lock_path = path.with_name(f"{path.name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise errors.StoreError(f"{lock_path}: cannot open the store's lock: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise errors.StoreLocked(str(path), holder) from None
+    except OSError as exc:
+        os.close(fd)
+        raise errors.StoreError(f"{lock_path}: cannot lock the store: {exc}") from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a full disk: the lock holds all the same
+        log.warning("store.lock_pid_unwritten", path=str(lock_path), error=str(exc))
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None  # the holder has not written it yet, or could not
+
+
+def _check_or_create(path: Path) -> None:
+    if os.path.lexists(path):
+        _check_file(path)
+    else:
+        _create(path)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse what is at the store's path when it cannot be a store. A new store is only ever
+    created whole (`_create`), so an empty file is not one: something truncated it, or
+    `store.path` points at the wrong file; starting afresh would hide every job it held."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise errors.StoreError(f"{path}: {exc.strerror}") from exc
+    if not S_ISREG(stat.st_mode):
+        raise errors.NotAStore(str(path), "not a regular file")
+    if stat.st_size == 0:
+        raise errors.NotAStore(str(path), "the file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise errors.StoreError(f"{path}: {exc.strerror}") from exc
+    if header != _SQLITE_MAGIC:
+        raise errors.NotAStore(str(path), "not an SQLite database")
+
+
+def _create(path: Path) -> None:
+    """A new store: built under a temporary name and renamed into place once its schema is
+    committed, so a file at the store's path is always a whole store."""
+    tmp = path.with_name(f".{path.name}.new")
+    for stale in (tmp, tmp.with_name(f"{tmp.name}-journal")):  # a crash's (we hold the lock)
+        stale.unlink(missing_ok=True)
+    # Created 0600 before SQLite opens it: job specs may carry secrets in env.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600))
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.executescript(
+            f"BEGIN; {_SCHEMA} INSERT INTO meta (key, value) "
+            f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+        )
+    except sqlite3.Error as exc:
+        raise errors.StoreError(f"{path}: cannot create the store: {exc}") from exc
+    finally:
+        conn.close()
+    os.rename(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse an SQLite database that is not an orchestrator store, or is one written by a
+    newer version. Reads only."""
+    tables = [
+        row[0]
+        for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")
+    ]
+    row = None
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        raise errors.NotAStore(
+            str(path),
+            "an SQLite database without orchestrator's schema_version; "
+            f"its tables: {shown or 'none'}",
+        )
+    try:
+        version = int(row[0])
+    except ValueError:
+        raise errors.NotAStore(str(path), f"schema_version {row[0]!r} is not a number") from None
+    if version > SCHEMA_VERSION:
+        raise errors.StoreTooNew(str(path), version, SCHEMA_VERSION)
 
 
 def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:

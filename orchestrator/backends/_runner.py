@@ -1,23 +1,40 @@
 """The local backend's job runner: a tiny parent that outlives the daemon.
 
-Run as `python -I _runner.py ATTEMPT_DIR CWD -- ARGV...` in its own session (process group),
-with stdout/stderr already pointing at the job's log files. It
+Run as `python -I -S _runner.py ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...` in its own session
+(process group), with stdout/stderr already pointing at the job's log files. It
 
 1. claims the attempt by hard-linking a file that names its pid and start time (if the claim is
-   taken, a restarted daemon has declared this attempt never launched, so it exits at once);
-2. runs ARGV directly (no shell) in CWD, passing on its own environment;
-3. ignores the signals the daemon sends to the group (the job gets them and decides), waits, and
+   taken, a restarted daemon has declared this attempt never launched, so it exits at once; if
+   the claim cannot be written at all — disk full, I/O error — it exits with status
+   `SETUP_FAILED + errno`, which the daemon, its parent, records as the job's failure);
+2. runs ARGV directly (no shell) in CWD, passing on its own environment, with the job's stdout
+   and stderr on pipes that it copies to the log files with splice(2) (the bytes never pass
+   through this process), each up to MAX_OUTPUT_BYTES: past that a marker line is written and
+   the rest is discarded, so no job can fill the disk with output, and the job keeps running;
+   output the disk refuses (ENOSPC, EIO) is dropped, never left to block the job;
+3. ignores the signals the daemon sends to the group (the job gets them and decides), and once
+   the job's own process has exited copies what is left in the pipes and moves on (a background
+   grandchild holding them open does not hold up the outcome; its later writes get EPIPE);
 4. writes the job's exit status atomically beside its logs, so a daemon that was down when the
-   job ended still learns its true outcome.
+   job ended still learns its true outcome. While the disk refuses the file, it retries with
+   back-off and stays alive, so the job is seen running, never lost.
 
-Only modules the interpreter loads anyway (no subprocess, no json), nothing from the package,
-and run with `-I -S`: it costs about as much as a bare interpreter start (~15 ms).
+Only modules the interpreter loads anyway (no subprocess, no json) plus `select`, nothing from
+the package, and run with `-I -S`: it costs about as much as a bare interpreter start (~15 ms).
 """
 
+import errno
 import os
+import select
 import signal
 import sys
 import time
+
+SETUP_FAILED = 100  # exit status SETUP_FAILED + errno: the attempt could not even be claimed
+_SPLICE_MAX = 1 << 20  # bytes asked of one splice call (a pipe holds 64 KiB by default)
+_DRAIN_MAX = 16 << 20  # once the job has exited, copy at most this much more per stream
+_RETRY_FIRST_S = 0.1
+_RETRY_CAP_S = 5.0
 
 
 def start_time(pid: int) -> int:
@@ -25,6 +42,17 @@ def start_time(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as fh:
         stat = fh.read()
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def setup_failure(status: int) -> int | None:
+    """The errno a runner's exit status reports (None: not a set-up failure)."""
+    return status - SETUP_FAILED if SETUP_FAILED < status <= 255 else None
+
+
+def truncation_marker(limit: int) -> bytes:
+    return (
+        f"\n[orchestrator: output truncated at {limit} bytes; further output discarded]\n".encode()
+    )
 
 
 def _json(value: object) -> str:
@@ -44,83 +72,253 @@ def _json(value: object) -> str:
 
 def write_atomically(path: str, payload: dict[str, object]) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(_json(payload))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(_json(payload))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)  # give back what a half-written file holds
+        except OSError:
+            pass
+        raise
+
+
+def record(path: str, payload: dict[str, object]) -> None:
+    """`write_atomically`, retried with back-off while the disk refuses it: meanwhile this
+    process lives on, and the daemon sees the job running rather than lost. Only a vanished
+    attempt directory ends the retries (nobody will look there)."""
+    delay_s = _RETRY_FIRST_S
+    while True:
+        try:
+            write_atomically(path, payload)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError:
+            time.sleep(delay_s)
+            delay_s = min(_RETRY_CAP_S, delay_s * 2)
 
 
 def claim(attempt_dir: str) -> bool:
     pid = os.getpid()
     tmp = os.path.join(attempt_dir, f"claim.{pid}")
-    with open(tmp, "w") as fh:
-        fh.write(_json({"pid": pid, "start_time": start_time(pid)}))
     try:
+        with open(tmp, "w") as fh:
+            fh.write(_json({"pid": pid, "start_time": start_time(pid)}))
         os.link(tmp, os.path.join(attempt_dir, "claim"))
     except FileExistsError:
         return False
     finally:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
     return True
 
 
-def spawn_and_wait(command: list[str]) -> int | OSError:
-    """fork + execvp (PATH from our environment); the wait status, or why exec failed.
+class Output:
+    """One of the job's output pipes, copied to its log file up to `limit` bytes."""
+
+    def __init__(self, pipe: int, file: int, limit: int) -> None:
+        self.pipe = pipe
+        self.file = file
+        self.limit = limit
+        self.room = max(0, limit - os.lseek(file, 0, os.SEEK_END))
+        self.lost = 0  # bytes the disk refused since the last successful write
+        self.lost_why = ""
+        self._splice = True  # False once the log file's filesystem refuses splice
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # where the excess goes
+
+    def pump(self) -> int:
+        """Move what the pipe holds now: bytes moved, 0 if none is waiting, -1 at end of file
+        (every writer has closed it)."""
+        try:
+            if self.room == 0:
+                return self._discard()
+            moved = self._copy(min(self.room, _SPLICE_MAX))
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # the log file refused it (ENOSPC, EDQUOT, EIO): drop it
+            return self._drop(exc, self._discard())
+        if moved <= 0:
+            return moved
+        self.room -= moved
+        if self.lost:
+            _write(
+                self.file, f"\n[orchestrator: {self.lost} bytes of output lost: {self.lost_why}]\n"
+            )
+            self.lost = 0
+        if self.room == 0:
+            _write(self.file, truncation_marker(self.limit).decode())
+        return moved
+
+    def _copy(self, size: int) -> int:
+        if self._splice:
+            try:
+                return os.splice(self.pipe, self.file, size) or -1
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                self._splice = False  # e.g. a FUSE log directory: copy through this process
+        data = os.read(self.pipe, size)
+        if not data:
+            return -1
+        try:
+            os.write(self.file, data)
+        except OSError as exc:
+            return self._drop(exc, len(data))
+        return len(data)
+
+    def _drop(self, exc: OSError, size: int) -> int:
+        self.lost += max(0, size)
+        self.lost_why = exc.strerror or str(exc)
+        return size
+
+    def _discard(self) -> int:
+        try:
+            return os.splice(self.pipe, self._null, _SPLICE_MAX) or -1
+        except BlockingIOError:
+            return 0
+
+    def drain(self) -> None:
+        """Copy what the pipe holds, within a bound (a writer may still be at it)."""
+        moved = 0
+        while moved < _DRAIN_MAX:
+            n = self.pump()
+            if n <= 0:
+                return
+            moved += n
+
+    def close(self) -> None:
+        os.close(self.pipe)
+        os.close(self._null)
+
+
+def _write(fd: int, text: str) -> None:
+    """A note of ours in a log file; if the disk refuses it too, the output says less."""
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass
+
+
+def _exec_child(command: list[str], stdout: int, stderr: int, report: int) -> None:
+    """In the forked child: the job's stdout and stderr on the pipes, default signal
+    dispositions (Python ignores SIGPIPE and SIGXFSZ; a job must not inherit that), exec."""
+    try:
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        for signum in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGHUP,
+            signal.SIGPIPE,
+            signal.SIGXFSZ,
+        ):
+            signal.signal(signum, signal.SIG_DFL)
+        os.execvp(command[0], command)
+    except OSError as exc:
+        os.write(report, str(exc.errno).encode())
+    finally:
+        os._exit(127)
+
+
+def spawn_and_wait(command: list[str], limit: int) -> int | OSError:
+    """fork + execvp (PATH from our environment), copying the job's output while it runs; the
+    wait status, or why the job could not be started.
 
     A close-on-exec pipe tells the two apart: it closes empty when exec succeeds and carries
     the errno when it fails, the way `subprocess` does it.
     """
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        outputs = [Output(out_r, 1, limit), Output(err_r, 2, limit)]
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+    except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the host is short of something
+        return exc
     if pid == 0:
-        try:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            os.execvp(command[0], command)
-        except OSError as exc:
-            os.write(write_end, str(exc.errno).encode())
-        finally:
-            os._exit(127)
-    os.close(write_end)
+        _exec_child(command, out_w, err_w, write_end)
+    for fd in (out_w, err_w, write_end):
+        os.close(fd)
     with os.fdopen(read_end, "rb") as pipe:
         failed = pipe.read()
     if failed:
         os.waitpid(pid, 0)
-        errno = int(failed)
-        return OSError(errno, os.strerror(errno))  # OSError(ENOENT, …) is a FileNotFoundError
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except InterruptedError:
-            continue
+        for output in outputs:
+            output.close()
+        code = int(failed)
+        return OSError(code, os.strerror(code))  # OSError(ENOENT, …) is a FileNotFoundError
+    status = _copy_until_exit(pid, outputs)
+    for output in outputs:
+        output.drain()
+        output.close()
+    return status
+
+
+def _copy_until_exit(pid: int, outputs: list[Output]) -> int:
+    """Copy the job's output until its own process exits; its wait status."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        pidfd = -1  # no pidfd: look for the exit twice a second
+    poller = select.poll()
+    by_fd = {}
+    for output in outputs:
+        os.set_blocking(output.pipe, False)
+        poller.register(output.pipe, select.POLLIN)
+        by_fd[output.pipe] = output
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while True:
+            ready = poller.poll(None if pidfd >= 0 else 500)
+            for fd, _ in ready:
+                stream = by_fd.get(fd)
+                if stream is not None and stream.pump() < 0:
+                    poller.unregister(fd)  # every writer is gone; keep it for the drain
+                    del by_fd[fd]
+            if pidfd < 0 or any(fd == pidfd for fd, _ in ready):
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    return status
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def main(argv: list[str]) -> int:
-    attempt_dir, cwd, separator, command = argv[0], argv[1], argv[2], argv[3:]
-    if separator != "--" or not command:
-        print("usage: _runner.py ATTEMPT_DIR CWD -- ARGV...", file=sys.stderr)
+    if len(argv) < 5 or argv[3] != "--" or not argv[2].isdigit():
+        _write(2, "usage: _runner.py ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...\n")
         return 2
-    if not claim(attempt_dir):
-        return 0
+    attempt_dir, cwd, limit, command = argv[0], argv[1], int(argv[2]), argv[4:]
+    try:
+        if not claim(attempt_dir):
+            return 0
+    except OSError as exc:  # nothing can be recorded: our exit status says why
+        return SETUP_FAILED + min(exc.errno or errno.EIO, 255 - SETUP_FAILED)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         # A handler (not SIG_IGN, which children would inherit) keeps the runner alive to
         # record the outcome while the job, in the same group, receives the signal.
         signal.signal(signum, lambda *_: None)
     started = time.time()
+    exit_path = os.path.join(attempt_dir, "exit")
     try:
         os.chdir(cwd)
     except OSError as exc:
         message = f"cannot enter working directory {cwd!r}: {exc.strerror}"
-        print(f"orchestrator: {message}", file=sys.stderr)
-        failure: dict[str, object] = {"exit_code": 126, "signal": None, "error": message}
-        write_atomically(os.path.join(attempt_dir, "exit"), failure)
+        _write(2, f"orchestrator: {message}\n")
+        record(exit_path, {"exit_code": 126, "signal": None, "error": message})
         return 0
-    error = spawn_and_wait(command)
+    error = spawn_and_wait(command, limit)
     if isinstance(error, OSError):
         code = 127 if isinstance(error, FileNotFoundError) else 126
         message = f"cannot run {command[0]!r}: {error.strerror}"
-        print(f"orchestrator: {message}", file=sys.stderr)
+        _write(2, f"orchestrator: {message}\n")
         result: dict[str, object] = {"exit_code": code, "signal": None, "error": message}
     else:
         killed_by = os.WTERMSIG(error) if os.WIFSIGNALED(error) else None
@@ -130,7 +328,7 @@ def main(argv: list[str]) -> int:
             "error": None,
         }
     result.update(started_at=started, finished_at=time.time())
-    write_atomically(os.path.join(attempt_dir, "exit"), result)
+    record(exit_path, result)
     return 0
 
 

@@ -66,6 +66,8 @@ class Telemetry:
 
     calls: Sequence[tuple[str, str, int, int]] = ()  # (service, operation, calls, throttles)
     buckets: Sequence[tuple[str, float, float]] = ()  # (bucket, current rate, configured rate)
+    # (errno name, count): reads about jobs that failed without proving anything (local backend)
+    read_errors: Sequence[tuple[str, int]] = ()
 
 
 Wake = Callable[[str], None]  # a backend may call this with a job id to have it polled now

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,21 @@ def settings_env(settings_dict: Mapping[str, Mapping[str, Any]]) -> dict[str, st
 
 
 class DaemonProcess:
-    """`orchestrator serve` as a child process, with its log in `root/daemon-N.log`."""
+    """`orchestrator serve` as a child process, with its log in `root/daemon-N.log`; `wrapper`
+    runs it under another command (e.g. `prlimit --nofile=64:64 --`), `pass_fds` are left open
+    in it."""
 
-    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        wrapper: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.root = root
+        self.wrapper = list(wrapper)
+        self.pass_fds = tuple(pass_fds)
         self.socket_path = root / "o.sock"
         self.store_path = root / "state" / "orchestrator.db"
         self.env = {
@@ -94,8 +105,9 @@ class DaemonProcess:
         self.starts += 1
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", "serve"],
+                [*self.wrapper, sys.executable, "-m", "orchestrator", "serve"],
                 env={**self.env, **(extra_env or {})},
+                pass_fds=self.pass_fds,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
