@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -218,12 +218,15 @@ class Client:
         return [job async for job in self.iter_jobs(state, backend, limit)]
 
     async def iter_jobs(
-        self, state: list[str] | None = None, backend: str | None = None, limit: int | None = None
+        self,
+        state: Sequence[str] | None = None,
+        backend: str | None = None,
+        limit: int | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Jobs, newest first, a page at a time (all of them with `limit=None`)."""
         params: dict[str, Any] = {}
         if state:
-            params["state"] = state
+            params["state"] = list(state)
         if backend:
             params["backend"] = backend
         left = limit

@@ -296,6 +296,7 @@ class _Connection:
         self._streams: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._stopping = False
+        self._poll: select.poll | None = None  # for hang-ups, made on first use
         self.dropped = False  # cut for not reading its replies
 
     async def send(self, line: bytes) -> None:
@@ -362,17 +363,22 @@ class _Connection:
         """The client closed its sending side. If it only half-closed, it still reads: answer
         what it asked. Once it has hung up entirely nobody reads, so every request and stream
         of this connection ends now and its slot is freed, whatever the jobs do."""
-        poller = select.poll()
-        poller.register(self._writer.get_extra_info("socket").fileno(), select.POLLIN)
-        hung_up = select.POLLHUP | select.POLLERR | select.POLLNVAL
         while self._requests:
             await asyncio.wait(set(self._requests), timeout=_HANGUP_CHECK_S)
-            # A transport that met an error has closed the socket (its descriptor may be
-            # another's by now): ask it first, and poll only a socket it still holds.
-            if self._writer.transport.is_closing() or any(
-                events & hung_up for _, events in poller.poll(0)
-            ):
+            if self._hung_up():
                 return  # `run` cancels what is left
+
+    def _hung_up(self) -> bool:
+        """Whether the client has closed its connection entirely (not only its sending side)."""
+        # A transport that met an error has closed the socket (its descriptor may be another
+        # connection's by now): ask it first, and poll only a socket it still holds.
+        if self._writer.transport.is_closing():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._writer.get_extra_info("socket").fileno(), select.POLLIN)
+        hung_up = select.POLLHUP | select.POLLERR | select.POLLNVAL
+        return any(events & hung_up for _, events in self._poll.poll(0))
 
     async def _read_requests(self) -> None:
         s = self._settings
@@ -401,9 +407,14 @@ class _Connection:
             except protocol.BadRequest as exc:
                 await self.send(protocol.error(exc.request_id, exc.error.code, exc.error.message))
                 continue
-            if len(self._requests) >= s.max_requests_in_flight:
+            while len(self._requests) >= s.max_requests_in_flight:
+                # Read no more until a request is answered, unless the client hangs up.
                 self._room.clear()
-                await self._room.wait()  # read no more until a reply has gone out
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_HANGUP_CHECK_S):
+                        await self._room.wait()
+                if self._hung_up():
+                    return
             if request.op in protocol.STREAMING:
                 task = asyncio.create_task(self._stream(request), name=f"request-{request.op}")
                 self._streams.add(task)

@@ -439,8 +439,8 @@ class Store:
         self,
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
         published: list[models.Event],
-        commit_error: str | None = None,
-        wrote: bool = False,
+        commit_error: str | None,
+        wrote: bool,
     ) -> None:
         # Health first: whoever hears of a failure below already sees the store degraded.
         if commit_error is not None:

@@ -14,7 +14,7 @@ Run as `python -I -S _runner.py ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...` in 
    output the disk refuses (ENOSPC, EIO) is dropped, never left to block the job;
 3. ignores the signals the daemon sends to the group (the job gets them and decides), and once
    the job's own process has exited copies what is left in the pipes and moves on (a background
-   grandchild holding them open does not hold up the outcome; its later writes get EPIPE);
+   grandchild holding them open does not hold up the outcome; its later writes get SIGPIPE);
 4. writes the job's exit status atomically beside its logs, so a daemon that was down when the
    job ended still learns its true outcome. While the disk refuses the file, it retries with
    back-off and stays alive, so the job is seen running, never lost.
@@ -138,6 +138,10 @@ class Output:
         try:
             if self.room == 0:
                 return self._discard()
+            if self.lost:  # say so before what follows the gap, as soon as the disk takes it
+                note = f"\n[orchestrator: {self.lost} bytes of output lost: {self.lost_why}]\n"
+                os.write(self.file, note.encode())
+                self.lost = 0
             moved = self._copy(min(self.room, _SPLICE_MAX))
         except BlockingIOError:
             return 0
@@ -146,11 +150,6 @@ class Output:
         if moved <= 0:
             return moved
         self.room -= moved
-        if self.lost:
-            _write(
-                self.file, f"\n[orchestrator: {self.lost} bytes of output lost: {self.lost_why}]\n"
-            )
-            self.lost = 0
         if self.room == 0:
             _write(self.file, truncation_marker(self.limit).decode())
         return moved

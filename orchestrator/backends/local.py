@@ -486,7 +486,8 @@ class LocalBackend:
 
     def _exited(self, external_id: str, job_id: str) -> None:
         self._unwatch(external_id)
-        self._reap(external_id)
+        if external_id in self._children:  # an adopted runner is not ours to reap
+            self._reap(external_id)
         if external_id in self._finished:  # its outcome is recorded; it only needed reaping
             self._finished.discard(external_id)
             self._children.pop(external_id, None)

@@ -96,6 +96,33 @@ async def test_a_client_that_hangs_up_mid_stream_frees_its_slot(
     assert pong["jobs"] == {"RUNNING": 1}
 
 
+async def test_a_client_that_hangs_up_past_its_in_flight_cap_frees_its_slot(
+    short_tmp: Path,
+) -> None:
+    """The daemon stops reading a connection at `max_requests_in_flight`; a hang-up then
+    still ends every stream."""
+    settings = make_settings(
+        short_tmp, server={"max_connections_per_peer": 2, "max_requests_in_flight": 4}
+    )
+    fake = FakeBackend(default_script=RUNNING_FOREVER)
+    async with running(settings, backends={"local": fake}) as daemon:
+        path = settings.server.socket_path
+        async with Client(path) as client:
+            job = await client.submit({"command": ["sleep", "1000"]})
+        await _until(lambda: _open_connections(daemon) == 0)
+        for _ in range(3):
+            _, writer = await _open(path)
+            writer.write(
+                b"".join(
+                    _line({"v": 1, "id": i, "op": "wait", "job_id": job["id"]}) for i in range(20)
+                )
+            )
+            await writer.drain()
+            writer.close()
+        await _ping_until_admitted(path)
+        await _until(lambda: _open_connections(daemon) == 0)
+
+
 def _open_connections(daemon: Daemon) -> int:
     return len(daemon.server._connections)
 

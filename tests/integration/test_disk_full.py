@@ -111,6 +111,16 @@ def reasons(reply: dict[str, Any]) -> set[str]:
     return {problem["reason"] for problem in reply["problems"]}
 
 
+def ping_when(client: SyncClient, expected: set[str]) -> dict[str, Any] | None:
+    """The ping reply if its problems are exactly `expected`, else None."""
+    reply = ping(client)
+    return reply if reasons(reply) == expected else None
+
+
+def all_running(client: SyncClient, job_ids: list[str]) -> bool:
+    return all(client.get(job_id)["state"] == "RUNNING" for job_id in job_ids)
+
+
 def refusal(call: Callable[[], object]) -> errors.RemoteError:
     with pytest.raises(errors.RemoteError) as caught:
         call()
@@ -125,7 +135,7 @@ def scrape(daemon: DaemonProcess) -> dict[str, float]:
         text = reply.read().decode()
     samples = {}
     for line in text.splitlines():
-        if line.startswith("orchestrator_degraded") or line.startswith("orchestrator_store_free"):
+        if line.startswith(("orchestrator_degraded", "orchestrator_store_free")):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
@@ -147,13 +157,10 @@ def test_short_of_space_new_jobs_are_refused_accepted_ones_finish_and_all_recove
         assert (ping(client)["status"], ping(client)["problems"]) == ("ok", [])
         running = [client.submit(gate_job(gate, 3))["id"] for _ in range(2)]
         queued = client.submit(gate_job(gate, 4))["id"]  # waits for a slot: accepted, QUEUED
-        for job_id in running:
-            wait_for(lambda j=job_id: client.get(j)["state"] == "RUNNING", "the jobs to run")
+        wait_for(lambda: all_running(client, running), "the jobs to run")
 
         filler = fill(small_fs, leave_bytes=MIN_FREE // 2)  # below the threshold, not at zero
-        degraded = wait_for(
-            lambda: (reply := ping(client))["status"] == "degraded" and reply, "degraded"
-        )
+        degraded = wait_for(lambda: ping_when(client, {"store_low_space"}), "low space")
         assert reasons(degraded) == {"store_low_space"}
         (problem,) = degraded["problems"]
         assert f"store.min_free_bytes={MIN_FREE}" in problem["message"]
@@ -163,7 +170,8 @@ def test_short_of_space_new_jobs_are_refused_accepted_ones_finish_and_all_recove
         refused = refusal(lambda: client.call("submit", job={"command": ["true"]}))
         assert refused.remote_code == "store_full"
         assert f"store.min_free_bytes={MIN_FREE}" in refused.message
-        assert "bytes" in refused.message and str(daemon.store_path) in refused.message
+        assert "bytes" in refused.message
+        assert str(daemon.store_path) in refused.message
         bulk = refusal(lambda: client.call("submit_many", jobs=[{"command": ["true"]}] * 3))
         assert bulk.remote_code == "store_full"
 
@@ -225,7 +233,7 @@ def test_with_the_disk_full_cancel_still_stops_jobs_and_is_recorded_once_space_i
         wait_for(lambda: not group_alive(pid), "the cancelled job's processes to be gone")
 
         both = {"store_commit_failed", "store_low_space"}  # free space is looked at each second
-        degraded = wait_for(lambda: reasons(reply := ping(client)) == both and reply, "both")
+        degraded = wait_for(lambda: ping_when(client, both), "both problems")
         assert degraded["status"] == "degraded"
         failed = next(p for p in degraded["problems"] if p["reason"] == "store_commit_failed")
         assert "full" in failed["message"]
@@ -290,15 +298,18 @@ async def test_the_systemd_status_line_says_degraded_and_why(
     async with running(settings) as daemon:
         assert daemon.status_line() == "ready; local: 0 in flight, 0 queued"
         filler = fill(small_fs, leave_bytes=MIN_FREE // 2)
-        line = await wait_async(lambda: daemon.status_line().startswith("degraded ("))
+        line = await status_until(daemon.status_line, "degraded (")
         assert f"below store.min_free_bytes={MIN_FREE}" in line
         assert line.endswith("); local: 0 in flight, 0 queued")
         filler.unlink()
-        await wait_async(lambda: daemon.status_line().startswith("ready; "))
+        await status_until(daemon.status_line, "ready; ")
 
 
-async def wait_async(predicate: Callable[[], bool], timeout_s: float = 20.0) -> str:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.05)
-    return str(predicate.__self__ if hasattr(predicate, "__self__") else "")
+async def status_until(status_line: Callable[[], str], prefix: str, timeout_s: float = 20.0) -> str:
+    """The status line, once it starts with `prefix` (free space is looked at each second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (line := status_line()).startswith(prefix):
+            return line
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the status line never started with {prefix!r}: {status_line()!r}")

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator import settings
-from orchestrator.backends import _runner
+from orchestrator import errors, models, settings
+from orchestrator.backends import _runner, base
+from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
 from tests.support.daemon import DaemonProcess, running, until_state
@@ -74,10 +75,10 @@ def fill(path: Path) -> None:
 
 async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
     """Return once `predicate()` holds (it looks at files a job writes: nothing to wait on)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert predicate(), what
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
+        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -141,7 +142,11 @@ async def test_exit_status_recorded_once_the_disk_has_room_again(
 ) -> None:
     store = {"path": small_disk / "state" / "orchestrator.db"}
     go, pid_file = short_tmp / "go", short_tmp / "job.pid"
-    script = f"echo $$ > {pid_file}; while [ ! -e {go} ]; do sleep 0.05; done; exit 5"
+    # After `go`, more output than a pipe holds: the full disk drops it, the job is not blocked.
+    script = (
+        f"echo $$ > {pid_file}; while [ ! -e {go} ]; do sleep 0.05; done; "
+        "head -c 1000000 /dev/zero; exit 5"
+    )
     async with running(disk_settings(short_tmp, store=store)), Client(short_tmp / "o.sock") as c:
         job = await c.submit({"command": ["sh", "-c", script]})
         await until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "job start")
@@ -187,6 +192,21 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def top_up(daemon: DaemonProcess, pid: int, limit: int, held: list[socket.socket]) -> None:
+    """Connect (refusals are fine) until the daemon holds `limit` descriptors, or 8 times."""
+    for _ in range(8):
+        if open_fds(pid) >= limit:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(0.2)
+        try:
+            sock.connect(str(daemon.socket_path))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+
+
 def test_a_job_ending_while_the_daemon_is_out_of_descriptors_keeps_its_exit_code(
     short_tmp: Path,
 ) -> None:
@@ -201,6 +221,21 @@ def test_a_job_ending_while_the_daemon_is_out_of_descriptors_keeps_its_exit_code
     )
     go = short_tmp / "go"
     held: list[socket.socket] = []
+    cleanup = contextlib.ExitStack()
+
+    def hold_full_until(done: Callable[[], bool], what: str) -> None:
+        """Keep the daemon out of descriptors (whatever it frees is taken again) until
+        `done()`; it must never call the job LOST meanwhile."""
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, f"{what}; daemon log:\n{daemon.log()[-3000:]}"
+            assert '"LOST"' not in daemon.log(), daemon.log()[-3000:]
+            top_up(daemon, pid, limit, held)
+            time.sleep(0.05)
+
+    def read_failures() -> list[dict[str, Any]]:
+        return [e for e in daemon.log_events() if e.get("event") == "local.read_failed"]
+
     try:
         daemon.start()
         assert daemon.proc is not None
@@ -210,46 +245,45 @@ def test_a_job_ending_while_the_daemon_is_out_of_descriptors_keeps_its_exit_code
                 {"command": ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; exit 5"]}
             )
             deadline = time.monotonic() + 15
-            while client.get(job["id"])["state"] != "RUNNING":
+            while (job := client.get(job["id"]))["state"] != "RUNNING":
                 assert time.monotonic() < deadline, "the job never ran"
                 time.sleep(0.02)
-        # Connections until the daemon has no descriptor left (refusals are fine).
-        deadline = time.monotonic() + 20
-        while open_fds(pid) < limit:
-            assert time.monotonic() < deadline, f"the daemon holds {open_fds(pid)} descriptors"
-            for _ in range(8):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(0.2)
-                try:
-                    sock.connect(str(daemon.socket_path))
-                except OSError:
-                    sock.close()
-                    continue
-                held.append(sock)
-            time.sleep(0.05)
-        go.touch()  # the job ends now, while the daemon cannot open its exit file
+        cleanup.enter_context(killed_at_exit(int(job["info"]["pid"])))
+        # Connections (refused or reset ones are fine) until the daemon's polls of the job
+        # cannot open its exit file: that proves nothing, and is said so.
+        hold_full_until(lambda: bool(read_failures()), "no read of the job's files failed")
+        failure = read_failures()[0]
+        assert (failure["job_id"], failure["file"], failure["errno"]) == (
+            job["id"],
+            "exit file",
+            "EMFILE",
+        )
+        # The job ends now, while the daemon is short of descriptors, and for a few of its
+        # polls after that.
+        go.touch()
         exit_file = daemon.store_path.parent / "jobs" / job["id"] / "1" / "exit"
-        deadline = time.monotonic() + 20
-        while not any(e.get("event") == "local.read_failed" for e in daemon.log_events()):
-            assert time.monotonic() < deadline, "the daemon never tried to read the exit file"
-            assert "LOST" not in daemon.log(), daemon.log()[-3000:]
-            time.sleep(0.05)
-        assert exit_file.exists()
-        read_failed = [e for e in daemon.log_events() if e.get("event") == "local.read_failed"]
-        assert read_failed[0]["errno"] == "EMFILE"
-        assert read_failed[0]["job_id"] == job["id"]
+        hold_full_until(exit_file.exists, "the job's runner did not record its exit")
+        polls_later = time.monotonic() + 2.0
+        hold_full_until(lambda: time.monotonic() > polls_later, "")
         for sock in held:
             sock.close()
         held.clear()
-        with daemon.client() as client:
-            final = client.wait(job["id"])
-            history = client.get(job["id"], history=True)["history"]
+        final, history = None, []
+        deadline = time.monotonic() + 20
+        while final is None:  # a connection the daemon could not accept may be reset
+            try:
+                with daemon.client() as client:
+                    final = client.wait(job["id"])
+                    history = client.get(job["id"], history=True)["history"]
+            except errors.DaemonUnreachable:
+                assert time.monotonic() < deadline, "the daemon stopped answering"
+                time.sleep(0.1)
         assert (final["state"], final["exit_code"]) == ("FAILED", 5)
         assert "LOST" not in [event["to"] for event in history]
     finally:
         for sock in held:
             sock.close()
-        go.touch()
+        cleanup.close()
         daemon.close()
 
 
@@ -275,7 +309,7 @@ def test_a_descriptor_inherited_above_the_fd_limit_is_not_passed_to_jobs(short_t
             job = client.submit({"command": ["ls", "/proc/self/fd"]})
             final = client.wait(job["id"])
             listed = "".join(r.get("data", "") for r in client.stream("logs", job_id=job["id"]))
-        assert final["state"] == "SUCCEEDED", final
+        assert final["state"] == "SUCCEEDED", final["reason"]
         fds = sorted(int(fd) for fd in listed.split())
         assert high not in fds
         assert fds[:3] == [0, 1, 2]
@@ -285,3 +319,110 @@ def test_a_descriptor_inherited_above_the_fd_limit_is_not_passed_to_jobs(short_t
         for fd in (read_end, write_end, high):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+# -- the backend's own reads, one by one ----------------------------------------------------
+
+
+def adopted_job(work_dir: Path, pid: int) -> models.Job:
+    """A RUNNING job whose runner is `pid` (not a child of the backend: as after a restart)."""
+    job = models.Job(
+        id="01jobidjobidjobidjobidjob0",
+        spec=models.JobSpec.model_validate({"command": ["true"]}),
+        backend="local",
+        state=models.JobState.RUNNING,
+        created_at=0.0,
+        updated_at=0.0,
+        state_times={},
+        attempt=1,
+        external_id=f"{pid}:{_runner.start_time(pid)}",
+        vendor_status="running",
+    )
+    (work_dir / job.id / "1").mkdir(parents=True)
+    return job
+
+
+async def test_a_proc_read_that_proves_nothing_leaves_the_job_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = LocalBackend(settings.LocalSettings(), tmp_path)
+    await backend.start()
+    sleeper = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        job = adopted_job(tmp_path, sleeper.pid)
+        assert job.external_id is not None
+        real_start_time = _runner.start_time
+        for code in (errno.EMFILE, errno.ENOMEM, errno.EACCES, errno.EIO):
+
+            def failing(pid: int, code: int = code) -> int:
+                raise OSError(code, os.strerror(code))
+
+            monkeypatch.setattr(_runner, "start_time", failing)
+            seen = (await backend.describe([job]))[job.external_id]
+            assert (seen.state, seen.vendor_status) == (job.state, job.vendor_status)
+        monkeypatch.setattr(_runner, "start_time", real_start_time)
+        assert dict(backend.telemetry().read_errors) == {
+            "EMFILE": 1,
+            "ENOMEM": 1,
+            "EACCES": 1,
+            "EIO": 1,
+        }
+        seen = (await backend.describe([job]))[job.external_id]
+        assert seen.state == models.JobState.RUNNING
+        # Proof of absence still counts: the process is gone and recorded nothing.
+        sleeper.kill()
+        await sleeper.wait()
+        seen = (await backend.describe([job]))[job.external_id]
+        assert seen.state == models.JobState.LOST
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            sleeper.kill()
+        await sleeper.wait()
+        await backend.close()
+
+
+async def test_a_corrupt_exit_file_is_waited_on_while_its_runner_lives(short_tmp: Path) -> None:
+    go = short_tmp / "go"
+    # The job's working directory is its attempt directory: it scribbles over `exit` there.
+    script = f"printf '{{\"exit_co' > exit; while [ ! -e {go} ]; do sleep 0.05; done; exit 3"
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await client.submit({"command": ["sh", "-c", script]})
+        await until_state(client, job["id"], "RUNNING")
+        with killed_at_exit(int((await client.get(job["id"]))["info"]["pid"])):
+            exit_file = make_settings(short_tmp).local_work_dir() / job["id"] / "1" / "exit"
+            await until(exit_file.exists, "the job to scribble")
+            deadline = time.monotonic() + 1.0  # a few polls
+            while time.monotonic() < deadline:
+                assert (await client.get(job["id"]))["state"] == "RUNNING"
+                await asyncio.sleep(0.1)
+            go.touch()
+            final = await client.wait(job["id"])
+    assert (final["state"], final["exit_code"]) == ("FAILED", 3)
+
+
+async def test_a_claim_that_cannot_be_read_is_not_taken_for_never_launched(
+    tmp_path: Path,
+) -> None:
+    backend = LocalBackend(settings.LocalSettings(), tmp_path)
+    await backend.start()
+    job = adopted_job(tmp_path, os.getpid())
+    (tmp_path / job.id / "1" / "claim").write_bytes(b'{"pid": 12')  # a failing disk's doing
+    assert await backend.locate(job) == base.Located(None, launched=None)
+    assert list((tmp_path / job.id / "1").iterdir()) == [tmp_path / job.id / "1" / "claim"]
+    await backend.close()
+
+
+async def test_logs_that_cannot_be_read_answer_an_error(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)) as daemon, Client(short_tmp / "o.sock") as client:
+        job = await client.submit({"command": ["true"]})
+        await client.wait(job["id"])
+        stdout = make_settings(short_tmp).local_work_dir() / job["id"] / "1" / "stdout"
+        stdout.unlink()
+        stdout.mkdir()  # open() now fails with EISDIR: not a missing file
+        with pytest.raises(errors.RemoteError) as info:
+            [reply async for reply in client.logs(job["id"])]
+        assert info.value.remote_code == "logs_unavailable"
+        assert "EISDIR" in str(info.value) or "Is a directory" in str(info.value)
+        assert (await client.ping())["pong"]
+        exported = daemon.metrics.render().decode()
+        assert 'orchestrator_local_read_errors_total{errno="EISDIR"} 1.0' in exported

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 15.0
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def running_job(daemon: DaemonProcess) -> dict[str, object]:
+def running_job(daemon: DaemonProcess) -> dict[str, Any]:
     with daemon.client() as client:
         job_id = client.submit(SLEEPER)["id"]
         wait_for(lambda: client.get(job_id)["state"] == "RUNNING", "the job to run")
@@ -65,7 +66,7 @@ def lock_path(daemon: DaemonProcess) -> Path:
     return daemon.store_path.with_name(daemon.store_path.name + ".lock")
 
 
-def cancel_and_wait(daemon: DaemonProcess, job_id: str) -> dict[str, object]:
+def cancel_and_wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
     with daemon.client() as client:
         client.cancel(job_id)
         return client.wait(job_id)
@@ -77,7 +78,7 @@ def test_a_second_daemon_on_the_same_store_exits_2_naming_the_store_and_the_hold
     first = daemons("a")
     first.start()
     before = running_job(first)
-    runner_pid = before["info"]["pid"]  # type: ignore[index]
+    runner_pid = before["info"]["pid"]
     second = daemons("b", env={"ORCHESTRATOR__STORE__PATH": str(first.store_path)})
 
     second.start(wait=False)
@@ -85,23 +86,24 @@ def test_a_second_daemon_on_the_same_store_exits_2_naming_the_store_and_the_hold
     refusal = [e for e in second.log_events() if e.get("event") == "daemon.failed"]
     assert len(refusal) == 1, second.log()
     assert str(first.store_path) in refusal[0]["error"]
-    assert first.proc is not None and f"pid {first.proc.pid}" in refusal[0]["error"]
+    assert first.proc is not None
+    assert f"pid {first.proc.pid}" in refusal[0]["error"]
     assert "daemon.ready" not in second.log()  # it recovered nothing, served nothing
     assert not second.socket_path.exists()
 
     # The first keeps serving, its job untouched and still running.
     with first.client() as client:
         assert client.call("ping")["pong"] is True
-        assert client.get(before["id"], history=True) == before  # type: ignore[arg-type]
-    assert alive(runner_pid)  # type: ignore[arg-type]
+        assert client.get(before["id"], history=True) == before
+    assert alive(runner_pid)
     assert lock_path(first).read_text().strip() == str(first.proc.pid)
 
     # Once the first stops, the second starts and adopts what the first left running.
     assert first.stop() == 0
     second.start()
     with second.client() as client:
-        assert client.get(before["id"])["state"] == "RUNNING"  # type: ignore[arg-type]
-    final = cancel_and_wait(second, before["id"])  # type: ignore[arg-type]
+        assert client.get(before["id"])["state"] == "RUNNING"
+    final = cancel_and_wait(second, before["id"])
     assert (final["state"], final["reason"]) == ("CANCELLED", "cancelled by request")
 
 
@@ -111,7 +113,7 @@ def test_the_lock_goes_with_a_daemon_killed_by_sigkill_and_no_job_holds_it(
     daemon = daemons("a")
     daemon.start()
     job = running_job(daemon)
-    runner_pid: int = job["info"]["pid"]  # type: ignore[index]
+    runner_pid: int = job["info"]["pid"]
     lock = lock_path(daemon)
     assert daemon.proc is not None
     assert lock.read_text().strip() == str(daemon.proc.pid)
@@ -127,8 +129,8 @@ def test_the_lock_goes_with_a_daemon_killed_by_sigkill_and_no_job_holds_it(
     daemon.start()  # exits 2 (and this raises) if the lock were still held
     assert lock.read_text().strip() == str(daemon.proc.pid)
     with daemon.client() as client:
-        assert client.get(job["id"])["state"] == "RUNNING"  # type: ignore[arg-type]
-    final = cancel_and_wait(daemon, job["id"])  # type: ignore[arg-type]
+        assert client.get(job["id"])["state"] == "RUNNING"
+    final = cancel_and_wait(daemon, job["id"])
     assert final["state"] == "CANCELLED"
 
 
