@@ -728,6 +728,7 @@ def pinger(cfg: Config) -> dict[str, Any]:
     """The well-behaved client: one connection, a ping every `ping_interval_s`, each round
     trip timed. A blocking socket and no event loop, like a plain health check."""
     latencies: list[tuple[float, float]] = []  # (wall clock sent, round trip s)
+    lateness: list[float] = []  # how late each sleep woke up: the host's scheduling noise
     remote: Counter[str] = Counter()  # error replies, by code
     failed: Counter[str] = Counter()  # no reply: the connection failed or timed out
     end = time.monotonic() + (cfg.end_at - time.time())
@@ -735,6 +736,7 @@ def pinger(cfg: Config) -> dict[str, Any]:
     due = time.monotonic()
     while due < end:
         time.sleep(max(0.0, due - time.monotonic()))
+        lateness.append(max(0.0, time.monotonic() - due))
         try:
             if client is None:
                 client = SyncClient(cfg.socket_path, timeout_s=10.0).connect()
@@ -751,7 +753,13 @@ def pinger(cfg: Config) -> dict[str, Any]:
         due = max(due + cfg.ping_interval_s, time.monotonic())  # late: go on, never burst
     if client is not None:
         client.close()
-    return {"latencies": latencies, "codes": dict(remote), "io_errors": dict(failed)}
+    return {
+        "latencies": latencies,
+        "codes": dict(remote),
+        "io_errors": dict(failed),
+        "wake_p99_ms": percentile(lateness, 0.99) * 1000,
+        "wake_max_ms": max(lateness, default=0.0) * 1000,
+    }
 
 
 def role_main(name: str, uid: int | None, config: str) -> int:
@@ -1221,24 +1229,22 @@ def scan_log(path: Path, err_path: Path) -> dict[str, Any]:
     lines = 0
     data = path.read_bytes() if path.exists() else b""
     complete, _, partial = data.rpartition(b"\n")  # a stalled pipe can end mid-line
-    if complete or partial:
-        for raw in complete.splitlines():
-            lines += 1
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                key = "(not JSON)"
-            else:
-                if not isinstance(line, dict) or line.get("level") not in (
-                    "warning",
-                    "error",
-                    "critical",
-                    "exception",
-                ):
-                    continue
-                key = f"{line.get('level')} {str(line.get('event')).splitlines()[0]}"
-            by_event[key] += 1
-            samples.setdefault(key, raw.decode(errors="replace")[:600])
+    for raw in complete.splitlines():
+        lines += 1
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            key = "(not JSON)"
+        else:
+            if not isinstance(line, dict) or line.get("level") not in (
+                "warning",
+                "error",
+                "critical",
+            ):
+                continue
+            key = f"{line.get('level')} {str(line.get('event')).splitlines()[0]}"
+        by_event[key] += 1
+        samples.setdefault(key, raw.decode(errors="replace")[:600])
     err = err_path.read_text(errors="replace").splitlines() if err_path.exists() else []
     return {
         "lines": lines,
@@ -1404,6 +1410,8 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
             "p99_ms": percentile(lat, 0.99) * 1000,
             "max_ms": max(lat, default=float("nan")) * 1000,
             "over_1s": sum(x > 1.0 for x in lat),
+            "wake_p99_ms": ping.get("wake_p99_ms", float("nan")),
+            "wake_max_ms": ping.get("wake_max_ms", float("nan")),
         },
     }
 
@@ -1492,6 +1500,10 @@ def table(report: dict[str, Any]) -> str:
             f"{ping.get('max_ms', 0):.1f}",
         ),
         ("pings over 1 s", ping.get("over_1s")),
+        (
+            "pinger's own wake-up lateness p99 / max (ms)",
+            f"{ping.get('wake_p99_ms', 0):.1f} / {ping.get('wake_max_ms', 0):.1f}",
+        ),
         ("slowest pings (s into the run, ms)", _slowest(ping)),
         ("idle RSS / max RSS / VmHWM (MiB)", _rss(report)),
         ("RSS before / after the drain (MiB)", _rss_drain(report)),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from orchestrator import errors, models, protocol
+from orchestrator import access, errors, models, protocol
 from orchestrator.api import Api
 from orchestrator.settings import ServerSettings
 
@@ -58,10 +58,7 @@ def peer_allowed(
 ) -> bool:
     """With no lists configured: the daemon's own uid and root. Otherwise either list admits,
     the gid list by the peer's primary or any supplementary group."""
-    if not allowed_uids and not allowed_gids:
-        return peer.uid in (os.getuid(), 0)
-    gids = {peer.gid, *peer.groups}
-    return peer.uid in allowed_uids or not gids.isdisjoint(allowed_gids)
+    return access.admits(peer, allowed_uids, allowed_gids, os.getuid())
 
 
 def bind_socket(path: Path) -> socket.socket:

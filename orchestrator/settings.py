@@ -100,6 +100,10 @@ class ServerSettings(_Section):
     max_requests_in_flight: _Count = 1024  # per connection; pipelined submits go this wide
     allowed_uids: _IntList = pydantic.Field(default_factory=list)  # empty: own uid and root
     allowed_gids: _IntList = pydantic.Field(default_factory=list)
+    # Who sees and controls every job, not only their own (as allowed_*: both empty: own uid
+    # and root).
+    admin_uids: _IntList = pydantic.Field(default_factory=list)
+    admin_gids: _IntList = pydantic.Field(default_factory=list)
     shutdown_grace_s: _Seconds = 5.0
 
 
@@ -157,6 +161,9 @@ class LocalSettings(_Section):
         default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
     )
     max_output_bytes: _Count = 1024**3  # per job and stream; past it, a marker and the rest dropped
+    # "daemon": jobs run as the daemon's uid, so a local job from any other uid is refused;
+    # "submitter": each job runs as the uid that submitted it.
+    run_as: Literal["daemon", "submitter"] = "daemon"
 
 
 class AwsBackendSettings(_Section):
