@@ -7,10 +7,13 @@ while well-behaved clients check that they are still served correctly.
 
 Needs root: each abusive client class runs in a process of its own under a uid of its own
 (61001, 61002, ...), because the daemon caps connections per uid (`max_connections_per_peer`)
-and a class sharing the well-behaved clients' uid would only measure that cap. The daemon runs
-as `python -m orchestrator serve` under `prlimit --nofile=N:N` (local backend), configured with
-`ORCHESTRATOR__SECTION__KEY` variables, its socket in a short temporary directory under /tmp.
-Everything goes over that unix socket; nothing touches the network.
+and a class sharing the well-behaved clients' uid would only measure that cap. (The late
+submitters are the exception: local jobs of another uid are refused under `local.run_as =
+"daemon"`, so they submit as the daemon's uid.) The classes that must see the bench's jobs are
+made admins (`server.admin_uids`) where the daemon has admins. The daemon runs as `python -m
+orchestrator serve` under `prlimit --nofile=N:N` (local backend, uvloop as in production),
+configured with `ORCHESTRATOR__SECTION__KEY` variables, its socket in a short temporary
+directory under /tmp. Everything goes over that unix socket; nothing touches the network.
 
 The mix, all at once until the deadline:
 
@@ -22,7 +25,9 @@ The mix, all at once until the deadline:
   of everything) and never read a byte; each is reopened when the daemon drops it;
 - slow readers: pipelined `list` requests read at a trickle (`--slow-read-bps`);
 - late submitters: bursts of `--burst` pipelined `submit`s whose replies are read `--late-s`
-  later; every acknowledged job joins the ledger;
+  later; every acknowledged job joins the ledger (each with `queue_timeout_s`, so that the
+  local backend's queue stays bounded); a submission answered with an error must not be in
+  the store afterwards;
 - holders: `--holders` uids, each opening `--hold` idle connections (more than the cap) for
   `--hold-s`, then letting go for `--off-s`, against the daemon's fd limit;
 - garbage: invalid JSON, NUL bytes, invalid UTF-8, a line over `server.max_line_bytes`, deep
@@ -34,13 +39,17 @@ The mix, all at once until the deadline:
   pipe nobody reads (`stalled`, also during the final SIGTERM), or one read at 2 KiB/s (`slow`);
 - normal clients (threads, `SyncClient`, the daemon's own uid): submit `sh -c 'sleep S; exit N'`
   with random N, wait, and check state and exit code; a pinger (a process of its own) pings
-  every 100 ms on one connection and records each round trip.
+  every 100 ms on one connection and records each round trip;
+- with `--storm-loops N` (off by default): N loops that connect, ping and hang up with no
+  back-off at all, reconnecting at once after any failure.
 
 Then the drain: the long-running target jobs are cancelled, and all jobs must end within
 `--drain-s`. SIGTERM must stop the daemon with status 0 within `--stop-timeout-s`. Left-over job
 processes are counted and killed (each runner leads its own process group). The store file is
 then read: every acknowledged job present (else lost) and terminal, LOST jobs counted, exit codes
-compared with the `exit N` of each command. RSS (VmRSS), fds and load are sampled every 0.5 s.
+compared with the `exit N` of each command and with the exit status each job's runner wrote
+beside its logs. RSS (VmRSS), open fds and load are sampled every 0.5 s; the daemon's log is
+scanned for warnings and errors.
 
 Prints a table, any findings (exit status 1 when there are), and with `--json PATH` (or `-`) the
 whole report as JSON. The work directory (store, daemon log) is kept when there are findings or
@@ -53,6 +62,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import itertools
 import json
 import os
 import random
@@ -87,14 +98,16 @@ from orchestrator.settings import ServerSettings  # noqa: E402
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "LOST"})
 ACTIVE = ("QUEUED", "SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 LOG_SINKS = ("file", "closed", "stalled", "slow")
-ROLE_UIDS = {
+ROLE_UIDS: dict[str, int | None] = {
     "hangups": 61001,
     "never_read": 61002,
     "slow_read": 61003,
-    "late_submit": 61004,
+    "late_submit": None,  # the daemon's uid: local jobs of other uids are refused (local.run_as)
     "garbage": 61005,
+    "storm": 61006,
 }
 HOLDER_UID0 = 61010  # holders: 61010, 61011, ...
+ADMIN_ROLES = ("hangups", "never_read", "slow_read")
 _STDERR_FLOOD = "head -c 50M /dev/zero >&2; exit 3"
 _EXIT_RE = re.compile(r"exit (\d+)$")
 _MAX_NOTES = 30
@@ -125,6 +138,7 @@ class Config:
     burst_every_s: float = 30.0
     late_s: float = 10.0
     burst_queue_timeout_s: float = 10.0  # burst jobs not started by then fail: a bounded queue
+    storm_loops: int = 0  # concurrent connect-ping-close loops with no back-off (0: none)
     holders: int = 4
     hold: int = 80
     hold_s: float = 20.0
@@ -169,11 +183,19 @@ class Stats:
             self.notes.append(text)
 
     def io_error(self, exc: BaseException) -> None:
-        self.io_errors[type(exc).__name__] += 1
+        self.io_errors[error_name(exc)] += 1
 
     def to_dict(self) -> dict[str, Any]:
         """Shallow, as JSON has it (`dataclasses.asdict` would turn Counters into tuples)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def error_name(exc: BaseException) -> str:
+    """`BrokenPipeError`, or `OSError(EAGAIN)` for a bare OSError with an errno."""
+    number = getattr(exc, "errno", None)
+    if type(exc) is OSError and number:
+        return f"OSError({errno.errorcode.get(number, number)})"
+    return type(exc).__name__
 
 
 def request(op: str, request_id: int | str, **params: Any) -> bytes:
@@ -226,8 +248,20 @@ class RawConn:
             await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     async def recv_some(self, max_bytes: int, timeout_s: float) -> int:
-        async with asyncio.timeout(timeout_s):
-            data = await asyncio.get_running_loop().sock_recv(self.sock, max_bytes)
+        """Up to `max_bytes` once readable. The wait is what times out, never a read: a
+        cancelled `loop.sock_recv` may already hold bytes, which would be lost."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        loop.add_reader(self.sock.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await readable
+        finally:
+            loop.remove_reader(self.sock.fileno())
+        try:
+            data = self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return 0
         self.eof = self.eof or not data
         self.buffer += data
         return len(data)
@@ -299,7 +333,7 @@ class Role:
         try:
             conn = await RawConn.open(self.cfg.socket_path)
         except (OSError, TimeoutError) as exc:
-            self.stats.connect_failures[type(exc).__name__] += 1
+            self.stats.connect_failures[error_name(exc)] += 1
             return None
         self.stats.connections += 1
         return conn
@@ -374,6 +408,7 @@ async def role_hangups(role: Role) -> None:
                 await asyncio.sleep(rng.uniform(0.02, 0.3))  # replies pile up unread
         except (OSError, TimeoutError) as exc:
             stats.io_error(exc)
+            await asyncio.sleep(0.1)
         finally:
             conn.close(reset=how == "reset")
         cycles[f"{op}/{how}"] += 1
@@ -394,7 +429,7 @@ async def role_hangups(role: Role) -> None:
 
 
 def outcome_of(reply: dict[str, Any] | None) -> str:
-    """ "ok", the error code, or "closed_no_reply" (closed before any line came)."""
+    """A reply's outcome: ok, its error code, or closed_no_reply (closed before any line)."""
     if reply is None:
         return "closed_no_reply"
     return "ok" if reply.get("ok") else str(reply.get("code"))
@@ -416,7 +451,7 @@ async def slot_check(role: Role) -> dict[str, int]:
         try:
             reply = await role.call(conn, "ping", timeout_s=10.0)
         except (OSError, TimeoutError) as exc:
-            outcome[type(exc).__name__] += 1
+            outcome[error_name(exc)] += 1
             continue
         outcome[outcome_of(reply)] += 1
     for conn in conns:
@@ -456,6 +491,7 @@ async def role_never_read(role: Role) -> None:
                 stats.dropped += 1
                 drop_after.append(round(time.monotonic() - last_send, 1))
             conn.close(reset=True)
+            await role.sleep(0.5)
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(one("watch"))
@@ -471,7 +507,7 @@ async def role_slow_read(role: Role) -> None:
     tick_s = 0.1
     per_tick = max(1, int(cfg.slow_read_bps * tick_s))
 
-    async def one(index: int) -> None:
+    async def one() -> None:
         nonlocal bytes_read
         next_id = 0
         while role.running():
@@ -500,6 +536,7 @@ async def role_slow_read(role: Role) -> None:
                 stats.io_error(exc)
             finally:
                 conn.close()
+            await role.sleep(0.5)  # dropped or failed: a careful client backs off
 
     def answer(data: dict[str, Any] | None, ids: set[int]) -> None:
         if data is None:
@@ -517,15 +554,17 @@ async def role_slow_read(role: Role) -> None:
             stats.anomaly(f"a list reply of {len(data['jobs'])} jobs (page is 1000)")
 
     async with asyncio.TaskGroup() as tg:
-        for i in range(cfg.slow_readers):
-            tg.create_task(one(i))
+        for _ in range(cfg.slow_readers):
+            tg.create_task(one())
     stats.extra["bytes_read"] = bytes_read
 
 
 async def role_late_submit(role: Role) -> None:
-    """Bursts of pipelined submits whose acks are read `late_s` later; the acked ids go back."""
+    """Bursts of pipelined submits whose acks are read `late_s` later. The acked ids go back,
+    and the names of the jobs whose submission got an error reply (were they recorded?)."""
     cfg, stats = role.cfg, role.stats
     acked: list[tuple[str, int]] = []
+    refused: list[tuple[str, str]] = []  # (job name, error code)
     burst_no = 0
     while role.running():
         started = time.monotonic()
@@ -566,17 +605,20 @@ async def role_late_submit(role: Role) -> None:
                 stats.reply(data)
                 if data.get("ok"):
                     acked.append((data["job"]["id"], code))
-            if codes:
-                stats.anomaly(f"burst {burst_no}: {len(codes)} submits never answered")
+                else:
+                    refused.append((f"late-{burst_no}-{rid}", str(data.get("code"))))
         except (OSError, TimeoutError) as exc:
             stats.io_error(exc)
         finally:
+            if codes:
+                stats.anomaly(f"burst {burst_no}: {len(codes)} submits never answered")
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sender
             conn.close()
         await role.sleep(cfg.burst_every_s - (time.monotonic() - started))
     stats.extra["acked"] = acked
+    stats.extra["refused"] = refused
     stats.extra["bursts"] = burst_no
 
 
@@ -597,7 +639,7 @@ async def role_holder(role: Role) -> None:
             try:
                 reply = await role.call(conn, "ping", timeout_s=5.0)
             except (OSError, TimeoutError) as exc:
-                outcome[type(exc).__name__] += 1
+                outcome[error_name(exc)] += 1
                 conn.close()
                 continue
             outcome[outcome_of(reply)] += 1
@@ -714,7 +756,33 @@ async def hit_and_run(role: Role, items: list[tuple[str, bytes, str]]) -> None:
         conn.close(reset=role.rng.random() < 0.5)
 
 
+async def role_storm(role: Role) -> None:
+    """Connect, ping, hang up, again at once; on any failure, again at once: a careless client
+    retrying in a tight loop, `storm_loops` of them."""
+    cfg, stats = role.cfg, role.stats
+    outcome: Counter[str] = Counter()
+
+    async def loop() -> None:
+        while role.running():
+            conn = await role.connect()
+            if conn is None:
+                await asyncio.sleep(0)  # no back-off: that is the point
+                continue
+            try:
+                outcome[outcome_of(await role.call(conn, "ping", timeout_s=5.0))] += 1
+            except (OSError, TimeoutError) as exc:
+                outcome[error_name(exc)] += 1
+            finally:
+                conn.close(reset=role.rng.random() < 0.5)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(cfg.storm_loops):
+            tg.create_task(loop())
+    stats.extra["outcomes"] = dict(outcome)
+
+
 ROLES: dict[str, Callable[[Role], Any]] = {
+    "storm": role_storm,
     "hangups": role_hangups,
     "never_read": role_never_read,
     "slow_read": role_slow_read,
@@ -746,7 +814,7 @@ def pinger(cfg: Config) -> dict[str, Any]:
         except errors.RemoteError as exc:
             remote[exc.remote_code] += 1
         except (errors.DaemonUnreachable, errors.ProtocolError, OSError) as exc:
-            failed[type(exc).__name__] += 1
+            failed[error_name(exc)] += 1
             if client is not None:
                 client.close()
             client = None
@@ -790,6 +858,7 @@ class Ledger:
 
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     jobs: dict[str, tuple[str, int | None]] = dataclasses.field(default_factory=dict)
+    refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, code)
 
     def add(self, job_id: str, kind: str, code: int | None) -> None:
         with self.lock:
@@ -809,6 +878,7 @@ class Daemon:
         self.err_path = root / "daemon.err"
         self.proc: subprocess.Popen[bytes] | None = None
         self.sink_thread: threading.Thread | None = None
+        self.exited = threading.Event()
         self.log_bytes_read = 0
 
     def start(self) -> None:
@@ -844,7 +914,7 @@ class Daemon:
             while chunk := os.read(pipe.fileno(), 1024):
                 log.write(chunk)
                 self.log_bytes_read += len(chunk)
-                time.sleep(0.5)
+                self.exited.wait(0.5)  # once the daemon has exited, the rest at once
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         assert self.proc is not None
@@ -880,8 +950,9 @@ class Daemon:
 
     def _finish_sink(self) -> None:
         assert self.proc is not None
+        self.exited.set()
         if self.sink_thread is not None:
-            self.sink_thread.join(timeout=10)
+            self.sink_thread.join(timeout=30)
         if self.cfg.log_sink == "stalled" and self.proc.stdout is not None:
             with open(self.log_path, "ab") as log:  # what the pipe still held
                 data = self.proc.stdout.read()
@@ -1042,9 +1113,18 @@ def output_flooder(
 
 
 def daemon_env(cfg: Config, root: Path) -> dict[str, str]:
-    uids = [0, os.getuid(), *ROLE_UIDS.values(), *(HOLDER_UID0 + i for i in range(cfg.holders))]
+    """The daemon's settings: the roles' uids admitted; those that must see every job (the
+    hang-ups target the bench's jobs, the readers list them all) made admins, where this
+    version of the daemon has admins (before it, every peer saw every job)."""
+    role_uids = [uid for uid in ROLE_UIDS.values() if uid is not None]
+    uids = [0, os.getuid(), *role_uids, *(HOLDER_UID0 + i for i in range(cfg.holders))]
+    admins = {}
+    if "admin_uids" in ServerSettings.model_fields:
+        admin_uids = [0, os.getuid(), *(ROLE_UIDS[name] for name in ADMIN_ROLES)]
+        admins["ORCHESTRATOR__SERVER__ADMIN_UIDS"] = json.dumps(sorted(set(admin_uids)))
     return {
         **os.environ,
+        **admins,
         "ORCHESTRATOR__SERVER__SOCKET_PATH": str(root / "o.sock"),
         "ORCHESTRATOR__SERVER__ALLOWED_UIDS": json.dumps(sorted(set(uids))),
         "ORCHESTRATOR__SERVER__IDLE_TIMEOUT_S": str(cfg.idle_timeout_s),
@@ -1169,6 +1249,8 @@ def check_store(store_path: Path, ledger: Ledger) -> dict[str, Any]:
     finally:
         conn.close()
     jobs = {r[0]: r for r in rows}
+    names = {orjson.loads(r[4]).get("name") for r in rows}
+    refused_but_stored = Counter(code for name, code in ledger.refused if name in names)
     report: dict[str, Any] = {
         "in_store": len(jobs),
         "acknowledged": len(ledger.jobs),
@@ -1218,6 +1300,8 @@ def check_store(store_path: Path, ledger: Ledger) -> dict[str, Any]:
         runner_disagrees=len(disagree),
         runner_disagrees_jobs=disagree[:20],
         failed_without_exit_code=dict(reasons.most_common(10)),
+        refused=dict(Counter(code for _, code in ledger.refused)),
+        refused_but_stored=dict(refused_but_stored),
     )
     return report
 
@@ -1243,6 +1327,11 @@ def scan_log(path: Path, err_path: Path) -> dict[str, Any]:
             ):
                 continue
             key = f"{line.get('level')} {str(line.get('event')).splitlines()[0]}"
+            if line.get("op"):
+                key += f" op={line['op']}"
+            if exceptions := line.get("exception"):
+                last = exceptions[-1]
+                key += f" {last.get('exc_type')}: {str(last.get('exc_value'))[:70]}"
         by_event[key] += 1
         samples.setdefault(key, raw.decode(errors="replace")[:600])
     err = err_path.read_text(errors="replace").splitlines() if err_path.exists() else []
@@ -1350,7 +1439,12 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     """Every class at once until the deadline; each class's tally."""
     cfg.end_at = time.time() + cfg.duration_s
     end = time.monotonic() + cfg.duration_s
-    roles = {name: start_role(name, uid, cfg) for name, uid in ROLE_UIDS.items()}
+    started_at = cfg.end_at - cfg.duration_s
+    roles = {
+        name: start_role(name, uid, cfg)
+        for name, uid in ROLE_UIDS.items()
+        if name != "storm" or cfg.storm_loops > 0
+    }
     holders = {
         f"holder-{i}": start_role("holder", HOLDER_UID0 + i, cfg) for i in range(cfg.holders)
     }
@@ -1389,6 +1483,7 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         if name == "late_submit":
             for job_id, code in result["extra"].pop("acked"):
                 ledger.add(job_id, "late_submit", code)
+            ledger.refused.extend(result["extra"].pop("refused"))
         classes[name] = result
     ping = collect_role("pinger", ping_proc, max(0.0, end - time.monotonic()) + 60)
     if "failed" in ping:
@@ -1396,8 +1491,11 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         ping = {"latencies": [], "codes": {}, "io_errors": {}}
     samples = [(at, rtt) for at, rtt in ping["latencies"]]
     lat = [rtt for _, rtt in samples]
+    answered_at = sorted([started_at] + [at + rtt for at, rtt in samples] + [cfg.end_at])
+    gap_s = max(b - a for a, b in itertools.pairwise(answered_at))
     slowest = sorted(samples, key=lambda sample: -sample[1])[:5]
     return {
+        "started_at": started_at,
         "classes": classes,
         "role_failures": failures,
         "ping_samples": samples,
@@ -1410,6 +1508,7 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
             "p99_ms": percentile(lat, 0.99) * 1000,
             "max_ms": max(lat, default=float("nan")) * 1000,
             "over_1s": sum(x > 1.0 for x in lat),
+            "longest_gap_s": gap_s,
             "wake_p99_ms": ping.get("wake_p99_ms", float("nan")),
             "wake_max_ms": ping.get("wake_max_ms", float("nan")),
         },
@@ -1429,6 +1528,8 @@ def findings(cfg: Config, report: dict[str, Any]) -> list[str]:
     ):
         if store[key]:
             out.append(f"{store[key]} {what}")
+    for code, n in store["refused_but_stored"].items():
+        out.append(f"{n} submits answered {code!r} were recorded all the same (and run)")
     if store["quick_check"] != "ok":
         out.append(f"store quick_check: {store['quick_check']}")
     if report["daemon_exit"] != 0:
@@ -1448,11 +1549,16 @@ def findings(cfg: Config, report: dict[str, Any]) -> list[str]:
             out.append(f"{name}: {note}")
         if stats.get("anomalies", 0) > len(stats.get("notes", [])):
             out.append(f"{name}: {stats['anomalies']} anomalies in all")
+    for name, stats in report.get("classes", {}).items():
+        if stats.get("codes", {}).get("internal"):
+            out.append(f"{name}: {stats['codes']['internal']} requests answered 'internal'")
     normal = report.get("classes", {}).get("normal", {})
     if normal.get("codes"):
         out.append(f"normal clients got error replies: {normal['codes']}")
     if normal.get("io_errors"):
         out.append(f"normal clients' connections failed: {normal['io_errors']}")
+    if report.get("ping", {}).get("longest_gap_s", 0) > 5.0:
+        out.append(f"the pinger got no answer for {report['ping']['longest_gap_s']:.1f}s")
     if report.get("ping", {}).get("errors"):
         out.append(f"the pinger got errors: {report['ping']['errors']}")
     log = report["log"]
@@ -1500,6 +1606,7 @@ def table(report: dict[str, Any]) -> str:
             f"{ping.get('max_ms', 0):.1f}",
         ),
         ("pings over 1 s", ping.get("over_1s")),
+        ("longest time without a ping answered (s)", f"{ping.get('longest_gap_s', 0):.1f}"),
         (
             "pinger's own wake-up lateness p99 / max (ms)",
             f"{ping.get('wake_p99_ms', 0):.1f} / {ping.get('wake_max_ms', 0):.1f}",
@@ -1526,6 +1633,8 @@ def table(report: dict[str, Any]) -> str:
         ("recorded otherwise than the runner's exit file", store["runner_disagrees"]),
         ("not terminal after the drain", store["not_terminal"]),
         ("FAILED without exit code (reason)", store["failed_without_exit_code"] or "none"),
+        ("submits answered with an error (by code)", store["refused"] or "none"),
+        ("... of which the job is in the store", store["refused_but_stored"] or "none"),
         ("store quick_check", store["quick_check"]),
         ("daemon exit after SIGTERM (s)", f"{report['daemon_exit']} ({report['stop_s']} s)"),
         ("runner processes left", report["leftover_runners"]),
@@ -1618,6 +1727,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=Config.burst, help="pipelined submits")
     parser.add_argument("--burst-every-s", type=float, default=Config.burst_every_s)
     parser.add_argument("--late-s", type=float, default=Config.late_s)
+    parser.add_argument("--storm-loops", type=int, default=Config.storm_loops)
     parser.add_argument("--holders", type=int, default=Config.holders, help="holder uids")
     parser.add_argument("--hold", type=int, default=Config.hold, help="connections per holder")
     parser.add_argument("--hold-s", type=float, default=Config.hold_s)
@@ -1648,6 +1758,7 @@ def main(argv: list[str] | None = None) -> int:
         burst=args.burst,
         burst_every_s=args.burst_every_s,
         late_s=args.late_s,
+        storm_loops=args.storm_loops,
         holders=args.holders,
         hold=args.hold,
         hold_s=args.hold_s,

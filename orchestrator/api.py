@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator import __version__, errors, events, faults, models, protocol
+from orchestrator import __version__, access, errors, events, faults, models, protocol
 from orchestrator.backends.base import Backend
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.poller import Poller
@@ -38,8 +38,11 @@ class Api:
         poller: Poller,
         backends: Mapping[str, Backend],
         hub: events.Hub,
+        *,
+        policy: access.Policy,
     ) -> None:
         self._defaults = defaults
+        self._policy = policy
         self._store = store
         self._dispatcher = dispatcher
         self._poller = poller
@@ -58,18 +61,18 @@ class Api:
         try:
             match request.params:
                 case protocol.Ping():
-                    return protocol.reply(rid, **await self.ping())
+                    return protocol.reply(rid, **await self.ping(peer))
                 case protocol.Submit(job=spec):
                     job, created = await self.submit(spec, peer)
                     return protocol.reply(rid, job=job.to_dict(), created=created)
                 case protocol.SubmitMany(jobs=raw):
                     return protocol.reply(rid, results=await self.submit_many(raw, peer))
                 case protocol.Get(job_id=job_id, history=history):
-                    return protocol.reply(rid, job=await self.get(job_id, history=history))
+                    return protocol.reply(rid, job=await self.get(job_id, peer, history=history))
                 case protocol.ListJobs(state=states, backend=backend, limit=limit, cursor=cursor):
-                    return await self._list(rid, states, backend, limit, cursor)
+                    return await self._list(rid, peer, states, backend, limit, cursor)
                 case protocol.Cancel(job_id=job_id):
-                    job, recorded = await self.cancel(job_id)
+                    job, recorded = await self.cancel(job_id, peer)
                     return protocol.reply(rid, job=job.to_dict(), recorded=recorded)
                 case _:
                     raise errors.UnknownOperation(request.op)
@@ -83,11 +86,11 @@ class Api:
         try:
             match request.params:
                 case protocol.Wait(job_id=job_id):
-                    await send(protocol.end(rid, job=(await self.wait(job_id)).to_dict()))
+                    await send(protocol.end(rid, job=(await self.wait(job_id, peer)).to_dict()))
                 case protocol.Watch(job_id=job_id):
-                    await self.watch(rid, job_id, send)
+                    await self.watch(rid, job_id, peer, send)
                 case protocol.Logs(job_id=job_id, follow=follow):
-                    await self.logs(rid, job_id, follow, send)
+                    await self.logs(rid, job_id, peer, follow, send)
                 case _:
                     raise errors.UnknownOperation(request.op)
         except errors.OrchestratorError as exc:
@@ -96,22 +99,28 @@ class Api:
     async def _list(
         self,
         rid: protocol.RequestId,
+        peer: models.Peer,
         states: list[models.JobState] | None,
         backend: str | None,
         limit: int,
         cursor: str | None,
     ) -> bytes:
         """One page of at most `protocol.MAX_PAGE` jobs; `next_cursor` says whether (and
-        where) the listing goes on."""
+        where) the listing goes on. A peer lists the jobs it may see, and only those: the store
+        filters them, so every page but the last is full and the cursor skips none."""
         page = min(limit, protocol.MAX_PAGE)
-        jobs = await self._store.list_jobs(states, backend, page + 1, before=cursor)
+        jobs = await self._store.list_jobs(
+            states, backend, page + 1, before=cursor, peer_uid=self._policy.owner(peer)
+        )
         more = len(jobs) > page
         del jobs[page:]
         next_cursor = jobs[-1].id if more else None
         return protocol.reply(rid, jobs=[job.to_dict() for job in jobs], next_cursor=next_cursor)
 
-    async def ping(self) -> dict[str, object]:
-        counts = await self._store.count_by_state()  # touches the store: a health check
+    async def ping(self, peer: models.Peer) -> dict[str, object]:
+        # Touches the store: a health check. Counts of the jobs the peer may see (an admin's:
+        # all), as other users' jobs are not its business.
+        counts = await self._store.count_by_state(self._policy.owner(peer))
         problems = self._store.problems()
         return {
             "pong": True,
@@ -127,7 +136,7 @@ class Api:
 
     async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
         self._store.check_room()
-        (outcome,) = await self._accept_all([self._prepare(spec)], peer)
+        (outcome,) = await self._accept_all([self._prepare(spec, peer)], peer)
         if isinstance(outcome, errors.OrchestratorError):
             raise outcome
         return outcome
@@ -140,7 +149,7 @@ class Api:
         prepared: list[tuple[models.JobSpec, str] | errors.OrchestratorError] = []
         for value in raw:
             try:
-                prepared.append(self._prepare(protocol.job_spec(value, ("job",))))
+                prepared.append(self._prepare(protocol.job_spec(value, ("job",)), peer))
             except errors.OrchestratorError as exc:
                 prepared.append(exc)
         valid = [p for p in prepared if not isinstance(p, errors.OrchestratorError)]
@@ -163,14 +172,17 @@ class Api:
                 )
         return results
 
-    def _prepare(self, spec: models.JobSpec) -> tuple[models.JobSpec, str]:
-        """The spec with the daemon's defaults filled in, checked by its backend."""
+    def _prepare(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.JobSpec, str]:
+        """The spec with the daemon's defaults filled in, checked by its backend (and, for a
+        local job, whether this daemon runs local jobs of this peer)."""
         if not self.accepting:
             raise errors.ShuttingDown
         name = spec.backend or self._defaults.backend
         backend = self._backends.get(name)
         if backend is None:
             raise errors.BackendUnavailable(name)
+        if name == "local":
+            self._policy.check_local(peer)
         timeout_s = spec.timeout_s or self._defaults.timeout_s
         queue_timeout_s = spec.queue_timeout_s or self._defaults.queue_timeout_s
         if (timeout_s, queue_timeout_s) != (spec.timeout_s, spec.queue_timeout_s):
@@ -239,18 +251,25 @@ class Api:
             self._dispatcher.enqueue(job)
         return outcomes
 
-    async def get(self, job_id: str, *, history: bool) -> dict[str, object]:
+    async def _job(self, job_id: str, peer: models.Peer) -> models.Job:
+        """The job, if `peer` may see it; to anyone else it does not exist (`not_found`)."""
         job = await self._store.get(job_id)
+        self._policy.check_visible(peer, job)
+        return job
+
+    async def get(self, job_id: str, peer: models.Peer, *, history: bool) -> dict[str, object]:
+        job = await self._job(job_id, peer)
         out = job.to_dict()
         if history:
             out["history"] = await self._store.history(job_id)
             out["attempts"] = await self._store.attempts(job_id)
         return out
 
-    async def cancel(self, job_id: str) -> tuple[models.Job, bool]:
+    async def cancel(self, job_id: str, peer: models.Peer) -> tuple[models.Job, bool]:
         """Record the stop, then have it issued; and whether it was recorded. A store that
         cannot write (a full disk) does not keep a job from being cancelled: it is signalled at
         once and launched no more, and the stop is recorded as soon as the store can write."""
+        await self._job(job_id, peer)  # who submitted a job never changes: checked once
         try:
             job = await self._store.request_stop(job_id, "cancel")
         except errors.StoreError as exc:
@@ -278,21 +297,25 @@ class Api:
                 log.exception("job.stop_failed", job_id=job_id, backend=job.backend)
         return job, False
 
-    async def wait(self, job_id: str) -> models.Job:
+    async def wait(self, job_id: str, peer: models.Peer) -> models.Job:
         async with self._hub.subscribe(
             job_id
         ) as sub:  # subscribe first, then read: no change slips between
-            job = await self._store.get(job_id)
+            job = await self._job(job_id, peer)
             while not job.state.terminal:
                 event = await sub.get()
                 if event.to_state.terminal:
                     job = await self._store.get(job_id)
         return job
 
-    async def watch(self, rid: protocol.RequestId, job_id: str | None, send: Send) -> None:
-        async with self._hub.subscribe(job_id) as sub:
+    async def watch(
+        self, rid: protocol.RequestId, job_id: str | None, peer: models.Peer, send: Send
+    ) -> None:
+        # Watching all jobs, a peer sees the events of the jobs it may see, and no others.
+        peer_uid = self._policy.owner(peer) if job_id is None else None
+        async with self._hub.subscribe(job_id, peer_uid=peer_uid) as sub:
             if job_id is not None:
-                job = await self._store.get(job_id)
+                job = await self._job(job_id, peer)
                 await send(protocol.reply(rid, watching=True, job=job.to_dict()))
                 if job.state.terminal:
                     await send(protocol.end(rid))
@@ -309,8 +332,10 @@ class Api:
             except events.WatcherTooSlow:
                 raise errors.Overloaded("watcher fell too far behind and was dropped") from None
 
-    async def logs(self, rid: protocol.RequestId, job_id: str, follow: bool, send: Send) -> None:
-        job = await self._store.get(job_id)
+    async def logs(
+        self, rid: protocol.RequestId, job_id: str, peer: models.Peer, follow: bool, send: Send
+    ) -> None:
+        job = await self._job(job_id, peer)
         backend = self._backends.get(job.backend)
         if backend is None:
             raise errors.BackendUnavailable(job.backend)

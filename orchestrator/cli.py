@@ -62,8 +62,43 @@ config_option = click.option(
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(f"orchestrator: {message}", err=True)
+    _echo(f"orchestrator: {message}", err=True)
     sys.exit(code)
+
+
+# What a string from the daemon (a job's name, command or reason, a vendor's status, an error
+# message) could use to forge output: C0 controls (newline, carriage return, ESC…), DEL, C1
+# controls, Unicode line separators and bidirectional overrides. Human output shows them
+# escaped, as Python writes them (`\n`, `\x1b`, `\u202e`); JSON output escapes by its own rules.
+_UNSAFE_CHARS = [
+    *range(0x20),
+    *range(0x7F, 0xA0),
+    0x061C,
+    0x200E,
+    0x200F,
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+
+
+def _escaped(code: int) -> str:
+    short = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
+    return short or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+_ESCAPES = str.maketrans({code: _escaped(code) for code in _UNSAFE_CHARS})
+
+
+def _safe(text: str) -> str:
+    """`text` with every character that could move the cursor or start a line escaped."""
+    return text.translate(_ESCAPES)
+
+
+def _echo(text: str, *, err: bool = False) -> None:
+    """One line of human output: whatever came from the daemon in it cannot forge another."""
+    click.echo(_safe(text), err=err)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -76,6 +111,8 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except errors.DaemonUnreachable as exc:
         _fail(exc.message, EXIT_UNREACHABLE)
+    except errors.UnsafeSocketDirectory as exc:  # nothing was sent; fix the directory or path
+        _fail(exc.message, EXIT_USAGE)
     except errors.RemoteError as exc:
         _fail(exc.message)
     except errors.OrchestratorError as exc:
@@ -126,8 +163,9 @@ def serve(config_path: Path | None) -> None:
     gc.freeze()
     try:
         _event_loop_runner(daemon.run)
-    except errors.StoreUnusable as exc:
-        # Held by another daemon, not a store, or a newer version's: restarting cannot help.
+    except (errors.StoreUnusable, errors.UnsafeSocketDirectory) as exc:
+        # Held by another daemon, not a store, or a newer version's; a socket directory others
+        # can write: restarting cannot help.
         logs.log.error("daemon.failed", error=exc.message, code=exc.code)
         sys.exit(EXIT_USAGE)
     except errors.OrchestratorError as exc:
@@ -251,13 +289,13 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
         _print_json({k: v for k, v in reply.items() if k not in ("v", "id", "ok")})
     else:
         jobs = ", ".join(f"{state.lower()} {n}" for state, n in sorted(reply["jobs"].items()))
-        click.echo(
+        _echo(
             f"orchestrator {reply['version']} pid {reply['pid']} up {reply['uptime_s']:.0f}s; "
             f"{reply.get('status', 'ok')}; "
             f"backends: {', '.join(reply['backends'])}; jobs: {jobs or 'none'}"
         )
     for problem in reply.get("problems", []):
-        click.echo(f"orchestrator: degraded: {problem['message']}", err=True)
+        _echo(f"orchestrator: degraded: {problem['message']}", err=True)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
@@ -331,7 +369,7 @@ def submit(
             if not wait:
                 return job
             if not as_json:
-                click.echo(job["id"], err=True)
+                _echo(job["id"], err=True)
             final: dict[str, Any] = await client.wait(job["id"])
             return final
 
@@ -339,7 +377,7 @@ def submit(
     if as_json:
         _print_json(job)
     elif not wait:
-        click.echo(job["id"])
+        _echo(job["id"])
     if wait:
         if not as_json:
             _echo_outcome(job)
@@ -348,7 +386,7 @@ def submit(
 
 def _echo_outcome(job: dict[str, Any]) -> None:
     reason = f" ({job['reason']})" if job.get("reason") else ""
-    click.echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{reason}", err=True)
+    _echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{reason}", err=True)
 
 
 def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
@@ -364,7 +402,7 @@ def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) ->
                 spec = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 failures += 1
-                click.echo(f"orchestrator: line {number}: invalid JSON: {exc}", err=True)
+                _echo(f"orchestrator: line {number}: invalid JSON: {exc}", err=True)
                 continue
             if not isinstance(spec, dict):
                 failures += 1
@@ -381,11 +419,11 @@ def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) ->
                 number, index = numbers[index], index + 1
                 if isinstance(result, errors.RemoteError):
                     failures += 1
-                    click.echo(f"orchestrator: line {number}: {result.message}", err=True)
+                    _echo(f"orchestrator: line {number}: {result.message}", err=True)
                 elif as_json:
                     click.echo(orjson.dumps(result).decode())
                 else:
-                    click.echo(result["id"])
+                    _echo(result["id"])
 
     _run(go)
     if failures:
@@ -409,12 +447,12 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
         _print_json(job)
         return
     for key in ("id", "name", "backend", "state", "exit_code", "reason", "vendor_status"):
-        click.echo(f"{key + ':':<15}{_show(job.get(key))}")
-    click.echo(f"{'command:':<15}{' '.join(job['command'])}")
-    click.echo(f"{'attempt:':<15}{job['attempt']} {_show(job.get('external_id'))}")
+        _echo(f"{key + ':':<15}{_show(job.get(key))}")
+    _echo(f"{'command:':<15}{' '.join(job['command'])}")
+    _echo(f"{'attempt:':<15}{job['attempt']} {_show(job.get('external_id'))}")
     for event in job.get("history", []):
         reason = f"  ({event['reason']})" if event.get("reason") else ""
-        click.echo(f"  {event['at']}  {event['from'] or '-':<10} → {event['to']}{reason}")
+        _echo(f"  {event['at']}  {event['from'] or '-':<10} → {event['to']}{reason}")
 
 
 def _show(value: Any) -> str:
@@ -454,7 +492,7 @@ def list_jobs(
                     text = orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
                     click.echo(("[\n" if first else ",\n") + _indent(text), nl=False)
                 else:
-                    click.echo(
+                    _echo(
                         f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
                         f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  {job['name']}"
                     )
@@ -486,7 +524,7 @@ def cancel(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     if as_json:
         _print_json(job)
     else:
-        click.echo(f"{job['id']} {job['state']} (cancel requested)")
+        _echo(f"{job['id']} {job['state']} (cancel requested)")
     if reply.get("recorded") is False:
         click.echo(
             "orchestrator: the store cannot write now: the job was signalled and will not be "
@@ -550,7 +588,7 @@ def watch(socket_path: Path | None, as_json: bool, job_id: str | None) -> None:
                     click.echo(orjson.dumps(event).decode())
                     continue
                 reason = f"  ({event['reason']})" if event.get("reason") else ""
-                click.echo(
+                _echo(
                     f"{event['at']}  {event['job_id']}  {event['name']}  "
                     f"{event['from'] or '-'} → {event['to']}{reason}"
                 )

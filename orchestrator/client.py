@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from orchestrator import errors, protocol, settings
+from orchestrator import errors, protocol, settings, socketdir
 
 T = TypeVar("T")
 _Route = asyncio.Queue[dict[str, Any] | BaseException]
@@ -32,6 +32,21 @@ def default_socket_path() -> Path:
     if configured:
         return Path(configured)
     return settings.default_socket_path()
+
+
+def _uses_per_user_default(socket_path: Path | str | None) -> bool:
+    return not socket_path and not os.environ.get(f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH")
+
+
+def _check_default_directory(socket_path: Path) -> None:
+    """The per-user default lives in a directory anyone may have made first (`/tmp/orchestrator-
+    <uid>`): before connecting, and so before sending anything, it must be safe (`socketdir`:
+    ours or root's, writable by no one else, not a symlink). A path given explicitly (`--socket`,
+    the environment) is the caller's choice and is not checked."""
+    try:
+        socketdir.check(socket_path.parent)
+    except FileNotFoundError as exc:  # no daemon made it: none is listening there
+        raise errors.DaemonUnreachable(str(socket_path), "no such directory") from exc
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +67,7 @@ class Client:
 
     def __init__(self, socket_path: Path | str | None = None, *, limit: int = 64 * 1024 * 1024):
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self._check_directory = _uses_per_user_default(socket_path)
         self._limit = limit
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -60,6 +76,8 @@ class Client:
         self._pump: asyncio.Task[None] | None = None
 
     async def connect(self) -> Self:
+        if self._check_directory:
+            _check_default_directory(self.socket_path)
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(
                 str(self.socket_path), limit=self._limit
@@ -265,12 +283,15 @@ class SyncClient:
 
     def __init__(self, socket_path: Path | str | None = None, *, timeout_s: float | None = None):
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self._check_directory = _uses_per_user_default(socket_path)
         self._timeout_s = timeout_s
         self._sock: socket.socket | None = None
         self._file: Any = None
         self._ids = itertools.count(1)
 
     def connect(self) -> Self:
+        if self._check_directory:
+            _check_default_directory(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self._timeout_s)
         try:

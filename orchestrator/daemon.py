@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from orchestrator import errors, events, faults, logs, metrics, models, notify
+from orchestrator import access, errors, events, faults, logs, metrics, models, notify
 from orchestrator.api import Api
 from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
@@ -74,7 +74,17 @@ class Daemon:
             settings.dispatcher, self.store, self.backends, self.poller, self.hub
         )
         self.api = Api(
-            settings.jobs, self.store, self.dispatcher, self.poller, self.backends, self.hub
+            settings.jobs,
+            self.store,
+            self.dispatcher,
+            self.poller,
+            self.backends,
+            self.hub,
+            policy=access.Policy(
+                admin_uids=frozenset(settings.server.admin_uids),
+                admin_gids=frozenset(settings.server.admin_gids),
+                run_as=settings.local.run_as,
+            ),
         )
         self.server = Server(settings.server, self.api)
         self.metrics.add_collector(
@@ -143,6 +153,8 @@ class Daemon:
             phases[phase] = round(time.monotonic() - started - sum(phases.values()), 3)
 
         faults.arm(os.environ.get(faults.ENV))
+        if self._inherited_socket is None:  # else systemd bound it: there is no directory to check
+            self.server.prepare()  # a squatted socket directory stops us before a job is touched
         await self.store.open()
         lap("store_s")
         try:

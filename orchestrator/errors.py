@@ -222,6 +222,23 @@ class StoreTooNew(StoreUnusable):
         )
 
 
+class UnsafeSocketDirectory(ConfigError):
+    """The socket's directory could be written by someone else: another user could put their
+    own socket in place of the daemon's. Refused by the daemon (it does not bind there) and by
+    a client on the default path (it sends nothing)."""
+
+    code = "unsafe_socket_directory"
+
+    def __init__(self, path: str, why: str, uid: int) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(
+            f"refusing the socket directory {path}: {why}. It must be a directory (not a "
+            f"symlink) owned by uid {uid} or root that neither group nor others can write: "
+            "remove it (the daemon creates it mode 0700) or use another socket path"
+        )
+
+
 class DaemonUnreachable(OrchestratorError):
     """The daemon's socket could not be reached."""
 

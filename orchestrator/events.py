@@ -25,13 +25,21 @@ class WatcherTooSlow(Exception):
 
 
 class Subscription:
-    """A bounded stream of events, optionally for one job. Use as an async context manager."""
+    """A bounded stream of events, optionally for one job, or for the jobs of one submitter
+    (`peer_uid`: jobs with no recorded submitter are nobody's). Use as an async context
+    manager."""
 
-    def __init__(self, hub: Hub, job_id: str | None, maxsize: int) -> None:
+    def __init__(
+        self, hub: Hub, job_id: str | None, maxsize: int, peer_uid: int | None = None
+    ) -> None:
         self._hub = hub
         self.job_id = job_id
+        self.peer_uid = peer_uid
         self._queue: asyncio.Queue[models.Event] = asyncio.Queue(maxsize)
         self.dropped = False
+
+    def wants(self, event: models.Event) -> bool:
+        return self.peer_uid is None or event.peer_uid == self.peer_uid
 
     def _offer(self, event: models.Event) -> bool:
         try:
@@ -83,8 +91,9 @@ class Hub:
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def subscribe(self, job_id: str | None = None) -> Subscription:
-        sub = Subscription(self, job_id, self._queue_size)
+    def subscribe(self, job_id: str | None = None, *, peer_uid: int | None = None) -> Subscription:
+        """Events of one job (or all), only of the jobs `peer_uid` submitted if given."""
+        sub = Subscription(self, job_id, self._queue_size, peer_uid)
         if job_id is None:
             self._all.add(sub)
         else:
@@ -108,6 +117,6 @@ class Hub:
             except Exception:
                 log.exception("events.listener_failed", job_id=event.job_id)
         for sub in (*self._all, *self._by_job.get(event.job_id, ())):
-            if not sub._offer(event):
+            if sub.wants(event) and not sub._offer(event):
                 log.warning("events.watcher_dropped", job_id=sub.job_id, reason="queue full")
                 self.unsubscribe(sub)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import random
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import pydantic
+from pydantic_core import PydanticCustomError
 
 BackendName = Literal["local", "ecs", "batch"]
 StopReason = Literal["cancel", "timeout", "queue_timeout"]
@@ -73,7 +76,85 @@ def is_regression(old: JobState, new: JobState) -> bool:
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
-_ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# What the kernel lets a process be started with (execve, posix_spawn): no string may hold a
+# NUL byte (Python refuses it before the call), one argument or NAME=value string may take at
+# most MAX_ARG_STRLEN bytes with its terminating NUL, and all of them with their pointers at
+# most `launch_limit_bytes()` — past either, the launch fails with E2BIG.
+MAX_ARG_STRLEN = 131072  # Linux: 32 pages
+LAUNCH_RESERVE_BYTES = 64 * 1024  # kept from a spec for what a launch adds (runner, base env)
+_STACK_ARG_CAP = 6 * 1024 * 1024  # Linux: at most 3/4 of _STK_LIM, whatever the stack limit
+
+
+def launch_limit_bytes() -> int:
+    """The bytes argv and envp (strings, NULs and pointers) may take at exec on this host: a
+    quarter of the stack limit (what sysconf(ARG_MAX) reports), at most 6 MiB, at least
+    128 KiB — Linux's rule."""
+    return max(MAX_ARG_STRLEN, min(os.sysconf("SC_ARG_MAX"), _STACK_ARG_CAP))
+
+
+def launch_bytes(argv: Iterable[str], env: Mapping[str, str]) -> int:
+    """What `argv` and `env` take at exec: each string's UTF-8 bytes, its NUL and its pointer.
+    The local backend can compare its real launch (runner arguments, inherited environment)
+    with `launch_limit_bytes()`; `JobSpec` checks the spec's own part."""
+    pointer = 8
+    size = sum(_utf8_size(arg) + 1 + pointer for arg in argv)
+    return size + sum(_env_string_size(k, v) + pointer for k, v in env.items())
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _env_string_size(name: str, value: str) -> int:
+    return len(name) + 1 + _utf8_size(value) + 1  # NAME=value and its NUL
+
+
+def _refusal(kind: str, message: str, field: tuple[int | str, ...], **context: int) -> Exception:
+    """A validation error about one part of a field: `field` in its context extends the
+    error's location (`command` → `command[2]`), as `protocol` renders it."""
+    return PydanticCustomError(kind, message, {**context, "field": field})
+
+
+def _check_argument(value: str, field: tuple[int | str, ...]) -> None:
+    if "\x00" in value:
+        raise _refusal("nul_byte", "must not contain a NUL byte", field)
+    if (size := _utf8_size(value) + 1) > MAX_ARG_STRLEN:
+        raise _refusal(
+            "argument_too_long",
+            "takes {size} bytes (UTF-8, with its terminating NUL), more than the {limit} one "
+            "argument of a process can take",
+            field,
+            size=size,
+            limit=MAX_ARG_STRLEN,
+        )
+
+
+def _check_variable(name: str, value: str) -> None:
+    if not name:
+        problem = "must not be empty"
+    elif "=" in name:
+        problem = "must not contain '='"
+    elif "\x00" in name:
+        problem = "must not contain a NUL byte"
+    elif not _ENV_NAME.fullmatch(name):
+        problem = "must be letters, digits and _, and not start with a digit"
+    else:
+        problem = ""
+    if problem:  # `[key]`: the name itself is wrong, as pydantic marks a dict's bad key
+        raise _refusal("env_name", "the variable's name " + problem, (name, "[key]"))
+    if "\x00" in value:
+        raise _refusal("nul_byte", "must not contain a NUL byte", (name,))
+    if (size := _env_string_size(name, value)) > MAX_ARG_STRLEN:
+        raise _refusal(
+            "argument_too_long",
+            "takes {size} bytes as NAME=value (UTF-8, with its terminating NUL), more than the "
+            "{limit} one environment string of a process can take",
+            (name,),
+            size=size,
+            limit=MAX_ARG_STRLEN,
+        )
 
 
 class JobSpec(pydantic.BaseModel):
@@ -87,9 +168,7 @@ class JobSpec(pydantic.BaseModel):
     ]
     name: Annotated[str, pydantic.Field(pattern=_NAME_PATTERN)] | None = None
     backend: BackendName | None = None
-    env: dict[Annotated[str, pydantic.Field(pattern=_ENV_NAME_PATTERN)], str] = pydantic.Field(
-        default_factory=dict
-    )
+    env: dict[str, str] = pydantic.Field(default_factory=dict)
     cwd: Annotated[str, pydantic.Field(min_length=1, max_length=4096)] | None = None
     timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
     queue_timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
@@ -106,6 +185,54 @@ class JobSpec(pydantic.BaseModel):
             except OverflowError:
                 raise ValueError("too large") from None
         return value
+
+    # What a process could not be started with (posix_spawn raises ValueError on a NUL byte,
+    # execve fails with E2BIG) is refused now, not at launch. Each check looks at a field's
+    # strings together first (one call, no per-string overhead) and only then for the culprit.
+
+    @pydantic.field_validator("command")
+    @classmethod
+    def _arguments(cls, command: list[str]) -> list[str]:
+        joined = "".join(command)
+        if "\x00" in joined or _utf8_size(joined) >= MAX_ARG_STRLEN:
+            for index, arg in enumerate(command):
+                _check_argument(arg, (index,))
+        return command
+
+    @pydantic.field_validator("env")
+    @classmethod
+    def _variables(cls, env: dict[str, str]) -> dict[str, str]:
+        values = "".join(env.values())
+        if (
+            not all(map(_ENV_NAME.fullmatch, env))
+            or "\x00" in values
+            or len("".join(env)) + _utf8_size(values) + 2 > MAX_ARG_STRLEN
+        ):
+            for name, value in env.items():
+                _check_variable(name, value)
+        return env
+
+    @pydantic.field_validator("cwd")
+    @classmethod
+    def _directory(cls, cwd: str | None) -> str | None:
+        if cwd is not None:
+            _check_argument(cwd, ())
+        return cwd
+
+    @pydantic.model_validator(mode="after")
+    def _launchable(self) -> JobSpec:
+        size = launch_bytes([*self.command, *([self.cwd] if self.cwd else [])], self.env)
+        budget = launch_limit_bytes() - LAUNCH_RESERVE_BYTES
+        if size > budget:
+            raise PydanticCustomError(
+                "launch_too_large",
+                "command, env and cwd take {size} bytes together (UTF-8, with a NUL and a "
+                "pointer each), more than the {budget} a process can be started with here "
+                "(the kernel's limit on arguments and environment, E2BIG, less {reserve} kept "
+                "for what the launch adds)",
+                {"size": size, "budget": budget, "reserve": LAUNCH_RESERVE_BYTES},
+            )
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +312,7 @@ class Event:
     reason: str | None = None
     exit_code: int | None = None
     created_at: float = 0.0  # when the job was accepted (for latency metrics)
+    peer_uid: int | None = None  # who submitted the job (for whom its events are), not sent
 
     def to_dict(self) -> dict[str, Any]:
         return {

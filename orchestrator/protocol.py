@@ -164,7 +164,9 @@ def _invalid(
 ) -> errors.InvalidRequest:
     problems = []
     for error in exc.errors(include_url=False):
-        path = _path((*prefix, *error["loc"]))
+        # A model-level check names the field it is about in its context (models.JobSpec).
+        field = tuple(error.get("ctx", {}).get("field", ()))
+        path = _path((*prefix, *error["loc"], *field))
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown field")
         elif error["type"] == "missing":
@@ -176,10 +178,12 @@ def _invalid(
 
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for part, after in zip(loc, (*loc[1:], None), strict=True):
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif after == "[key]":  # the key itself is wrong, not its value: job.env['A=B']
+            out += f"[{part!r}]"
+        elif part != "[key]":
             out += f".{part}" if out else part
     return out or "request"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from orchestrator import access, errors, models, protocol
+from orchestrator import access, errors, models, protocol, socketdir
 from orchestrator.api import Api
 from orchestrator.settings import ServerSettings
 
@@ -66,9 +66,11 @@ def bind_socket(path: Path) -> socket.socket:
 
     The socket is bound under a private temporary name with a tight umask, chmod-ed, then
     renamed over `path`, which also replaces a stale socket from a crash atomically. A live
-    daemon already answering at `path` is an error, not something to steal from.
+    daemon already answering at `path` is an error, not something to steal from. The directory
+    is created 0700 if missing and must be safe (`socketdir`): one that someone else could
+    write is refused, and nothing is bound there.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    socketdir.ensure(path.parent)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise errors.ConfigError(f"{path} exists and is not a socket; refusing to replace it")
@@ -137,6 +139,11 @@ class Server:
     @property
     def path(self) -> Path:
         return self._settings.socket_path
+
+    def prepare(self) -> None:
+        """Create and check the socket's directory (`socketdir`) before the daemon opens its
+        store or touches a job: a squatted directory stops it at once. `start` checks again."""
+        socketdir.ensure(self.path.parent)
 
     async def start(self, inherited: socket.socket | None = None) -> None:
         """Listen on an inherited socket (systemd socket activation) or bind our own."""

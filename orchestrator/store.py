@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state NOT IN ({_TERMINAL_SQL});
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ({_TERMINAL_SQL});
+CREATE INDEX IF NOT EXISTS jobs_peer ON jobs(peer_uid, id);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -152,6 +153,7 @@ def _event(job: models.Job, old: models.JobState | None) -> models.Event:
         reason=job.reason,
         exit_code=job.exit_code,
         created_at=job.created_at,
+        peer_uid=None if job.peer is None else job.peer.uid,
     )
 
 
@@ -202,7 +204,7 @@ class _NewJobs:
         spec's idempotency key already names. A conflict raises before anything is written."""
         if spec.idempotency_key is not None:
             self.flush()
-            existing = _find_by_key(self._conn, spec, backend)
+            existing = _find_by_key(self._conn, spec, backend, self._peer)
             if existing is not None:
                 return existing, None
         now = self._now
@@ -220,7 +222,7 @@ class _NewJobs:
         self._jobs.append(
             (
                 job.id,
-                spec.idempotency_key,
+                _scoped_key(spec.idempotency_key, self._peer),
                 backend,
                 spec_json,
                 job.state.value,
@@ -241,11 +243,26 @@ class _NewJobs:
             self._events.clear()
 
 
-def _find_by_key(conn: sqlite3.Connection, spec: models.JobSpec, backend: str) -> models.Job | None:
-    """The job `spec.idempotency_key` already names, if any; a different spec under the same
-    key is an `IdempotencyConflict`."""
+def _scoped_key(key: str | None, peer: models.Peer | None) -> str | None:
+    """An idempotency key as stored: `<uid> <key>`, as each submitter has keys of its own. A
+    key holds no space (`models._KEY_PATTERN`), so no scoped key is ever equal to a key stored
+    plain, as they were before keys were scoped."""
+    if key is None:
+        return None
+    return f"{'-' if peer is None else peer.uid} {key}"
+
+
+def _find_by_key(
+    conn: sqlite3.Connection, spec: models.JobSpec, backend: str, peer: models.Peer | None
+) -> models.Job | None:
+    """The job this submitter's `spec.idempotency_key` already names, if any (another
+    submitter's job under the same key is not found); a different spec under the same key is
+    an `IdempotencyConflict`."""
+    key = spec.idempotency_key
     row = conn.execute(
-        f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
+        f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ? "
+        "OR (idempotency_key = ? AND peer_uid IS ?)",  # a key stored plain, before scoping
+        (_scoped_key(key, peer), key, None if peer is None else peer.uid),
     ).fetchone()
     if row is None:
         return None
@@ -754,13 +771,18 @@ class Store:
         backend: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        peer_uid: int | None = None,
     ) -> list[models.Job]:
-        """Newest first; with `before` (a job id), only the jobs older than that one."""
+        """Newest first; with `before` (a job id), only the jobs older than that one; with
+        `peer_uid`, only the jobs that uid submitted."""
         clauses: list[str] = []
         args: list[object] = []
         if before is not None:
             clauses.append("id < ?")
             args.append(before)
+        if peer_uid is not None:
+            clauses.append("peer_uid = ?")
+            args.append(peer_uid)
         if states is not None:
             wanted = [s.value for s in states]
             clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
@@ -813,9 +835,13 @@ class Store:
 
         return await self._read(fetch)
 
-    async def count_by_state(self) -> dict[str, int]:
+    async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
+        """Jobs by state: all of them, or those `peer_uid` submitted."""
+        where, args = ("", ()) if peer_uid is None else ("WHERE peer_uid = ? ", (peer_uid,))
+        sql = f"SELECT state, COUNT(*) FROM jobs {where}GROUP BY state"
+
         def fetch(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            return dict(conn.execute(sql, args).fetchall())
 
         return await self._read(fetch)
 

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator import models
 from orchestrator.client import Client
 from orchestrator.daemon import Daemon
 from orchestrator.testing import make_settings
@@ -138,6 +139,43 @@ PING = b'{"v": 1, "id": "p", "op": "ping"}\n'
             "job.overrides",
             1,
         ),
+        # Specs no process can be started with (issue 11, item 4): refused at submit, named.
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["echo", "a", "b\\u0000c"]}}\n',
+            "invalid_request",
+            "job.command[2]: must not contain a NUL byte",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "env": {"FOO": "\\u0000"}}}\n',
+            "invalid_request",
+            "job.env.FOO: must not contain a NUL byte",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "cwd": "/tmp\\u0000x"}}\n',
+            "invalid_request",
+            "job.cwd: must not contain a NUL byte",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "env": {"F\\u0000O": ""}}}\n',
+            "invalid_request",
+            "job.env['F\\x00O']: the variable's name must not contain a NUL byte",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "env": {"A=B": "1"}}}\n',
+            "invalid_request",
+            "job.env['A=B']: the variable's name must not contain '='",
+            1,
+        ),
+        (
+            b'{"id": 1, "op": "submit", "job": {"command": ["true"], "env": {"": "1"}}}\n',
+            "invalid_request",
+            "job.env['']: the variable's name must not be empty",
+            1,
+        ),
         (b'{"id": 1, "op": "get", "job_id": "nope"}\n', "not_found", "nope", 1),
         (b'{"id": 1, "op": "list", "state": "DONE"}\n', "invalid_request", "state", 1),
         (b'{"id": 1, "op": "list", "limit": 0}\n', "invalid_request", "limit", 1),
@@ -153,6 +191,59 @@ async def test_bad_line_gets_a_named_error_and_the_connection_survives(
     assert needle in reply["message"]
     assert reply["id"] == echoed_id
     assert (await raw.ask(PING))["ok"] is True
+
+
+def _command_of(size: int, cwd: str) -> list[str]:
+    """`true` with arguments that make command + cwd take exactly `size` launch bytes."""
+    command = ["true"]
+    left = size - models.launch_bytes([*command, cwd], {})
+    while left > 0:
+        arg_len = min(60_000, left - 9)  # each argument costs its bytes, a NUL and a pointer
+        command.append("x" * arg_len)
+        left -= arg_len + 9
+    assert models.launch_bytes([*command, cwd], {}) == size
+    return command
+
+
+async def test_a_launch_over_the_kernels_limits_is_refused_at_submit(short_tmp: Path) -> None:
+    """E2BIG: one argument or NAME=value over MAX_ARG_STRLEN, or all of them together over
+    what the kernel lets a process start with, is refused with the field named; a spec that
+    uses the whole budget is accepted and runs."""
+    settings = make_settings(short_tmp, server={"max_line_bytes": 16 * 1024 * 1024})
+    budget = models.launch_limit_bytes() - models.LAUNCH_RESERVE_BYTES
+    cwd = str(short_tmp)
+    refused = {
+        # 65,536 two-byte characters: within the length limit, over MAX_ARG_STRLEN in bytes
+        "job.command[1]: takes 131073 bytes": {"command": ["echo", "é" * 65536]},
+        "job.env.BIG: takes 131073 bytes as NAME=value": {
+            "command": ["true"],
+            "env": {"BIG": "x" * (models.MAX_ARG_STRLEN - 4)},
+        },
+        f"job: command, env and cwd take {budget + 1} bytes together": {
+            "command": _command_of(budget + 1, cwd),
+            "cwd": cwd,
+        },
+    }
+    async with running(settings) as daemon:
+        conn = await Raw.open(settings.server.socket_path)
+        for needle, spec in refused.items():
+            reply = await conn.ask(orjson.dumps({"id": 1, "op": "submit", "job": spec}) + b"\n")
+            assert (reply["ok"], reply["code"]) == (False, "invalid_request"), needle
+            assert reply["message"].startswith(needle), reply["message"]
+        many = [{"command": ["true"]}, *refused.values(), {"command": ["true"]}]
+        reply = await conn.ask(orjson.dumps({"id": 2, "op": "submit_many", "jobs": many}) + b"\n")
+        assert [r["ok"] for r in reply["results"]] == [True, False, False, False, True]
+        assert [
+            r["message"][: len(n)] for r, n in zip(reply["results"][1:4], refused, strict=True)
+        ] == list(refused)
+        whole = {"command": _command_of(budget, cwd), "cwd": cwd}
+        reply = await conn.ask(orjson.dumps({"id": 3, "op": "submit", "job": whole}) + b"\n")
+        assert reply["ok"] is True, reply
+        await conn.close()
+        async with Client(settings.server.socket_path) as client:
+            final = await client.wait(reply["job"]["id"])
+        assert (final["state"], final["exit_code"]) == ("SUCCEEDED", 0), final
+        assert await daemon.store.count_by_state() == {"SUCCEEDED": 3}
 
 
 async def test_oversized_line_is_skipped_whole(raw: Raw) -> None:

@@ -93,7 +93,8 @@ async def test_peer_credentials_decide_who_may_use_the_socket(
     short_tmp: Path, allowed: bool
 ) -> None:
     server = {"allowed_uids": [0, NOBODY]} if allowed else {}
-    settings = make_settings(short_tmp, server=server)
+    # run_as: a local job of another uid than the daemon's is otherwise refused (forbidden)
+    settings = make_settings(short_tmp, server=server, local={"run_as": "submitter"})
     async with running(settings) as daemon:
         # Open the file permissions on purpose, so that only the peer check stands in the way.
         os.chmod(short_tmp, 0o755)

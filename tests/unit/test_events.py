@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from structlog.testing import capture_logs
@@ -100,6 +101,20 @@ async def test_job_subscribers_get_only_their_job_and_global_ones_get_all() -> N
         "b": [published[1]],
         "a again": [published[0], published[3]],
     }
+
+
+async def test_a_submitters_subscription_gets_only_the_events_of_its_jobs() -> None:
+    hub = events.Hub(watcher_queue_size=2)
+    mine = hub.subscribe(peer_uid=1000)
+    ours, theirs, nobodys = (
+        dataclasses.replace(_event("a"), peer_uid=1000),
+        dataclasses.replace(_event("b"), peer_uid=1001),
+        _event("c"),  # no recorded submitter: nobody's
+    )
+    for event in (theirs, nobodys, theirs, ours):  # what it does not get never fills it up
+        hub.publish(event)
+    assert _drain(mine) == [ours]
+    assert not mine.dropped
 
 
 async def test_get_waits_for_the_next_event() -> None:
