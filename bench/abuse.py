@@ -15,7 +15,9 @@ orchestrator serve` under `prlimit --nofile=N:N` (local backend, uvloop as in pr
 configured with `ORCHESTRATOR__SECTION__KEY` variables, its socket in a short temporary
 directory under /tmp. Everything goes over that unix socket; nothing touches the network.
 
-The mix, all at once until the deadline:
+First the store gets `--prefill` jobs (with a 1 s queue timeout: most end FAILED without
+running), so that every `list` pages through thousands of jobs. Then the mix, all at once
+until the deadline:
 
 - hangups: connections that send `wait`, `watch` or `logs -f` on a running job, then close
   (after the first reply, or with the reply unread: the daemon's next write meets ECONNRESET)
@@ -144,6 +146,7 @@ class Config:
     hold_s: float = 20.0
     off_s: float = 10.0
     flood_every_s: float = 30.0
+    prefill: int = 5000  # jobs in the store before the abuse starts
     drain_s: float = 180.0
     stop_timeout_s: float = 15.0
     per_peer_cap: int = _DEFAULTS.max_connections_per_peer
@@ -997,114 +1000,103 @@ def sample_daemon(pid: int, samples: Samples, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
+def tally(stats: Stats, lock: threading.Lock, code: str | None = None) -> None:
+    """One request of a client thread answered: ok, or an error reply with `code`."""
+    with lock:
+        stats.sent += 1
+        stats.reply({"ok": code is None, "code": code})
+
+
+def tally_failure(stats: Stats, lock: threading.Lock, exc: BaseException) -> None:
+    """One request of a client thread left without a reply: its connection failed."""
+    with lock:
+        stats.sent += 1
+        stats.io_error(exc)
+
+
 def normal_client(
     index: int, cfg: Config, ledger: Ledger, stats: Stats, end: float, lock: threading.Lock
 ) -> None:
     """Submit `sh -c 'sleep S; exit N'`, wait for it, check state and exit code; repeat."""
     rng = random.Random(f"{cfg.seed}-normal-{index}")
-    client: SyncClient | None = None
+    client = SyncClient(cfg.socket_path, timeout_s=120.0)
     seq = 0
-
-    def count(reply: dict[str, Any] | None = None, error: str | None = None) -> None:
-        with lock:
-            stats.sent += 1
-            if reply is not None:
-                stats.reply(reply)
-            elif error is not None:
-                stats.answered += 1
-                stats.codes[error] += 1
-
     while time.monotonic() < end:
         seq += 1
         code = rng.choice((0, 0, 1, 2, 3, 7, 42, 255))
         spec = exit_spec(code, f"normal-{index}-{seq}", rng.choice((0.0, 0.05, 0.2, 0.5)))
         try:
-            if client is None:
-                client = SyncClient(cfg.socket_path, timeout_s=120.0).connect()
-                with lock:
-                    stats.connections += 1
-            job = client.submit(spec)
-            count({"ok": True})
+            job = client.submit(spec)  # (re)connects as needed
+            tally(stats, lock)
             ledger.add(job["id"], "normal", code)
             final = client.wait(job["id"])
-            count({"ok": True})
+            tally(stats, lock)
         except errors.RemoteError as exc:
-            count(error=exc.remote_code)
-            if client is not None:
-                client.close()
-            client = None
+            tally(stats, lock, exc.remote_code)
+            client.close()
             time.sleep(0.2)  # e.g. overloaded while the holders fill every slot
             continue
         except (errors.DaemonUnreachable, errors.ProtocolError, OSError) as exc:
-            with lock:
-                stats.io_error(exc)
-            if client is not None:
-                client.close()
-            client = None
+            tally_failure(stats, lock, exc)
+            client.close()
             time.sleep(0.2)
             continue
-        want = ("SUCCEEDED" if code == 0 else "FAILED", code)
-        if (final["state"], final.get("exit_code")) != want:
+        if (final["state"], final.get("exit_code")) != (
+            "SUCCEEDED" if code == 0 else "FAILED",
+            code,
+        ):
             with lock:
                 stats.anomaly(
                     f"job {job['id']} asked exit {code}: wait gave {final['state']} "
                     f"exit_code={final.get('exit_code')} ({final.get('reason')})"
                 )
-    if client is not None:
-        client.close()
+    client.close()
 
 
 def output_flooder(
     cfg: Config, ledger: Ledger, stats: Stats, end: float, lock: threading.Lock
 ) -> None:
     """Every `flood_every_s`: `yes` (stopped by its timeout_s), 50 MB on stdout and on stderr;
-    the output kept must stop at `max_output_bytes` (plus the truncation marker)."""
+    the output kept must stop at `max_output_bytes` (plus the truncation marker), which the
+    job's logs, read back whole, show."""
     largest: dict[str, int] = {"stdout": 0, "stderr": 0}
     outcomes: Counter[str] = Counter()
-    with SyncClient(cfg.socket_path, timeout_s=120.0) as client:
-        while time.monotonic() < end:
-            started = time.monotonic()
-            specs: list[tuple[str, int | None, dict[str, Any]]] = [
-                ("yes", None, {"command": ["yes"], "name": "flood-yes", "timeout_s": 5}),
-                ("stdout", 0, {"command": ["head", "-c", "50M", "/dev/zero"], "name": "flood-1"}),
-                ("stderr", 3, {"command": ["sh", "-c", _STDERR_FLOOD], "name": "flood-2"}),
-            ]
-            for kind, code, spec in specs:
-                try:
+    floods: list[tuple[str, int | None, dict[str, Any]]] = [
+        ("yes", None, {"command": ["yes"], "name": "flood-yes", "timeout_s": 5}),
+        ("stdout", 0, {"command": ["head", "-c", "50M", "/dev/zero"], "name": "flood-1"}),
+        ("stderr", 3, {"command": ["sh", "-c", _STDERR_FLOOD], "name": "flood-2"}),
+    ]
+    client = SyncClient(cfg.socket_path, timeout_s=120.0)
+    while time.monotonic() < end:
+        started = time.monotonic()
+        for kind, code, spec in floods:
+            sizes = {"stdout": 0, "stderr": 0}
+            try:
+                job = client.submit(spec)
+                tally(stats, lock)
+                ledger.add(job["id"], "output", code)
+                final = client.wait(job["id"])
+                tally(stats, lock)
+                outcomes[f"{kind}: {final['state']} exit_code={final.get('exit_code')}"] += 1
+                for reply in client.stream("logs", job_id=job["id"]):
+                    if "data" in reply:
+                        sizes[reply["stream"]] += len(reply["data"].encode())
+                tally(stats, lock)
+            except errors.RemoteError as exc:
+                tally(stats, lock, exc.remote_code)
+                continue
+            except (errors.DaemonUnreachable, errors.ProtocolError, OSError) as exc:
+                tally_failure(stats, lock, exc)
+                client.close()
+                continue
+            for stream, size in sizes.items():
+                largest[stream] = max(largest[stream], size)
+                if size > cfg.max_output_bytes + 200:
                     with lock:
-                        stats.sent += 1
-                    job = client.submit(spec)
-                    ledger.add(job["id"], "output", code)
-                    with lock:
-                        stats.reply({"ok": True})
-                        stats.sent += 1
-                    final = client.wait(job["id"])
-                    with lock:
-                        stats.reply({"ok": True})
-                        stats.sent += 1
-                    outcomes[f"{kind}: {final['state']} exit_code={final.get('exit_code')}"] += 1
-                    sizes = {"stdout": 0, "stderr": 0}
-                    for reply in client.stream("logs", job_id=job["id"]):
-                        if "data" in reply:
-                            sizes[reply["stream"]] += len(reply["data"].encode())
-                    with lock:
-                        stats.reply({"ok": True})
-                except errors.RemoteError as exc:
-                    with lock:
-                        stats.reply({"ok": False, "code": exc.remote_code})
-                    continue
-                except (errors.DaemonUnreachable, errors.ProtocolError, OSError) as exc:
-                    with lock:
-                        stats.io_error(exc)
-                    client.close()
-                    continue
-                for stream, size in sizes.items():
-                    largest[stream] = max(largest[stream], size)
-                    if size > cfg.max_output_bytes + 200:
-                        with lock:
-                            stats.anomaly(f"job {job['id']}: {size} bytes of {stream} kept")
-            pause_s = min(cfg.flood_every_s - (time.monotonic() - started), end - time.monotonic())
-            time.sleep(max(0.0, pause_s))
+                        stats.anomaly(f"job {job['id']}: {size} bytes of {stream} kept")
+        pause_s = min(cfg.flood_every_s - (time.monotonic() - started), end - time.monotonic())
+        time.sleep(max(0.0, pause_s))
+    client.close()
     stats.extra["largest_log_bytes"] = largest
     stats.extra["outcomes"] = dict(outcomes)
 
@@ -1177,6 +1169,25 @@ def submit_targets(client: SyncClient, ledger: Ledger) -> list[str]:
             break
         time.sleep(0.2)
     return ids
+
+
+def prefill(client: SyncClient, ledger: Ledger, count: int) -> float:
+    """A store of thousands of jobs before the abuse starts, for the `list`s to page through:
+    `count` jobs with a 1 s queue timeout, most of which end FAILED (queue_timeout) without
+    running. Returns the seconds it took until none was queued."""
+    started = time.monotonic()
+    for first in range(0, count, 1000):
+        specs = [
+            exit_spec(0, f"prefill-{i}", queue_timeout_s=1.0)
+            for i in range(first, min(count, first + 1000))
+        ]
+        for result in client.call("submit_many", jobs=specs)["results"]:
+            if result["ok"]:
+                ledger.add(result["id"], "prefill", 0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and client.call("ping")["jobs"].get("QUEUED"):
+        time.sleep(0.5)
+    return time.monotonic() - started
 
 
 def control_ping(client: SyncClient, seconds: float, interval_s: float) -> dict[str, float]:
@@ -1330,7 +1341,7 @@ def scan_log(path: Path, err_path: Path) -> dict[str, Any]:
             if line.get("op"):
                 key += f" op={line['op']}"
             if exceptions := line.get("exception"):
-                last = exceptions[-1]
+                last = exceptions[0]  # the one raised last (its causes follow)
                 key += f" {last.get('exc_type')}: {str(last.get('exc_value'))[:70]}"
         by_event[key] += 1
         samples.setdefault(key, raw.decode(errors="replace")[:600])
@@ -1346,15 +1357,12 @@ def scan_log(path: Path, err_path: Path) -> dict[str, Any]:
 
 
 def run(cfg: Config, root: Path) -> dict[str, Any]:
+    """Start the daemon, fill its store, abuse it, drain it, stop it, check it: the report."""
     ledger = Ledger()
     env = daemon_env(cfg, root)
     daemon = Daemon(cfg, root, env)
     cfg.socket_path = str(daemon.socket_path)
-    report: dict[str, Any] = {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "targets"},
-        "load_at_start": os.getloadavg(),
-        "cpus": os.cpu_count(),
-    }
+    report: dict[str, Any] = {"load_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     daemon.start()
     assert daemon.proc is not None
     samples = Samples()
@@ -1367,6 +1375,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         sampler.start()
         with SyncClient(daemon.socket_path, timeout_s=60) as admin:
             cfg.targets = submit_targets(admin, ledger)
+            report["prefill_s"] = round(prefill(admin, ledger, cfg.prefill), 1)
             report["control_ping"] = control_ping(
                 admin, seconds=5.0, interval_s=cfg.ping_interval_s
             )
@@ -1389,6 +1398,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         if sampler.is_alive():
             sampler.join()
         report["leftover_runners"] = leftover_runners(root)
+    report["config"] = dataclasses.asdict(cfg)
     report["daemon_exit"] = status
     report["stop_s"] = round(stop_s, 2)
     started = cfg.end_at - cfg.duration_s
@@ -1490,28 +1500,37 @@ def abuse(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         failures.append(ping["failed"])
         ping = {"latencies": [], "codes": {}, "io_errors": {}}
     samples = [(at, rtt) for at, rtt in ping["latencies"]]
-    lat = [rtt for _, rtt in samples]
-    answered_at = sorted([started_at] + [at + rtt for at, rtt in samples] + [cfg.end_at])
-    gap_s = max(b - a for a, b in itertools.pairwise(answered_at))
-    slowest = sorted(samples, key=lambda sample: -sample[1])[:5]
     return {
         "started_at": started_at,
         "classes": classes,
         "role_failures": failures,
         "ping_samples": samples,
-        "ping": {
-            "slowest": [(round(at - (cfg.end_at - cfg.duration_s), 1), rtt) for at, rtt in slowest],
-            "sent": len(lat) + sum(ping["codes"].values()) + sum(ping["io_errors"].values()),
-            "answered": len(lat) + sum(ping["codes"].values()),
-            "errors": {**ping["codes"], **ping["io_errors"]},
-            "p50_ms": percentile(lat, 0.50) * 1000,
-            "p99_ms": percentile(lat, 0.99) * 1000,
-            "max_ms": max(lat, default=float("nan")) * 1000,
-            "over_1s": sum(x > 1.0 for x in lat),
-            "longest_gap_s": gap_s,
-            "wake_p99_ms": ping.get("wake_p99_ms", float("nan")),
-            "wake_max_ms": ping.get("wake_max_ms", float("nan")),
-        },
+        "ping": ping_summary(cfg, ping, samples),
+    }
+
+
+def ping_summary(
+    cfg: Config, ping: dict[str, Any], samples: list[tuple[float, float]]
+) -> dict[str, Any]:
+    """The pinger's round trips: percentiles, the slowest (with when), the longest silence."""
+    started_at = cfg.end_at - cfg.duration_s
+    lat = [rtt for _, rtt in samples]
+    # From the pinger's first ping (its process takes a moment to start) to the deadline.
+    first = min((at for at, _ in samples), default=cfg.end_at)
+    answered_at = sorted([first] + [at + rtt for at, rtt in samples] + [cfg.end_at])
+    slowest = sorted(samples, key=lambda sample: -sample[1])[:5]
+    return {
+        "slowest": [(round(at - started_at, 1), rtt) for at, rtt in slowest],
+        "sent": len(lat) + sum(ping["codes"].values()) + sum(ping["io_errors"].values()),
+        "answered": len(lat) + sum(ping["codes"].values()),
+        "errors": {**ping["codes"], **ping["io_errors"]},
+        "p50_ms": percentile(lat, 0.50) * 1000,
+        "p99_ms": percentile(lat, 0.99) * 1000,
+        "max_ms": max(lat, default=float("nan")) * 1000,
+        "over_1s": sum(x > 1.0 for x in lat),
+        "longest_gap_s": max(b - a for a, b in itertools.pairwise(answered_at)),
+        "wake_p99_ms": ping.get("wake_p99_ms", float("nan")),
+        "wake_max_ms": ping.get("wake_max_ms", float("nan")),
     }
 
 
@@ -1619,7 +1638,10 @@ def table(report: dict[str, Any]) -> str:
             f"{report.get('idle_fds')} / {report['max_fds']} / {report.get('fds_after_drain')} "
             f"({cfg['nofile']})",
         ),
-        ("drain (s)", report.get("drain_s")),
+        (
+            "prefill of the store / drain (s)",
+            f"{report.get('prefill_s')} / {report.get('drain_s')}",
+        ),
         ("daemon CPU (s)", report["daemon_cpu_s"]),
         (
             "jobs acknowledged (by kind)",
@@ -1733,6 +1755,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float, default=Config.hold_s)
     parser.add_argument("--off-s", type=float, default=Config.off_s)
     parser.add_argument("--slow-read-bps", type=int, default=Config.slow_read_bps)
+    parser.add_argument("--prefill", type=int, default=Config.prefill, help="jobs in store first")
     parser.add_argument("--drain-s", type=float, default=Config.drain_s)
     parser.add_argument("--stop-timeout-s", type=float, default=Config.stop_timeout_s)
     parser.add_argument("--json", default=None, help="write the report as JSON here (- stdout)")
@@ -1764,6 +1787,7 @@ def main(argv: list[str] | None = None) -> int:
         hold_s=args.hold_s,
         off_s=args.off_s,
         slow_read_bps=args.slow_read_bps,
+        prefill=args.prefill,
         drain_s=args.drain_s,
         stop_timeout_s=args.stop_timeout_s,
     )

@@ -62,7 +62,7 @@ config_option = click.option(
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    _echo(f"orchestrator: {message}", err=True)
+    click.echo(f"orchestrator: {message}", err=True)
     sys.exit(code)
 
 
@@ -112,9 +112,9 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except errors.DaemonUnreachable as exc:
         _fail(exc.message, EXIT_UNREACHABLE)
     except errors.UnsafeSocketDirectory as exc:  # nothing was sent; fix the directory or path
-        _fail(exc.message, EXIT_USAGE)
-    except errors.RemoteError as exc:
-        _fail(exc.message)
+        _fail(_safe(exc.message), EXIT_USAGE)  # a squatter's symlink may point anywhere
+    except errors.RemoteError as exc:  # the daemon's words, which may quote a job's
+        _fail(_safe(exc.message))
     except errors.OrchestratorError as exc:
         _fail(exc.message)
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic_core import PydanticCustomError
+import pydantic_core
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 BackendName = Literal["local", "ecs", "batch"]
 StopReason = Literal["cancel", "timeout", "queue_timeout"]
@@ -77,6 +78,7 @@ def is_regression(old: JobState, new: JobState) -> bool:
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:=[A-Za-z_][A-Za-z0-9_]*)*")  # joined by "="
 
 # What the kernel lets a process be started with (execve, posix_spawn): no string may hold a
 # NUL byte (Python refuses it before the call), one argument or NAME=value string may take at
@@ -87,6 +89,7 @@ LAUNCH_RESERVE_BYTES = 64 * 1024  # kept from a spec for what a launch adds (run
 _STACK_ARG_CAP = 6 * 1024 * 1024  # Linux: at most 3/4 of _STK_LIM, whatever the stack limit
 
 
+@functools.cache  # the stack limit is the daemon's, set before it starts
 def launch_limit_bytes() -> int:
     """The bytes argv and envp (strings, NULs and pointers) may take at exec on this host: a
     quarter of the stack limit (what sysconf(ARG_MAX) reports), at most 6 MiB, at least
@@ -98,9 +101,11 @@ def launch_bytes(argv: Iterable[str], env: Mapping[str, str]) -> int:
     """What `argv` and `env` take at exec: each string's UTF-8 bytes, its NUL and its pointer.
     The local backend can compare its real launch (runner arguments, inherited environment)
     with `launch_limit_bytes()`; `JobSpec` checks the spec's own part."""
-    pointer = 8
-    size = sum(_utf8_size(arg) + 1 + pointer for arg in argv)
-    return size + sum(_env_string_size(k, v) + pointer for k, v in env.items())
+    args = list(argv)
+    strings = (
+        _utf8_size("".join(args)) + _utf8_size("".join(env)) + _utf8_size("".join(env.values()))
+    )
+    return strings + 9 * len(args) + 10 * len(env)  # NUL + 8-byte pointer each, "=" for env
 
 
 def _utf8_size(text: str) -> int:
@@ -111,50 +116,57 @@ def _env_string_size(name: str, value: str) -> int:
     return len(name) + 1 + _utf8_size(value) + 1  # NAME=value and its NUL
 
 
-def _refusal(kind: str, message: str, field: tuple[int | str, ...], **context: int) -> Exception:
-    """A validation error about one part of a field: `field` in its context extends the
-    error's location (`command` → `command[2]`), as `protocol` renders it."""
-    return PydanticCustomError(kind, message, {**context, "field": field})
+def _launch_problems(spec: JobSpec) -> list[InitErrorDetails]:
+    """Each string of `spec` no process could be started with, at its own location: a NUL
+    byte, a bad variable name, one string over MAX_ARG_STRLEN."""
+    problems: list[InitErrorDetails] = []
+
+    def refuse(loc: tuple[int | str, ...], kind: str, message: str, **context: int) -> None:
+        error = PydanticCustomError(kind, message, context or None)
+        problems.append({"type": error, "loc": loc, "input": None})
+
+    def argument(loc: tuple[int | str, ...], value: str) -> None:
+        if "\x00" in value:
+            refuse(loc, "nul_byte", "must not contain a NUL byte")
+        elif (size := _utf8_size(value) + 1) > MAX_ARG_STRLEN:
+            refuse(loc, "argument_too_long", _TOO_LONG, size=size, limit=MAX_ARG_STRLEN)
+
+    for index, arg in enumerate(spec.command):
+        argument(("command", index), arg)
+    for name, value in spec.env.items():
+        if why := _bad_name(name):  # `[key]`: the name itself, as pydantic marks a dict's key
+            refuse(("env", name, "[key]"), "env_name", f"the variable's name {why}")
+        elif "\x00" in value:
+            refuse(("env", name), "nul_byte", "must not contain a NUL byte")
+        elif (size := _env_string_size(name, value)) > MAX_ARG_STRLEN:
+            refuse(
+                ("env", name), "argument_too_long", _TOO_LONG_ENV, size=size, limit=MAX_ARG_STRLEN
+            )
+    if spec.cwd is not None:
+        argument(("cwd",), spec.cwd)
+    return problems
 
 
-def _check_argument(value: str, field: tuple[int | str, ...]) -> None:
-    if "\x00" in value:
-        raise _refusal("nul_byte", "must not contain a NUL byte", field)
-    if (size := _utf8_size(value) + 1) > MAX_ARG_STRLEN:
-        raise _refusal(
-            "argument_too_long",
-            "takes {size} bytes (UTF-8, with its terminating NUL), more than the {limit} one "
-            "argument of a process can take",
-            field,
-            size=size,
-            limit=MAX_ARG_STRLEN,
-        )
+_TOO_LONG = (
+    "takes {size} bytes (UTF-8, with its terminating NUL), more than the {limit} one argument "
+    "of a process can take"
+)
+_TOO_LONG_ENV = (
+    "takes {size} bytes as NAME=value (UTF-8, with its terminating NUL), more than the {limit} "
+    "one environment string of a process can take"
+)
 
 
-def _check_variable(name: str, value: str) -> None:
+def _bad_name(name: str) -> str | None:
     if not name:
-        problem = "must not be empty"
-    elif "=" in name:
-        problem = "must not contain '='"
-    elif "\x00" in name:
-        problem = "must not contain a NUL byte"
-    elif not _ENV_NAME.fullmatch(name):
-        problem = "must be letters, digits and _, and not start with a digit"
-    else:
-        problem = ""
-    if problem:  # `[key]`: the name itself is wrong, as pydantic marks a dict's bad key
-        raise _refusal("env_name", "the variable's name " + problem, (name, "[key]"))
-    if "\x00" in value:
-        raise _refusal("nul_byte", "must not contain a NUL byte", (name,))
-    if (size := _env_string_size(name, value)) > MAX_ARG_STRLEN:
-        raise _refusal(
-            "argument_too_long",
-            "takes {size} bytes as NAME=value (UTF-8, with its terminating NUL), more than the "
-            "{limit} one environment string of a process can take",
-            (name,),
-            size=size,
-            limit=MAX_ARG_STRLEN,
-        )
+        return "must not be empty"
+    if "=" in name:
+        return "must not contain '='"
+    if "\x00" in name:
+        return "must not contain a NUL byte"
+    if not _ENV_NAME.fullmatch(name):
+        return "must be letters, digits and _, and not start with a digit"
+    return None
 
 
 class JobSpec(pydantic.BaseModel):
@@ -186,42 +198,30 @@ class JobSpec(pydantic.BaseModel):
                 raise ValueError("too large") from None
         return value
 
-    # What a process could not be started with (posix_spawn raises ValueError on a NUL byte,
-    # execve fails with E2BIG) is refused now, not at launch. Each check looks at a field's
-    # strings together first (one call, no per-string overhead) and only then for the culprit.
-
-    @pydantic.field_validator("command")
-    @classmethod
-    def _arguments(cls, command: list[str]) -> list[str]:
-        joined = "".join(command)
-        if "\x00" in joined or _utf8_size(joined) >= MAX_ARG_STRLEN:
-            for index, arg in enumerate(command):
-                _check_argument(arg, (index,))
-        return command
-
-    @pydantic.field_validator("env")
-    @classmethod
-    def _variables(cls, env: dict[str, str]) -> dict[str, str]:
-        values = "".join(env.values())
-        if (
-            not all(map(_ENV_NAME.fullmatch, env))
-            or "\x00" in values
-            or len("".join(env)) + _utf8_size(values) + 2 > MAX_ARG_STRLEN
-        ):
-            for name, value in env.items():
-                _check_variable(name, value)
-        return env
-
-    @pydantic.field_validator("cwd")
-    @classmethod
-    def _directory(cls, cwd: str | None) -> str | None:
-        if cwd is not None:
-            _check_argument(cwd, ())
-        return cwd
-
     @pydantic.model_validator(mode="after")
     def _launchable(self) -> JobSpec:
-        size = launch_bytes([*self.command, *([self.cwd] if self.cwd else [])], self.env)
+        """What no process could be started with (posix_spawn raises ValueError on a NUL byte,
+        execve fails with E2BIG) is refused now, not at launch, on every backend. Each field's
+        strings are looked at together first (this runs for every spec submitted or read back);
+        only a suspect spec is searched string by string, every culprit at its own location."""
+        command, env, cwd = self.command, self.env, self.cwd or ""
+        args, names, values = "".join(command), "=".join(env), "".join(env.values())
+        args_size, values_size = _utf8_size(args), _utf8_size(values)
+        if (
+            "\x00" in args
+            or "\x00" in values
+            or "\x00" in cwd
+            or (env and not _ENV_NAMES.fullmatch(names))
+            or names.count("=") > max(len(env) - 1, 0)  # a name holding "=" reads as two
+            or args_size >= MAX_ARG_STRLEN
+            or len(names) + values_size + 2 > MAX_ARG_STRLEN
+        ) and (problems := _launch_problems(self)):
+            raise pydantic_core.ValidationError.from_exception_data("JobSpec", problems)
+        size = args_size + 9 * len(command)  # each string: its bytes, a NUL, an 8-byte pointer
+        if env:  # NAME=value: the names joined by "=" hold all but one of the "="
+            size += len(names) + 1 + values_size + 9 * len(env)
+        if self.cwd is not None:
+            size += _utf8_size(cwd) + 9
         budget = launch_limit_bytes() - LAUNCH_RESERVE_BYTES
         if size > budget:
             raise PydanticCustomError(

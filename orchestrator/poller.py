@@ -40,6 +40,7 @@ class _Tracked:
     due: float = 0.0
     delay: float = 0.0  # the delay that set `due`
     busy: bool = False  # a describe for it is in flight
+    poked: bool = False  # poked while busy: poll again at once after this round
     missing_since: float | None = None
 
 
@@ -85,7 +86,9 @@ class Poller:
     def poke(self, job_id: str) -> None:
         """Poll this job as soon as possible (a local child exited, a cancel arrived)."""
         entry = self._tracked.get(job_id)
-        if entry is not None and not entry.busy:
+        if entry is not None and entry.busy:
+            entry.poked = True  # what woke it may have come after the describe looked
+        elif entry is not None:
             self._schedule(entry, 0.0)
 
     def update(self, job: models.Job) -> None:
@@ -220,8 +223,9 @@ class Poller:
         finally:
             for entry in batch:
                 entry.busy = False
+                poked, entry.poked = entry.poked, False
                 if entry.job.id in self._tracked and self._tracked[entry.job.id] is entry:
-                    self._schedule(entry, self._policy.delay(entry.n, self._rng))
+                    self._schedule(entry, 0.0 if poked else self._policy.delay(entry.n, self._rng))
 
     async def _apply_one(
         self, backend: Backend, entry: _Tracked, observations: Mapping[str, Observation]

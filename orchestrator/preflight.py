@@ -3,8 +3,10 @@
 Every configured backend is asked about what it needs: ECS — the cluster ACTIVE, the task
 definition present with `container_name`, the subnets and security groups existing, the awslogs
 log group reachable; Batch — the queue ENABLED and VALID with an ENABLED compute environment that
-can scale; local — a writable work directory. The store's directory must be writable too. Each
-check is a line with what was found; any failure makes the command exit non-zero.
+can scale; local — a writable work directory, and whether jobs get cgroups of their own (where
+they cannot, the daemon falls back to process groups: said, not failed). The store's directory
+must be writable too. Each check is a line with what was found; any failure makes the command
+exit non-zero.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import errors
-from orchestrator.backends import aws
+from orchestrator.backends import aws, cgroups
 from orchestrator.ratelimit import Priority
 from orchestrator.settings import BatchSettings, EcsSettings, Settings
 
@@ -53,6 +55,7 @@ async def run(settings: Settings) -> list[Check]:
     checks = [await _run("store", lambda: _writable(settings.store.path.parent))]
     if settings.local.enabled:
         checks.append(await _run("local", lambda: _writable(settings.local_work_dir())))
+        checks.append(await _run("local.cgroup", lambda: _cgroup(settings)))
     if settings.ecs.enabled:
         checks += await _ecs(settings.ecs)
     if settings.batch.enabled:
@@ -71,6 +74,23 @@ async def _writable(directory: Path) -> str:
         return await asyncio.to_thread(probe)
     except OSError as exc:
         raise Failed(f"{directory}: {exc.strerror}") from exc
+
+
+async def _cgroup(settings: Settings) -> str:
+    """What the daemon would find, as seen from this process's cgroup (so run it where the
+    daemon runs): nothing is made or moved."""
+    found = cgroups.probe(
+        enabled=settings.local.cgroup == "auto", root=settings.local.cgroup_root, create=False
+    )
+    if found.enabled:
+        kill = "cgroup.kill" if found.kill_file else "no cgroup.kill: each member is killed"
+        return f"{found.detail} ({kill})"
+    if settings.local.cgroup == "off":
+        return found.detail
+    return (
+        f"unavailable, jobs fall back to process groups (what a job starts outside its group "
+        f"survives cancel and timeouts): {found.detail}"
+    )
 
 
 def _api(service: str, settings: EcsSettings | BatchSettings) -> aws.AwsApi:

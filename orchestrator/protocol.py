@@ -164,9 +164,7 @@ def _invalid(
 ) -> errors.InvalidRequest:
     problems = []
     for error in exc.errors(include_url=False):
-        # A model-level check names the field it is about in its context (models.JobSpec).
-        field = tuple(error.get("ctx", {}).get("field", ()))
-        path = _path((*prefix, *error["loc"], *field))
+        path = _path((*prefix, *error["loc"]))
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown field")
         elif error["type"] == "missing":

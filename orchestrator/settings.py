@@ -164,6 +164,10 @@ class LocalSettings(_Section):
     # "daemon": jobs run as the daemon's uid, so a local job from any other uid is refused;
     # "submitter": each job runs as the uid that submitted it.
     run_as: Literal["daemon", "submitter"] = "daemon"
+    # "auto": each job in a cgroup v2 of its own where one can be made (else process groups, and
+    # a warning at start-up); "off": process groups only.
+    cgroup: Literal["auto", "off"] = "auto"
+    cgroup_root: Path | None = None  # default: <the daemon's own cgroup>/jobs
 
 
 class AwsBackendSettings(_Section):

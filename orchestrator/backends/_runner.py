@@ -1,8 +1,11 @@
 """The local backend's job runner: a tiny parent that outlives the daemon.
 
-Run as `python -I -S _runner.py ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...` in its own session
-(process group), with stdout/stderr already pointing at the job's log files. It
+Run as `python -I -S _runner.py [--cgroup DIR] ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...` in
+its own session (process group), with stdout/stderr already pointing at the job's log files. It
 
+0. with `--cgroup`, moves itself into that cgroup (made by the daemon) before anything else, so
+   the job and all it starts are in it; if it cannot, it exits with `SETUP_FAILED + errno`, as
+   below, and the job does not run;
 1. claims the attempt by hard-linking a file that names its pid and start time (if the claim is
    taken, a restarted daemon has declared this attempt never launched, so it exits at once; if
    the claim cannot be written at all — disk full, I/O error — it exits with status
@@ -290,12 +293,33 @@ def _copy_until_exit(pid: int, outputs: list[Output]) -> int:
             os.close(pidfd)
 
 
+def join(cgroup: str) -> None:
+    """Move this process into `cgroup` (writing 0 to cgroup.procs moves the writer)."""
+    fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
+    cgroup = None
+    if argv[:1] == ["--cgroup"] and len(argv) > 1:
+        cgroup, argv = argv[1], argv[2:]
     if len(argv) < 5 or argv[3] != "--" or not argv[2].isdigit():
-        _write(2, "usage: _runner.py ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...\n")
+        usage = "usage: _runner.py [--cgroup DIR] ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...\n"
+        _write(2, usage)
         return 2
     attempt_dir, cwd, limit, command = argv[0], argv[1], int(argv[2]), argv[4:]
     try:
+        # Before the claim: a runner that cannot be contained leaves the attempt unclaimed,
+        # so a restarted daemon knows for sure that the job never ran.
+        if cgroup is not None:
+            try:
+                join(cgroup)
+            except OSError as exc:
+                _write(2, f"orchestrator: cannot join the job's cgroup {cgroup}: {exc.strerror}\n")
+                raise
         if not claim(attempt_dir):
             return 0
     except OSError as exc:  # nothing can be recorded: our exit status says why

@@ -5,6 +5,16 @@ job's exit status in the attempt's directory, beside its stdout and stderr. The 
 `PID:START_TIME` of that runner, so a restarted daemon re-adopts a process only if both still
 match, and learns the outcome of one that ended while it was down from the exit file.
 
+Where cgroups can be made (`cgroups.probe`), each attempt also runs in a cgroup of its own, named
+in its external id (`PID:START_TIME:CGROUP`): stops signal every process in it, and a job is
+terminal only once its cgroup is empty. When the job's own process has ended with its outcome
+recorded, what it left running is stopped as on a cancel (SIGTERM, SIGKILL after
+`local.kill_grace_s`), as systemd stops a unit's control group. When the runner has gone without
+recording anything but the cgroup still holds processes (the runner was killed while the daemon
+was down), the job is re-adopted as `orphaned`: it stays RUNNING, `cancel` and timeouts still stop
+it, and once its processes have ended it is LOST (there is no exit status to tell its outcome).
+Elsewhere jobs run in process groups, as they always did.
+
 The runner copies the job's stdout and stderr to their files up to `local.max_output_bytes` each,
 and keeps trying to record the exit status while the disk refuses it (staying alive, so the job
 is seen RUNNING); one that cannot even claim its attempt exits with a status naming the errno,
@@ -24,17 +34,18 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import _runner, base
+from orchestrator.backends import _runner, base, cgroups
 from orchestrator.settings import LocalSettings
 
 log = structlog.get_logger("orchestrator.backends.local")
@@ -43,9 +54,24 @@ RUNNER = Path(_runner.__file__)
 _READ_CHUNK = 64 * 1024
 
 
-def _parse_external_id(external_id: str) -> tuple[int, int]:
-    pid, start = external_id.split(":", 1)
-    return int(pid), int(start)
+class _RunnerId(NamedTuple):
+    """An external id: `PID:START_TIME` of the runner, then `:CGROUP` (its directory) when the
+    attempt runs in a cgroup of its own. The pid and start time name the runner while it lives;
+    the cgroup names the job's processes whatever became of the runner."""
+
+    pid: int
+    start: int
+    cgroup: Path | None
+
+
+def _parse_external_id(external_id: str) -> _RunnerId:
+    pid, start, *cgroup = external_id.split(":", 2)
+    return _RunnerId(int(pid), int(start), Path(cgroup[0]) if cgroup else None)
+
+
+# Outcomes that say nothing of the job's own process: its runner ended without recording one.
+_UNRECORDED = frozenset({"vanished", "killed", "setup_failed"})
+_ORPHANED = "orphaned"  # the runner has gone and recorded nothing; the job's processes run on
 
 
 class _Unsure(Exception):
@@ -122,10 +148,36 @@ class LocalBackend:
         self._orphans: set[int] = set()
         self._read_errors: dict[str, int] = {}  # errno name → reads that failed inconclusively
         self._unsure: dict[str, int] = {}  # external id → inconclusive reads in a row
+        self._containment = cgroups.Containment(None, "not started")
+        # Watches of cgroup.events (EPOLLPRI: the kernel flags each change) of the jobs whose
+        # runner has gone while processes remain: each change has the job polled at once.
+        self._epoll: select.epoll | None = None
+        self._cgroup_fds: dict[str, int] = {}  # external id → its cgroup.events
+        self._cgroup_jobs: dict[int, str] = {}  # that descriptor → job id
+
+    @property
+    def containment(self) -> cgroups.Containment:
+        return self._containment
 
     async def start(self) -> None:
         self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._work_dir = self._work_dir.resolve()
+        self._containment = cgroups.probe(
+            enabled=self._settings.cgroup == "auto", root=self._settings.cgroup_root, create=True
+        )
+        if self._containment.enabled:
+            log.info(
+                "local.cgroups",
+                root=str(self._containment.root),
+                kill="cgroup.kill" if self._containment.kill_file else "each member",
+            )
+        elif self._settings.cgroup == "auto":
+            log.warning(
+                "local.cgroup_unavailable",
+                reason=self._containment.detail,
+                fallback="process groups: a job's processes that leave its process group "
+                "survive cancel and timeouts, and are not waited for",
+            )
 
     async def close(self) -> None:
         # Jobs keep running: the next daemon adopts them. Only our watches end here.
@@ -133,6 +185,12 @@ class LocalBackend:
             task.cancel()
         for external_id in list(self._pidfds):
             self._unwatch(external_id)
+        for external_id in list(self._cgroup_fds):
+            self._unwatch_cgroup(external_id)
+        if self._epoll is not None:
+            asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
         self._children.clear()
 
     def set_wake(self, wake: base.Wake) -> None:
@@ -148,6 +206,19 @@ class LocalBackend:
     def attempt_dir(self, job: models.Job) -> Path:
         return self._work_dir / job.id / str(job.attempt)
 
+    def _new_cgroup(self, job: models.Job) -> Path | None:
+        """Where the current attempt runs if this daemon makes cgroups."""
+        root = self._containment.root
+        return None if root is None else root / f"{job.id}-{job.attempt}"
+
+    @staticmethod
+    def _cgroup_of(job: models.Job, runner: _RunnerId) -> Path | None:
+        """The attempt's cgroup named in its external id; one not named for this job and
+        attempt is not believed (the external id comes from the store, not from the kernel)."""
+        if runner.cgroup is None or runner.cgroup.name != f"{job.id}-{job.attempt}":
+            return None
+        return runner.cgroup
+
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
@@ -158,6 +229,14 @@ class LocalBackend:
             raise errors.StartFailed(
                 f"cannot create the job's directory {attempt_dir}: {exc.strerror}", retryable=True
             ) from exc
+        cgroup = self._new_cgroup(job)
+        if cgroup is not None:
+            try:
+                cgroups.make(cgroup)
+            except OSError as exc:  # EACCES, ENOSPC (cgroup.max.descendants), EIO: nothing started
+                raise errors.StartFailed(
+                    f"cannot create the job's cgroup {cgroup}: {exc.strerror}", retryable=True
+                ) from exc
         env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
         env.update(job.spec.env)
         env.update(ORCHESTRATOR_JOB_ID=job.id, ORCHESTRATOR_ATTEMPT=str(job.attempt))
@@ -167,6 +246,7 @@ class LocalBackend:
             "-I",
             "-S",
             str(RUNNER),
+            *(["--cgroup", str(cgroup)] if cgroup is not None else []),
             str(attempt_dir),
             cwd,
             str(self._settings.max_output_bytes),
@@ -190,9 +270,14 @@ class LocalBackend:
                 setsid=True,
             )
         except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: the host is short of something now
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroups.remove(cgroup)
             raise errors.StartFailed(f"cannot start the job runner: {exc}", retryable=True) from exc
         try:
             external_id = f"{pid}:{_runner.start_time(pid)}"
+            if cgroup is not None:
+                external_id += f":{cgroup}"
         except (OSError, ValueError, IndexError) as exc:
             # It runs, but cannot be named now; its claim names it when the attempt is settled.
             self._orphans.add(pid)
@@ -205,7 +290,8 @@ class LocalBackend:
             external_id=external_id,
             state=models.JobState.RUNNING,
             vendor_status="running",
-            info={"pid": pid, "dir": str(attempt_dir)},
+            info={"pid": pid, "dir": str(attempt_dir)}
+            | ({"cgroup": str(cgroup)} if cgroup is not None else {}),
         )
 
     # -- observe ---------------------------------------------------------------------------
@@ -232,26 +318,46 @@ class LocalBackend:
     def _observe_now(self, job: models.Job) -> base.Observation:
         assert job.external_id is not None
         external_id = job.external_id
-        pid, start = _parse_external_id(external_id)
-        if pid in self._orphans:  # a runner of ours named by its claim: ours to reap
-            self._orphans.discard(pid)
+        runner = _parse_external_id(external_id)
+        if runner.pid in self._orphans:  # a runner of ours named by its claim: ours to reap
+            self._orphans.discard(runner.pid)
             self._children[external_id] = None
+        cgroup = self._cgroup_of(job, runner)
         exit_file = self.attempt_dir(job) / "exit"
-        if (done := self._read_exit(external_id, exit_file, runner_gone=False)) is not None:
-            return done
-        if external_id in self._children:
-            status = self._reap(external_id)
-            running = status is None
-        else:
-            status = None
-            running = _alive(pid, start)
-        if running:
-            self._watch(external_id, job.id)  # adopted after a restart, or not watched yet
-            return base.Observation(external_id, models.JobState.RUNNING, "running")
-        # The runner is gone. It may have written the file just after we looked.
-        if (done := self._read_exit(external_id, exit_file, runner_gone=True)) is not None:
-            return done
+        done = self._read_exit(external_id, exit_file, runner_gone=False)
+        # In a cgroup, the end is told once the runner has gone too (it is one of the members).
+        if done is None or cgroup is not None:
+            if self._runner_running(external_id, runner):
+                self._watch(external_id, job.id)  # adopted after a restart, or not watched yet
+                return base.Observation(external_id, models.JobState.RUNNING, "running")
+            # The runner is gone. It may have written the file just after we looked.
+            if done is None:
+                done = self._read_exit(external_id, exit_file, runner_gone=True)
+            if done is None:
+                done = self._runner_outcome(external_id)
+        if cgroup is not None:
+            if (draining := self._draining(job, cgroup, done)) is not None:
+                return draining
+            if job.vendor_status == _ORPHANED and done.vendor_status in _UNRECORDED:
+                done = base.Observation(
+                    external_id,
+                    models.JobState.LOST,
+                    "vanished",
+                    reason="the job's runner ended without recording an exit status; its "
+                    "processes ran on (re-adopted) and have ended since: the outcome is unknown",
+                )
         self._forget(external_id)
+        return done
+
+    def _runner_running(self, external_id: str, runner: _RunnerId) -> bool:
+        if external_id in self._children:
+            return self._reap(external_id) is None
+        return _alive(runner.pid, runner.start)
+
+    def _runner_outcome(self, external_id: str) -> base.Observation:
+        """The outcome of an attempt whose runner has gone without recording one: what its wait
+        status tells, if it was our child; else nothing (LOST)."""
+        status = self._children.get(external_id)
         if status is not None and os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
             return base.Observation(
@@ -267,8 +373,9 @@ class LocalBackend:
                 external_id,
                 models.JobState.FAILED,
                 "setup_failed",
-                reason=f"the job's runner could not claim its attempt: {os.strerror(failed)} "
-                f"({errno.errorcode.get(failed, failed)}); the job did not run",
+                reason="the job's runner could not set up its attempt (join its cgroup, claim "
+                f"it): {os.strerror(failed)} ({errno.errorcode.get(failed, failed)}); "
+                "the job did not run",
             )
         return base.Observation(
             external_id,
@@ -276,6 +383,43 @@ class LocalBackend:
             "vanished",
             reason="the job's runner ended without recording an exit status "
             "(killed while the daemon was down, or the host rebooted)",
+        )
+
+    def _draining(
+        self, job: models.Job, cgroup: Path, done: base.Observation
+    ) -> base.Observation | None:
+        """None once the attempt's cgroup is empty (and removed); while it is not, what to say
+        of the job (RUNNING), having made sure that what is left ends: stopped if the job's own
+        process has ended with its outcome recorded, watched if the runner has gone without."""
+        assert job.external_id is not None
+        external_id = job.external_id
+        self._watch_cgroup(external_id, job.id, cgroup)  # before looking: no change is missed
+        try:
+            busy = cgroups.populated(cgroup)
+        except (OSError, ValueError) as exc:
+            raise _Unsure("cgroup.events", exc) from exc
+        if not busy:
+            try:
+                cgroups.remove(cgroup)
+            except OSError as exc:  # left behind, empty: nothing runs in it
+                log.warning("local.cgroup_not_removed", cgroup=str(cgroup), error=exc.strerror)
+            return None
+        if external_id in self._killers:  # being stopped: ends when the last process has gone
+            return base.Observation(external_id, models.JobState.RUNNING, job.vendor_status)
+        if done.vendor_status in _UNRECORDED:
+            return base.Observation(
+                external_id,
+                models.JobState.RUNNING,
+                _ORPHANED,
+                reason="the job's runner ended without recording an exit status; the job's "
+                "processes still run (re-adopted: cancel and timeouts stop them)",
+            )
+        self._stop_cgroup(external_id, job.id, cgroup)
+        return base.Observation(
+            external_id,
+            models.JobState.RUNNING,
+            "stopping",
+            reason="the job's process has ended; stopping the processes it left running",
         )
 
     def _read_exit(
@@ -298,14 +442,12 @@ class LocalBackend:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             if not runner_gone:
                 return None
-            self._forget(external_id)
             return base.Observation(
                 external_id,
                 models.JobState.LOST,
                 "unreadable",
                 reason=f"the exit file is corrupt ({exc!r}) and its runner has ended",
             )
-        self._forget(external_id)
         reason: str | None
         if result.get("error"):
             reason = str(result["error"])
@@ -354,10 +496,17 @@ class LocalBackend:
     # -- stop ------------------------------------------------------------------------------
 
     async def stop(self, job: models.Job) -> None:
-        """SIGTERM to the job's process group, SIGKILL after the grace period."""
-        if job.external_id is None or job.external_id in self._killers:
+        """SIGTERM to every process of the job's cgroup (else its process group), SIGKILL after
+        the grace period."""
+        if job.external_id is None:
             return
-        pid, _ = _parse_external_id(job.external_id)
+        runner = _parse_external_id(job.external_id)
+        if (cgroup := self._cgroup_of(job, runner)) is not None:
+            self._stop_cgroup(job.external_id, job.id, cgroup)
+            return
+        if job.external_id in self._killers:
+            return
+        pid = runner.pid
         try:
             if not self._is_runner(job.external_id):
                 return
@@ -371,15 +520,50 @@ class LocalBackend:
             name=f"local-kill-{job.id}",
         )
 
+    def _stop_cgroup(self, external_id: str, job_id: str, cgroup: Path) -> None:
+        """SIGTERM to each process in the cgroup, then `cgroup.kill` after the grace period;
+        asked again once that is over (the poller asks on every round until the job has
+        ended), SIGKILL again to whatever is left."""
+        killer = self._killers.get(external_id)
+        if killer is not None:
+            if killer.done():
+                self._kill_cgroup(cgroup, job_id)
+            return
+        try:
+            cgroups.signal_each(cgroup, signal.SIGTERM)
+        except OSError as exc:  # cgroup.procs unreadable now (EMFILE): the poller asks again
+            self._read_failed(external_id, _Unsure("cgroup.procs", exc), job_id=job_id)
+            return
+        self._killers[external_id] = asyncio.create_task(
+            self._kill_after_grace(external_id, job_id, cgroup), name=f"local-kill-{job_id}"
+        )
+
+    def _kill_cgroup(self, cgroup: Path, job_id: str) -> None:
+        try:
+            if not cgroups.populated(cgroup):
+                return
+            log.warning(
+                "local.kill", job_id=job_id, cgroup=str(cgroup), grace_s=self._settings.kill_grace_s
+            )
+            cgroups.kill(cgroup)
+        except (OSError, ValueError) as exc:  # the poller stops it again on its next round
+            self._read_failed(None, _Unsure("cgroup", exc), job_id=job_id)
+
     def _is_runner(self, external_id: str) -> bool:
         """Whether the runner (and so its process group) is still there to be signalled. A
         child of ours not yet reaped holds its pid, so no start time needs checking."""
         if external_id in self._children and self._children[external_id] is None:
             return True
-        return _alive(*_parse_external_id(external_id))
+        runner = _parse_external_id(external_id)
+        return _alive(runner.pid, runner.start)
 
-    async def _kill_after_grace(self, external_id: str, job_id: str) -> None:
+    async def _kill_after_grace(
+        self, external_id: str, job_id: str, cgroup: Path | None = None
+    ) -> None:
         await asyncio.sleep(self._settings.kill_grace_s)
+        if cgroup is not None:
+            self._kill_cgroup(cgroup, job_id)
+            return
         while True:
             try:
                 alive = self._is_runner(external_id)
@@ -388,7 +572,7 @@ class LocalBackend:
                 self._read_failed(external_id, exc, job_id=job_id)
                 await asyncio.sleep(min(1.0, self._settings.kill_grace_s))
         if alive:
-            pid, _ = _parse_external_id(external_id)
+            pid = _parse_external_id(external_id).pid
             log.warning("local.kill", pid=pid, grace_s=self._settings.kill_grace_s)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
@@ -400,10 +584,19 @@ class LocalBackend:
         is ours, no runner ever will (it gives up when it finds the claim taken). What cannot
         be read now answers "cannot tell", never "not launched"."""
         try:
-            return self._claim_or_read(self.attempt_dir(job))
+            located = self._claim_or_read(self.attempt_dir(job))
         except _Unsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             return base.Located(None, launched=None)
+        cgroup = self._new_cgroup(job)
+        if cgroup is None:
+            return located
+        if located.launched is False:  # made before a crash, never joined: not needed now
+            with contextlib.suppress(OSError):
+                cgroups.remove(cgroup)
+        elif located.external_id is not None and cgroup.is_dir():
+            return base.Located(f"{located.external_id}:{cgroup}", launched=True)
+        return located
 
     @staticmethod
     def _claim_or_read(attempt_dir: Path) -> base.Located:
@@ -476,7 +669,7 @@ class LocalBackend:
     def _watch(self, external_id: str, job_id: str) -> None:
         if external_id in self._pidfds:
             return
-        pid, _ = _parse_external_id(external_id)
+        pid = _parse_external_id(external_id).pid
         try:
             fd = os.pidfd_open(pid)
         except OSError:
@@ -499,7 +692,7 @@ class LocalBackend:
         status = self._children.get(external_id)
         if status is not None:
             return status
-        pid, _ = _parse_external_id(external_id)
+        pid = _parse_external_id(external_id).pid
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:  # reaped elsewhere; the exit file still tells
@@ -516,11 +709,50 @@ class LocalBackend:
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
+    # -- cgroup watches (cgroup.events: the kernel flags each change with EPOLLPRI) ---------
+
+    def _watch_cgroup(self, external_id: str, job_id: str, cgroup: Path) -> None:
+        """Have the job polled as soon as its cgroup's `populated` changes. Only for jobs
+        whose runner has gone (else the runner's pidfd tells): one descriptor each."""
+        if external_id in self._cgroup_fds:
+            return
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._cgroups_changed)
+            fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # gone already, or out of descriptors: polling still finds the end
+        try:
+            os.pread(fd, 4096, 0)  # read once, so that only a later change is reported
+            self._epoll.register(fd, select.EPOLLPRI | select.EPOLLET)
+        except OSError:
+            os.close(fd)
+            return
+        self._cgroup_fds[external_id] = fd
+        self._cgroup_jobs[fd] = job_id
+
+    def _cgroups_changed(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            if (job_id := self._cgroup_jobs.get(fd)) is not None:
+                self._wake(job_id)
+
+    def _unwatch_cgroup(self, external_id: str) -> None:
+        fd = self._cgroup_fds.pop(external_id, None)
+        if fd is not None:
+            self._cgroup_jobs.pop(fd, None)
+            if self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+            os.close(fd)
+
     def _forget(self, external_id: str) -> None:
         """The job's outcome is known: drop everything we hold for it."""
         if (killer := self._killers.pop(external_id, None)) is not None:
             killer.cancel()
         self._unsure.pop(external_id, None)
+        self._unwatch_cgroup(external_id)
         if external_id in self._children and self._reap(external_id) is None:
             self._finished.add(external_id)  # still exiting: the pidfd watch reaps it
             return

@@ -54,14 +54,34 @@ def test_a_spec_that_cannot_be_launched_is_refused_naming_the_field(
     assert refusal(spec) == message
 
 
-def test_every_poisoned_field_is_reported_at_once() -> None:
-    message = refusal({"command": ["\0", "ok", "\0"], "env": {"A": "\0"}, "cwd": "\0"})
+def test_every_culprit_is_reported_at_once() -> None:
+    message = refusal({"command": ["ok", "\0", "\0"], "env": {"A": "", "B": "\0"}, "cwd": "\0"})
     assert message.split("; ") == [
-        "job.command[0]: must not contain a NUL byte",
+        "job.command[1]: must not contain a NUL byte",
         "job.command[2]: must not contain a NUL byte",
-        "job.env.A: must not contain a NUL byte",
+        "job.env.B: must not contain a NUL byte",
         "job.cwd: must not contain a NUL byte",
     ]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"A": "1", "B": "2"}, {"PATH": "/bin", "_x9": "", "lower_case": "é"}],
+)
+def test_good_variables_pass(env: dict[str, str]) -> None:
+    assert models.JobSpec(command=["x"], env=env).env == env
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"A": "1", "B=C": "2"}, "'B=C'"),  # joined, "A=B=C" would read as three good names
+        ({"A": "1", "": "2"}, "''"),
+        ({"A": "1", "B C": "2"}, "'B C'"),
+    ],
+)
+def test_a_bad_name_among_good_ones_is_found(env: dict[str, str], name: str) -> None:
+    assert refusal({"command": ["x"], "env": env}).startswith(f"job.env[{name}]: the variable's")
 
 
 def test_one_argument_may_take_max_arg_strlen_bytes_with_its_nul_and_no_more() -> None:
@@ -118,7 +138,11 @@ def test_the_launch_limit_follows_the_kernels_rule(
     monkeypatch: pytest.MonkeyPatch, arg_max: int, limit: int
 ) -> None:
     monkeypatch.setattr(os, "sysconf", lambda name: arg_max)
-    assert models.launch_limit_bytes() == limit
+    models.launch_limit_bytes.cache_clear()  # read once per process
+    try:
+        assert models.launch_limit_bytes() == limit
+    finally:
+        models.launch_limit_bytes.cache_clear()
 
 
 def test_a_stored_spec_that_newer_rules_refuse_is_still_read() -> None:
