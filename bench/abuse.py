@@ -368,6 +368,7 @@ async def role_hangups(role: Role) -> None:
     cfg, stats = role.cfg, role.stats
     targets = list(cfg.targets)
     cycles: Counter[str] = Counter()
+    per_uid_refusals = 0
 
     async def refresh_targets() -> None:
         while role.running():
@@ -384,6 +385,7 @@ async def role_hangups(role: Role) -> None:
             await role.sleep(5.0)
 
     async def cycle(rng: random.Random) -> None:
+        nonlocal per_uid_refusals
         conn = await role.connect()
         if conn is None:
             await role.sleep(0.1)
@@ -402,8 +404,12 @@ async def role_hangups(role: Role) -> None:
                     data = parse(line, stats) if line else None
                     if data is not None:
                         stats.reply(data)  # the first line of the stream, or an error
-                        if data.get("code") == "overloaded":
-                            stats.anomaly(f"refused while holding <= {cfg.hangup_loops}: {data}")
+                        if "from uid" in str(data.get("message")):  # not the global cap
+                            per_uid_refusals += 1
+                            stats.anomaly(
+                                f"refused by the per-uid cap while this uid held at most "
+                                f"{cfg.hangup_loops + 1} connections: {data.get('message')}"
+                            )
             elif how == "half":
                 conn.sock.shutdown(socket.SHUT_WR)
                 await asyncio.sleep(rng.uniform(0.0, 0.3))
@@ -428,6 +434,7 @@ async def role_hangups(role: Role) -> None:
             tg.create_task(loop(i))
     stats.extra["cycles"] = sum(cycles.values())
     stats.extra["cycles_by_kind"] = dict(sorted(cycles.items()))
+    stats.extra["per_uid_refusals"] = per_uid_refusals
     stats.extra["slot_check"] = await slot_check(role)
 
 
@@ -1206,6 +1213,23 @@ def control_ping(client: SyncClient, seconds: float, interval_s: float) -> dict[
     }
 
 
+def reconnect(path: Path, timeout_s: float) -> tuple[SyncClient, float]:
+    """A client that got a ping through, and how long that took: a daemon still digesting the
+    abuse may not accept connections (EAGAIN: its listen backlog is full) or answer them."""
+    started = time.monotonic()
+    while True:
+        client = SyncClient(path, timeout_s=30)
+        try:
+            client.connect()
+            client.call("ping")
+            return client, round(time.monotonic() - started, 1)
+        except (errors.DaemonUnreachable, errors.RemoteError, OSError):
+            client.close()
+            if time.monotonic() - started > timeout_s:
+                raise
+            time.sleep(0.5)
+
+
 def drain(client: SyncClient, targets: list[str], cfg: Config) -> dict[str, int]:
     """Cancel the targets; wait for every job to end. The jobs still active after the wait."""
     for job_id in targets:
@@ -1373,7 +1397,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     try:
         daemon.wait_ready()
         sampler.start()
-        with SyncClient(daemon.socket_path, timeout_s=60) as admin:
+        with SyncClient(daemon.socket_path, timeout_s=60) as admin:  # before: must work
             cfg.targets = submit_targets(admin, ledger)
             report["prefill_s"] = round(prefill(admin, ledger, cfg.prefill), 1)
             report["control_ping"] = control_ping(
@@ -1382,16 +1406,10 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         idle = [kib for _, kib in samples.rss_kib[-6:]]
         report["idle_rss_mib"] = statistics.median(idle) / 1024 if idle else None
         report["idle_fds"] = samples.fds[-1][1] if samples.fds else None
-        report.update(abuse(cfg, ledger))
-        report["timeline"] = timeline(cfg, report.pop("ping_samples"), samples)
-        report["rss_before_drain_mib"] = samples.rss_kib[-1][1] / 1024
-        drain_started = time.monotonic()
-        with SyncClient(daemon.socket_path, timeout_s=60) as admin:  # the first one idled out
-            report["active_after_drain"] = drain(admin, cfg.targets, cfg)
-        report["drain_s"] = round(time.monotonic() - drain_started, 1)
-        time.sleep(2.0)  # a fresh sample, with every client gone
-        report["rss_after_drain_mib"] = samples.rss_kib[-1][1] / 1024
-        report["fds_after_drain"] = samples.fds[-1][1] if samples.fds else None
+        try:
+            abuse_and_drain(cfg, daemon, ledger, samples, report)
+        except Exception as exc:  # the run broke off (the daemon stopped answering): say so
+            report["bench_error"] = f"{type(exc).__name__}: {exc}"
     finally:
         status, stop_s, was_running = daemon.stop()
         stop_sampling.set()
@@ -1416,6 +1434,22 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     report["log"] = scan_log(daemon.log_path, daemon.err_path)
     report["findings"] = findings(cfg, report)
     return report
+
+
+def abuse_and_drain(
+    cfg: Config, daemon: Daemon, ledger: Ledger, samples: Samples, report: dict[str, Any]
+) -> None:
+    report.update(abuse(cfg, ledger))
+    report["timeline"] = timeline(cfg, report.pop("ping_samples"), samples)
+    report["rss_before_drain_mib"] = samples.rss_kib[-1][1] / 1024
+    drain_started = time.monotonic()
+    admin, report["reachable_after_s"] = reconnect(daemon.socket_path, cfg.drain_s)
+    with admin:  # a new connection: the first one idled out long ago
+        report["active_after_drain"] = drain(admin, cfg.targets, cfg)
+    report["drain_s"] = round(time.monotonic() - drain_started, 1)
+    time.sleep(2.0)  # a fresh sample, with every client gone
+    report["rss_after_drain_mib"] = samples.rss_kib[-1][1] / 1024
+    report["fds_after_drain"] = samples.fds[-1][1] if samples.fds else None
 
 
 def timeline(
@@ -1537,6 +1571,8 @@ def ping_summary(
 def findings(cfg: Config, report: dict[str, Any]) -> list[str]:
     """What must not happen, in words."""
     out: list[str] = []
+    if "bench_error" in report:
+        out.append(f"the run broke off: {report['bench_error']}")
     store = report["store"]
     for key, what in (
         ("lost", "acknowledged jobs missing from the store"),
@@ -1558,6 +1594,11 @@ def findings(cfg: Config, report: dict[str, Any]) -> list[str]:
         )
     if report.get("daemon_died_at_s") is not None:
         out.append(f"the daemon died by itself at t={report['daemon_died_at_s']:.1f}s")
+    if report.get("reachable_after_s", 0) > 5.0:
+        out.append(
+            f"after the abuse stopped, the daemon took {report['reachable_after_s']}s to "
+            "accept and answer a ping"
+        )
     if report.get("active_after_drain"):
         out.append(f"still active {cfg.drain_s:.0f}s after the run: {report['active_after_drain']}")
     if report["leftover_runners"]:
@@ -1642,6 +1683,7 @@ def table(report: dict[str, Any]) -> str:
             "prefill of the store / drain (s)",
             f"{report.get('prefill_s')} / {report.get('drain_s')}",
         ),
+        ("first ping answered after the abuse stopped (s)", report.get("reachable_after_s")),
         ("daemon CPU (s)", report["daemon_cpu_s"]),
         (
             "jobs acknowledged (by kind)",

@@ -3,21 +3,22 @@
 Where the daemon may make cgroups, each local attempt runs in `<root>/<job id>-<attempt>`. The
 daemon makes that directory before it starts the attempt's runner, and the runner moves itself
 into it before it starts the job; everything the job starts then — double-forked, `setsid`,
-daemonised — is in it and stays in it (moving a process out takes write access to the cgroups
-above, which the job does not have). So the daemon can signal the whole of a job (SIGTERM to
+daemonised — is in it and stays in it. So the daemon can signal the whole of a job (SIGTERM to
 each member, then SIGKILL with `cgroup.kill`), knows that a job has ended only once
-`cgroup.events` says `populated 0`, and removes the directory then.
+`cgroup.events` says `populated 0`, and removes the directory then. (Moving a process out takes
+write access to the cgroups above: a job running as the daemon's own uid has it, as the daemon
+does, so this contains what a job starts, not a job that sets out to escape.)
 
 The root, unless `local.cgroup_root` names one: found from the daemon's own cgroup (the `0::`
 line of /proc/self/cgroup) under the cgroup2 mount that shows it (/proc/self/mountinfo):
 
-- at the root of its cgroup namespace (a host without systemd, a container with a cgroup
-  namespace of its own): `<mount>/orchestrator/jobs`;
-- else (a systemd service with `Delegate=yes`: /system.slice/orchestrator.service):
-  `<own>/jobs`, and the daemon moves itself into the leaf `<own>/daemon`, since cgroup v2 lets
-  no process stay in a cgroup whose children get controllers ("no internal processes"). A
-  daemon started in a cgroup named `daemon` takes its parent as its own, so a restart finds the
-  jobs of the run before.
+- in the hierarchy's root (a host without systemd; the root has no `cgroup.events`):
+  `<mount>/orchestrator/jobs`, the daemon staying where it is;
+- else (a systemd service with `Delegate=yes`: /system.slice/orchestrator.service; a container
+  with a cgroup namespace of its own: /): `<own>/jobs`, and the daemon moves itself into the
+  leaf `<own>/daemon`, since cgroup v2 lets no process stay in a cgroup whose children get
+  controllers ("no internal processes"). A daemon started in a cgroup named `daemon` takes its
+  parent as its own, so a restart finds the jobs of the run before.
 
 Without a usable hierarchy (none mounted, cgroup v1 only, not writable: under systemd without
 `Delegate=yes`, in a container whose /sys/fs/cgroup is read-only) `probe` says why, and the
@@ -38,7 +39,7 @@ from pathlib import Path
 
 JOBS = "jobs"  # under the root of our own cgroup: one cgroup per attempt below it
 DAEMON_LEAF = "daemon"  # where the daemon moves itself, beside `jobs`
-NAMESPACE_ROOT_DIR = "orchestrator"  # at the root of the namespace: <mount>/orchestrator/jobs
+HOST_ROOT_DIR = "orchestrator"  # in the hierarchy's root: <mount>/orchestrator/jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +61,17 @@ class Unusable(Exception):
 
 def probe(*, enabled: bool, root: Path | None, create: bool) -> Containment:
     """Where this process would make job cgroups. With `create`, make the root and (for a
-    root derived from our own cgroup, not the namespace's root) move this process into the
-    leaf beside it: the daemon at start-up. Without, change nothing: `orchestrator check`."""
+    root derived from our own cgroup, unless that is the hierarchy's root) move this process
+    into the leaf beside it: the daemon at start-up. Without, change nothing: `orchestrator
+    check`."""
     if not enabled:
         return Containment(None, 'off (local.cgroup = "off"): jobs run in process groups')
     try:
         if root is not None:
             return _usable(root, leaf=None, create=create)
         own = own_cgroup()
-        if not (own / "cgroup.events").exists():  # the hierarchy's (and the host's) root
-            return _usable(own / NAMESPACE_ROOT_DIR / JOBS, leaf=None, create=create)
+        if not (own / "cgroup.events").exists():  # the hierarchy's root: the host's own
+            return _usable(own / HOST_ROOT_DIR / JOBS, leaf=None, create=create)
         if own.name == DAEMON_LEAF:  # moved there by an earlier run: the jobs are beside it
             own = own.parent
         return _usable(own / JOBS, leaf=own / DAEMON_LEAF, create=create)
@@ -208,7 +210,9 @@ def kill(cgroup: Path) -> None:
 
 def kill_each(cgroup: Path) -> None:
     """`kill` without `cgroup.kill`: frozen (where `cgroup.freeze` exists, kernel ≥ 5.2), no
-    member forks between the listing and the signals; a frozen process still dies of SIGKILL."""
+    member forks between the listing and the signals; a frozen process still dies of SIGKILL.
+    The freeze takes a moment to reach every member: one that forked meanwhile is left, and
+    is found when this is called again (the local backend does, until the cgroup is empty)."""
     freeze = cgroup / "cgroup.freeze"
     frozen = False
     try:

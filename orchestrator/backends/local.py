@@ -393,18 +393,21 @@ class LocalBackend:
         process has ended with its outcome recorded, watched if the runner has gone without."""
         assert job.external_id is not None
         external_id = job.external_id
-        self._watch_cgroup(external_id, job.id, cgroup)  # before looking: no change is missed
         try:
             busy = cgroups.populated(cgroup)
+            if busy:  # watched from now on, and looked at again: no change after this is missed
+                self._watch_cgroup(external_id, job.id, cgroup)
+                busy = cgroups.populated(cgroup)
         except (OSError, ValueError) as exc:
             raise _Unsure("cgroup.events", exc) from exc
         if not busy:
             try:
                 cgroups.remove(cgroup)
-            except OSError as exc:  # left behind, empty: nothing runs in it
+            except OSError as exc:  # left behind; the job has ended all the same
                 log.warning("local.cgroup_not_removed", cgroup=str(cgroup), error=exc.strerror)
             return None
         if external_id in self._killers:  # being stopped: ends when the last process has gone
+            self._stop_cgroup(external_id, job.id, cgroup)  # SIGKILL again once past the grace
             return base.Observation(external_id, models.JobState.RUNNING, job.vendor_status)
         if done.vendor_status in _UNRECORDED:
             return base.Observation(

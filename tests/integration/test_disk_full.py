@@ -21,6 +21,7 @@ import pytest
 from orchestrator import errors
 from orchestrator.client import SyncClient
 from orchestrator.testing import make_settings
+from tests.support import tmpfs
 from tests.support.daemon import DaemonProcess, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,25 +32,9 @@ MIN_FREE = 6 * 2**20
 
 @pytest.fixture
 def small_fs(short_tmp: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs, unmounted (lazily if busy) afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = short_tmp / "fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
+    """A 16 MiB tmpfs at `short_tmp/fs`."""
+    with tmpfs.mounted(short_tmp / "fs", FS_SIZE) as mount_point:
         yield mount_point
-    finally:
-        unmount = ["umount", str(mount_point)]
-        if subprocess.run(unmount, capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
 
 
 @pytest.fixture

@@ -5,11 +5,13 @@ Batch; only the backend differs."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from orchestrator import errors
+from orchestrator import errors, models
+from orchestrator.backends.base import Observation
 from orchestrator.client import Client
 from orchestrator.models import JobState as S
 from orchestrator.testing import FakeBackend, Script, make_settings
@@ -173,6 +175,34 @@ async def test_polling_backs_off_while_nothing_changes_and_stays_capped(short_tm
     # Delays 0.02, 0.04, 0.08 then 0.16 s forever: about 3 + (1.5 - 0.14) / 0.16 ≈ 11 polls.
     # Without the cap it would be ~6; without back-off ~75.
     assert 7 <= len(fake.describe_batches) <= 16, len(fake.describe_batches)
+
+
+async def test_a_wake_while_the_job_is_being_described_is_not_lost(short_tmp: Path) -> None:
+    # The local backend wakes a job when its runner exits or its cgroup empties; that can come
+    # while a describe of the job is in flight (the end came just after the describe looked).
+    class WokenMidDescribe(FakeBackend):
+        describes = 0
+
+        async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, Observation]:
+            observations = await super().describe(jobs)
+            self.describes += 1
+            if self.describes == 2 and self._wake is not None:
+                self._wake(jobs[0].id)
+            return observations
+
+    fake = WokenMidDescribe(default_script=Script(states=(S.RUNNING, S.RUNNING, S.SUCCEEDED)))
+    # The second describe (RUNNING again) would put the next one 60 s away, past the test.
+    poller = {"base_s": 0.02, "factor": 3000.0, "cap_s": 60.0, "jitter": "none"}
+    settings = make_settings(short_tmp, poller=poller)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        async with asyncio.timeout(20):
+            final = await c.wait(job["id"])
+    assert final["state"] == "SUCCEEDED"
+    assert fake.describes == 3
 
 
 @pytest.mark.parametrize("delivery_s", [0.0, 1.5])

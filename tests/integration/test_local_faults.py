@@ -11,7 +11,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from orchestrator.backends import _runner, base
 from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
+from tests.support import tmpfs
 from tests.support.daemon import DaemonProcess, running, until_state
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,22 +35,8 @@ MARKER = f"\n[orchestrator: output truncated at {CAP} bytes; further output disc
 @pytest.fixture
 def small_disk(short_tmp: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs at `short_tmp/disk`."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = short_tmp / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(disk)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs.mounted(short_tmp / "disk", "8m") as disk:
         yield disk
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def disk_settings(root: Path, **sections: Any) -> settings.Settings:

@@ -61,6 +61,7 @@ def test_a_good_ecs_setup_passes_every_check(short_tmp: Path, moto: MotoServer) 
     assert set(by_name(report)) == {
         "store",
         "local",
+        "local.cgroup",
         "ecs.cluster",
         "ecs.task_definition",
         "ecs.network",
