@@ -127,6 +127,10 @@ def _utf8_prefix(data: bytes) -> bytes:
     return data
 
 
+# Launch errors that the same launch would meet again.
+_PERMANENT_SPAWN_ERRORS = frozenset({errno.E2BIG, errno.ENOENT, errno.ENOEXEC, errno.EACCES})
+
+
 class LocalBackend:
     name = "local"
     describe_batch_size = 1000
@@ -199,6 +203,42 @@ class LocalBackend:
     def validate(self, spec: models.JobSpec) -> None:
         if spec.overrides:
             raise errors.InvalidJob("the local backend takes no overrides", "job.overrides")
+        # The launch as it will be, with an id and attempt as long as real ones: E2BIG now.
+        stand_in = self._work_dir / ("x" * 26) / "999"
+        argv, env = self._launch(spec, "x" * 26, 999, stand_in, stand_in)
+        size, limit = models.launch_bytes(argv, env), models.launch_limit_bytes()
+        if size > limit:
+            raise errors.InvalidJob(
+                f"the launch would take {size} bytes of arguments and environment (with what "
+                f"the daemon passes on), over this host's limit of {limit} (E2BIG)",
+                "job",
+            )
+
+    def _launch(
+        self,
+        spec: models.JobSpec,
+        job_id: str,
+        attempt: int,
+        attempt_dir: Path,
+        cgroup: Path | None,
+    ) -> tuple[list[str], dict[str, str]]:
+        """The runner's argv and the environment it passes on to the job."""
+        env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
+        env.update(spec.env)
+        env.update(ORCHESTRATOR_JOB_ID=job_id, ORCHESTRATOR_ATTEMPT=str(attempt))
+        argv = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(RUNNER),
+            *(["--cgroup", str(cgroup)] if cgroup is not None else []),
+            str(attempt_dir),
+            spec.cwd or str(attempt_dir),
+            str(self._settings.max_output_bytes),
+            "--",
+            *spec.command,
+        ]
+        return argv, env
 
     def partition(self, job: models.Job) -> str:
         return self.name
@@ -237,22 +277,7 @@ class LocalBackend:
                 raise errors.StartFailed(
                     f"cannot create the job's cgroup {cgroup}: {exc.strerror}", retryable=True
                 ) from exc
-        env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
-        env.update(job.spec.env)
-        env.update(ORCHESTRATOR_JOB_ID=job.id, ORCHESTRATOR_ATTEMPT=str(job.attempt))
-        cwd = job.spec.cwd or str(attempt_dir)
-        argv = [
-            sys.executable,
-            "-I",
-            "-S",
-            str(RUNNER),
-            *(["--cgroup", str(cgroup)] if cgroup is not None else []),
-            str(attempt_dir),
-            cwd,
-            str(self._settings.max_output_bytes),
-            "--",
-            *job.spec.command,
-        ]
+        argv, env = self._launch(job.spec, job.id, job.attempt, attempt_dir, cgroup)
         # Not O_APPEND: splice(2) refuses such a target. The runner writes from the end.
         write = os.O_WRONLY | os.O_CREAT
         try:
@@ -269,11 +294,18 @@ class LocalBackend:
                 ],
                 setsid=True,
             )
-        except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: the host is short of something now
+        except (OSError, ValueError) as exc:
+            # Whatever the launch raises is this attempt's start failure, never an exception
+            # that leaves the job in limbo: EAGAIN, ENOMEM, EMFILE (the host is short of
+            # something now) are worth a retry; E2BIG, a NUL byte (ValueError), a missing
+            # interpreter are not.
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroups.remove(cgroup)
-            raise errors.StartFailed(f"cannot start the job runner: {exc}", retryable=True) from exc
+            retryable = isinstance(exc, OSError) and exc.errno not in _PERMANENT_SPAWN_ERRORS
+            raise errors.StartFailed(
+                f"cannot start the job runner: {exc}", retryable=retryable
+            ) from exc
         try:
             external_id = f"{pid}:{_runner.start_time(pid)}"
             if cgroup is not None:

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator import errors, models, settings
+from orchestrator import errors, events, models, settings
 from orchestrator.backends import _runner, base
 from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
+from orchestrator.store import Store
 from orchestrator.testing import make_settings
 from tests.support import tmpfs
 from tests.support.daemon import DaemonProcess, running, until_state
@@ -412,3 +413,28 @@ async def test_logs_that_cannot_be_read_answer_an_error(short_tmp: Path) -> None
         assert (await client.ping())["pong"]
         exported = daemon.metrics.render().decode()
         assert 'orchestrator_local_read_errors_total{errno="EISDIR"} 1.0' in exported
+
+
+async def test_a_stored_spec_that_cannot_be_launched_fails_at_once_saying_why(
+    short_tmp: Path,
+) -> None:
+    """A spec an older version accepted (a NUL byte in an argument): its launch fails as a
+    start failure that will not go away, never an exception that leaves it queued forever."""
+    config = make_settings(short_tmp)
+    store = Store(config.store, events.Hub())
+    await store.open()
+    try:
+        poison = models.JobSpec.model_construct(command=["echo", "a\x00b"], env={}, overrides={})
+        (outcome,) = await store.accept_many([(poison, "local")], None)
+        assert isinstance(outcome, tuple)
+        poisoned = outcome[0].id
+    finally:
+        await store.close()
+    async with running(config), Client(config.server.socket_path) as client:
+        healthy = await client.submit({"command": ["sh", "-c", "exit 4"]})
+        async with asyncio.timeout(30):
+            job = await client.wait(poisoned)
+            assert (await client.wait(healthy["id"]))["exit_code"] == 4
+        assert job["state"] == "FAILED"
+        assert "null byte" in job["reason"]
+        assert job["attempt"] == 1  # not retried: the same launch would fail the same way
