@@ -147,6 +147,7 @@ class Config:
     off_s: float = 10.0
     flood_every_s: float = 30.0
     prefill: int = 5000  # jobs in the store before the abuse starts
+    snapshot: bool = True  # run a copy of the daemon's code, made at the start
     drain_s: float = 180.0
     stop_timeout_s: float = 15.0
     per_peer_cap: int = _DEFAULTS.max_connections_per_peer
@@ -1111,10 +1112,41 @@ def output_flooder(
 # -- the run -------------------------------------------------------------------------------
 
 
+def snapshot(root: Path) -> dict[str, str]:
+    """Copy the daemon's code (the package, with the local backend's runner, which each
+    launch runs from disk) to `root/src`: edits made to the working tree during the run do
+    not reach the daemon under test. Returns what was copied: the commit and the local edits
+    on top of it (read-only git commands)."""
+    shutil.copytree(
+        _REPO / "orchestrator",
+        root / "src" / "orchestrator",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(_REPO), *args],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError:
+            return "?"
+        return out.stdout.strip() or "-"
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "local_edits": git("diff", "--shortstat", "HEAD", "--", "orchestrator"),
+    }
+
+
 def daemon_env(cfg: Config, root: Path) -> dict[str, str]:
     """The daemon's settings: the roles' uids admitted; those that must see every job (the
     hang-ups target the bench's jobs, the readers list them all) made admins, where this
-    version of the daemon has admins (before it, every peer saw every job)."""
+    version of the daemon has admins (before it, every peer saw every job). With a snapshot
+    of the code in `root/src`, the daemon runs that."""
+    code = {"PYTHONPATH": str(root / "src")} if (root / "src").is_dir() else {}
     role_uids = [uid for uid in ROLE_UIDS.values() if uid is not None]
     uids = [0, os.getuid(), *role_uids, *(HOLDER_UID0 + i for i in range(cfg.holders))]
     admins = {}
@@ -1123,6 +1155,7 @@ def daemon_env(cfg: Config, root: Path) -> dict[str, str]:
         admins["ORCHESTRATOR__SERVER__ADMIN_UIDS"] = json.dumps(sorted(set(admin_uids)))
     return {
         **os.environ,
+        **code,
         **admins,
         "ORCHESTRATOR__SERVER__SOCKET_PATH": str(root / "o.sock"),
         "ORCHESTRATOR__SERVER__ALLOWED_UIDS": json.dumps(sorted(set(uids))),
@@ -1383,10 +1416,12 @@ def scan_log(path: Path, err_path: Path) -> dict[str, Any]:
 def run(cfg: Config, root: Path) -> dict[str, Any]:
     """Start the daemon, fill its store, abuse it, drain it, stop it, check it: the report."""
     ledger = Ledger()
+    report: dict[str, Any] = {"load_at_start": os.getloadavg(), "cpus": os.cpu_count()}
+    if cfg.snapshot:
+        report["code"] = snapshot(root)
     env = daemon_env(cfg, root)
     daemon = Daemon(cfg, root, env)
     cfg.socket_path = str(daemon.socket_path)
-    report: dict[str, Any] = {"load_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     daemon.start()
     assert daemon.proc is not None
     samples = Samples()
@@ -1652,8 +1687,10 @@ def table(report: dict[str, Any]) -> str:
     for s in classes.values():
         codes.update(s["codes"])
     cfg = report["config"]
+    code = report.get("code", {})
     summary = [
         ("duration", f"{cfg['duration_s']:.0f} s"),
+        ("daemon code", f"{code.get('commit', 'working tree')} + {code.get('local_edits', '?')}"),
         ("log sink / nofile", f"{cfg['log_sink']} / {cfg['nofile']}"),
         ("load at start / mean / max", _load(report)),
         ("requests sent / answered (all classes + pings)", f"{total_sent:,} / {total_answered:,}"),
@@ -1800,6 +1837,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, default=Config.prefill, help="jobs in store first")
     parser.add_argument("--drain-s", type=float, default=Config.drain_s)
     parser.add_argument("--stop-timeout-s", type=float, default=Config.stop_timeout_s)
+    parser.add_argument(
+        "--no-snapshot",
+        dest="snapshot",
+        action="store_false",
+        help="run the working tree's code as it changes, not a copy made at the start",
+    )
     parser.add_argument("--json", default=None, help="write the report as JSON here (- stdout)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--role", default=None, help=argparse.SUPPRESS)
@@ -1830,6 +1873,7 @@ def main(argv: list[str] | None = None) -> int:
         off_s=args.off_s,
         slow_read_bps=args.slow_read_bps,
         prefill=args.prefill,
+        snapshot=args.snapshot,
         drain_s=args.drain_s,
         stop_timeout_s=args.stop_timeout_s,
     )

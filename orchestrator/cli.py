@@ -163,9 +163,14 @@ def serve(config_path: Path | None) -> None:
     gc.freeze()
     try:
         _event_loop_runner(daemon.run)
-    except (errors.StoreUnusable, errors.UnsafeSocketDirectory) as exc:
+    except (
+        errors.StoreUnusable,
+        errors.UnsafeSocketDirectory,
+        errors.CannotRunAsSubmitter,
+    ) as exc:
         # Held by another daemon, not a store, or a newer version's; a socket directory others
-        # can write: restarting cannot help.
+        # can write; jobs to run as their submitters by a daemon that cannot: restarting
+        # cannot help.
         logs.log.error("daemon.failed", error=exc.message, code=exc.code)
         sys.exit(EXIT_USAGE)
     except errors.OrchestratorError as exc:

@@ -239,6 +239,21 @@ class UnsafeSocketDirectory(ConfigError):
         )
 
 
+class CannotRunAsSubmitter(ConfigError):
+    """`local.run_as` is "submitter", but this daemon cannot run jobs as other users."""
+
+    code = "cannot_run_as_submitter"
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(
+            f'local.run_as = "submitter", but this daemon cannot run jobs as other users: {why}. '
+            "It needs CAP_SETUID, CAP_SETGID and CAP_KILL: run it as root, or as a service user "
+            "holding them as ambient capabilities (deploy/systemd/run-as-submitter.conf); or set "
+            'local.run_as = "daemon"'
+        )
+
+
 class DaemonUnreachable(OrchestratorError):
     """The daemon's socket could not be reached."""
 

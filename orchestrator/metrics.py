@@ -166,6 +166,10 @@ class Sampled(Collector):
         return [calls, throttles, rate, configured, rejected, log_dropped, read_errors]
 
 
+_MAX_CONNECTIONS = 16  # scrapers at once; more are closed at once
+_CONNECTION_S = 10.0  # one scrape's whole life
+
+
 class Endpoint:
     """A minimal HTTP/1.0 responder for `GET /metrics` on the daemon's loop."""
 
@@ -177,6 +181,7 @@ class Endpoint:
         self._metrics = metrics
         self._refresh = refresh
         self._server: asyncio.Server | None = None
+        self._open = 0  # connections being answered
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self._host, self._port)
@@ -196,31 +201,44 @@ class Endpoint:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Any local user can reach a TCP port: connections are capped, each one's whole life
+        # (headers, refresh, a client slow to read the body) is bounded, and a request line or
+        # header over the reader's limit ends it like a timeout does.
         try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # headers: not needed
-            parts = request.split()
-            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                await self._refresh()
-                body, status = self._metrics.render(), b"200 OK"
-            else:
-                body, status = b"not found; try /metrics\n", b"404 Not Found"
-            writer.write(
-                b"HTTP/1.0 "
-                + status
-                + b"\r\nContent-Type: "
-                + prometheus_client.CONTENT_TYPE_LATEST.encode()
-                + b"\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
+            if self._open >= _MAX_CONNECTIONS:
+                return
+            self._open += 1
+            try:
+                async with asyncio.timeout(_CONNECTION_S):
+                    await self._answer(reader, writer)
+            finally:
+                self._open -= 1
+        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readline()
+        while (await reader.readline()).strip():
+            pass  # headers: not needed
+        parts = request.split()
+        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+            await self._refresh()
+            body, status = self._metrics.render(), b"200 OK"
+        else:
+            body, status = b"not found; try /metrics\n", b"404 Not Found"
+        writer.write(
+            b"HTTP/1.0 "
+            + status
+            + b"\r\nContent-Type: "
+            + prometheus_client.CONTENT_TYPE_LATEST.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        await writer.drain()

@@ -3,10 +3,11 @@
 Every configured backend is asked about what it needs: ECS — the cluster ACTIVE, the task
 definition present with `container_name`, the subnets and security groups existing, the awslogs
 log group reachable; Batch — the queue ENABLED and VALID with an ENABLED compute environment that
-can scale; local — a writable work directory, and whether jobs get cgroups of their own (where
-they cannot, the daemon falls back to process groups: said, not failed). The store's directory
-must be writable too. Each check is a line with what was found; any failure makes the command
-exit non-zero.
+can scale; local — a writable work directory, whether jobs get cgroups of their own (where
+they cannot, the daemon falls back to process groups: said, not failed), and with
+`local.run_as = "submitter"` whether this process can switch users as the daemon must. The
+store's directory must be writable too. Each check is a line with what was found; any failure
+makes the command exit non-zero.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import errors
-from orchestrator.backends import aws, cgroups
+from orchestrator.backends import _runner, aws, cgroups, users
 from orchestrator.ratelimit import Priority
 from orchestrator.settings import BatchSettings, EcsSettings, Settings
 
@@ -56,6 +57,8 @@ async def run(settings: Settings) -> list[Check]:
     if settings.local.enabled:
         checks.append(await _run("local", lambda: _writable(settings.local_work_dir())))
         checks.append(await _run("local.cgroup", lambda: _cgroup(settings)))
+        if settings.local.run_as == "submitter":
+            checks.append(await _run("local.run_as", _run_as_submitter))
     if settings.ecs.enabled:
         checks += await _ecs(settings.ecs)
     if settings.batch.enabled:
@@ -91,6 +94,15 @@ async def _cgroup(settings: Settings) -> str:
         f"unavailable, jobs fall back to process groups (what a job starts outside its group "
         f"survives cancel and timeouts): {found.detail}"
     )
+
+
+async def _run_as_submitter() -> str:
+    """Whether this process could run jobs as their submitters, as the daemon checks at start-up
+    (so run it as the daemon runs: its user, its capabilities)."""
+    why = await users.check(Path(_runner.__file__))
+    if why is not None:
+        raise Failed(errors.CannotRunAsSubmitter(why).message)
+    return "submitter: this process can run jobs as other users (CAP_SETUID, CAP_SETGID, CAP_KILL)"
 
 
 def _api(service: str, settings: EcsSettings | BatchSettings) -> aws.AwsApi:

@@ -1,17 +1,23 @@
 """The local backend's job runner: a tiny parent that outlives the daemon.
 
-Run as `python -I -S _runner.py [--cgroup DIR] ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...` in
-its own session (process group), with stdout/stderr already pointing at the job's log files. It
+Run as `python -I -S _runner.py [--cgroup DIR] [--user UID:GID:G1,G2] ATTEMPT_DIR CWD
+MAX_OUTPUT_BYTES -- ARGV...` in its own session (process group), with stdout/stderr already
+pointing at the job's log files. It
 
 0. with `--cgroup`, moves itself into that cgroup (made by the daemon) before anything else, so
    the job and all it starts are in it; if it cannot, it exits with `SETUP_FAILED + errno`, as
-   below, and the job does not run;
+   below, and the job does not run (it joins as the daemon's user: a job running as its
+   submitter cannot write `cgroup.procs`, and must not be able to);
 1. claims the attempt by hard-linking a file that names its pid and start time (if the claim is
    taken, a restarted daemon has declared this attempt never launched, so it exits at once; if
    the claim cannot be written at all — disk full, I/O error — it exits with status
    `SETUP_FAILED + errno`, which the daemon, its parent, records as the job's failure);
-2. runs ARGV directly (no shell) in CWD, passing on its own environment, with the job's stdout
-   and stderr on pipes that it copies to the log files with splice(2) (the bytes never pass
+2. runs ARGV directly (no shell) in CWD, passing on its own environment, in a forked child that,
+   with `--user`, first becomes that user (supplementary groups, gid, uid, then no capability
+   left: each checked), then enters CWD as that user (so a CWD the user may not enter fails the
+   job, 126), then execs. The runner itself keeps the daemon's uid: it writes the attempt's
+   files, which the job cannot reach. The job's stdout and stderr are pipes that the runner
+   copies to the log files with splice(2) (the bytes never pass
    through this process), each up to MAX_OUTPUT_BYTES: past that a marker line is written and
    the rest is discarded, so no job can fill the disk with output, and the job keeps running;
    output the disk refuses (ENOSPC, EIO) is dropped, never left to block the job;
@@ -22,8 +28,13 @@ its own session (process group), with stdout/stderr already pointing at the job'
    job ended still learns its true outcome. While the disk refuses the file, it retries with
    back-off and stays alive, so the job is seen running, never lost.
 
+`--check-user UID:GID:G1,G2` only becomes that user (as the job's child would) and exits 0, or 1
+saying on stderr what failed: the daemon's check, at start-up, that it can run jobs as their
+submitters.
+
 Only modules the interpreter loads anyway (no subprocess, no json) plus `select`, nothing from
 the package, and run with `-I -S`: it costs about as much as a bare interpreter start (~15 ms).
+(`ctypes` is imported only in a job's child about to drop capabilities, and is gone at its exec.)
 """
 
 import errno
@@ -207,9 +218,132 @@ def _write(fd: int, text: str) -> None:
         pass
 
 
-def _exec_child(command: list[str], stdout: int, stderr: int, report: int) -> None:
+class User:
+    """Whom the job runs as (`--user UID:GID:G1,G2`): uid, primary gid, supplementary groups."""
+
+    def __init__(self, spec: str) -> None:
+        uid, gid, groups = spec.split(":")
+        self.uid = int(uid)
+        self.gid = int(gid)
+        self.groups = [int(group) for group in groups.split(",") if group]
+
+    def __str__(self) -> str:
+        groups = ",".join(map(str, self.groups)) or "none"
+        return f"uid {self.uid} (gid {self.gid}, supplementary groups {groups})"
+
+
+_CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capabilities() -> dict[str, int]:
+    """This process's capability sets, but the bounding set (/proc/self/status)."""
+    found = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in _CAPABILITY_SETS:
+                found[name] = int(value, 16)
+    return found
+
+
+class _EmptyCapabilities:
+    """Calling it empties the permitted, effective and inheritable sets (and with them the
+    ambient one). Made before the switch: `ctypes` is imported here, and once switched this
+    process may not be able to read the interpreter's files."""
+
+    def __init__(self) -> None:
+        import ctypes  # only here: in a job's child, gone at its exec
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [
+                (set_, ctypes.c_uint32) for set_ in ("effective", "permitted", "inheritable")
+            ]
+
+        self._ctypes = ctypes
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+        self._empty = (Data * 2)()  # version 3: two 32-bit words of each set
+
+    def __call__(self) -> None:
+        if self._libc.capset(self._ctypes.byref(self._header), self._empty) != 0:
+            code = self._ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+
+def become(user: User) -> None:
+    """Become `user` for good: supplementary groups, gid, uid (in that order: each needs the
+    privileges that the next takes away), then no capabilities left. Every step is checked;
+    OSError if any did not take. Imports nothing once switched (see `_EmptyCapabilities`)."""
+    # From root, the uid change itself empties every set but the inheritable one. From a user
+    # holding capabilities (the daemon's user under systemd, AmbientCapabilities=) it empties
+    # none, and the ambient set would survive the exec: the job would hold CAP_SETUID.
+    held = capabilities()
+    capset = None
+    if user.uid != 0 and (held["CapInh"] or (os.geteuid() != 0 and any(held.values()))):
+        capset = _EmptyCapabilities()
+    what = "setgroups"
+    try:
+        os.setgroups(user.groups)
+        what = "setgid"
+        os.setgid(user.gid)
+        what = "setuid"
+        os.setuid(user.uid)
+        if capset is not None:
+            what = "capset"
+            capset()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: {exc.strerror}") from exc
+    left = {name: hex(value) for name, value in capabilities().items() if value and user.uid}
+    took = (
+        os.getresuid() == (user.uid,) * 3
+        and os.getresgid() == (user.gid,) * 3
+        and set(os.getgroups()) == set(user.groups)
+    )
+    if not took or left:
+        raise OSError(errno.EPERM, f"the switch did not take (capabilities left: {left})")
+    if user.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return
+        raise OSError(errno.EPERM, "the switch did not take: root could be regained")
+
+
+def _execvp(command: list[str]) -> None:
+    """`os.execvp`, which imports modules to read PATH: after the switch this process may not
+    be able to read the interpreter's files. The same search: each PATH entry in turn, the
+    first error other than "not there" is the one told."""
+    name = command[0]
+    if "/" in name:
+        os.execv(name, command)
+    first: OSError | None = None
+    last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        try:
+            os.execv(os.path.join(directory, name), command)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last = exc
+        except OSError as exc:
+            last = exc
+            first = first or exc
+    raise first or last
+
+
+# Why the job's child could not exec, as it reports it (`STAGE errno detail`).
+_USER, _CWD, _EXEC = "user", "cwd", "exec"
+
+
+def _exec_child(
+    command: list[str], cwd: str, user: User | None, stdout: int, stderr: int, report: int
+) -> None:
     """In the forked child: the job's stdout and stderr on the pipes, default signal
-    dispositions (Python ignores SIGPIPE and SIGXFSZ; a job must not inherit that), exec."""
+    dispositions (Python ignores SIGPIPE and SIGXFSZ; a job must not inherit that), the job's
+    user (with `--user`), its working directory entered as that user, exec."""
+    stage = _USER
     try:
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
@@ -221,19 +355,49 @@ def _exec_child(command: list[str], stdout: int, stderr: int, report: int) -> No
             signal.SIGXFSZ,
         ):
             signal.signal(signum, signal.SIG_DFL)
-        os.execvp(command[0], command)
+        if user is not None:
+            become(user)
+        stage = _CWD
+        os.chdir(cwd)
+        stage = _EXEC
+        _execvp(command)
     except OSError as exc:
-        os.write(report, str(exc.errno).encode())
+        detail = exc.strerror if stage == _USER else ""
+        os.write(report, f"{stage} {exc.errno or errno.EIO} {detail or ''}".encode())
+    except Exception as exc:  # whatever it is, told: never a bare 127 with no reason
+        os.write(report, f"{stage} {errno.EIO} {exc!r}".encode())
     finally:
         os._exit(127)
 
 
-def spawn_and_wait(command: list[str], limit: int) -> int | OSError:
+class Unstarted:
+    """Why the job's own process could not be started: at which stage, and the errno."""
+
+    def __init__(self, report: bytes) -> None:
+        stage, code, detail = report.decode(errors="replace").split(" ", 2)
+        self.stage = stage
+        self.errno = int(code)
+        self.detail = detail or os.strerror(self.errno)
+
+    def outcome(self, command: list[str], cwd: str, user: User | None) -> tuple[int, str]:
+        """The job's exit code and the reason recorded for it."""
+        if self.stage == _USER:
+            return 126, f"cannot run as {user}: {self.detail}"
+        if self.stage == _CWD:
+            return 126, f"cannot enter working directory {cwd!r}: {self.detail}"
+        code = 127 if self.errno == errno.ENOENT else 126
+        return code, f"cannot run {command[0]!r}: {self.detail}"
+
+
+def spawn_and_wait(
+    command: list[str], limit: int, cwd: str, user: User | None = None
+) -> int | Unstarted | OSError:
     """fork + execvp (PATH from our environment), copying the job's output while it runs; the
-    wait status, or why the job could not be started.
+    wait status, why the job could not be started (`Unstarted`), or why no child could be made
+    (OSError).
 
     A close-on-exec pipe tells the two apart: it closes empty when exec succeeds and carries
-    the errno when it fails, the way `subprocess` does it.
+    the stage and errno when it fails, the way `subprocess` does it.
     """
     try:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -244,7 +408,7 @@ def spawn_and_wait(command: list[str], limit: int) -> int | OSError:
     except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the host is short of something
         return exc
     if pid == 0:
-        _exec_child(command, out_w, err_w, write_end)
+        _exec_child(command, cwd, user, out_w, err_w, write_end)
     for fd in (out_w, err_w, write_end):
         os.close(fd)
     with os.fdopen(read_end, "rb") as pipe:
@@ -253,8 +417,7 @@ def spawn_and_wait(command: list[str], limit: int) -> int | OSError:
         os.waitpid(pid, 0)
         for output in outputs:
             output.close()
-        code = int(failed)
-        return OSError(code, os.strerror(code))  # OSError(ENOENT, …) is a FileNotFoundError
+        return Unstarted(failed)
     status = _copy_until_exit(pid, outputs)
     for output in outputs:
         output.drain()
@@ -302,14 +465,36 @@ def join(cgroup: str) -> None:
         os.close(fd)
 
 
+_USAGE = (
+    "usage: _runner.py [--cgroup DIR] [--user UID:GID:G1,G2] ATTEMPT_DIR CWD MAX_OUTPUT_BYTES "
+    "-- ARGV...\n       _runner.py --check-user UID:GID:G1,G2\n"
+)
+
+
+def check_user(user: User) -> int:
+    """`--check-user`: become `user` as a job's child would; 0, or 1 saying why not."""
+    try:
+        become(user)
+    except OSError as exc:
+        _write(2, f"cannot run as {user}: {exc.strerror}\n")
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    cgroup = None
-    if argv[:1] == ["--cgroup"] and len(argv) > 1:
-        cgroup, argv = argv[1], argv[2:]
+    options: dict[str, str] = {}
+    while argv[:1] in (["--cgroup"], ["--user"], ["--check-user"]) and len(argv) > 1:
+        options[argv[0]], argv = argv[1], argv[2:]
+    try:
+        user = User(options["--user"]) if "--user" in options else None
+        if "--check-user" in options:
+            return check_user(User(options["--check-user"]))
+    except ValueError:
+        argv = []
     if len(argv) < 5 or argv[3] != "--" or not argv[2].isdigit():
-        usage = "usage: _runner.py [--cgroup DIR] ATTEMPT_DIR CWD MAX_OUTPUT_BYTES -- ARGV...\n"
-        _write(2, usage)
+        _write(2, _USAGE)
         return 2
+    cgroup = options.get("--cgroup")
     attempt_dir, cwd, limit, command = argv[0], argv[1], int(argv[2]), argv[4:]
     try:
         # Before the claim: a runner that cannot be contained leaves the attempt unclaimed,
@@ -330,23 +515,19 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, lambda *_: None)
     started = time.time()
     exit_path = os.path.join(attempt_dir, "exit")
-    try:
-        os.chdir(cwd)
-    except OSError as exc:
-        message = f"cannot enter working directory {cwd!r}: {exc.strerror}"
+    status = spawn_and_wait(command, limit, cwd, user)
+    result: dict[str, object]
+    if isinstance(status, (Unstarted, OSError)):
+        if isinstance(status, Unstarted):
+            code, message = status.outcome(command, cwd, user)
+        else:  # no child at all (EAGAIN, EMFILE, ENOMEM)
+            code, message = 126, f"cannot run {command[0]!r}: {status.strerror}"
         _write(2, f"orchestrator: {message}\n")
-        record(exit_path, {"exit_code": 126, "signal": None, "error": message})
-        return 0
-    error = spawn_and_wait(command, limit)
-    if isinstance(error, OSError):
-        code = 127 if isinstance(error, FileNotFoundError) else 126
-        message = f"cannot run {command[0]!r}: {error.strerror}"
-        _write(2, f"orchestrator: {message}\n")
-        result: dict[str, object] = {"exit_code": code, "signal": None, "error": message}
+        result = {"exit_code": code, "signal": None, "error": message}
     else:
-        killed_by = os.WTERMSIG(error) if os.WIFSIGNALED(error) else None
+        killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         result = {
-            "exit_code": 128 + killed_by if killed_by else os.WEXITSTATUS(error),
+            "exit_code": 128 + killed_by if killed_by else os.WEXITSTATUS(status),
             "signal": killed_by,
             "error": None,
         }

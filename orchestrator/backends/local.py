@@ -15,6 +15,12 @@ was down), the job is re-adopted as `orphaned`: it stays RUNNING, `cancel` and t
 it, and once its processes have ended it is LOST (there is no exit status to tell its outcome).
 Elsewhere jobs run in process groups, as they always did.
 
+With `local.run_as = "submitter"` each job runs as the user who submitted it (`users.py`): the
+daemon looks up that user's groups, home and name at launch and passes them to the runner,
+which takes them on in the job's child only, after joining the cgroup and before entering the
+job's working directory. A job with no recorded submitter is not run (it would run as the
+daemon). A daemon that cannot switch users refuses to start.
+
 The runner copies the job's stdout and stderr to their files up to `local.max_output_bytes` each,
 and keeps trying to record the exit status while the disk refuses it (staying alive, so the job
 is seen RUNNING); one that cannot even claim its attempt exits with a status naming the errno,
@@ -45,7 +51,7 @@ import orjson
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import _runner, base, cgroups
+from orchestrator.backends import _runner, base, cgroups, users
 from orchestrator.settings import LocalSettings
 
 log = structlog.get_logger("orchestrator.backends.local")
@@ -164,6 +170,9 @@ class LocalBackend:
         return self._containment
 
     async def start(self) -> None:
+        # A configuration this daemon cannot honour is said now, not by every job failing.
+        if self._settings.run_as == "submitter" and (why := await users.check(RUNNER)):
+            raise errors.CannotRunAsSubmitter(why)
         self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._work_dir = self._work_dir.resolve()
         self._containment = cgroups.probe(
@@ -221,19 +230,28 @@ class LocalBackend:
         attempt: int,
         attempt_dir: Path,
         cgroup: Path | None,
+        user: users.Identity | None = None,
     ) -> tuple[list[str], dict[str, str]]:
-        """The runner's argv and the environment it passes on to the job."""
+        """The runner's argv and the environment it passes on to the job: run as `user` if
+        given, with its HOME, USER, LOGNAME and SHELL instead of the daemon's (unless the job's
+        own `env` sets them), in its home directory unless the job names a `cwd`."""
         env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
+        if user is not None:
+            for name in users.PASSWD_VARIABLES:
+                env.pop(name, None)
+            env.update(user.environment())
         env.update(spec.env)
         env.update(ORCHESTRATOR_JOB_ID=job_id, ORCHESTRATOR_ATTEMPT=str(attempt))
+        default_cwd = str(attempt_dir) if user is None else user.default_cwd
         argv = [
             sys.executable,
             "-I",
             "-S",
             str(RUNNER),
             *(["--cgroup", str(cgroup)] if cgroup is not None else []),
+            *(["--user", user.runner_arg()] if user is not None else []),
             str(attempt_dir),
-            spec.cwd or str(attempt_dir),
+            spec.cwd or default_cwd,
             str(self._settings.max_output_bytes),
             "--",
             *spec.command,
@@ -261,7 +279,21 @@ class LocalBackend:
 
     # -- submit ----------------------------------------------------------------------------
 
+    async def _submitter(self, job: models.Job) -> users.Identity | None:
+        """Whom the job runs as: its submitter with `run_as = "submitter"` (None: the daemon)."""
+        if self._settings.run_as != "submitter":
+            return None
+        if job.peer is None:  # accepted by a daemon that did not record submitters
+            raise errors.StartFailed(
+                "the job has no recorded submitter, and local jobs run as their submitter "
+                '(local.run_as = "submitter"): it is not run as anyone else',
+                retryable=False,
+            )
+        # The user database may be remote (LDAP, sssd): not on the event loop.
+        return await asyncio.to_thread(users.lookup, job.peer.uid, job.peer.gid)
+
     async def submit(self, job: models.Job) -> base.Submitted:
+        user = await self._submitter(job)
         attempt_dir = self.attempt_dir(job)
         try:
             attempt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -277,7 +309,7 @@ class LocalBackend:
                 raise errors.StartFailed(
                     f"cannot create the job's cgroup {cgroup}: {exc.strerror}", retryable=True
                 ) from exc
-        argv, env = self._launch(job.spec, job.id, job.attempt, attempt_dir, cgroup)
+        argv, env = self._launch(job.spec, job.id, job.attempt, attempt_dir, cgroup, user)
         # Not O_APPEND: splice(2) refuses such a target. The runner writes from the end.
         write = os.O_WRONLY | os.O_CREAT
         try:
@@ -323,7 +355,8 @@ class LocalBackend:
             state=models.JobState.RUNNING,
             vendor_status="running",
             info={"pid": pid, "dir": str(attempt_dir)}
-            | ({"cgroup": str(cgroup)} if cgroup is not None else {}),
+            | ({"cgroup": str(cgroup)} if cgroup is not None else {})
+            | ({"uid": user.uid, "gid": user.gid} if user is not None else {}),
         )
 
     # -- observe ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "deploy" / "systemd" / "orchestrator.service"
 SOCKET_UNIT = REPO / "deploy" / "systemd" / "orchestrator.socket"
+RUN_AS_SUBMITTER = REPO / "deploy" / "systemd" / "run-as-submitter.conf"  # a drop-in for SERVICE
 SYSUSERS = REPO / "deploy" / "systemd" / "orchestrator.sysusers"
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
 VENV_BIN = Path(sys.executable).parent
@@ -96,6 +97,67 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     # Unknown keys and unparsable values are only warnings: any output at all is a failure.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def exposures(output: str) -> set[str]:
+    """The settings `systemd-analyze security` finds exposed (its ✗ lines, by name)."""
+    return {line.split()[1] for line in output.splitlines() if line.startswith("✗")}
+
+
+def with_drop_in(root: Path) -> Path:
+    """The service and the run-as-submitter drop-in installed under `root` as under /etc."""
+    system = root / "etc" / "systemd" / "system"
+    (system / f"{SERVICE.name}.d").mkdir(parents=True)
+    shutil.copy(SERVICE, system / SERVICE.name)
+    shutil.copy(RUN_AS_SUBMITTER, system / f"{SERVICE.name}.d" / RUN_AS_SUBMITTER.name)
+    return root
+
+
+@needs_systemd_analyze
+def test_the_run_as_submitter_drop_in_scores_ok_and_relaxes_only_what_the_switch_needs(
+    tmp_path: Path,
+) -> None:
+    root = with_drop_in(tmp_path)
+    security = ["systemd-analyze", "security", "--offline=true", "--threshold=25"]
+    result = run([*security, f"--root={root}", SERVICE.name])
+    overall = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert result.returncode == 0, f"{overall}\n{result.stdout}\n{result.stderr}"
+    assert overall, result.stdout
+    plain = run([*security, str(SERVICE)])
+    assert exposures(result.stdout) - exposures(plain.stdout) == {
+        "AmbientCapabilities=",
+        "CapabilityBoundingSet=~CAP_SET(UID|GID|PCAP)",
+        "CapabilityBoundingSet=~CAP_KILL",
+        "SystemCallFilter=~@privileged",  # setuid, setgroups, capset: nothing else of it
+        "ProtectHome=",
+    }
+    assert exposures(plain.stdout) <= exposures(result.stdout)
+
+
+@needs_systemd_analyze
+def test_the_service_with_the_run_as_submitter_drop_in_passes_verify(tmp_path: Path) -> None:
+    # verify reads the drop-ins of `<unit>.d/` beside the unit file it is given.
+    service = SERVICE.read_text().replace(
+        "/usr/local/bin/orchestrator", str(VENV_BIN / "orchestrator")
+    )
+    (tmp_path / SERVICE.name).write_text(service)
+    (tmp_path / f"{SERVICE.name}.d").mkdir()
+    shutil.copy(RUN_AS_SUBMITTER, tmp_path / f"{SERVICE.name}.d" / RUN_AS_SUBMITTER.name)
+    result = run(["systemd-analyze", "verify", "--man=no", str(tmp_path / SERVICE.name)])
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_run_as_submitter_drop_in_grants_what_the_daemon_checks_for() -> None:
+    drop_in = read_unit(RUN_AS_SUBMITTER)["Service"]
+    needed = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+    assert set(drop_in["AmbientCapabilities"].split()) == needed
+    assert set(drop_in["CapabilityBoundingSet"].split()) == needed
+    environ = dict(pair.split("=", 1) for pair in shlex.split(drop_in["Environment"]))
+    assert settings.load(environ=environ).settings.local.run_as == "submitter"
+    # The rest of the sandbox is the unit's: no new privileges for jobs, the same user.
+    assert {"NoNewPrivileges", "User", "PrivateUsers", "RestrictSUIDSGID"}.isdisjoint(drop_in)
+    denied = drop_in["SystemCallFilter"].removeprefix("~").split()
+    assert {"setuid", "setgroups", "capset", "@setuid", "@privileged"}.isdisjoint(denied)
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")

@@ -60,3 +60,38 @@ def _status_of(address: str, path: str) -> int:
     except urllib.error.HTTPError as exc:
         return exc.code
     return 200
+
+
+async def test_a_flood_of_idle_or_oversized_scrapers_holds_nothing_and_scrapes_go_on(
+    short_tmp: Path,
+) -> None:
+    """Any local user can reach the port: connections past the cap are closed at once, a
+    request line over the reader's limit ends its connection, and a real scrape still works."""
+    settings = make_settings(short_tmp, metrics={"listen": "127.0.0.1:0"})
+    async with running(settings) as daemon:
+        assert daemon.metrics_address is not None
+        host, port = daemon.metrics_address.rsplit(":", 1)
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(100)]
+        huge_reader, huge = await asyncio.open_connection(host, int(port))
+        huge.write(b"GET /" + b"x" * 200_000)  # no newline: past the 64 KiB line limit
+        try:
+            async with asyncio.timeout(5):  # well inside the 10 s a connection may live
+                closed = sum([await _closed(reader) for reader, _ in idle[16:]])
+                assert await _closed(huge_reader)
+            assert closed == len(idle) - 16
+            for _, writer in idle[:16]:  # the flood ends: its slots come back for scrapers
+                writer.close()
+            text = await asyncio.to_thread(scrape, daemon.metrics_address)
+            assert "orchestrator_build_info" in text
+        finally:
+            for _, writer in [*idle, (huge_reader, huge)]:
+                writer.close()
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the server ended the connection without a reply (EOF, or a reset for one that
+    had unread bytes)."""
+    try:
+        return await reader.read() == b""
+    except ConnectionResetError:
+        return True
