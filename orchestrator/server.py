@@ -305,10 +305,16 @@ class _Connection:
 
     async def send(self, line: bytes) -> None:
         """Write one line once the client has room for it (see the class docstring)."""
-        if self.dropped:
-            raise ConnectionResetError("the connection was dropped")
         if self._writer.transport.get_write_buffer_size() > _OUTPUT_HIGH_BYTES:
             await self._wait_for_room()
+        self._write(line)
+
+    def _write(self, line: bytes) -> None:
+        """Write now; a connection already closing (dropped, or lost to an error) takes the
+        request down as a client gone away would, never as an error of the daemon's (uvloop
+        raises RuntimeError on a write to a closed transport)."""
+        if self.dropped or self._writer.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
         self._writer.write(line)
 
     async def _wait_for_room(self) -> None:
@@ -324,17 +330,18 @@ class _Connection:
     def _drop(self) -> None:
         if self.dropped:
             return
-        self.dropped = True
         s = self._settings
         log.warning("socket.slow_reader", peer_uid=self._peer.uid, peer_pid=self._peer.pid)
         # Last in line behind what it has not read: it sees this only if it reads after all.
-        self._writer.write(
-            protocol.error(
-                None,
-                "slow_reader",
-                f"the client read none of its replies for {s.idle_timeout_s}s; disconnected",
+        with contextlib.suppress(ConnectionError):
+            self._write(
+                protocol.error(
+                    None,
+                    "slow_reader",
+                    f"the client read none of its replies for {s.idle_timeout_s}s; disconnected",
+                )
             )
-        )
+        self.dropped = True
         for task in (self._reading, *self._requests):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -481,7 +488,7 @@ class _Connection:
         except asyncio.CancelledError:
             if self._stopping and not self.dropped:
                 with contextlib.suppress(ConnectionError):
-                    self._writer.write(
+                    self._write(
                         protocol.error(request.id, "shutting_down", "the daemon is shutting down")
                     )
             raise

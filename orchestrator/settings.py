@@ -162,7 +162,8 @@ class LocalSettings(_Section):
     )
     max_output_bytes: _Count = 1024**3  # per job and stream; past it, a marker and the rest dropped
     # "daemon": jobs run as the daemon's uid, so a local job from any other uid is refused;
-    # "submitter": each job runs as the uid that submitted it.
+    # "submitter": each job runs as the user who submitted it (backends/users.py; needs
+    # CAP_SETUID, CAP_SETGID and CAP_KILL, checked at start-up).
     run_as: Literal["daemon", "submitter"] = "daemon"
     # "auto": each job in a cgroup v2 of its own where one can be made (else process groups, and
     # a warning at start-up); "off": process groups only.

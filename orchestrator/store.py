@@ -426,7 +426,12 @@ class Store:
                     # does that): then the batch fails below, as one.
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    outcomes.append((future, None, exc))
+                    if isinstance(exc, sqlite3.Error):  # the store's failure, not the caller's
+                        failed = errors.StoreError(f"write failed: {exc}")
+                        failed.__cause__ = exc
+                        outcomes.append((future, None, failed))
+                    else:
+                        outcomes.append((future, None, exc))
                     continue
                 conn.execute("RELEASE op")
                 outcomes.append((future, result, None))
@@ -484,10 +489,14 @@ class Store:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
-            if self._read_conn is None:
-                self._read_conn = sqlite3.connect(self._settings.path, isolation_level=None)
-                self._read_conn.execute("PRAGMA query_only=ON")
-            return fn(self._read_conn)
+            try:
+                if self._read_conn is None:
+                    conn = sqlite3.connect(self._settings.path, isolation_level=None)
+                    conn.execute("PRAGMA query_only=ON")
+                    self._read_conn = conn
+                return fn(self._read_conn)
+            except sqlite3.Error as exc:  # out of descriptors, memory, an I/O error
+                raise errors.StoreError(f"read failed: {exc}") from exc
 
         assert self._loop is not None
         return await self._loop.run_in_executor(self._reader, run)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import select
@@ -106,11 +107,30 @@ def _alive(pid: int, start: int) -> bool:
         raise _Unsure(f"/proc/{pid}/stat", exc) from exc
 
 
+_SYS_CLOSE_RANGE = {"x86_64": 436, "aarch64": 436}.get(os.uname().machine)
+_CLOSE_RANGE_CLOEXEC = 4
+_LIBC = ctypes.CDLL(None, use_errno=True)  # this process's libc, already loaded
+
+
+def _close_range_cloexec() -> bool:
+    """close_range(2) marking every descriptor from 3 up close-on-exec; False where the
+    kernel or platform lacks it."""
+    if _SYS_CLOSE_RANGE is None:
+        return False
+    result: int = _LIBC.syscall(_SYS_CLOSE_RANGE, 3, 0xFFFFFFFF, _CLOSE_RANGE_CLOEXEC)
+    return result == 0
+
+
 def _cloexec_inherited() -> None:
     """Make close-on-exec each of our descriptors above stderr that a child would inherit (from
     whoever started the daemon, or opened without O_CLOEXEC): a job must never hold the
     daemon's sockets or pipes. Unlike a close action of the spawn, which cannot name a
-    descriptor at or above the soft RLIMIT_NOFILE (EBADF), this works whatever its number."""
+    descriptor at or above the soft RLIMIT_NOFILE (EBADF), this works whatever its number.
+    One `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` does it (Linux ≥ 5.11) without needing a
+    descriptor of its own, so a daemon out of descriptors can still start jobs; else the
+    descriptors are listed from /proc."""
+    if _close_range_cloexec():
+        return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:

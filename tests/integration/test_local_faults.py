@@ -11,6 +11,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -438,3 +440,30 @@ async def test_a_stored_spec_that_cannot_be_launched_fails_at_once_saying_why(
         assert job["state"] == "FAILED"
         assert "null byte" in job["reason"]
         assert job["attempt"] == 1  # not retried: the same launch would fail the same way
+
+
+def test_descriptors_are_made_close_on_exec_by_a_process_with_none_to_spare() -> None:
+    """The daemon out of descriptors can still start jobs: marking the inherited ones
+    close-on-exec needs no descriptor of its own."""
+    script = """
+import os, resource
+from orchestrator.backends import local
+r, w = os.pipe()
+os.set_inheritable(w, True)
+lowest_free = os.open("/dev/null", os.O_RDONLY)
+os.close(lowest_free)
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+try:
+    os.open("/dev/null", os.O_RDONLY)
+except OSError as exc:
+    assert exc.errno == 24, exc  # EMFILE: not one descriptor to spare
+else:
+    raise AssertionError("a descriptor was still free")
+local._cloexec_inherited()
+print(os.get_inheritable(w))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
