@@ -297,14 +297,13 @@ def become(user: User) -> None:
             capset()
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: {exc.strerror}") from exc
+    uids, gids, groups = os.getresuid(), os.getresgid(), sorted(set(os.getgroups()))
+    if (uids, gids, groups) != ((user.uid,) * 3, (user.gid,) * 3, sorted(set(user.groups))):
+        found = f"uids {uids}, gids {gids}, groups {groups}"
+        raise OSError(errno.EPERM, f"the switch did not take ({found})")
     left = {name: hex(value) for name, value in capabilities().items() if value and user.uid}
-    took = (
-        os.getresuid() == (user.uid,) * 3
-        and os.getresgid() == (user.gid,) * 3
-        and set(os.getgroups()) == set(user.groups)
-    )
-    if not took or left:
-        raise OSError(errno.EPERM, f"the switch did not take (capabilities left: {left})")
+    if left:
+        raise OSError(errno.EPERM, f"capabilities are left after the switch: {left}")
     if user.uid != 0:
         try:
             os.setuid(0)
