@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from orchestrator.store import PROBLEM_REASONS, Store
 log = structlog.get_logger("orchestrator.daemon")
 
 _RETENTION_INTERVAL_S = 3600.0
+_SPARE_DESCRIPTORS = 64  # the store, the log, the metrics endpoint, AWS clients, ...
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
@@ -153,6 +155,7 @@ class Daemon:
             phases[phase] = round(time.monotonic() - started - sum(phases.values()), 3)
 
         faults.arm(os.environ.get(faults.ENV))
+        _check_descriptor_limit(self.settings)
         if self._inherited_socket is None:  # else systemd bound it: there is no directory to check
             self.server.prepare()  # a squatted socket directory stops us before a job is touched
         await self.store.open()
@@ -278,6 +281,22 @@ class Daemon:
                 await asyncio.to_thread(_remove_dirs, work_dir, purged)
                 log.info("store.purged", jobs=len(purged), retention_days=days)
             await asyncio.sleep(_RETENTION_INTERVAL_S)
+
+
+def _check_descriptor_limit(settings: Settings) -> None:
+    """Say at start-up when the descriptor limit cannot hold what the settings allow: at the
+    limit, new connections are closed unanswered and job files cannot be read (jobs are not
+    harmed, but nobody is served). Each connection and each running local job holds one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    local_jobs = settings.local.max_concurrency if settings.local.enabled else 0
+    wanted = settings.server.max_connections + 2 * local_jobs + _SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "daemon.fd_limit_low",
+            limit=soft,
+            wanted=wanted,
+            hint="raise LimitNOFILE= (systemd) or `ulimit -n`, or lower server.max_connections",
+        )
 
 
 def _remove_dirs(work_dir: Path, job_ids: list[str]) -> None:

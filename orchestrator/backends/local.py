@@ -462,12 +462,15 @@ class LocalBackend:
                 f"it): {os.strerror(failed)} ({errno.errorcode.get(failed, failed)}); "
                 "the job did not run",
             )
+        if status is not None:  # our own child: we saw it end, and how
+            why = f"exited with status {os.WEXITSTATUS(status)} (its error is in the job's stderr)"
+        else:
+            why = "was killed while the daemon was down, or the host rebooted"
         return base.Observation(
             external_id,
             models.JobState.LOST,
             "vanished",
-            reason="the job's runner ended without recording an exit status "
-            "(killed while the daemon was down, or the host rebooted)",
+            reason=f"the job's runner ended without recording an exit status: it {why}",
         )
 
     def _draining(

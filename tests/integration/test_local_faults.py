@@ -467,3 +467,32 @@ print(os.get_inheritable(w))
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
+
+
+def test_a_runner_of_ours_that_failed_says_so_in_the_lost_reason(tmp_path: Path) -> None:
+    """A runner the daemon saw exit 1 (a crash of its own) was not killed while the daemon was
+    down: the reason says what was seen."""
+    backend = LocalBackend(settings.LocalSettings(), tmp_path)
+    backend._children["1234:5678"] = 1 << 8  # reaped: exited with status 1
+    seen = backend._runner_outcome("1234:5678")
+    assert seen.state == models.JobState.LOST
+    assert seen.reason is not None
+    assert "exited with status 1" in seen.reason
+    assert "daemon was down" not in seen.reason
+
+
+def test_a_descriptor_limit_below_what_the_settings_allow_is_said_at_start_up(
+    short_tmp: Path,
+) -> None:
+    """256 connections allowed under a limit of 128 descriptors: at the limit, connections
+    would be closed unanswered. The daemon says so once, at start-up, and serves."""
+    daemon = DaemonProcess(short_tmp, wrapper=["prlimit", "--nofile=128:128", "--"])
+    daemon.start()
+    try:
+        with daemon.client() as client:
+            assert client.call("ping")["pong"] is True
+    finally:
+        assert daemon.stop() == 0  # its log is flushed at exit
+    (warning,) = [e for e in daemon.log_events() if e.get("event") == "daemon.fd_limit_low"]
+    assert warning["limit"] == 128
+    assert warning["wanted"] > 256
