@@ -37,6 +37,11 @@ _BATCH_LINES = 1_000  # lines joined into one write
 _REPLACE_FLUSH_S = 1.0  # how long a re-configuration waits for the previous sink's lines
 
 _sink: LogSink | None = None
+# Tracebacks as JSON, without each frame's locals: those hold job specs (their `env` carries
+# secrets) and whole batches of them, whose repr cost tens of ms per line on the event loop.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -68,7 +73,7 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     if console:
         renderer = structlog.dev.ConsoleRenderer()
     else:
-        shared.extend([structlog.processors.dict_tracebacks, _leading_keys])
+        shared.extend([_TRACEBACKS, _leading_keys])
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
 
     level = logging.getLevelName(settings.level)

@@ -170,3 +170,25 @@ def test_console_rendering_goes_through_the_sink_too(tmp_path: Path) -> None:
     assert "test.console" in line
     assert "j1" in line
     assert not line.startswith("{")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_logged_traceback_carries_no_frame_locals(tmp_path: Path) -> None:
+    """A failing request's locals hold job specs, and their env holds secrets: a traceback in
+    the log names frames and lines, never their variables."""
+    with open(tmp_path / "out", "w") as out:
+        logs.configure(LoggingSettings(format="json"), stream=out)
+
+        def accept(spec: dict[str, object]) -> None:
+            raise RuntimeError("store refused")
+
+        try:
+            accept({"env": {"AWS_SECRET_ACCESS_KEY": "hunter2-secret"}})
+        except RuntimeError:
+            structlog.get_logger("test").exception("request.failed")
+        assert logs.flush(WAIT_S)
+    text = (tmp_path / "out").read_text()
+    (event,) = [orjson.loads(line) for line in text.splitlines()]
+    assert event["exception"][0]["exc_value"] == "store refused"
+    assert any(frame["name"] == "accept" for frame in event["exception"][0]["frames"])
+    assert "hunter2-secret" not in text
