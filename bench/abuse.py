@@ -93,6 +93,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run as `python bench/abuse.py`
     sys.path.insert(0, str(_REPO))
 
+from bench.ingest import kill_jobs_under  # noqa: E402
 from orchestrator import errors  # noqa: E402
 from orchestrator.client import SyncClient  # noqa: E402
 from orchestrator.settings import ServerSettings  # noqa: E402
@@ -1279,23 +1280,6 @@ def drain(client: SyncClient, targets: list[str], cfg: Config) -> dict[str, int]
     return active
 
 
-def leftover_runners(root: Path) -> int:
-    """Kill the process group of every runner of this run still alive; how many there were."""
-    found = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"_runner.py" in cmdline and str(root).encode() in cmdline:
-            found += 1
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(entry.name), signal.SIGKILL)
-    return found
-
-
 def runner_record(work_dir: Path, job_id: str, attempt: int) -> dict[str, Any] | None:
     """The exit status the job's runner wrote beside its logs (None: none written)."""
     try:
@@ -1450,7 +1434,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         stop_sampling.set()
         if sampler.is_alive():
             sampler.join()
-        report["leftover_runners"] = leftover_runners(root)
+        report["leftover_runners"] = kill_jobs_under(root)
     report["config"] = dataclasses.asdict(cfg)
     report["daemon_exit"] = status
     report["stop_s"] = round(stop_s, 2)

@@ -171,9 +171,10 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def kill_jobs_under(root: Path) -> None:
+def kill_jobs_under(root: Path) -> int:
     """Local jobs outlive the daemon (by design): end the benchmark's `sleep`s, each runner's
-    process group (a runner leads its own session)."""
+    process group (a runner leads its own session). How many runners were still alive."""
+    found = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -182,8 +183,10 @@ def kill_jobs_under(root: Path) -> None:
         except OSError:
             continue
         if b"_runner.py" in cmdline and str(root).encode() in cmdline:
+            found += 1
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(entry.name), signal.SIGKILL)
+    return found
 
 
 def floors(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
