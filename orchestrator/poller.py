@@ -281,7 +281,12 @@ class Poller:
             return
         reason = obs.reason
         stop_reason = self._stop_reason(job)
-        if new.terminal and stop_reason and new != models.JobState.SUCCEEDED:
+        if (
+            new.terminal
+            and stop_reason
+            and new != models.JobState.SUCCEEDED
+            and not _started_in_time(job, stop_reason, obs)
+        ):
             new, reason = store.stopped_outcome(job, stop_reason)
         faults.crashpoint("poller.before_transition")
         try:
@@ -354,6 +359,17 @@ class Poller:
         entry.n = 0
         if job.state.terminal:
             self._tracked.pop(job.id, None)
+
+
+def _started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -> bool:
+    """A queue timeout stopped a job that, as its backend now tells, had started before the
+    deadline (its start was not known here yet: an attempt settled late, a describe that
+    failed): its end is its own, not "not running after queue_timeout_s"."""
+    started_at = obs.info.get("started_at")
+    if why != "queue_timeout" or not isinstance(started_at, int | float):
+        return False
+    deadline = _deadline(job)
+    return deadline is not None and started_at < deadline
 
 
 def _deadline(job: models.Job) -> float | None:

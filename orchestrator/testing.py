@@ -42,11 +42,14 @@ class Script:
     exit_code: int | None = 0
     submit_errors: Sequence[errors.StartFailed] = ()
     stop_ends_in: models.JobState = S.FAILED  # what a stopped job ends as (the vendor's view)
+    # Its process started at submit (reported as info `started_at`), whatever states it shows.
+    started_at_submit: bool = False
 
 
 @dataclass
 class _FakeJob:
     script: Script
+    submitted_at: float = 0.0
     step: int = 0
     stopped: bool = False
     forgotten: bool = False  # describe answers "missing"
@@ -100,7 +103,7 @@ class FakeBackend:
             self._failures[job.id] = failed + 1
             raise script.submit_errors[failed]
         external_id = f"fake-{next(self._ids)}"
-        self._jobs[external_id] = _FakeJob(script)
+        self._jobs[external_id] = _FakeJob(script, submitted_at=time.time())
         return base.Submitted(external_id=external_id, state=S.SUBMITTED, vendor_status="SUBMITTED")
 
     async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, base.Observation]:
@@ -116,14 +119,15 @@ class FakeBackend:
         return out
 
     def _observe(self, external_id: str, fake: _FakeJob) -> base.Observation:
+        info = {"started_at": fake.submitted_at} if fake.script.started_at_submit else {}
         if fake.stopped:
             state = fake.script.stop_ends_in
-            return base.Observation(external_id, state, state.value, reason="stopped")
+            return base.Observation(external_id, state, state.value, reason="stopped", info=info)
         states = fake.script.states
         state = states[min(fake.step, len(states) - 1)]
         fake.step += 1
         exit_code = fake.script.exit_code if state.terminal else None
-        return base.Observation(external_id, state, state.value, exit_code=exit_code)
+        return base.Observation(external_id, state, state.value, exit_code=exit_code, info=info)
 
     async def stop(self, job: models.Job) -> None:
         self.stops.append(job.id)

@@ -547,7 +547,7 @@ class LocalBackend:
         else:
             reason = None if code == 0 else f"exit code {code}"
         state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
-        info = {"finished_at": result["finished_at"]} if "finished_at" in result else {}
+        info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
         return base.Observation(
             external_id, state, "exited", reason=reason, exit_code=code, info=info
         )

@@ -224,3 +224,29 @@ async def test_following_logs_waits_for_lines_delivered_after_the_end(
     if delivery_s:
         expected.append(f"late output of {job['id']}\n")
     assert lines == expected
+
+
+@pytest.mark.parametrize(
+    ("started_at_submit", "reason_starts"),
+    [(True, "stopped"), (False, "queue_timeout: not running")],
+    ids=["started-in-time", "never-started"],
+)
+async def test_a_queue_timeout_names_only_jobs_that_had_not_started(
+    short_tmp: Path, started_at_submit: bool, reason_starts: str
+) -> None:
+    """The daemon thought the job not yet running (it shows STARTING past the queue deadline)
+    and stopped it. If the backend then tells that the job's process had started before the
+    deadline, the job's end is its own; only a job that had not started is a queue timeout."""
+    script = Script(states=(S.STARTING,), started_at_submit=started_at_submit)
+    fake = FakeBackend(default_script=script)
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"], "queue_timeout_s": 0.5})
+        async with asyncio.timeout(30):
+            final = await c.wait(job["id"])
+    assert final["state"] == "FAILED"
+    assert final["reason"].startswith(reason_starts), final["reason"]
+    assert fake.stops == [job["id"]]
