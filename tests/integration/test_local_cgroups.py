@@ -23,11 +23,11 @@ import pytest
 from orchestrator.backends import cgroups
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
+from tests.support.cgroup import FOUND, scratch, wait_for
 from tests.support.daemon import DaemonProcess, running, until_state
 
 pytestmark = pytest.mark.timeout(90)
 
-FOUND = cgroups.probe(enabled=True, root=None, create=False)
 needs_cgroups = pytest.mark.skipif(
     not FOUND.enabled, reason=f"no cgroup v2 this process may make cgroups in: {FOUND.detail}"
 )
@@ -45,13 +45,6 @@ def running_pid(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
-        time.sleep(0.02)
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
@@ -259,16 +252,8 @@ def cgroup_of(pid: int) -> str:
 def unit_cgroup(short_tmp: Path) -> Iterator[Path]:
     """A cgroup standing for a service's own (/system.slice/orchestrator.service under
     systemd): made for the test, emptied and removed after it."""
-    assert FOUND.root is not None
-    unit = FOUND.root.parent / f"unit-{short_tmp.name}"
-    unit.mkdir(parents=True)
-    try:
+    with scratch(f"unit-{short_tmp.name}") as unit:
         yield unit
-    finally:
-        with contextlib.suppress(OSError):
-            cgroups.kill(unit)
-            wait_for(lambda: not cgroups.populated(unit), f"{unit} to empty", timeout_s=10)
-            cgroups.remove(unit)
 
 
 @needs_cgroups

@@ -9,7 +9,6 @@ start."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 import signal
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ import orjson
 import pytest
 
 from orchestrator import models
-from orchestrator.backends import cgroups
 from orchestrator.client import Client
 from orchestrator.daemon import Daemon
 from orchestrator.settings import Settings
 from orchestrator.testing import make_settings
+from tests.support.cgroup import FOUND, scratch, wait_for
 from tests.support.daemon import DaemonProcess, running, settings_env
 from tests.support.peers import PeerClient, open_to_others
 
@@ -40,7 +39,6 @@ pytestmark = [
 
 PEER = 4242  # a made-up uid: no passwd entry
 SERVICE = 4343  # the daemon's own uid when it runs as a service user
-FOUND = cgroups.probe(enabled=True, root=None, create=False)
 needs_cgroups = pytest.mark.skipif(
     not FOUND.enabled, reason=f"no cgroup v2 this process may make cgroups in: {FOUND.detail}"
 )
@@ -142,13 +140,6 @@ def refused(stdout: str, stderr: str, name: str, why: str) -> bool:
     statuses = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
     said = [line for line in stderr.splitlines() if line.startswith(f"{name}: ")]
     return statuses.get(name) not in (None, "0") and any(why in line for line in said)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
-        time.sleep(0.02)
 
 
 def running_pid(pid: int) -> bool:
@@ -486,19 +477,8 @@ def delegated_cgroup(short_tmp: Path) -> Iterator[Path]:
     and its cgroup.procs, cgroup.threads, cgroup.subtree_control chowned to it)."""
     if not FOUND.enabled:
         pytest.skip(f"no cgroup v2 this process may make cgroups in: {FOUND.detail}")
-    assert FOUND.root is not None
-    unit = FOUND.root.parent / f"svc-{short_tmp.name}"
-    unit.mkdir(parents=True)
-    for path in (unit, *(unit / name for name in ("cgroup.procs", "cgroup.threads"))):
-        os.chown(path, SERVICE, SERVICE)
-    os.chown(unit / "cgroup.subtree_control", SERVICE, SERVICE)
-    try:
+    with scratch(f"svc-{short_tmp.name}", owner=SERVICE) as unit:
         yield unit
-    finally:
-        with contextlib.suppress(OSError):
-            cgroups.kill(unit)
-            wait_for(lambda: not cgroups.populated(unit), f"{unit} to empty", timeout_s=10)
-            cgroups.remove(unit)
 
 
 @pytest.mark.parametrize("containment", ["process groups", "delegated cgroup"])
