@@ -23,6 +23,7 @@ from orchestrator.client import SyncClient
 from orchestrator.testing import make_settings
 from tests.support import tmpfs
 from tests.support.daemon import DaemonProcess, running
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,15 +78,6 @@ def fill(fs: Path, leave_bytes: int) -> Path:
     finally:
         os.close(fd)
     return filler
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def ping(client: SyncClient) -> dict[str, Any]:

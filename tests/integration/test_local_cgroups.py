@@ -6,14 +6,12 @@ process groups, and a warning) is tested everywhere."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from orchestrator.client import Client
 from orchestrator.testing import make_settings
 from tests.support.cgroup import FOUND, scratch, wait_for
 from tests.support.daemon import DaemonProcess, running, until_state
+from tests.support.waits import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,14 +44,6 @@ def running_pid(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Return once `predicate()` holds (it looks at what a job writes: nothing to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
-        await asyncio.sleep(0.02)
 
 
 def gone_for_good(pid: int) -> bool:

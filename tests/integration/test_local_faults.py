@@ -28,6 +28,7 @@ from orchestrator.store import Store
 from orchestrator.testing import make_settings
 from tests.support import tmpfs
 from tests.support.daemon import DaemonProcess, running, until_state
+from tests.support.waits import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -60,14 +61,6 @@ def fill(path: Path) -> None:
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Return once `predicate()` holds (it looks at files a job writes: nothing to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
-        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager

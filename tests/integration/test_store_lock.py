@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from orchestrator import store
 from tests.support.daemon import DaemonProcess
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,19 +38,10 @@ def daemons(short_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.close()
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def running_job(daemon: DaemonProcess) -> dict[str, Any]:
     with daemon.client() as client:
         job_id = client.submit(SLEEPER)["id"]
-        wait_for(lambda: client.get(job_id)["state"] == "RUNNING", "the job to run")
+        wait_for(lambda: client.get(job_id)["state"] == "RUNNING", "the job to run", timeout_s=15.0)
         return client.get(job_id, history=True)
 
 

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.backends import cgroups
+from tests.support.waits import wait_for
 
 FOUND = cgroups.probe(enabled=True, root=None, create=False)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {timeout_s}s in vain for {what}"
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager
