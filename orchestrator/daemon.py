@@ -38,7 +38,9 @@ _SPARE_DESCRIPTORS = 64  # the store, the log, the metrics endpoint, AWS clients
 def build_backends(settings: Settings) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     if settings.local.enabled:
-        backends["local"] = LocalBackend(settings.local, settings.local_work_dir())
+        backends["local"] = LocalBackend(
+            settings.local, settings.local_work_dir(), hidden_from_jobs=[settings.store.path.parent]
+        )
     # One CloudWatch Logs bucket: both backends read logs from the same account and Region.
     logs_bucket = TokenBucket("logs", settings.cloudwatch.rate_per_s, settings.cloudwatch.burst)
     if settings.ecs.enabled:

@@ -78,6 +78,7 @@ class Poller:
         """Follow `job` from now on (again), starting with a fresh back-off."""
         if job.state.terminal:
             self._tracked.pop(job.id, None)
+            self._backends[job.backend].settled(job)
             return
         entry = _Tracked(job, (job.backend, self._backends[job.backend].partition(job)))
         self._tracked[job.id] = entry
@@ -359,6 +360,7 @@ class Poller:
         entry.n = 0
         if job.state.terminal:
             self._tracked.pop(job.id, None)
+            self._backends[job.backend].settled(job)
 
 
 def _started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -> bool:

@@ -169,6 +169,10 @@ class LocalSettings(_Section):
     # a warning at start-up); "off": process groups only.
     cgroup: Literal["auto", "off"] = "auto"
     cgroup_root: Path | None = None  # default: <the daemon's own cgroup>/jobs
+    # "auto": with run_as = "daemon", each job runs in a mount namespace of its own where the
+    # store's directory and the work directory (but for the job's own attempt directory) are
+    # empty, where the kernel allows it (else a warning at start-up); "off": jobs see them.
+    hide_state: Literal["auto", "off"] = "auto"
 
 
 class AwsBackendSettings(_Section):

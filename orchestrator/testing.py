@@ -71,6 +71,7 @@ class FakeBackend:
     submits: list[tuple[str, int]] = field(default_factory=list)  # (job id, attempt)
     describe_batches: list[list[str]] = field(default_factory=list)
     stops: list[str] = field(default_factory=list)
+    settled_ids: list[str] = field(default_factory=list)  # jobs whose end the store recorded
     _jobs: dict[str, _FakeJob] = field(default_factory=dict)
     _failures: dict[str, int] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -142,6 +143,9 @@ class FakeBackend:
 
     def telemetry(self) -> base.Telemetry:
         return base.Telemetry()
+
+    def settled(self, job: models.Job) -> None:
+        self.settled_ids.append(job.id)
 
     def can_resubmit(self, job: models.Job) -> bool:
         return False

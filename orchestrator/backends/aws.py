@@ -286,6 +286,9 @@ class AwsBackendBase:
     def set_wake(self, wake: base.Wake) -> None:
         pass  # AWS pushes nothing to us: the poller asks
 
+    def settled(self, job: models.Job) -> None:
+        pass  # nothing is kept per job: AWS keeps the record
+
     def telemetry(self) -> base.Telemetry:
         return telemetry([self.api, self.logs], self.buckets)
 

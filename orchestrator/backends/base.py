@@ -117,5 +117,9 @@ class Backend(Protocol):
     async def read_logs(self, job: models.Job, cursor: Any) -> LogPage:
         """The job's own output from `cursor` on (None: from the start)."""
 
+    def settled(self, job: models.Job) -> None:
+        """The job's terminal state is recorded in the store: what the backend kept to tell it
+        may go."""
+
     def telemetry(self) -> Telemetry:
         """Counters and rates for the metrics endpoint."""

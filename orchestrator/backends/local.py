@@ -1,49 +1,52 @@
 """The embedded backend: each job is a subprocess on this host.
 
-Each attempt runs under `_runner.py`, a small parent in its own process group that records the
-job's exit status in the attempt's directory, beside its stdout and stderr. The external id is
-`PID:START_TIME` of that runner, so a restarted daemon re-adopts a process only if both still
-match, and learns the outcome of one that ended while it was down from the exit file.
+Every local job is started, reaped and remembered by the keeper (`_keeper.py`, talked to through
+`keeper.py`): one process per work directory that outlives the daemon. The keeper is each job's
+parent, so a job's outcome comes from the kernel's wait status, never from a file a job could
+write; it holds the outcome until the daemon has recorded it (`settled`), so a daemon that was
+down when a job ended still learns its true outcome. The external id is `PID:START_TIME` of the
+job's own process, so a job is re-adopted by identity, not by pid alone; the keeper knows each
+launch by `JOB_ID/ATTEMPT`.
 
 Where cgroups can be made (`cgroups.probe`), each attempt also runs in a cgroup of its own, named
 in its external id (`PID:START_TIME:CGROUP`): stops signal every process in it, and a job is
 terminal only once its cgroup is empty. When the job's own process has ended with its outcome
-recorded, what it left running is stopped as on a cancel (SIGTERM, SIGKILL after
-`local.kill_grace_s`), as systemd stops a unit's control group. When the runner has gone without
-recording anything but the cgroup still holds processes (the runner was killed while the daemon
-was down), the job is re-adopted as `orphaned`: it stays RUNNING, `cancel` and timeouts still stop
-it, and once its processes have ended it is LOST (there is no exit status to tell its outcome).
-Elsewhere jobs run in process groups, as they always did.
+known, what it left running is stopped as on a cancel (SIGTERM, SIGKILL after
+`local.kill_grace_s`), as systemd stops a unit's control group. When the keeper has gone (killed,
+or the host short of memory) while the job's processes still run, the job is re-adopted as
+`orphaned`: it stays RUNNING, `cancel` and timeouts still stop it, and once its processes have
+ended it is LOST (there is no exit status to tell its outcome). Elsewhere jobs run in process
+groups.
 
 With `local.run_as = "submitter"` each job runs as the user who submitted it (`users.py`): the
-daemon looks up that user's groups, home and name at launch and passes them to the runner,
-which takes them on in the job's child only, after joining the cgroup and before entering the
-job's working directory. A job with no recorded submitter is not run (it would run as the
-daemon). A daemon that cannot switch users refuses to start.
+daemon looks up that user's groups, home and name at launch and passes them to the keeper, whose
+forked child takes them on after joining the cgroup and before entering the job's working
+directory. A job with no recorded submitter is not run (it would run as the daemon). A daemon
+that cannot switch users refuses to start. With `run_as = "daemon"` (and `local.hide_state =
+"auto"`), each job runs in a mount namespace where the store's directory and the work directory
+are empty but for the job's own attempt directory (`_sandbox.py`), where the kernel allows it.
 
-The runner copies the job's stdout and stderr to their files up to `local.max_output_bytes` each,
-and keeps trying to record the exit status while the disk refuses it (staying alive, so the job
-is seen RUNNING); one that cannot even claim its attempt exits with a status naming the errno,
-which this daemon, its parent, records as the job's failure.
+The keeper copies the job's stdout and stderr to their files up to `local.max_output_bytes` each.
 
-What the daemon reads about a job (the exit file, the claim, `/proc/PID/stat`, the logs) can
-fail for reasons that say nothing about the job: the daemon is out of descriptors (EMFILE) or
-memory, the disk returns EIO. Only proof of absence (ENOENT, ESRCH) counts as such: a job whose
-files cannot be read right now keeps its state, the failure is logged (`local.read_failed`) and
-counted (`orchestrator_local_read_errors_total`), and the poller reads again on its next round,
-backing off as for any job whose state does not change.
+What the daemon reads about a job (the keeper's records, the claim, `/proc/PID/stat`, cgroup
+files, the logs) can fail for reasons that say nothing about the job: the keeper is being
+restarted, the daemon is out of descriptors (EMFILE) or memory, the disk returns EIO. Only proof
+of absence (ENOENT, ESRCH, a keeper that answers without the job) counts as such: a job that
+cannot be looked at right now keeps its state, the failure is logged (`local.read_failed`) and
+counted (`orchestrator_local_read_errors_total`), and the poller looks again on its next round.
+
+Attempts launched by a daemon from before the keeper (a runner per job, which wrote an `exit`
+file beside the logs) are still followed to their end from those files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import os
 import select
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,7 +55,7 @@ import orjson
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import _runner, base, cgroups, users
+from orchestrator.backends import _runner, _sandbox, base, cgroups, keeper, users
 from orchestrator.settings import LocalSettings
 
 log = structlog.get_logger("orchestrator.backends.local")
@@ -61,24 +64,30 @@ RUNNER = Path(_runner.__file__)
 _READ_CHUNK = 64 * 1024
 
 
-class _RunnerId(NamedTuple):
-    """An external id: `PID:START_TIME` of the runner, then `:CGROUP` (its directory) when the
-    attempt runs in a cgroup of its own. The pid and start time name the runner while it lives;
-    the cgroup names the job's processes whatever became of the runner."""
+class _JobId(NamedTuple):
+    """An external id: `PID:START_TIME` of the job's own process (of its runner, for attempts
+    from before the keeper; `0:0` when a keeper that has gone launched it), then `:CGROUP` (its
+    directory) when the attempt runs in a cgroup of its own. The pid and start time name the
+    process while it lives; the cgroup names all of the job's processes."""
 
     pid: int
     start: int
     cgroup: Path | None
 
 
-def _parse_external_id(external_id: str) -> _RunnerId:
+def _parse_external_id(external_id: str) -> _JobId:
     pid, start, *cgroup = external_id.split(":", 2)
-    return _RunnerId(int(pid), int(start), Path(cgroup[0]) if cgroup else None)
+    return _JobId(int(pid), int(start), Path(cgroup[0]) if cgroup else None)
 
 
-# Outcomes that say nothing of the job's own process: its runner ended without recording one.
+def _key(job: models.Job) -> str:
+    """How the keeper knows the current attempt."""
+    return f"{job.id}/{job.attempt}"
+
+
+# Outcomes that say nothing of the job's own process: whoever held it ended without telling.
 _UNRECORDED = frozenset({"vanished", "killed", "setup_failed"})
-_ORPHANED = "orphaned"  # the runner has gone and recorded nothing; the job's processes run on
+_ORPHANED = "orphaned"  # the keeper has gone and told nothing; the job's processes run on
 
 
 class _Unsure(Exception):
@@ -107,39 +116,6 @@ def _alive(pid: int, start: int) -> bool:
         raise _Unsure(f"/proc/{pid}/stat", exc) from exc
 
 
-_SYS_CLOSE_RANGE = {"x86_64": 436, "aarch64": 436}.get(os.uname().machine)
-_CLOSE_RANGE_CLOEXEC = 4
-_LIBC = ctypes.CDLL(None, use_errno=True)  # this process's libc, already loaded
-
-
-def _close_range_cloexec() -> bool:
-    """close_range(2) marking every descriptor from 3 up close-on-exec; False where the
-    kernel or platform lacks it."""
-    if _SYS_CLOSE_RANGE is None:
-        return False
-    result: int = _LIBC.syscall(_SYS_CLOSE_RANGE, 3, 0xFFFFFFFF, _CLOSE_RANGE_CLOEXEC)
-    return result == 0
-
-
-def _cloexec_inherited() -> None:
-    """Make close-on-exec each of our descriptors above stderr that a child would inherit (from
-    whoever started the daemon, or opened without O_CLOEXEC): a job must never hold the
-    daemon's sockets or pipes. Unlike a close action of the spawn, which cannot name a
-    descriptor at or above the soft RLIMIT_NOFILE (EBADF), this works whatever its number.
-    One `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` does it (Linux ≥ 5.11) without needing a
-    descriptor of its own, so a daemon out of descriptors can still start jobs; else the
-    descriptors are listed from /proc."""
-    if _close_range_cloexec():
-        return
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if fd > 2 and os.get_inheritable(fd):
-                os.set_inheritable(fd, False)
-        except OSError:
-            continue  # closed since the listing (it was the listing's own descriptor)
-
-
 def _utf8_prefix(data: bytes) -> bytes:
     """`data` less a trailing incomplete UTF-8 sequence (read it next time, whole)."""
     for back in range(1, min(4, len(data)) + 1):
@@ -162,25 +138,27 @@ class LocalBackend:
     describe_batch_size = 1000
     max_start_attempts: int | None = None
     start_budget_s: float | None = None
-    log_delivery_s = 0.0  # the runner has written everything once the job has ended
+    log_delivery_s = 0.0  # the keeper has copied everything once it tells the job has ended
 
-    def __init__(self, settings: LocalSettings, work_dir: Path) -> None:
+    def __init__(
+        self, settings: LocalSettings, work_dir: Path, hidden_from_jobs: Sequence[Path] = ()
+    ) -> None:
         self._settings = settings
         self._work_dir = work_dir
+        self._hidden_from_jobs = list(hidden_from_jobs)
+        self._hidden: list[str] = []  # what daemon-mode jobs do not see, once checked
         self.max_in_flight = settings.max_concurrency
         self._wake: base.Wake = lambda _job_id: None
-        # Runners this process spawned (and so must reap) → their wait status once reaped.
-        self._children: dict[str, int | None] = {}
-        self._pidfds: dict[str, int] = {}
-        self._finished: set[str] = set()
+        self._keeper = keeper.KeeperClient(work_dir, self._keeper_said)
         self._killers: dict[str, asyncio.Task[None]] = {}
-        # Runners spawned whose start time could not be read: adopted once `locate` names them.
-        self._orphans: set[int] = set()
         self._read_errors: dict[str, int] = {}  # errno name → reads that failed inconclusively
         self._unsure: dict[str, int] = {}  # external id → inconclusive reads in a row
         self._containment = cgroups.Containment(None, "not started")
+        # Watches of orphaned jobs' own processes (pidfd), for jobs without a cgroup whose
+        # keeper has gone: each exit has the job polled at once.
+        self._pidfds: dict[str, int] = {}
         # Watches of cgroup.events (EPOLLPRI: the kernel flags each change) of the jobs whose
-        # runner has gone while processes remain: each change has the job polled at once.
+        # own process has gone while processes remain: each change has the job polled at once.
         self._epoll: select.epoll | None = None
         self._cgroup_fds: dict[str, int] = {}  # external id → its cgroup.events
         self._cgroup_jobs: dict[int, str] = {}  # that descriptor → job id
@@ -189,12 +167,18 @@ class LocalBackend:
     def containment(self) -> cgroups.Containment:
         return self._containment
 
+    @property
+    def hidden(self) -> list[str]:
+        """The directories daemon-mode jobs see empty (none where the kernel does not allow)."""
+        return list(self._hidden)
+
     async def start(self) -> None:
         # A configuration this daemon cannot honour is said now, not by every job failing.
         if self._settings.run_as == "submitter" and (why := await users.check(RUNNER)):
             raise errors.CannotRunAsSubmitter(why)
         self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._work_dir = self._work_dir.resolve()
+        self._keeper = keeper.KeeperClient(self._work_dir, self._keeper_said)
         self._containment = cgroups.probe(
             enabled=self._settings.cgroup == "auto", root=self._settings.cgroup_root, create=True
         )
@@ -211,9 +195,30 @@ class LocalBackend:
                 fallback="process groups: a job's processes that leave its process group "
                 "survive cancel and timeouts, and are not waited for",
             )
+        await self._check_hiding()
+        try:
+            await self._keeper.connect()
+        except keeper.KeeperUnavailable as exc:  # jobs wait; it is tried again at each launch
+            log.warning("local.keeper_unavailable", error=str(exc))
+
+    async def _check_hiding(self) -> None:
+        if self._settings.run_as != "daemon" or self._settings.hide_state == "off":
+            return
+        hidden = sorted({str(path.resolve()) for path in [*self._hidden_from_jobs, self._work_dir]})
+        why = await asyncio.to_thread(_sandbox.probe, hidden, str(self._work_dir))
+        if why is None:
+            self._hidden = hidden
+            log.info("local.state_hidden", hidden=hidden)
+        else:
+            log.warning(
+                "local.state_visible",
+                reason=why,
+                consequence="local jobs run as the daemon's user and can read and write the "
+                'store and other jobs\' files; set local.hide_state = "off" to silence this',
+            )
 
     async def close(self) -> None:
-        # Jobs keep running: the next daemon adopts them. Only our watches end here.
+        # Jobs keep running under the keeper: the next daemon adopts them. Only our watches end.
         for task in self._killers.values():
             task.cancel()
         for external_id in list(self._pidfds):
@@ -224,18 +229,21 @@ class LocalBackend:
             asyncio.get_running_loop().remove_reader(self._epoll.fileno())
             self._epoll.close()
             self._epoll = None
-        self._children.clear()
+        await self._keeper.close()
 
     def set_wake(self, wake: base.Wake) -> None:
         self._wake = wake
+
+    def _keeper_said(self, key: str) -> None:
+        self._wake(key.partition("/")[0])
 
     def validate(self, spec: models.JobSpec) -> None:
         if spec.overrides:
             raise errors.InvalidJob("the local backend takes no overrides", "job.overrides")
         # The launch as it will be, with an id and attempt as long as real ones: E2BIG now.
         stand_in = self._work_dir / ("x" * 26) / "999"
-        argv, env = self._launch(spec, "x" * 26, 999, stand_in, stand_in)
-        size, limit = models.launch_bytes(argv, env), models.launch_limit_bytes()
+        env, _ = self._environment(spec, "x" * 26, 999, stand_in)
+        size, limit = models.launch_bytes(list(spec.command), env), models.launch_limit_bytes()
         if size > limit:
             raise errors.InvalidJob(
                 f"the launch would take {size} bytes of arguments and environment (with what "
@@ -243,18 +251,17 @@ class LocalBackend:
                 "job",
             )
 
-    def _launch(
+    def _environment(
         self,
         spec: models.JobSpec,
         job_id: str,
         attempt: int,
         attempt_dir: Path,
-        cgroup: Path | None,
         user: users.Identity | None = None,
-    ) -> tuple[list[str], dict[str, str]]:
-        """The runner's argv and the environment it passes on to the job: run as `user` if
-        given, with its HOME, USER, LOGNAME and SHELL instead of the daemon's (unless the job's
-        own `env` sets them), in its home directory unless the job names a `cwd`."""
+    ) -> tuple[dict[str, str], str]:
+        """The job's environment and working directory: run as `user` if given, with its HOME,
+        USER, LOGNAME and SHELL instead of the daemon's (unless the job's own `env` sets them),
+        in its home directory unless the job names a `cwd`."""
         env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
         if user is not None:
             for name in users.PASSWD_VARIABLES:
@@ -263,20 +270,7 @@ class LocalBackend:
         env.update(spec.env)
         env.update(ORCHESTRATOR_JOB_ID=job_id, ORCHESTRATOR_ATTEMPT=str(attempt))
         default_cwd = str(attempt_dir) if user is None else user.default_cwd
-        argv = [
-            sys.executable,
-            "-I",
-            "-S",
-            str(RUNNER),
-            *(["--cgroup", str(cgroup)] if cgroup is not None else []),
-            *(["--user", user.runner_arg()] if user is not None else []),
-            str(attempt_dir),
-            spec.cwd or default_cwd,
-            str(self._settings.max_output_bytes),
-            "--",
-            *spec.command,
-        ]
-        return argv, env
+        return env, spec.cwd or default_cwd
 
     def partition(self, job: models.Job) -> str:
         return self.name
@@ -290,12 +284,12 @@ class LocalBackend:
         return None if root is None else root / f"{job.id}-{job.attempt}"
 
     @staticmethod
-    def _cgroup_of(job: models.Job, runner: _RunnerId) -> Path | None:
+    def _cgroup_of(job: models.Job, ident: _JobId) -> Path | None:
         """The attempt's cgroup named in its external id; one not named for this job and
         attempt is not believed (the external id comes from the store, not from the kernel)."""
-        if runner.cgroup is None or runner.cgroup.name != f"{job.id}-{job.attempt}":
+        if ident.cgroup is None or ident.cgroup.name != f"{job.id}-{job.attempt}":
             return None
-        return runner.cgroup
+        return ident.cgroup
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -329,52 +323,41 @@ class LocalBackend:
                 raise errors.StartFailed(
                     f"cannot create the job's cgroup {cgroup}: {exc.strerror}", retryable=True
                 ) from exc
-        argv, env = self._launch(job.spec, job.id, job.attempt, attempt_dir, cgroup, user)
-        # Not O_APPEND: splice(2) refuses such a target. The runner writes from the end.
-        write = os.O_WRONLY | os.O_CREAT
+        env, cwd = self._environment(job.spec, job.id, job.attempt, attempt_dir, user)
+        request = {
+            "dir": str(attempt_dir),
+            "command": list(job.spec.command),
+            "env": env,
+            "cwd": cwd,
+            "cgroup": None if cgroup is None else str(cgroup),
+            "user": None if user is None else user.runner_arg(),
+            "hidden": self._hidden if user is None else [],
+            "limit": self._settings.max_output_bytes,
+        }
         try:
-            _cloexec_inherited()
-            # posix_spawn (vfork underneath) keeps the event loop's pause to well under a ms.
-            pid = os.posix_spawn(  # noqa: ASYNC221 - returns at once, see above
-                sys.executable,
-                argv,
-                env,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, str(attempt_dir / "stdout"), write, 0o600),
-                    (os.POSIX_SPAWN_OPEN, 2, str(attempt_dir / "stderr"), write, 0o600),
-                ],
-                setsid=True,
-            )
-        except (OSError, ValueError) as exc:
-            # Whatever the launch raises is this attempt's start failure, never an exception
-            # that leaves the job in limbo: EAGAIN, ENOMEM, EMFILE (the host is short of
-            # something now) are worth a retry; E2BIG, a NUL byte (ValueError), a missing
-            # interpreter are not.
+            record = await self._keeper.launch(_key(job), request)
+        except (keeper.KeeperUnavailable, keeper.LaunchFailed) as exc:
+            # Nothing ran: EAGAIN, ENOMEM, EMFILE, no keeper (the host is short of something
+            # now) are worth a retry; what the same launch would meet again is not.
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroups.remove(cgroup)
-            retryable = isinstance(exc, OSError) and exc.errno not in _PERMANENT_SPAWN_ERRORS
+            code = exc.errno if isinstance(exc, keeper.LaunchFailed) else None
             raise errors.StartFailed(
-                f"cannot start the job runner: {exc}", retryable=retryable
+                f"cannot start the job: {exc}", retryable=code not in _PERMANENT_SPAWN_ERRORS
             ) from exc
-        try:
-            external_id = f"{pid}:{_runner.start_time(pid)}"
-            if cgroup is not None:
-                external_id += f":{cgroup}"
-        except (OSError, ValueError, IndexError) as exc:
-            # It runs, but cannot be named now; its claim names it when the attempt is settled.
-            self._orphans.add(pid)
+        except (ConnectionError, TimeoutError) as exc:
             raise errors.OutcomeUnknown(
-                f"started the job runner (pid {pid}) but cannot read its start time: {exc}"
+                f"the job keeper did not answer the launch: {exc!r}; it may have started"
             ) from exc
-        self._children[external_id] = None
-        self._watch(external_id, job.id)
+        external_id = f"{record.pid}:{record.start}"
+        if cgroup is not None:
+            external_id += f":{cgroup}"
         return base.Submitted(
             external_id=external_id,
             state=models.JobState.RUNNING,
             vendor_status="running",
-            info={"pid": pid, "dir": str(attempt_dir)}
+            info={"pid": record.pid, "dir": str(attempt_dir)}
             | ({"cgroup": str(cgroup)} if cgroup is not None else {})
             | ({"uid": user.uid, "gid": user.gid} if user is not None else {}),
         )
@@ -382,9 +365,7 @@ class LocalBackend:
     # -- observe ---------------------------------------------------------------------------
 
     async def describe(self, jobs: Sequence[models.Job]) -> Mapping[str, base.Observation]:
-        observations = {job.external_id: self._observe(job) for job in jobs if job.external_id}
-        self._reap_unwatched()
-        return observations
+        return {job.external_id: self._observe(job) for job in jobs if job.external_id}
 
     def _observe(self, job: models.Job) -> base.Observation:
         assert job.external_id is not None
@@ -403,23 +384,21 @@ class LocalBackend:
     def _observe_now(self, job: models.Job) -> base.Observation:
         assert job.external_id is not None
         external_id = job.external_id
-        runner = _parse_external_id(external_id)
-        if runner.pid in self._orphans:  # a runner of ours named by its claim: ours to reap
-            self._orphans.discard(runner.pid)
-            self._children[external_id] = None
-        cgroup = self._cgroup_of(job, runner)
-        exit_file = self.attempt_dir(job) / "exit"
-        done = self._read_exit(external_id, exit_file, runner_gone=False)
-        # In a cgroup, the end is told once the runner has gone too (it is one of the members).
-        if done is None or cgroup is not None:
-            if self._runner_running(external_id, runner):
-                self._watch(external_id, job.id)  # adopted after a restart, or not watched yet
-                return base.Observation(external_id, models.JobState.RUNNING, "running")
-            # The runner is gone. It may have written the file just after we looked.
-            if done is None:
-                done = self._read_exit(external_id, exit_file, runner_gone=True)
-            if done is None:
-                done = self._runner_outcome(external_id)
+        ident = _parse_external_id(external_id)
+        cgroup = self._cgroup_of(job, ident)
+        if not self._keeper.connected:
+            self._keeper.reconnect_soon()
+            raise _Unsure("keeper", ConnectionError(errno.ECONNREFUSED, "not connected"))
+        record = self._keeper.records.get(_key(job))
+        if record is not None and record.result is None:
+            return base.Observation(external_id, models.JobState.RUNNING, "running")
+        if record is not None:
+            assert record.result is not None
+            done = _outcome(external_id, record.result)
+        else:
+            done = self._without_record(job, ident)
+            if done.state is models.JobState.RUNNING:
+                return done
         if cgroup is not None:
             if (draining := self._draining(job, cgroup, done)) is not None:
                 return draining
@@ -428,49 +407,49 @@ class LocalBackend:
                     external_id,
                     models.JobState.LOST,
                     "vanished",
-                    reason="the job's runner ended without recording an exit status; its "
-                    "processes ran on (re-adopted) and have ended since: the outcome is unknown",
+                    reason="the keeper that ran the job ended without telling its exit status; "
+                    "its processes ran on (re-adopted) and have ended since: the outcome is "
+                    "unknown",
                 )
         self._forget(external_id)
         return done
 
-    def _runner_running(self, external_id: str, runner: _RunnerId) -> bool:
-        if external_id in self._children:
-            return self._reap(external_id) is None
-        return _alive(runner.pid, runner.start)
-
-    def _runner_outcome(self, external_id: str) -> base.Observation:
-        """The outcome of an attempt whose runner has gone without recording one: what its wait
-        status tells, if it was our child; else nothing (LOST)."""
-        status = self._children.get(external_id)
-        if status is not None and os.WIFSIGNALED(status):
-            signum = os.WTERMSIG(status)
+    def _without_record(self, job: models.Job, ident: _JobId) -> base.Observation:
+        """What to say of an attempt the keeper does not know: launched by a runner from before
+        the keeper (its files tell), or by a keeper that has gone (its process may run on)."""
+        assert job.external_id is not None
+        external_id = job.external_id
+        claim = _read_claim(self.attempt_dir(job))
+        if claim is not None and "start_time" in claim:  # a runner's: from before the keeper
+            exit_file = self.attempt_dir(job) / "exit"
+            done = self._read_exit(external_id, exit_file, runner_gone=False)
+            if done is None and _alive(ident.pid, ident.start):
+                return base.Observation(external_id, models.JobState.RUNNING, "running")
+            done = done or self._read_exit(external_id, exit_file, runner_gone=True)
+            if done is not None:
+                return done
             return base.Observation(
                 external_id,
-                models.JobState.FAILED,
-                "killed",
-                reason=f"killed by {signal.Signals(signum).name}",
-                exit_code=128 + signum,
+                models.JobState.LOST,
+                "vanished",
+                reason="the job's runner ended without recording an exit status",
             )
-        failed = _runner.setup_failure(os.WEXITSTATUS(status)) if status is not None else None
-        if failed is not None:
+        if ident.pid and _alive(ident.pid, ident.start):
+            if ident.cgroup is None:
+                self._watch(external_id, job.id)
             return base.Observation(
                 external_id,
-                models.JobState.FAILED,
-                "setup_failed",
-                reason="the job's runner could not set up its attempt (join its cgroup, claim "
-                f"it): {os.strerror(failed)} ({errno.errorcode.get(failed, failed)}); "
-                "the job did not run",
+                models.JobState.RUNNING,
+                _ORPHANED,
+                reason="the keeper that ran the job has gone; the job's process still runs "
+                "(re-adopted: cancel and timeouts stop it; its exit status will not be known)",
             )
-        if status is not None:  # our own child: we saw it end, and how
-            why = f"exited with status {os.WEXITSTATUS(status)} (its error is in the job's stderr)"
-        else:
-            why = "was killed while the daemon was down, or the host rebooted"
         return base.Observation(
             external_id,
             models.JobState.LOST,
             "vanished",
-            reason=f"the job's runner ended without recording an exit status: it {why}",
+            reason="the keeper that ran the job ended (killed, or the host rebooted) without "
+            "telling its exit status",
         )
 
     def _draining(
@@ -516,10 +495,9 @@ class LocalBackend:
     def _read_exit(
         self, external_id: str, path: Path, *, runner_gone: bool
     ) -> base.Observation | None:
-        """The recorded outcome; None while there is none. A file that cannot be read now
-        raises `_Unsure`. One that does not parse (the runner replaces it atomically, so only
-        a failing disk makes one) is waited on while the runner lives; once it is gone, the
-        outcome cannot be established: LOST, saying why."""
+        """The outcome a runner from before the keeper recorded; None while there is none. A
+        file that cannot be read now raises `_Unsure`. One that does not parse is waited on
+        while the runner lives; once it is gone, the outcome cannot be established: LOST."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -528,8 +506,7 @@ class LocalBackend:
             raise _Unsure("exit file", exc) from exc
         try:
             result: dict[str, Any] = orjson.loads(data)
-            code = int(result["exit_code"])
-            killed_by = int(result["signal"]) if result.get("signal") else None
+            int(result["exit_code"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             if not runner_gone:
                 return None
@@ -539,18 +516,7 @@ class LocalBackend:
                 "unreadable",
                 reason=f"the exit file is corrupt ({exc!r}) and its runner has ended",
             )
-        reason: str | None
-        if result.get("error"):
-            reason = str(result["error"])
-        elif killed_by:
-            reason = f"killed by {signal.Signals(killed_by).name}"
-        else:
-            reason = None if code == 0 else f"exit code {code}"
-        state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
-        info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
-        return base.Observation(
-            external_id, state, "exited", reason=reason, exit_code=code, info=info
-        )
+        return _outcome(external_id, result)
 
     def _read_failed(self, key: str | None, exc: _Unsure, **context: Any) -> None:
         """Count an inconclusive read and log it: for a job (`key`, its external id) the first
@@ -570,19 +536,9 @@ class LocalBackend:
                 **context,
             )
 
-    def _reap_unwatched(self) -> None:
-        """Reap the runners of ours that no pidfd watches (pidfd_open failed: EMFILE)."""
-        for pid in list(self._orphans):
-            try:
-                reaped, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                reaped = pid
-            if reaped:
-                self._orphans.discard(pid)
-        for external_id in [e for e in self._finished if e not in self._pidfds]:
-            if self._reap(external_id) is not None:
-                self._finished.discard(external_id)
-                self._children.pop(external_id, None)
+    def settled(self, job: models.Job) -> None:
+        """The job's end is recorded: the keeper may forget its outcome."""
+        self._keeper.forget([_key(job)])
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -591,25 +547,40 @@ class LocalBackend:
         the grace period."""
         if job.external_id is None:
             return
-        runner = _parse_external_id(job.external_id)
-        if (cgroup := self._cgroup_of(job, runner)) is not None:
+        ident = _parse_external_id(job.external_id)
+        if (cgroup := self._cgroup_of(job, ident)) is not None:
             self._stop_cgroup(job.external_id, job.id, cgroup)
             return
         if job.external_id in self._killers:
             return
-        pid = runner.pid
-        try:
-            if not self._is_runner(job.external_id):
-                return
-        except _Unsure as exc:
-            self._read_failed(job.external_id, exc, job_id=job.id)
-            return  # cannot tell whose pid it is now: the poller stops it again next round
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+        if not self._signal_group(job, signal.SIGTERM):
+            return
         self._killers[job.external_id] = asyncio.create_task(
-            self._kill_after_grace(job.external_id, job.id),
+            self._kill_after_grace(job.external_id, job.id, job=job),
             name=f"local-kill-{job.id}",
         )
+
+    def _signal_group(self, job: models.Job, signum: int) -> bool:
+        """Signal the job's process group: through the keeper while it holds the job (its pid
+        cannot have been reused before the keeper reaps it), else if the process is still the
+        one started then. False if there is nothing left to signal."""
+        assert job.external_id is not None
+        record = self._keeper.records.get(_key(job))
+        if record is not None:
+            if record.result is not None:
+                return False
+            self._keeper.signal(_key(job), signum)
+            return True
+        ident = _parse_external_id(job.external_id)
+        try:
+            if not ident.pid or not _alive(ident.pid, ident.start):
+                return False
+        except _Unsure as exc:
+            self._read_failed(job.external_id, exc, job_id=job.id)
+            return False  # cannot tell whose pid it is now: the poller stops it again next round
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(ident.pid, signum)
+        return True
 
     def _stop_cgroup(self, external_id: str, job_id: str, cgroup: Path) -> None:
         """SIGTERM to each process in the cgroup, then `cgroup.kill` after the grace period;
@@ -640,53 +611,51 @@ class LocalBackend:
         except (OSError, ValueError) as exc:  # the poller stops it again on its next round
             self._read_failed(None, _Unsure("cgroup", exc), job_id=job_id)
 
-    def _is_runner(self, external_id: str) -> bool:
-        """Whether the runner (and so its process group) is still there to be signalled. A
-        child of ours not yet reaped holds its pid, so no start time needs checking."""
-        if external_id in self._children and self._children[external_id] is None:
-            return True
-        runner = _parse_external_id(external_id)
-        return _alive(runner.pid, runner.start)
-
     async def _kill_after_grace(
-        self, external_id: str, job_id: str, cgroup: Path | None = None
+        self,
+        external_id: str,
+        job_id: str,
+        cgroup: Path | None = None,
+        job: models.Job | None = None,
     ) -> None:
         await asyncio.sleep(self._settings.kill_grace_s)
         if cgroup is not None:
             self._kill_cgroup(cgroup, job_id)
             return
-        while True:
-            try:
-                alive = self._is_runner(external_id)
-                break
-            except _Unsure as exc:
-                self._read_failed(external_id, exc, job_id=job_id)
-                await asyncio.sleep(min(1.0, self._settings.kill_grace_s))
-        if alive:
-            pid = _parse_external_id(external_id).pid
-            log.warning("local.kill", pid=pid, grace_s=self._settings.kill_grace_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        assert job is not None
+        if self._signal_group(job, 0):
+            log.warning("local.kill", job_id=job_id, grace_s=self._settings.kill_grace_s)
+            self._signal_group(job, signal.SIGKILL)
 
     # -- recovery --------------------------------------------------------------------------
 
     async def locate(self, job: models.Job) -> base.Located:
-        """Did the current attempt's runner start? Claim the attempt to find out: if the claim
-        is ours, no runner ever will (it gives up when it finds the claim taken). What cannot
-        be read now answers "cannot tell", never "not launched"."""
+        """Did the current attempt launch? The keeper knows what it launched; failing that,
+        claim the attempt to find out: if the claim is ours, nothing ever will (the keeper
+        refuses a launch whose attempt is claimed). What cannot be read now answers "cannot
+        tell", never "not launched"."""
+        try:
+            await self._keeper.connect()  # what the last daemon sent is in what it says
+        except keeper.KeeperUnavailable as exc:
+            self._read_failed(None, _Unsure("keeper", ConnectionError(str(exc))), job_id=job.id)
+            return base.Located(None, launched=None)
+        cgroup = self._new_cgroup(job)
+        suffix = f":{cgroup}" if cgroup is not None else ""
+        record = self._keeper.records.get(_key(job))
+        if record is not None:
+            return base.Located(f"{record.pid}:{record.start}{suffix}", launched=True)
         try:
             located = self._claim_or_read(self.attempt_dir(job))
         except _Unsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             return base.Located(None, launched=None)
-        cgroup = self._new_cgroup(job)
         if cgroup is None:
             return located
         if located.launched is False:  # made before a crash, never joined: not needed now
             with contextlib.suppress(OSError):
                 cgroups.remove(cgroup)
         elif located.external_id is not None and cgroup.is_dir():
-            return base.Located(f"{located.external_id}:{cgroup}", launched=True)
+            return base.Located(f"{located.external_id}{suffix}", launched=True)
         return located
 
     @staticmethod
@@ -706,25 +675,26 @@ class LocalBackend:
                 pass
             else:
                 return base.Located(None, launched=False)
-            data = (attempt_dir / "claim").read_bytes()
         except OSError as exc:
             raise _Unsure("claim file", exc) from exc
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        try:
-            claim = orjson.loads(data)
-            if claim.get("pid") is None:
-                return base.Located(None, launched=False)
+        claim = _read_claim(attempt_dir)
+        if claim is None or claim.get("by") == "recovery":
+            return base.Located(None, launched=False)
+        if "keeper" in claim:  # launched by a keeper that has gone since
+            return base.Located("0:0", launched=True)
+        try:  # a runner's, from before the keeper
             return base.Located(f"{int(claim['pid'])}:{int(claim['start_time'])}", launched=True)
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise _Unsure("claim file", exc) from exc
 
     def telemetry(self) -> base.Telemetry:
         return base.Telemetry(read_errors=sorted(self._read_errors.items()))
 
     def can_resubmit(self, job: models.Job) -> bool:
-        return False  # `locate` always knows: the attempt's claim file decides
+        return False  # `locate` always knows: the keeper and the attempt's claim decide
 
     # -- logs ------------------------------------------------------------------------------
 
@@ -755,7 +725,7 @@ class LocalBackend:
                 chunks.append(base.LogChunk(stream, data.decode("utf-8", errors="replace")))
         return base.LogPage(chunks, offsets)
 
-    # -- exit watches (pidfd: the kernel tells us when a runner exits) ----------------------
+    # -- exit watches of orphans (pidfd: the kernel tells us when a process exits) -------
 
     def _watch(self, external_id: str, job_id: str) -> None:
         if external_id in self._pidfds:
@@ -764,35 +734,13 @@ class LocalBackend:
         try:
             fd = os.pidfd_open(pid)
         except OSError:
-            return  # gone already, or no pidfd: polling still finds the outcome
+            return  # gone already, or no pidfd: polling still finds the end
         self._pidfds[external_id] = fd
         asyncio.get_running_loop().add_reader(fd, self._exited, external_id, job_id)
 
     def _exited(self, external_id: str, job_id: str) -> None:
         self._unwatch(external_id)
-        if external_id in self._children:  # an adopted runner is not ours to reap
-            self._reap(external_id)
-        if external_id in self._finished:  # its outcome is recorded; it only needed reaping
-            self._finished.discard(external_id)
-            self._children.pop(external_id, None)
-            return
         self._wake(job_id)
-
-    def _reap(self, external_id: str) -> int | None:
-        """Collect our child's wait status if it has exited (None while it runs)."""
-        status = self._children.get(external_id)
-        if status is not None:
-            return status
-        pid = _parse_external_id(external_id).pid
-        try:
-            reaped, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # reaped elsewhere; the exit file still tells
-            status = 0
-        else:
-            if reaped == 0:
-                return None
-        self._children[external_id] = status
-        return status
 
     def _unwatch(self, external_id: str) -> None:
         fd = self._pidfds.pop(external_id, None)
@@ -839,13 +787,41 @@ class LocalBackend:
             os.close(fd)
 
     def _forget(self, external_id: str) -> None:
-        """The job's outcome is known: drop everything we hold for it."""
+        """The job's outcome is known: drop the watches we hold for it."""
         if (killer := self._killers.pop(external_id, None)) is not None:
             killer.cancel()
         self._unsure.pop(external_id, None)
         self._unwatch_cgroup(external_id)
-        if external_id in self._children and self._reap(external_id) is None:
-            self._finished.add(external_id)  # still exiting: the pidfd watch reaps it
-            return
-        self._children.pop(external_id, None)
         self._unwatch(external_id)
+
+
+def _read_claim(attempt_dir: Path) -> dict[str, Any] | None:
+    """The attempt's claim (None: there is none); `_Unsure` if it cannot be read now."""
+    try:
+        claim = orjson.loads((attempt_dir / "claim").read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _Unsure("claim file", exc) from exc
+    except orjson.JSONDecodeError as exc:
+        raise _Unsure("claim file", exc) from exc
+    if not isinstance(claim, dict):
+        raise _Unsure("claim file", ValueError(f"not an object: {claim!r}"))
+    return claim
+
+
+def _outcome(external_id: str, result: Mapping[str, Any]) -> base.Observation:
+    """The observation of a job whose own process has ended, from what the keeper (or a runner
+    from before it) recorded: exit code, signal, why it could not start."""
+    code = int(result["exit_code"])
+    killed_by = int(result["signal"]) if result.get("signal") else None
+    reason: str | None
+    if result.get("error"):
+        reason = str(result["error"])
+    elif killed_by:
+        reason = f"killed by {signal.Signals(killed_by).name}"
+    else:
+        reason = None if code == 0 else f"exit code {code}"
+    state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
+    info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
+    return base.Observation(external_id, state, "exited", reason=reason, exit_code=code, info=info)
