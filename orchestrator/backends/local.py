@@ -205,7 +205,7 @@ class LocalBackend:
         if self._settings.run_as != "daemon" or self._settings.hide_state == "off":
             return
         hidden = sorted({str(path.resolve()) for path in [*self._hidden_from_jobs, self._work_dir]})
-        why = await asyncio.to_thread(_sandbox.probe, hidden, str(self._work_dir))
+        why = await asyncio.to_thread(_sandbox.probe, hidden, None)
         if why is None:
             self._hidden = hidden
             log.info("local.state_hidden", hidden=hidden)

@@ -1,5 +1,5 @@
 """Local jobs contained in cgroups (v2) of their own: nothing a job starts survives its cancel,
-its timeout or its end, a job is terminal only once its cgroup is empty, and a job whose runner
+its timeout or its end, a job is terminal only once its cgroup is empty, and a job whose keeper
 was killed while the daemon was down is re-adopted while its processes run. Real cgroups, real
 double-forking jobs; skipped where this process may not make cgroups. The fallback (no cgroups:
 process groups, and a warning) is tested everywhere."""
@@ -23,6 +23,7 @@ from orchestrator.client import Client
 from orchestrator.testing import make_settings
 from tests.support.cgroup import FOUND, scratch, wait_for
 from tests.support.daemon import DaemonProcess, running, until_state
+from tests.support.keeper import keeper_pids
 from tests.support.waits import until
 
 pytestmark = pytest.mark.timeout(90)
@@ -149,7 +150,7 @@ async def test_what_a_job_leaves_running_is_stopped_before_the_job_is_terminal(
     assert_ended_whole(final, grandchild)
 
 
-# -- restarts: a runner killed while the daemon was down -----------------------------------------
+# -- restarts: the keeper killed while the daemon was down ---------------------------------------
 
 
 @pytest.fixture
@@ -159,14 +160,13 @@ def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
     proc.close()
 
 
-def kill_daemon_and_runner(daemon: DaemonProcess, job_id: str) -> None:
-    """kill -9 the daemon, then the job's runner alone: the job's processes run on, with no
-    one to record their outcome."""
-    with daemon.client() as client:
-        runner = int(client.get(job_id)["info"]["pid"])
+def kill_daemon_and_keeper(daemon: DaemonProcess) -> None:
+    """kill -9 the daemon, then the job keeper: the job's processes run on, with no one to
+    learn their outcome."""
+    (keeper,) = keeper_pids(daemon.store_path.parent / "jobs")
     daemon.kill()
-    os.kill(runner, signal.SIGKILL)
-    wait_for(lambda: not running_pid(runner), "the runner to die")
+    os.kill(keeper, signal.SIGKILL)
+    wait_for(lambda: not running_pid(keeper), "the keeper to die")
 
 
 def until_seen_after_restart(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def until_seen_after_restart(daemon: DaemonProcess, job_id: str) -> dict[str, An
 
 
 @needs_cgroups
-def test_a_job_whose_runner_was_killed_is_readopted_while_its_processes_run(
+def test_a_job_whose_keeper_was_killed_is_readopted_while_its_processes_run(
     daemon: DaemonProcess, short_tmp: Path, pidfile: Path
 ) -> None:
     daemon.start()
@@ -193,7 +193,7 @@ def test_a_job_whose_runner_was_killed_is_readopted_while_its_processes_run(
         wait_for(lambda: read_pid(pidfile) is not None, "the job to fork")
     grandchild = read_pid(pidfile)
     assert grandchild is not None
-    kill_daemon_and_runner(daemon, job["id"])
+    kill_daemon_and_keeper(daemon)
     daemon.start()
     seen = until_seen_after_restart(daemon, job["id"])
     # Not LOST while its processes run: re-adopted, and still under control.
@@ -219,14 +219,14 @@ def test_a_readopted_job_whose_processes_end_is_lost_saying_so(
         wait_for(lambda: read_pid(pidfile) is not None, "the job to fork")
     grandchild = read_pid(pidfile)
     assert grandchild is not None
-    kill_daemon_and_runner(daemon, job["id"])
+    kill_daemon_and_keeper(daemon)
     daemon.start()
     assert until_seen_after_restart(daemon, job["id"])["state"] == "RUNNING"
     go.touch()  # the job's processes end by themselves; no one records how
     with daemon.client() as client:
         final = client.wait(job["id"])
     assert final["state"] == "LOST"
-    assert "without recording an exit status" in final["reason"]
+    assert "without telling its exit status" in final["reason"], final["reason"]
     assert "ran on" in final["reason"], final["reason"]
     assert_ended_whole(final, grandchild)
 

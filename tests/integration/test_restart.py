@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.client import SyncClient
 from tests.support.daemon import DaemonProcess
+from tests.support.keeper import keeper_pids
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,9 +86,13 @@ def test_job_that_finished_while_the_daemon_was_down_reports_its_real_exit_code(
     with daemon.client() as client:
         job = client.submit({"command": job_script(short_tmp, 0.3, 7)})
         wait_for(lambda: ran_log(short_tmp), what="the job to start")
+        pid = client.get(job["id"])["info"]["pid"]
     daemon.kill()
-    exit_file = Path(job_dir(daemon, job["id"]), "1", "exit")
-    wait_for(exit_file.exists, what="the job to finish while the daemon is down")
+    # The keeper reaps it at once: no /proc entry once it has ended, and nobody wrote a file.
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists(), what="the job to end while the daemon is down"
+    )
+    assert not Path(job_dir(daemon, job["id"]), "1", "exit").exists()
     daemon.start()
     with daemon.client() as client:
         final = client.wait(job["id"])
@@ -110,7 +115,7 @@ def test_job_still_running_at_restart_is_adopted_and_finishes(
     assert ran_log(short_tmp) == [job["id"]]
 
 
-def test_job_whose_runner_died_with_the_host_becomes_lost_with_a_reason(
+def test_job_whose_keeper_died_with_the_host_becomes_lost_with_a_reason(
     daemon: DaemonProcess, short_tmp: Path
 ) -> None:
     daemon.start()
@@ -119,13 +124,19 @@ def test_job_whose_runner_died_with_the_host_becomes_lost_with_a_reason(
         wait_for(lambda: ran_log(short_tmp), what="the job to start")
         pid = client.get(job["id"])["info"]["pid"]
     daemon.kill()
-    os.killpg(pid, signal.SIGKILL)  # as if the host rebooted: no exit status is ever written
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the runner to die")
+    # As if the host rebooted: the keeper, holder of every exit status, and the job both go.
+    (keeper,) = keeper_pids(job_dir(daemon, job["id"]).parent)
+    os.kill(keeper, signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the job to die")
     daemon.start()
     with daemon.client() as client:
         final = client.wait(job["id"])
+        later = client.submit({"command": ["sh", "-c", "exit 4"]})
+        after = client.wait(later["id"])
     assert final["state"] == "LOST"
-    assert "without recording an exit status" in final["reason"]
+    assert "keeper that ran the job ended" in final["reason"]
+    assert (after["state"], after["exit_code"]) == ("FAILED", 4)  # a new keeper runs the next
 
 
 @pytest.mark.parametrize(

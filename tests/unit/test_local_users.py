@@ -1,5 +1,5 @@
 """As whom a local job runs with `local.run_as = "submitter"`: the identity the daemon looks up,
-what it hands to the runner (`--user`) and the environment the job gets. No process is
+what it hands to the keeper (`user`) and the environment and working directory the job gets. No process is
 started here."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_the_runner_is_given_uid_gid_and_groups_and_reads_them_back() -> None:
 
 @pytest.mark.parametrize("bad", ["4242", "4242:x:", "4242:1:a", "", "1:2:3:4"])
 def test_a_malformed_user_is_a_usage_error(bad: str, capfd: pytest.CaptureFixture[str]) -> None:
-    assert _runner.main(["--user", bad, "/nowhere", "/", "10", "--", "true"]) == 2
+    assert _runner.main(["--check-user", bad]) == 2
     assert capfd.readouterr().err.startswith("usage: ")
 
 
@@ -70,9 +70,9 @@ def _has_entry(uid: int) -> bool:
     return True
 
 
-def _launch(
+def _environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user: users.Identity | None, **spec: object
-) -> tuple[list[str], dict[str, str]]:
+) -> tuple[dict[str, str], str]:
     monkeypatch.setenv("HOME", "/root")
     monkeypatch.setenv("USER", "root")
     monkeypatch.setenv("LOGNAME", "root")
@@ -81,19 +81,18 @@ def _launch(
         LocalSettings(inherit_env=["PATH", "HOME", "USER", "LOGNAME", "SHELL"]), tmp_path
     )
     job_spec = models.JobSpec(command=["id"], **spec)  # type: ignore[arg-type]
-    return backend._launch(job_spec, "job", 1, tmp_path / "job" / "1", None, user)
+    return backend._environment(job_spec, "job", 1, tmp_path / "job" / "1", user)
 
 
 def test_a_submitters_job_gets_its_own_home_not_the_daemons(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv, env = _launch(tmp_path, monkeypatch, ALICE)
-    at = argv.index("--user")
-    assert argv[at + 1 : at + 4] == [ALICE.runner_arg(), str(tmp_path / "job" / "1"), "/home/alice"]
+    env, cwd = _environment(tmp_path, monkeypatch, ALICE)
+    assert cwd == "/home/alice"
     assert {name: env.get(name) for name in users.PASSWD_VARIABLES} == ALICE.environment()
     assert env["PATH"] == os.environ["PATH"]
 
-    _, env = _launch(tmp_path, monkeypatch, NO_ENTRY)
+    env, _ = _environment(tmp_path, monkeypatch, NO_ENTRY)
     assert {name: env.get(name) for name in users.PASSWD_VARIABLES} == dict.fromkeys(
         users.PASSWD_VARIABLES
     )
@@ -102,15 +101,14 @@ def test_a_submitters_job_gets_its_own_home_not_the_daemons(
 def test_the_jobs_own_env_and_cwd_win_over_the_passwd_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv, env = _launch(tmp_path, monkeypatch, ALICE, env={"HOME": "/scratch"}, cwd="/srv/work")
+    env, cwd = _environment(tmp_path, monkeypatch, ALICE, env={"HOME": "/scratch"}, cwd="/srv/work")
     assert (env["HOME"], env["USER"]) == ("/scratch", "alice")
-    assert argv[argv.index("--") - 2] == "/srv/work"
+    assert cwd == "/srv/work"
 
 
 def test_a_job_of_the_daemons_own_runs_as_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv, env = _launch(tmp_path, monkeypatch, None)
-    assert "--user" not in argv
-    assert argv[argv.index("--") - 2] == str(tmp_path / "job" / "1")  # its attempt directory
+    env, cwd = _environment(tmp_path, monkeypatch, None)
+    assert cwd == str(tmp_path / "job" / "1")  # its attempt directory
     assert (env["HOME"], env["USER"], env["SHELL"]) == ("/root", "root", "/bin/zsh")
