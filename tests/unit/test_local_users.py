@@ -1,6 +1,6 @@
 """As whom a local job runs with `local.run_as = "submitter"`: the identity the daemon looks up,
-what it hands to the keeper (`user`) and the environment and working directory the job gets. No process is
-started here."""
+what it hands to the keeper (`user`) and the environment and working directory the job gets. No
+process is started here."""
 
 from __future__ import annotations
 
