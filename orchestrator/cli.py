@@ -158,6 +158,7 @@ def serve(config_path: Path | None) -> None:
     from orchestrator.daemon import Daemon
 
     daemon = Daemon(loaded.settings, inherited_socket=_inherited_socket())
+    _not_dumpable()
     # What imports and configuration built lives as long as the process: keep it out of every
     # garbage collection from now on (the recovery scan of 10,000 jobs runs ~30% faster).
     gc.freeze()
@@ -180,6 +181,16 @@ def serve(config_path: Path | None) -> None:
         # The last lines (daemon.stopped) are still queued for stdout; a stdout nobody reads
         # must not keep the process from exiting, so the wait is bounded.
         logs.flush(_LOG_FLUSH_S)
+
+
+def _not_dumpable() -> None:
+    """No core dump and no ptrace, /proc/PID/environ or /proc/PID/mem of the daemon by other
+    processes of its uid (local jobs run as it by default): its memory and environment hold
+    every job's secrets and the AWS credentials."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
 def _event_loop_runner(fn: Callable[[], Awaitable[None]]) -> None:

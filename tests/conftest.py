@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.moto"]
+pytest_plugins = ["tests.support.moto", "tests.support.service"]
 
 
 @pytest.fixture

@@ -59,6 +59,8 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 
+_PR_GET_DUMPABLE = 3
+_PR_SET_DUMPABLE = 4
 _TMPFS_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
 _libc: ctypes.CDLL | None = None
 
@@ -165,17 +167,25 @@ def _enter_user_namespace() -> None:
     """A new user and mount namespace, with this process's uid and gid mapped to themselves."""
     uid, gid = os.geteuid(), os.getegid()
     _check("unshare(CLONE_NEWUSER|CLONE_NEWNS)", _lib().unshare(CLONE_NEWUSER | CLONE_NEWNS))
-    for name, text in (
-        ("setgroups", "deny"),
-        ("uid_map", f"{uid} {uid} 1"),
-        ("gid_map", f"{gid} {gid} 1"),
-    ):
-        with _step(f"write /proc/self/{name}"):
-            fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+    # A process that is not dumpable (forked from the keeper or the daemon, which are not) sees
+    # its /proc/self files owned by root, and may not write its own maps: dumpable for just
+    # the writes. (Its exec makes the job dumpable anyway.)
+    dumpable = _lib().prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _lib().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    try:
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"{uid} {uid} 1"),
+            ("gid_map", f"{gid} {gid} 1"),
+        ):
+            with _step(f"write /proc/self/{name}"):
+                fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, text.encode())
+                finally:
+                    os.close(fd)
+    finally:
+        _lib().prctl(_PR_SET_DUMPABLE, dumpable, 0, 0, 0)
 
 
 def _mount(

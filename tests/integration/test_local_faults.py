@@ -1,11 +1,13 @@
 """The local backend when the host misbehaves: a full disk (a small tmpfs, mounted by the test
 when root), a job that floods its output, a daemon out of descriptors, a descriptor inherited
-above the fd limit. Whatever happens, a job ends with its true outcome, never LOST on a guess."""
+above the fd limit, the job keeper killed. Whatever happens, a job ends with its true outcome,
+never LOST on a guess; LOST only when its outcome cannot be known (its keeper was killed)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import resource
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from orchestrator import errors, events, models, settings
-from orchestrator.backends import _runner, base
+from orchestrator.backends import _runner, base, keeper
 from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
 from orchestrator.store import Store
@@ -65,8 +67,8 @@ def fill(path: Path) -> None:
 
 @contextlib.contextmanager
 def killed_at_exit(pid: int) -> Iterator[None]:
-    """Whatever happens in the block, the process group `pid` leads (a job's runner) is gone
-    after it: a failing test leaves no job running on the tmpfs."""
+    """Whatever happens in the block, the process group `pid` leads (a job's own process: it
+    has a session of its own) is gone after it: a failing test leaves no job running."""
     started = _runner.start_time(pid)
     try:
         yield
@@ -82,6 +84,70 @@ def gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def keepers(work_dir: Path) -> list[int]:
+    """The live keepers of `work_dir`, found by their command line (`... _keeper.py WORK_DIR`)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv[-2:] == [str(keeper.KEEPER).encode(), str(work_dir.resolve()).encode()]:
+            if not gone(int(name)):
+                found.append(int(name))
+    return found
+
+
+@contextlib.contextmanager
+def no_keeper_left(work_dir: Path) -> Iterator[None]:
+    """After the block, no keeper of `work_dir` runs on: one that holds an outcome no daemon
+    will forget (the test failed, or killed its daemon) would wait for one for ever."""
+    try:
+        yield
+    finally:
+        for pid in keepers(work_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """This process adopts its orphaned descendants (a killed keeper's jobs) and the test reaps
+    them (`reap`), as an init does. Here pid 1 may not reap: an orphan that has exited would
+    stay a zombie, its /proc entry (and start time) in place."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+async def reap(pid: int) -> int:
+    """The wait status of `pid`, a child of this process (adopted), once it has exited."""
+    statuses: list[int] = []
+
+    def reaped() -> bool:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            statuses.append(status)
+        return bool(done)
+
+    await until(reaped, f"process {pid} to exit")
+    return statuses[0]
 
 
 # -- output is capped; a hog does not starve the others -------------------------------------
@@ -119,52 +185,106 @@ async def test_job_output_is_capped_and_the_job_runs_on(short_tmp: Path, small_d
 # -- a disk full of something else ----------------------------------------------------------
 
 
+def ends_on_go(go: Path, pid_file: Path, code: int) -> list[str]:
+    """A job that writes its pid, waits for `go`, then writes more output than a pipe holds
+    (a full disk drops it: the job is not blocked) and exits `code`."""
+    script = (
+        f"echo $$ > {pid_file}; while [ ! -e {go} ]; do sleep 0.05; done; "
+        f"head -c 1000000 /dev/zero; exit {code}"
+    )
+    return ["sh", "-c", script]
+
+
+async def end_while_the_disk_is_full(
+    client: Client, job_id: str, job_pid: int, disk: Path, go: Path
+) -> Path:
+    """Fill `disk`, have the job end, and see that the daemon, unable to record the end, keeps
+    the job RUNNING (not LOST, not ended on a guess) for a few polls. The filler, to unlink."""
+    filler = disk / "filler"
+    fill(filler)
+    go.touch()
+    await until(lambda: gone(job_pid), "the job to exit")
+    deadline = time.monotonic() + 1.0  # the keeper told at once; this is a few polls more
+    while time.monotonic() < deadline:
+        job = await client.get(job_id)
+        assert (job["state"], job["exit_code"]) == ("RUNNING", None), job
+        await asyncio.sleep(0.1)
+    return filler
+
+
 async def test_exit_status_recorded_once_the_disk_has_room_again(
     short_tmp: Path, small_disk: Path
 ) -> None:
-    store = {"path": small_disk / "state" / "orchestrator.db"}
+    """The job ends while the store cannot write: the keeper holds its exit status until the
+    daemon has recorded it, and the daemon records it once the disk has room again."""
+    config = disk_settings(short_tmp, store={"path": small_disk / "state" / "orchestrator.db"})
     go, pid_file = short_tmp / "go", short_tmp / "job.pid"
-    # After `go`, more output than a pipe holds: the full disk drops it, the job is not blocked.
-    script = (
-        f"echo $$ > {pid_file}; while [ ! -e {go} ]; do sleep 0.05; done; "
-        "head -c 1000000 /dev/zero; exit 5"
-    )
-    async with running(disk_settings(short_tmp, store=store)), Client(short_tmp / "o.sock") as c:
-        job = await c.submit({"command": ["sh", "-c", script]})
-        await until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "job start")
-        job_pid = int(pid_file.read_text())
-        job = await c.get(job["id"])
-        assert job["state"] == "RUNNING"
-        runner_pid = int(job["info"]["pid"])
-        with killed_at_exit(runner_pid):
-            filler = small_disk / "filler"
-            fill(filler)
-            go.touch()
-            await until(lambda: gone(job_pid), "the job to exit")
-            # The runner cannot write the exit file: it waits, alive; the job is not lost.
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                assert (await c.get(job["id"]))["state"] == "RUNNING"
-                assert not gone(runner_pid)
-                await asyncio.sleep(0.1)
-            filler.unlink()
-            final = await c.wait(job["id"])
+    with no_keeper_left(config.local_work_dir()):
+        async with running(config), Client(short_tmp / "o.sock") as client:
+            job = await client.submit({"command": ends_on_go(go, pid_file, 5)})
+            await until_state(client, job["id"], "RUNNING")
+            job_pid = int((await client.get(job["id"]))["info"]["pid"])
+            with killed_at_exit(job_pid):
+                filler = await end_while_the_disk_is_full(
+                    client, job["id"], job_pid, small_disk, go
+                )
+                filler.unlink()
+                final = await client.wait(job["id"])
     assert (final["state"], final["exit_code"], final["reason"]) == ("FAILED", 5, "exit code 5")
 
 
-async def test_a_runner_that_cannot_claim_its_attempt_fails_the_job_saying_why(
+async def test_exit_status_of_a_job_ended_on_a_full_disk_survives_a_daemon_restart(
     short_tmp: Path, small_disk: Path
 ) -> None:
-    config = disk_settings(short_tmp, local={"work_dir": small_disk / "jobs"})
-    async with running(config), Client(short_tmp / "o.sock") as client:
-        (small_disk / "jobs").mkdir(exist_ok=True)
-        fill(small_disk / "filler")
-        job = await client.submit({"command": ["true"]})
-        final = await client.wait(job["id"])
-        full = await client.get(job["id"], history=True)
-    assert final["state"] == "FAILED"
-    assert "No space left on device (ENOSPC)" in final["reason"], final["reason"]
-    assert len(full["attempts"]) == 1  # a start failure, not retried in a loop
+    """The daemon stops before it could record the end: the next one learns the exit status
+    from the keeper (nothing was forgotten before it was recorded)."""
+    config = disk_settings(short_tmp, store={"path": small_disk / "state" / "orchestrator.db"})
+    go, pid_file = short_tmp / "go", short_tmp / "job.pid"
+    with no_keeper_left(config.local_work_dir()):
+        async with running(config), Client(short_tmp / "o.sock") as client:
+            job = await client.submit({"command": ends_on_go(go, pid_file, 5)})
+            await until_state(client, job["id"], "RUNNING")
+            job_pid = int((await client.get(job["id"]))["info"]["pid"])
+            with killed_at_exit(job_pid):
+                filler = await end_while_the_disk_is_full(
+                    client, job["id"], job_pid, small_disk, go
+                )
+        filler.unlink()
+        async with running(config), Client(short_tmp / "o.sock") as client:
+            final = await client.wait(job["id"])
+            history = (await client.get(job["id"], history=True))["history"]
+    assert (final["state"], final["exit_code"], final["reason"]) == ("FAILED", 5, "exit code 5")
+    assert [event["to"] for event in history] == ["QUEUED", "RUNNING", "FAILED"]
+
+
+async def test_a_launch_the_keeper_cannot_claim_fails_the_job_saying_why(
+    short_tmp: Path, small_disk: Path
+) -> None:
+    """The work directory's disk is full: the keeper cannot write the attempt's claim, runs
+    nothing and answers `failed` with the errno; each attempt is a start failure saying so,
+    retried up to `dispatcher.max_start_attempts`, then the job FAILED. The keeper lives on:
+    once the disk has room, the next job runs."""
+    work_dir = small_disk / "jobs"
+    config = disk_settings(short_tmp, local={"work_dir": work_dir})
+    marker = short_tmp / "ran"
+    why = "cannot start the job: No space left on device"
+    with no_keeper_left(work_dir):
+        async with running(config), Client(short_tmp / "o.sock") as client:
+            fill(small_disk / "filler")
+            job = await client.submit({"command": ["touch", str(marker)]})
+            final = await client.wait(job["id"])
+            full = await client.get(job["id"], history=True)
+            (small_disk / "filler").unlink()
+            after = await client.wait(
+                (await client.submit({"command": ["sh", "-c", "exit 6"]}))["id"]
+            )
+    assert (final["state"], final["exit_code"], final["reason"]) == ("FAILED", None, why)
+    attempts = config.dispatcher.max_start_attempts
+    assert [a["outcome"] for a in full["attempts"]] == [f"start failed: {why}"] * attempts
+    assert not marker.exists()  # nothing ran
+    for attempt in range(1, attempts + 1):  # no attempt was claimed, so none may run later
+        assert not (work_dir / job["id"] / str(attempt) / "claim").exists()
+    assert (after["state"], after["exit_code"]) == ("FAILED", 6)
 
 
 # -- the daemon out of descriptors ----------------------------------------------------------

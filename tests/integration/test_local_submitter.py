@@ -14,7 +14,6 @@ import pwd
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,8 +28,24 @@ from orchestrator.daemon import Daemon
 from orchestrator.settings import Settings
 from orchestrator.testing import make_settings
 from tests.support.cgroup import FOUND, scratch, wait_for
-from tests.support.daemon import DaemonProcess, running, settings_env
+from tests.support.daemon import DaemonProcess, running
 from tests.support.peers import PeerClient, open_to_others
+from tests.support.probes import (
+    SLEEPER,
+    printed_pid,
+    probes,
+    refused,
+    run,
+    running_pid,
+    submit,
+)
+from tests.support.service import (
+    SERVICE,
+    as_service,
+    service_daemon,
+    service_python,
+    service_root,
+)
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -38,7 +53,6 @@ pytestmark = [
 ]
 
 PEER = 4242  # a made-up uid: no passwd entry
-SERVICE = 4343  # the daemon's own uid when it runs as a service user
 needs_cgroups = pytest.mark.skipif(
     not FOUND.enabled, reason=f"no cgroup v2 this process may make cgroups in: {FOUND.detail}"
 )
@@ -74,47 +88,6 @@ def peer_dir(short_tmp: Path) -> Path:
     return path
 
 
-async def output(peer: PeerClient, job_id: str) -> tuple[str, str]:
-    """The job's stdout and stderr, as its submitter reads them."""
-    streams = {"stdout": "", "stderr": ""}
-    for line in await peer.request("logs", job_id=job_id):
-        assert line["ok"], line
-        if "stream" in line:
-            streams[line["stream"]] += line["data"]
-    return streams["stdout"], streams["stderr"]
-
-
-async def submit(peer: PeerClient, spec: dict[str, Any]) -> dict[str, Any]:
-    reply = await peer.call("submit", job=spec)
-    assert reply["ok"], reply
-    job: dict[str, Any] = reply["job"]
-    return job
-
-
-async def run(peer: PeerClient, spec: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
-    """Submit, wait for the end: the final job, its stdout and its stderr."""
-    job = await submit(peer, spec)
-    final: dict[str, Any] = (await peer.request("wait", job_id=job["id"]))[-1]["job"]
-    return (final, *await output(peer, job["id"]))
-
-
-SLEEPER = 'echo "pid $$"; exec sleep 1000'  # a job that says its pid, then runs until stopped
-
-
-async def printed_pid(
-    peer: PeerClient, job_id: str, timeout_s: float = 20.0
-) -> tuple[int, str, str]:
-    """Once the job has printed `pid N` (see SLEEPER): N, and its stdout and stderr so far."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out, err = await output(peer, job_id)
-        pids = [line[4:] for line in out.splitlines() if line.startswith("pid ")]
-        if pids:
-            return int(pids[0]), out, err
-        assert time.monotonic() < deadline, f"job {job_id} printed no pid: {out} {err}"
-        await asyncio.sleep(0.05)
-
-
 def capabilities(text: str) -> dict[str, str]:
     """The capability lines of a /proc/PID/status printed in `text`, but the bounding set."""
     found = {}
@@ -123,32 +96,6 @@ def capabilities(text: str) -> dict[str, str]:
         if name in CAPABILITY_SETS:
             found[name] = value.strip()
     return found
-
-
-def probes(checks: dict[str, str]) -> str:
-    """A shell script running each named command, printing `NAME STATUS` for each, with the
-    command's stderr prefixed by its name (to stderr)."""
-    lines = [
-        f"({command}) 2>&1 >/dev/null | sed 's/^/{name}: /' >&2; echo {name} ${{PIPESTATUS:-?}}"
-        for name, command in checks.items()
-    ]
-    return "\n".join(lines)
-
-
-def refused(stdout: str, stderr: str, name: str, why: str) -> bool:
-    """Whether probe `name` failed (non-zero) saying `why`."""
-    statuses = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
-    said = [line for line in stderr.splitlines() if line.startswith(f"{name}: ")]
-    return statuses.get(name) not in (None, "0") and any(why in line for line in said)
-
-
-def running_pid(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # -- who the job is ----------------------------------------------------------------------------
@@ -345,83 +292,6 @@ async def test_a_job_with_no_recorded_submitter_is_not_run(daemon: Daemon, short
 
 
 # -- the daemon as a service user: ambient capabilities, or none ---------------------------------
-
-
-def service_root(short_tmp: Path) -> Path:
-    """A directory of the service user's own for its store and socket, reachable by others."""
-    os.chmod(short_tmp, 0o711)
-    root = short_tmp / "svc"
-    root.mkdir(mode=0o711)
-    os.chown(root, SERVICE, SERVICE)
-    return root
-
-
-def as_service(*caps: str) -> list[str]:
-    """`setpriv` running a command as the service user, holding `caps` (ambient) and no other."""
-    held = ",".join(f"+{cap}" for cap in caps)
-    ambient = [f"--inh-caps={held}", f"--ambient-caps={held}"] if caps else ["--inh-caps=-all"]
-    bounding = f"--bounding-set=-all,{held}" if caps else "--bounding-set=-all"
-    return [
-        "setpriv",
-        f"--reuid={SERVICE}",
-        f"--regid={SERVICE}",
-        "--clear-groups",
-        *ambient,
-        bounding,
-        "--",
-    ]
-
-
-REPO = Path(__file__).resolve().parents[2]
-_REEXEC = (
-    "import os, sys; os.execv(sys.executable, [sys.executable, '-c', 'import orchestrator.cli'])"
-)
-
-
-def service_python() -> tuple[list[str], dict[str, str]]:
-    """How to run `orchestrator serve` as the service user: a wrapper (after `setpriv`) and
-    the environment it needs. This interpreter if that user may run it (and so start runners
-    with it); else the system's python3 of the same version with this environment's packages
-    on PYTHONPATH (an interpreter under /root, say, is out of other users' reach). Skips the
-    test when neither works."""
-    candidates = [([], {}), (["sh", "-c", 'shift; exec /usr/bin/python3 "$@"', "sh"], {})]
-    paths = [str(REPO), sysconfig.get_paths()["purelib"]]
-    candidates[1][1]["PYTHONPATH"] = os.pathsep.join(paths)
-    why = ""
-    for wrapper, env in candidates:
-        result = subprocess.run(
-            [*as_service(), *wrapper, sys.executable, "-c", _REEXEC],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if result.returncode == 0:
-            return wrapper, env
-        why = result.stderr.strip()[-300:]
-    pytest.skip(f"no interpreter here can run the package as uid {SERVICE}: {why}")
-
-
-@pytest.fixture
-def service_daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        proc.close()
-
-
-def service_daemon(root: Path, wrapper: list[str], **local: Any) -> DaemonProcess:
-    """`orchestrator serve` as the service user (`wrapper`: its `setpriv`), its local jobs run
-    as their submitters unless `local` says otherwise."""
-    python, python_env = service_python()
-    env = settings_env(
-        {
-            "server": {"allowed_uids": [0, SERVICE, PEER]},
-            "local": {"run_as": "submitter", "kill_grace_s": 1.0, **local},
-        }
-    )
-    return DaemonProcess(root, {"HOME": str(root), **python_env, **env}, wrapper=wrapper + python)
 
 
 def test_a_daemon_that_cannot_switch_users_refuses_to_start(
