@@ -37,6 +37,7 @@ The keeper exits once no daemon is connected, no job runs and no outcome awaits 
 
 import errno
 import fcntl
+import importlib
 import json
 import os
 import resource
@@ -53,8 +54,8 @@ if TYPE_CHECKING or __package__:
     from orchestrator.backends import _runner, _sandbox
 else:  # run as a script with -I -S: its siblings, and nothing else of the package
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _runner
-    import _sandbox
+    _runner = importlib.import_module("_runner")
+    _sandbox = importlib.import_module("_sandbox")
 
 VERSION = 1
 SOCKET = "keeper.sock"

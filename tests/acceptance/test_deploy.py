@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "deploy" / "systemd" / "orchestrator.service"
 SOCKET_UNIT = REPO / "deploy" / "systemd" / "orchestrator.socket"
 RUN_AS_SUBMITTER = REPO / "deploy" / "systemd" / "run-as-submitter.conf"  # a drop-in for SERVICE
+HIDE_STATE = REPO / "deploy" / "systemd" / "hide-state.conf"  # another
 SYSUSERS = REPO / "deploy" / "systemd" / "orchestrator.sysusers"
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
 VENV_BIN = Path(sys.executable).parent
@@ -104,13 +105,34 @@ def exposures(output: str) -> set[str]:
     return {line.split()[1] for line in output.splitlines() if line.startswith("✗")}
 
 
-def with_drop_in(root: Path) -> Path:
-    """The service and the run-as-submitter drop-in installed under `root` as under /etc."""
+def with_drop_in(root: Path, drop_in: Path = RUN_AS_SUBMITTER) -> Path:
+    """The service and a drop-in of ours installed under `root` as under /etc."""
     system = root / "etc" / "systemd" / "system"
     (system / f"{SERVICE.name}.d").mkdir(parents=True)
     shutil.copy(SERVICE, system / SERVICE.name)
-    shutil.copy(RUN_AS_SUBMITTER, system / f"{SERVICE.name}.d" / RUN_AS_SUBMITTER.name)
+    shutil.copy(drop_in, system / f"{SERVICE.name}.d" / drop_in.name)
     return root
+
+
+@needs_systemd_analyze
+def test_the_hide_state_drop_in_scores_ok_and_relaxes_only_what_the_namespaces_need(
+    tmp_path: Path,
+) -> None:
+    root = with_drop_in(tmp_path, HIDE_STATE)
+    security = ["systemd-analyze", "security", "--offline=true", "--threshold=25"]
+    result = run([*security, f"--root={root}", SERVICE.name])
+    overall = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert result.returncode == 0, f"{overall}\n{result.stdout}\n{result.stderr}"
+    plain = run([*security, str(SERVICE)])
+    assert exposures(result.stdout) - exposures(plain.stdout) == {
+        "RestrictNamespaces=~user",
+        "RestrictNamespaces=~mnt",
+        "SystemCallFilter=~@mount",  # mount(2) alone, in fact
+    }
+    assert exposures(plain.stdout) <= exposures(result.stdout)
+    service = shlex.split(read_unit(SERVICE)["Service"]["Environment"])
+    assert "ORCHESTRATOR__LOCAL__HIDE_STATE=off" in service  # said, so no warning at each start
+    assert read_unit(HIDE_STATE)["Service"]["Environment"] == "ORCHESTRATOR__LOCAL__HIDE_STATE=auto"
 
 
 @needs_systemd_analyze
@@ -536,8 +558,11 @@ def test_the_image_commands_work_as_written_outside_a_container(short_tmp: Path)
         _, stderr = proc.communicate(timeout=15)
         assert proc.returncode == 0, stderr
         events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
-        # Before it at most the line saying how local jobs are contained (cgroups, or not).
-        assert next(e for e in events if not e.startswith("local.cgroup")) == "daemon.ready"
+        # Before it only the local backend's lines: how jobs are contained (cgroups, or not),
+        # what they cannot see, the keeper it started and connected to.
+        before = events[: events.index("daemon.ready")]
+        assert {e for e in before if not e.startswith("local.")} == set(), before
+        assert "local.keeper_connected" in before
         assert events[-1] == "daemon.stopped"
 
         unhealthy = run(image.healthcheck(), env=env, cwd=short_tmp)

@@ -13,6 +13,7 @@ import pytest
 from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
+from tests.support import fds
 from tests.support.daemon import running, until_state
 
 pytestmark = pytest.mark.timeout(60)
@@ -250,10 +251,19 @@ def _alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def test_a_job_inherits_no_descriptor_of_the_daemon(short_tmp: Path) -> None:
+async def test_a_job_inherits_no_descriptor_of_the_daemon_or_of_its_keeper(
+    short_tmp: Path,
+) -> None:
+    """A job holds its stdin (/dev/null) and its two output pipes, nothing else: none of the
+    daemon's sockets, store files or descriptors it inherited (the test runner's, here: the
+    daemon runs in this process), none of the keeper's (its socket, lock, log, other jobs'
+    pipes and files), though the keeper that forked the job holds them all."""
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
-        job = await submit_and_wait(client, command=["ls", "/proc/self/fd"])
-        listed = "".join([r.get("data", "") async for r in client.logs(job["id"])]).split()
-    # 0, 1, 2 and the descriptor `ls` opened to list the directory itself
-    assert sorted(int(fd) for fd in listed)[:3] == [0, 1, 2]
-    assert len(listed) == 4, listed
+        job = await submit_and_wait(client, command=fds.LIST_FDS)
+        output = "".join([r.get("data", "") async for r in client.logs(job["id"])])
+    assert job["state"] == "SUCCEEDED", job["reason"]
+    held = fds.held(output)
+    assert sorted(held) == [0, 1, 2], f"the job holds {held}"
+    assert held[0] == os.devnull
+    assert held[1].startswith("pipe:"), held
+    assert held[2].startswith("pipe:"), held
