@@ -115,14 +115,15 @@ class Keeper:
             signal.signal(signum, lambda *_: None)
         self.register(wake_r, select.EPOLLIN, self.on_sigchld)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path = os.path.join(work_dir, SOCKET)
+        # Bound by a name relative to the work directory (our cwd, see `main`): a unix socket's
+        # path may not exceed 107 bytes, a work directory's may.
         try:
-            os.unlink(path)
+            os.unlink(SOCKET)
         except FileNotFoundError:
             pass
         old_umask = os.umask(0o177)
         try:
-            self.listener.bind(path)
+            self.listener.bind(SOCKET)
         finally:
             os.umask(old_umask)
         self.listener.listen(8)
@@ -456,7 +457,8 @@ def main(argv: list[str]) -> int:
         _runner._write(2, "usage: _keeper.py WORK_DIR\n")
         return 2
     work_dir = argv[0]
-    lock = os.open(os.path.join(work_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.chdir(work_dir)  # each job's child enters its own working directory before its exec
+    lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

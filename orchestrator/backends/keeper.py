@@ -31,7 +31,7 @@ KEEPER = Path(_keeper.__file__)
 _CONNECT_WAIT_S = 10.0  # a keeper just started has this long to listen
 _LAUNCH_WAIT_S = 30.0  # a launch unanswered past this: the outcome is unknown
 _RECONNECT_CAP_S = 5.0
-_LINE_LIMIT = 1 << 20
+_LINE_LIMIT = 256 << 20  # `hello` lists every job the keeper holds on one line
 
 
 @dataclass(slots=True)
@@ -41,6 +41,17 @@ class Record:
     pid: int
     start: int
     result: dict[str, Any] | None = None  # the outcome, once the job's own process has ended
+
+
+async def _open(work_dir: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the keeper's socket, named through a descriptor of the work directory:
+    a unix socket's path may not exceed 107 bytes, a work directory's may."""
+    fd = os.open(work_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        path = f"/proc/self/fd/{fd}/{_keeper.SOCKET}"
+        return await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
+    finally:
+        os.close(fd)
 
 
 class KeeperUnavailable(Exception):
@@ -89,12 +100,19 @@ class KeeperClient:
         started = False
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
+                reader, writer = await _open(self._work_dir)
                 hello = orjson.loads(await asyncio.wait_for(reader.readline(), _CONNECT_WAIT_S))
                 if hello.get("op") != "hello":
                     raise ConnectionError(f"the keeper said {hello!r} first")
+                if hello.get("version") != _keeper.VERSION:
+                    writer.close()
+                    raise KeeperUnavailable(
+                        f"the job keeper at {path} (pid {hello.get('pid')}) speaks version "
+                        f"{hello.get('version')} of its protocol, this daemon {_keeper.VERSION}: "
+                        "stop it once its jobs have ended (a newer daemon's keeper)"
+                    )
                 break
-            except (OSError, orjson.JSONDecodeError, TimeoutError, EOFError) as exc:
+            except (OSError, ValueError, TimeoutError, EOFError) as exc:
                 if not started and isinstance(exc, FileNotFoundError | ConnectionRefusedError):
                     self._spawn()
                     started = True

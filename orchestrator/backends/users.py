@@ -7,13 +7,14 @@ job started tomorrow has the groups its user has tomorrow. A uid with no passwd 
 its gid alone (no supplementary groups), and neither HOME, USER, LOGNAME nor SHELL is set for
 it; a job without a `cwd` starts in its user's home directory, or in `/` without one.
 
-The daemon computes the identity; the runner (`_runner.py --user UID:GID:G1,G2`) takes it on in
-the job's forked child, after it has joined the job's cgroup and before it enters the job's
-working directory and execs. For that the runner needs CAP_SETUID and CAP_SETGID (root has them;
-a service user gets them as ambient capabilities, which survive the daemon's exec of the runner),
-and the daemon needs CAP_KILL to stop the processes of jobs that are not its own uid's.
-`check` tells, at start-up, whether this daemon has what it takes, by having a runner do the
-switch to a uid that is not its own.
+The daemon computes the identity and hands it to the keeper (`UID:GID:G1,G2`); the keeper's
+forked child takes it on (`_runner.become`), after it has joined the job's cgroup and before it
+enters the job's working directory and execs. For that the keeper needs CAP_SETUID and
+CAP_SETGID (root has them; a service user gets them as ambient capabilities, which survive the
+daemon's exec of the keeper), and the daemon and keeper need CAP_KILL to stop the processes of
+jobs that are not their own uid's. `check` tells, at start-up, whether this daemon has what it
+takes, by having a process started as the keeper is (`_runner.py --check-user`) do the switch to
+a uid that is not its own.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ async def check(runner: Path) -> str | None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
-        return f"the job runner did not answer within {CHECK_TIMEOUT_S:g} s"
+        return f"the check of the switch did not answer within {CHECK_TIMEOUT_S:g} s"
     if proc.returncode != 0:
         said = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        return f"a job runner {said}"
+        return f"a job's process {said}"
     if not _effective_capabilities() & (1 << CAP_KILL):
         return "the daemon lacks CAP_KILL (to stop jobs of other users)"
     return None

@@ -255,12 +255,19 @@ async def test_a_job_inherits_no_descriptor_of_the_daemon_or_of_its_keeper(
     short_tmp: Path,
 ) -> None:
     """A job holds its stdin (/dev/null) and its two output pipes, nothing else: none of the
-    daemon's sockets, store files or descriptors it inherited (the test runner's, here: the
-    daemon runs in this process), none of the keeper's (its socket, lock, log, other jobs'
-    pipes and files), though the keeper that forked the job holds them all."""
-    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
-        job = await submit_and_wait(client, command=fds.LIST_FDS)
-        output = "".join([r.get("data", "") async for r in client.logs(job["id"])])
+    daemon's sockets and store files, none of the descriptors it inherited from whoever started
+    it (the daemon runs in this process: an inheritable pipe made here stands for them), none
+    of the keeper's (its socket, lock, log, other jobs' pipes and files)."""
+    inherited = os.pipe()
+    for fd in inherited:
+        os.set_inheritable(fd, True)
+    try:
+        async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+            job = await submit_and_wait(client, command=fds.LIST_FDS)
+            output = "".join([r.get("data", "") async for r in client.logs(job["id"])])
+    finally:
+        for fd in inherited:
+            os.close(fd)
     assert job["state"] == "SUCCEEDED", job["reason"]
     held = fds.held(output)
     assert sorted(held) == [0, 1, 2], f"the job holds {held}"

@@ -65,16 +65,17 @@ def fill(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def killed_at_exit(pid: int) -> Iterator[None]:
+def killed_at_exit(pid: int, *, group: bool = True) -> Iterator[None]:
     """Whatever happens in the block, the process group `pid` leads (a job's own process: it
-    has a session of its own) is gone after it: a failing test leaves no job running."""
+    has a session of its own), or with `group=False` the process alone, is gone after it: a
+    failing test leaves no job running."""
     started = _runner.start_time(pid)
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             if _runner.start_time(pid) == started:  # still that process, not a reused pid
-                os.killpg(pid, signal.SIGKILL)
+                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
 
 def gone(pid: int) -> bool:
@@ -124,8 +125,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 @contextlib.contextmanager
 def adopting_orphans() -> Iterator[None]:
     """This process adopts its orphaned descendants (a killed keeper's jobs) and the test reaps
-    them (`reap`), as an init does. Here pid 1 may not reap: an orphan that has exited would
-    stay a zombie, its /proc entry (and start time) in place."""
+    them (`reap`) as soon as they exit, as an init does. Pid 1 may reap late (here about 1.5 s
+    later) or never (a container without an init): an orphan that has exited stays a zombie
+    meanwhile, its /proc entry and start time in place."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         pytest.skip(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
@@ -501,12 +503,13 @@ async def test_a_job_whose_keeper_was_killed_runs_on_in_its_cgroup_until_its_las
             job = await client.get(job["id"])
             assert "cgroup" in job["info"], job["info"]
             job_pid = int(job["info"]["pid"])
-            with killed_at_exit(job_pid):
+            with killed_at_exit(job_pid), contextlib.ExitStack() as stack:
                 await until(
                     lambda: child_file.read_text().strip() if child_file.exists() else "",
                     "the child",
                 )
                 child = int(child_file.read_text())
+                stack.enter_context(killed_at_exit(child, group=False))
                 (old_keeper,) = keepers(work_dir)
                 os.kill(old_keeper, signal.SIGKILL)
                 await until_orphaned(client, job["id"])

@@ -312,7 +312,7 @@ def test_a_daemon_that_cannot_switch_users_refuses_to_start(
     assert failed["code"] == "cannot_run_as_submitter", failed
     assert failed["error"].startswith(
         'local.run_as = "submitter", but this daemon cannot run jobs as other users: '
-        "a job runner cannot run as uid 65534 (gid 65534, supplementary groups none): "
+        "a job's process cannot run as uid 65534 (gid 65534, supplementary groups none): "
         "setgroups: Operation not permitted. It needs CAP_SETUID, CAP_SETGID and CAP_KILL"
     ), failed
 

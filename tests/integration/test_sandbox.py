@@ -1,6 +1,6 @@
 """`_sandbox.hide` with real processes and real namespaces, no mocks.
 
-A script (`python -I -S`, importing the module by path as the job runner does) forks; its child
+A script (`python -I -S`, importing the module by path as the job keeper does) forks; its child
 calls `hide` as a job's child would and reports what it can then see and do; its parent, the
 same uid and not hidden, stays alive as a process the job might try to look through. The script
 runs as root (a mount namespace alone: hidden, but a root job can undo it) and as uid 65534
