@@ -10,41 +10,31 @@ a lane drives.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Literal
+from dataclasses import dataclass
 
 import structlog
 
 from orchestrator import backoff, errors, events, faults, models
 from orchestrator.backends.base import Backend
+from orchestrator.engine import lanes, starts
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
 from orchestrator.store import Store
 
 log = structlog.get_logger("orchestrator.dispatcher")
 
-_Timer = tuple[float, int, str, Literal["dispatch", "expire", "settle"]]
 
+@dataclass(slots=True)
+class _Shell:
+    """What the async side holds for one lane: its backend, the engine's lane, the submits in
+    flight at most (`submit_concurrency`), and the event its loop sleeps on."""
 
-class _Lane:
-    """One backend's queue: jobs ready now, jobs waiting for a retry or a deadline, and the
-    jobs it has in flight (submitted, not yet terminal)."""
-
-    def __init__(self, backend: Backend, submit_concurrency: int, settings: DispatcherSettings):
-        self.backend = backend
-        self.max_attempts = backend.max_start_attempts or settings.max_start_attempts
-        self.budget_s = backend.start_budget_s or settings.start_budget_s
-        self.ready: deque[str] = deque()
-        self.queued: set[str] = set()  # in `ready` or waiting for a retry
-        self.timers: list[_Timer] = []
-        self.in_flight: set[str] = set()
-        self.settle_tries: dict[str, int] = {}  # job → settle attempts of its current attempt
-        self.slots = asyncio.Semaphore(submit_concurrency)
-        self.wake = asyncio.Event()
+    backend: Backend
+    lane: lanes.Lane
+    slots: asyncio.Semaphore
+    wake: asyncio.Event
 
 
 class Dispatcher:
@@ -62,10 +52,7 @@ class Dispatcher:
         self._settings = settings
         self._store = store
         self._poller = poller
-        self._lanes = {
-            name: _Lane(backend, settings.submit_concurrency, settings)
-            for name, backend in backends.items()
-        }
+        self._lanes = {name: self._shell(backend) for name, backend in backends.items()}
         self._retry = backoff.Policy(
             base_s=settings.retry_base_s,
             factor=2.0,
@@ -75,68 +62,63 @@ class Dispatcher:
         )
         self._rng = rng or backoff.default_rng()
         self._clock = clock
-        self._seq = itertools.count()
         hub.listen(self._on_event)
+
+    def _shell(self, backend: Backend) -> _Shell:
+        wake = asyncio.Event()
+        lane = lanes.Lane(
+            backend.name,
+            backend.max_in_flight,
+            max_attempts=backend.max_start_attempts or self._settings.max_start_attempts,
+            budget_s=backend.start_budget_s or self._settings.start_budget_s,
+            wake=wake.set,
+        )
+        return _Shell(backend, lane, asyncio.Semaphore(self._settings.submit_concurrency), wake)
 
     def enqueue(self, job: models.Job) -> None:
         """A QUEUED job is ready for its (next) attempt."""
-        lane = self._lanes[job.backend]
-        if job.id in lane.queued or job.id in lane.in_flight:
-            return
-        lane.queued.add(job.id)
-        lane.ready.append(job.id)
+        deadline = None
         if job.spec.queue_timeout_s is not None:
             deadline = job.created_at + job.spec.queue_timeout_s
-            heapq.heappush(lane.timers, (deadline, next(self._seq), job.id, "expire"))
-        lane.wake.set()
+        self._lanes[job.backend].lane.enqueue(job.id, deadline)
 
     def adopt(self, job: models.Job) -> None:
         """Count a job recovered at start-up, already past dispatch, against its lane's cap."""
-        self._lanes[job.backend].in_flight.add(job.id)
+        self._lanes[job.backend].lane.adopt(job.id)
 
     def in_flight(self, backend: str) -> int:
-        return len(self._lanes[backend].in_flight)
+        return self._lanes[backend].lane.in_flight
 
     def queued(self, backend: str) -> int:
-        return len(self._lanes[backend].queued)
+        return self._lanes[backend].lane.queued
 
     def _on_event(self, event: models.Event) -> None:
-        if event.to_state.terminal and (lane := self._lanes.get(event.backend)) is not None:
-            lane.queued.discard(event.job_id)
-            if event.job_id in lane.in_flight:
-                lane.in_flight.discard(event.job_id)
-                lane.wake.set()
+        if event.to_state.terminal and (shell := self._lanes.get(event.backend)) is not None:
+            shell.lane.ended(event.job_id)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for name, lane in self._lanes.items():
-                tg.create_task(self._run_lane(lane, tg), name=f"dispatch-{name}")
+            for name, shell in self._lanes.items():
+                tg.create_task(self._run_lane(shell, tg), name=f"dispatch-{name}")
 
-    async def _run_lane(self, lane: _Lane, tg: asyncio.TaskGroup) -> None:
-        cap = lane.backend.max_in_flight
+    async def _run_lane(self, shell: _Shell, tg: asyncio.TaskGroup) -> None:
+        lane = shell.lane
         while True:
-            lane.wake.clear()
-            now = self._clock()
-            while lane.timers and lane.timers[0][0] <= now:
-                _, _, job_id, kind = heapq.heappop(lane.timers)
-                if kind == "dispatch":
-                    lane.ready.append(job_id)
-                elif kind == "settle":
-                    tg.create_task(self._settle_later(lane, job_id), name=f"settle-{job_id}")
-                elif job_id in lane.queued and job_id not in lane.in_flight:
+            shell.wake.clear()
+            for action in lane.due(self._clock()):
+                job_id = action.job_id
+                if isinstance(action, lanes.Settle):
+                    tg.create_task(self._settle_later(shell, job_id), name=f"settle-{job_id}")
+                elif isinstance(action, lanes.Expire):
                     tg.create_task(self._expire(job_id), name=f"expire-{job_id}")
-            while lane.ready and len(lane.in_flight) < cap:
-                job_id = lane.ready.popleft()
-                if job_id not in lane.queued:
-                    continue  # ended while it waited
-                lane.queued.discard(job_id)
-                lane.in_flight.add(job_id)
-                await lane.slots.acquire()
-                tg.create_task(self._dispatch(lane, job_id), name=f"dispatch-{job_id}")
-            timeout = max(0.0, lane.timers[0][0] - self._clock()) if lane.timers else None
+                else:
+                    await shell.slots.acquire()
+                    tg.create_task(self._dispatch(shell, job_id), name=f"dispatch-{job_id}")
+            next_timer = lane.next_timer()
+            timeout = None if next_timer is None else max(0.0, next_timer - self._clock())
             try:
                 async with asyncio.timeout(timeout):
-                    await lane.wake.wait()
+                    await shell.wake.wait()
             except TimeoutError:
                 pass
 
@@ -156,49 +138,50 @@ class Dispatcher:
             return
         log.info("job.queue_timeout", job_id=job_id, state=job.state.value)
 
-    async def _dispatch(self, lane: _Lane, job_id: str) -> None:
-        backend = lane.backend
+    async def _dispatch(self, shell: _Shell, job_id: str) -> None:
+        lane = shell.lane
         try:
             faults.crashpoint("dispatch.before_attempt")
             if self._poller.pending_stop(job_id) is not None:
                 # Stopped while the store could not record it: never launched, ended once the
                 # stop is recorded.
-                lane.in_flight.discard(job_id)
+                lane.release(job_id)
                 return
             job = await self._store.begin_attempt(job_id)
             if job is None:  # cancelled or timed out while it waited
-                lane.in_flight.discard(job_id)
+                lane.release(job_id)
                 return
             faults.crashpoint("dispatch.after_attempt_recorded")
-            await self._submit(lane, job)
+            await self._submit(shell, job)
         except Exception:
             # A job's failure never takes the daemon down: look at it again later (it may be
             # half-launched) with the same care as after a restart.
-            log.exception("dispatch.failed", job_id=job_id, backend=backend.name)
-            self._settle_in(lane, job_id, self._settings.retry_cap_s)
+            log.exception("dispatch.failed", job_id=job_id, backend=shell.backend.name)
+            lane.settle_at(job_id, self._clock() + self._settings.retry_cap_s)
         finally:
-            lane.slots.release()
-            lane.wake.set()
+            shell.slots.release()
+            shell.wake.set()
 
-    async def _submit(self, lane: _Lane, job: models.Job, *, settling: bool = False) -> None:
+    async def _submit(self, shell: _Shell, job: models.Job, *, settling: bool = False) -> None:
         """Call the backend for the job's current attempt and record what came of it. While
         settling an attempt whose outcome is unknown, a refusal proves nothing about the
         earlier call: look again later rather than start a new attempt."""
+        lane = shell.lane
         try:
-            submitted = await lane.backend.submit(job)
+            submitted = await shell.backend.submit(job)
         except errors.StartFailed as exc:
             if settling:
                 log.info("job.settle_retry", job_id=job.id, attempt=job.attempt, reason=exc.reason)
-                self._settle_in(lane, job.id, self._retry.delay(job.attempt, self._rng))
+                lane.settle_at(job.id, self._clock() + self._retry.delay(job.attempt, self._rng))
                 return
-            await self._start_failed(lane, job, exc)
+            await self._start_failed(shell, job, exc)
             return
         except errors.OutcomeUnknown as exc:
             log.warning("job.start_unknown", job_id=job.id, attempt=job.attempt, error=exc.message)
-            self._settle_in(lane, job.id, self._retry.delay(0, self._rng))
+            lane.settle_at(job.id, self._clock() + self._retry.delay(0, self._rng))
             return
         faults.crashpoint("dispatch.after_submit")
-        lane.settle_tries.pop(job.id, None)
+        lane.settled(job.id)
         job = await self._store.record_submitted(
             job.id,
             external_id=submitted.external_id,
@@ -209,22 +192,28 @@ class Dispatcher:
         log.info(
             "job.dispatched",
             job_id=job.id,
-            backend=lane.backend.name,
+            backend=shell.backend.name,
             attempt=job.attempt,
             external_id=submitted.external_id,
         )
         self._poller.track(job)
 
-    async def _start_failed(self, lane: _Lane, job: models.Job, exc: errors.StartFailed) -> None:
-        elapsed = self._clock() - job.created_at
-        retry = exc.retryable and job.attempt < lane.max_attempts and elapsed < lane.budget_s
+    async def _start_failed(self, shell: _Shell, job: models.Job, exc: errors.StartFailed) -> None:
+        lane = shell.lane
+        retry = starts.retry_start(
+            retryable=exc.retryable,
+            attempt=job.attempt,
+            max_attempts=lane.max_attempts,
+            elapsed_s=self._clock() - job.created_at,
+            budget_s=lane.budget_s,
+        )
         await self._store.record_start_failure(job.id, exc.reason, final=not retry)
-        lane.in_flight.discard(job.id)
         if not retry:
+            lane.release(job.id)
             log.warning(
                 "job.start_failed",
                 job_id=job.id,
-                backend=lane.backend.name,
+                backend=shell.backend.name,
                 attempt=job.attempt,
                 reason=exc.reason,
                 retryable=exc.retryable,
@@ -234,29 +223,24 @@ class Dispatcher:
         log.info(
             "job.start_retry",
             job_id=job.id,
-            backend=lane.backend.name,
+            backend=shell.backend.name,
             attempt=job.attempt,
             reason=exc.reason,
             wait_s=round(delay, 3),
         )
-        lane.queued.add(job.id)
-        heapq.heappush(lane.timers, (self._clock() + delay, next(self._seq), job.id, "dispatch"))
+        lane.retry_at(job.id, self._clock() + delay)
 
-    def _settle_in(self, lane: _Lane, job_id: str, delay_s: float) -> None:
-        heapq.heappush(lane.timers, (self._clock() + delay_s, next(self._seq), job_id, "settle"))
-        lane.wake.set()
-
-    async def _settle_later(self, lane: _Lane, job_id: str) -> None:
+    async def _settle_later(self, shell: _Shell, job_id: str) -> None:
         try:
             job = await self._store.get(job_id)
             if job.state == models.JobState.QUEUED and job.launching:
                 await self.settle(job)
             elif job.state == models.JobState.QUEUED:  # the attempt was never recorded
-                lane.in_flight.discard(job_id)
+                shell.lane.release(job_id)
                 self.enqueue(job)
         except Exception:
             log.exception("dispatch.settle_failed", job_id=job_id)
-            self._settle_in(lane, job_id, self._settings.retry_cap_s)
+            shell.lane.settle_at(job_id, self._clock() + self._settings.retry_cap_s)
 
     async def settle_at_start(self, job: models.Job) -> None:
         """`settle` for the start-up reconciliation: an AWS hiccup must not keep the daemon
@@ -265,44 +249,50 @@ class Dispatcher:
             await self.settle(job)
         except Exception:
             log.exception("dispatch.settle_failed", job_id=job.id)
-            self._settle_in(self._lanes[job.backend], job.id, self._settings.retry_base_s)
+            lane = self._lanes[job.backend].lane
+            lane.settle_at(job.id, self._clock() + self._settings.retry_base_s)
 
     async def settle(self, job: models.Job) -> None:
         """Settle an attempt recorded as launching whose outcome is unknown (a crash, a timeout,
-        a 5xx): adopt what it launched, start it under the same token where the backend makes
-        that idempotent, requeue it if it provably launched nothing, or look again later. Never
-        a new attempt on a guess; LOST once the start budget is spent without an answer."""
-        lane = self._lanes[job.backend]
-        lane.in_flight.add(job.id)
-        tries = lane.settle_tries[job.id] = lane.settle_tries.get(job.id, 0) + 1
-        located = await lane.backend.locate(job)
-        if located.external_id is not None or located.launched is False:
-            lane.settle_tries.pop(job.id, None)
-        if located.external_id is not None:
+        a 5xx): carry out what `starts.settle` decides from what the backend can find."""
+        shell = self._lanes[job.backend]
+        lane = shell.lane
+        tries = lane.begin_settle(job.id)
+        located = await shell.backend.locate(job)
+        settlement = starts.settle(
+            located,
+            can_resubmit=shell.backend.can_resubmit(job),
+            tries=tries,
+            max_attempts=lane.max_attempts,
+            since_attempt_s=self._clock() - _attempt_started(job),
+            budget_s=lane.budget_s,
+        )
+        if settlement in (starts.Settlement.ADOPT, starts.Settlement.REQUEUE):
+            lane.settled(job.id)
+        if settlement is starts.Settlement.ADOPT:
+            assert located.external_id is not None
             job = await self._store.record_submitted(
                 job.id, external_id=located.external_id, state=models.JobState.SUBMITTED
             )
             log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="adopted")
             self._poller.track(job)
-        elif located.launched is False:
+        elif settlement is starts.Settlement.REQUEUE:
             job = await self._store.record_start_failure(
                 job.id, f"attempt {job.attempt} never launched", final=False
             )
-            lane.in_flight.discard(job.id)
+            lane.release(job.id)
             log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="requeued")
             if job.stop_reason is None:
                 self.enqueue(job)
             else:
                 await self._store.request_stop(job.id, job.stop_reason)
-        elif lane.backend.can_resubmit(job) and tries <= lane.max_attempts:
+        elif settlement is starts.Settlement.RESUBMIT:
             log.info("job.reconciled", job_id=job.id, attempt=job.attempt, outcome="resubmitted")
-            await self._submit(lane, job, settling=True)  # same attempt, same token: idempotent
-        elif not lane.backend.can_resubmit(job) and (
-            self._clock() - _attempt_started(job) < lane.budget_s
-        ):
-            self._settle_in(lane, job.id, self._retry.delay(job.attempt, self._rng))
+            await self._submit(shell, job, settling=True)  # same attempt, same token: idempotent
+        elif settlement is starts.Settlement.LOOK_AGAIN:
+            lane.settle_at(job.id, self._clock() + self._retry.delay(job.attempt, self._rng))
         else:
-            lane.settle_tries.pop(job.id, None)
+            lane.settled(job.id)
             reason = f"cannot establish whether attempt {job.attempt} launched"
             await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)

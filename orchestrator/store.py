@@ -35,6 +35,7 @@ import pydantic
 import structlog
 
 from orchestrator import errors, events, models
+from orchestrator.engine import tracking
 from orchestrator.settings import StoreSettings
 
 log = structlog.get_logger("orchestrator.store")
@@ -691,7 +692,7 @@ class Store:
             if job.state.terminal:
                 return job, []
             if job.state == models.JobState.QUEUED and not job.launching:
-                final, reason = stopped_outcome(job, why)
+                final, reason = tracking.stopped_outcome(job, why)
                 conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
                 return _apply(conn, _fetch(conn, job_id), final, self._clock(), reason=reason)
             if job.stop_reason is None:
@@ -965,19 +966,6 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
         raise errors.NotAStore(str(path), f"schema_version {row[0]!r} is not a number") from None
     if version > SCHEMA_VERSION:
         raise errors.StoreTooNew(str(path), version, SCHEMA_VERSION)
-
-
-def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:
-    """The terminal state and reason of a job stopped by us; a timeout's reason says which
-    timeout and what the vendor last said of the job."""
-    if why == "cancel":
-        return models.JobState.CANCELLED, "cancelled by request"
-    if why == "timeout":
-        reason = f"timeout: ran longer than timeout_s={job.spec.timeout_s}"
-    else:
-        reason = f"queue_timeout: not running after queue_timeout_s={job.spec.queue_timeout_s}"
-    last = ": ".join(part for part in (job.vendor_status, job.reason) if part)
-    return models.JobState.FAILED, f"{reason} (last status: {last})" if last else reason
 
 
 def _apply(

@@ -1,0 +1,164 @@
+"""One backend's lane: the jobs it is to launch, in order, and the jobs it has in flight.
+
+A job is in at most one of: `ready` (to launch now), waiting on a timer (a start retry), or in
+flight (being launched, settled, or submitted and not yet terminal). `queued` holds the ids of
+jobs ready or waiting for a retry. Timers also carry queue deadlines (`expire`) and looks again at
+attempts whose outcome is unknown (`settle`). `due(now)` hands out what is due: jobs to launch, as
+many as the cap on jobs in flight allows, attempts to settle, jobs to expire.
+
+Whatever frees a slot or adds work calls `wake` (the shell's event): the lane's loop never sleeps
+while something is due.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+_Kind = Literal["dispatch", "expire", "settle"]
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Begin the job's next attempt (it holds a slot of the lane from now on)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """The job's queue deadline has passed while it waited to launch: stop it."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Look again at the job's attempt whose outcome is unknown."""
+
+    job_id: str
+
+
+Action = Launch | Expire | Settle
+
+
+class Lane:
+    def __init__(
+        self,
+        name: str,
+        cap: int,
+        *,
+        max_attempts: int,
+        budget_s: float,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.cap = cap  # jobs in flight at most
+        self.max_attempts = max_attempts  # attempts at starting a job
+        self.budget_s = budget_s  # wall-clock budget for them
+        self._wake = wake
+        self._ready: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._timers: list[tuple[float, int, str, _Kind]] = []
+        self._seq = itertools.count()
+        self._settle_tries: dict[str, int] = {}
+
+    # -- what it holds ---------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def is_queued(self, job_id: str) -> bool:
+        return job_id in self._queued
+
+    def is_in_flight(self, job_id: str) -> bool:
+        return job_id in self._in_flight
+
+    def next_timer(self) -> float | None:
+        """When the earliest timer is due (None: none is set)."""
+        return self._timers[0][0] if self._timers else None
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def enqueue(self, job_id: str, queue_deadline: float | None = None) -> None:
+        """A QUEUED job is ready for its (next) attempt; a no-op if the lane has it already."""
+        if job_id in self._queued or job_id in self._in_flight:
+            return
+        self._queued.add(job_id)
+        self._ready.append(job_id)
+        if queue_deadline is not None:
+            self._push(queue_deadline, job_id, "expire")
+        self._wake()
+
+    def adopt(self, job_id: str) -> None:
+        """Count a job past dispatch (recovered at start-up) against the cap."""
+        self._in_flight.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        """The job no longer holds a slot (it ended, never launched, or failed to start)."""
+        if job_id in self._in_flight:
+            self._in_flight.discard(job_id)
+            self._wake()
+
+    def ended(self, job_id: str) -> None:
+        """The job is terminal: out of the queue and out of flight."""
+        self._queued.discard(job_id)
+        self._settle_tries.pop(job_id, None)
+        self.release(job_id)
+
+    def retry_at(self, job_id: str, at: float) -> None:
+        """A start that failed is tried again at `at`: the slot is freed meanwhile."""
+        self.release(job_id)
+        self._queued.add(job_id)
+        self._push(at, job_id, "dispatch")
+
+    def settle_at(self, job_id: str, at: float) -> None:
+        """Look again at the job's unsettled attempt at `at` (it keeps its slot)."""
+        self._push(at, job_id, "settle")
+        self._wake()
+
+    def begin_settle(self, job_id: str) -> int:
+        """A look at the job's unsettled attempt begins: it holds a slot; how many looks at
+        this attempt, this one included."""
+        self._in_flight.add(job_id)
+        tries = self._settle_tries[job_id] = self._settle_tries.get(job_id, 0) + 1
+        return tries
+
+    def settled(self, job_id: str) -> None:
+        """The attempt's outcome is known: its looks are counted afresh for the next one."""
+        self._settle_tries.pop(job_id, None)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def due(self, now: float) -> list[Action]:
+        """What is due at `now`: timers first, then launches while the cap allows."""
+        actions: list[Action] = []
+        while self._timers and self._timers[0][0] <= now:
+            _, _, job_id, kind = heapq.heappop(self._timers)
+            if kind == "dispatch":
+                self._ready.append(job_id)
+            elif kind == "settle":
+                actions.append(Settle(job_id))
+            elif job_id in self._queued and job_id not in self._in_flight:
+                actions.append(Expire(job_id))
+        while self._ready and len(self._in_flight) < self.cap:
+            job_id = self._ready.popleft()
+            if job_id not in self._queued:
+                continue  # ended while it waited
+            self._queued.discard(job_id)
+            self._in_flight.add(job_id)
+            actions.append(Launch(job_id))
+        return actions
+
+    def _push(self, at: float, job_id: str, kind: _Kind) -> None:
+        heapq.heappush(self._timers, (at, next(self._seq), job_id, kind))

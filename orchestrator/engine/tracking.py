@@ -1,0 +1,305 @@
+"""When to describe which job, and what an observation means.
+
+`Tracker` holds every tracked job with a due time: a jittered exponential back-off since its last
+state change (reset when the state changes, capped so a job running for hours is still seen
+within the cap), or its timeout deadline if that is sooner. `take_batches(now)` hands out every
+due job grouped by (backend, partition) in batches of the backend's describe size; a partial
+last batch is topped up with jobs due soon. Stops the store could not record are held here too,
+and acted on as if recorded.
+
+`judge` says what an observation means for a job; `stopped_outcome` what a stop of ours ends it
+as; `overdue` whether a timeout has passed.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator import backoff, models
+from orchestrator.backends.base import Observation
+
+Group = tuple[str, str]  # (backend, partition): jobs that one describe call can cover
+_Entry = tuple[float, int, str]  # (due, tie-breaker, job id)
+
+
+@dataclass(slots=True)
+class Tracked:
+    job: models.Job
+    group: Group
+    n: int = 0  # polls since the last state change
+    due: float = 0.0
+    delay: float = 0.0  # the delay that set `due`
+    busy: bool = False  # a describe for it is in flight
+    poked: bool = False  # poked while busy: poll again at once after this round
+    missing_since: float | None = None
+
+
+class Tracker:
+    def __init__(
+        self,
+        policy: backoff.Policy,
+        rng: backoff.Uniform,
+        *,
+        fill_ahead_s: float,
+        batch_size: Callable[[str], int],
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._policy = policy
+        self._rng = rng
+        self._fill_ahead_s = fill_ahead_s
+        self._batch_size = batch_size  # describe size, by backend
+        self._wake = wake  # the earliest due time moved earlier
+        self._tracked: dict[str, Tracked] = {}
+        self._queues: dict[Group, list[_Entry]] = {}
+        self._seq = itertools.count()
+        self._unrecorded: dict[str, models.StopReason] = {}  # stops the store could not record
+
+    # -- what it holds ---------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Tracked | None:
+        return self._tracked.get(job_id)
+
+    def __len__(self) -> int:
+        return len(self._tracked)
+
+    def stop_reason(self, job: models.Job) -> models.StopReason | None:
+        """Why the job is being stopped, recorded or not."""
+        return job.stop_reason or self._unrecorded.get(job.id)
+
+    def pending_stop(self, job_id: str) -> models.StopReason | None:
+        """The stop asked for this job that the store has not recorded yet, if any."""
+        return self._unrecorded.get(job_id)
+
+    def unrecorded_stops(self) -> dict[str, models.StopReason]:
+        return dict(self._unrecorded)
+
+    def next_due(self) -> float | None:
+        heads = [queue[0][0] for queue in self._queues.values() if queue]
+        return min(heads) if heads else None
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def track(self, job: models.Job, group: Group, now: float) -> bool:
+        """Follow `job` from now on (again), with a fresh back-off; False (and untracked) if it
+        is terminal."""
+        if job.state.terminal:
+            self._tracked.pop(job.id, None)
+            return False
+        entry = Tracked(job, group)
+        self._tracked[job.id] = entry
+        self._schedule(entry, now, 0.0 if self.stop_reason(job) else self._delay(0))
+        return True
+
+    def poke(self, job_id: str, now: float) -> None:
+        """Poll this job as soon as possible."""
+        entry = self._tracked.get(job_id)
+        if entry is not None and entry.busy:
+            entry.poked = True  # what woke it may have come after the describe looked
+        elif entry is not None:
+            self._schedule(entry, now, 0.0)
+
+    def update(self, job: models.Job, now: float) -> None:
+        """A newer copy of a tracked job (e.g. its stop was requested): use it, poll soon."""
+        entry = self._tracked.get(job.id)
+        if entry is None:
+            return
+        entry.job = job
+        entry.n = 0
+        if not entry.busy:
+            self._schedule(entry, now, 0.0)
+
+    def stop_unrecorded(self, job_id: str, why: models.StopReason, now: float) -> None:
+        """A stop the store could not record: acted on as if it were, polled at once."""
+        self._unrecorded.setdefault(job_id, why)
+        entry = self._tracked.get(job_id)
+        if entry is not None:
+            entry.n = 0
+            if not entry.busy:
+                self._schedule(entry, now, 0.0)
+
+    def stop_recorded(self, job_id: str) -> None:
+        self._unrecorded.pop(job_id, None)
+
+    def settle(self, entry: Tracked, job: models.Job) -> bool:
+        """The job changed (a transition recorded): a fresh back-off; False (and untracked) once
+        it is terminal."""
+        entry.job = job
+        entry.n = 0
+        if job.state.terminal:
+            self._tracked.pop(job.id, None)
+            return False
+        return True
+
+    def untrack(self, job_id: str) -> None:
+        self._tracked.pop(job_id, None)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def take_batches(self, now: float) -> list[tuple[Group, list[Tracked]]]:
+        """Every group's due jobs, in batches of its describe size, each marked busy. A partial
+        last batch is topped up with jobs due soon (one call describes 100 jobs for the price
+        of one); a job is taken early by at most half its delay, so back-off still spaces its
+        polls."""
+        batches = []
+        for group, queue in self._queues.items():
+            size = self._batch_size(group[0])
+            taken = self._pop_due(queue, now)
+            if not taken:
+                continue
+            if partial := len(taken) % size:
+                taken += self._pop_soon(queue, now, size - partial)
+            batches += [(group, taken[i : i + size]) for i in range(0, len(taken), size)]
+        return batches
+
+    def polled(self, entry: Tracked, now: float) -> None:
+        """Its describe is over: due again after its back-off (at once if poked meanwhile)."""
+        entry.busy = False
+        poked, entry.poked = entry.poked, False
+        if self._tracked.get(entry.job.id) is entry:
+            self._schedule(entry, now, 0.0 if poked else self._delay(entry.n))
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _delay(self, n: int) -> float:
+        return self._policy.delay(n, self._rng)
+
+    def _schedule(self, entry: Tracked, now: float, delay_s: float) -> None:
+        due = now + delay_s
+        end = deadline(entry.job)
+        if end is not None and self.stop_reason(entry.job) is None:
+            due = min(due, end)
+        entry.due = due
+        entry.delay = due - now
+        queue = self._queues.setdefault(entry.group, [])
+        heapq.heappush(queue, (due, next(self._seq), entry.job.id))
+        if queue[0][2] == entry.job.id:
+            self._wake()
+
+    def _live(self, item: _Entry) -> Tracked | None:
+        entry = self._tracked.get(item[2])
+        if entry is None or entry.busy or entry.due != item[0]:
+            return None  # untracked, in flight, or rescheduled since: a stale heap entry
+        return entry
+
+    def _pop_due(self, queue: list[_Entry], now: float) -> list[Tracked]:
+        out: list[Tracked] = []
+        while queue and queue[0][0] <= now:
+            if (entry := self._live(heapq.heappop(queue))) is not None:
+                entry.busy = True
+                out.append(entry)
+        return out
+
+    def _pop_soon(self, queue: list[_Entry], now: float, wanted: int) -> list[Tracked]:
+        out: list[Tracked] = []
+        passed_over: list[_Entry] = []
+        horizon = now + self._fill_ahead_s
+        # Look at a bounded number of candidates: this runs on every wake-up.
+        while queue and queue[0][0] <= horizon and len(out) < wanted and len(passed_over) < wanted:
+            item = heapq.heappop(queue)
+            if (entry := self._live(item)) is None:
+                continue
+            if item[0] - now <= entry.delay / 2:
+                entry.busy = True
+                out.append(entry)
+            else:
+                passed_over.append(item)
+        for item in passed_over:
+            heapq.heappush(queue, item)
+        return out
+
+
+# -- what an observation means ------------------------------------------------------------------
+
+
+class Verdict(enum.Enum):
+    MISSING = "missing"  # the backend does not know the job (now)
+    UNCHANGED = "unchanged"  # the same state (or an older one: never go back)
+    TRANSITION = "transition"  # a new state to record
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    verdict: Verdict
+    state: models.JobState | None = None  # the state to record (TRANSITION)
+    reason: str | None = None
+    vendor_changed: bool = False  # UNCHANGED, but the vendor's own status moved
+
+
+def judge(job: models.Job, obs: Observation, stop_reason: models.StopReason | None) -> Judgement:
+    """What `obs` means for `job`. A job we stopped that ends otherwise than SUCCEEDED ends as
+    the stop says (cancelled, timed out) — unless the stop was a queue timeout and the backend
+    now tells it had started before the deadline: then its end is its own."""
+    if obs.missing:
+        return Judgement(Verdict.MISSING)
+    assert obs.state is not None
+    new = obs.state
+    if new == job.state or models.is_regression(job.state, new):
+        return Judgement(Verdict.UNCHANGED, vendor_changed=obs.vendor_status != job.vendor_status)
+    reason = obs.reason
+    if (
+        new.terminal
+        and stop_reason
+        and new != models.JobState.SUCCEEDED
+        and not started_in_time(job, stop_reason, obs)
+    ):
+        new, reason = stopped_outcome(job, stop_reason)
+    return Judgement(Verdict.TRANSITION, new, reason)
+
+
+def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:
+    """The terminal state and reason of a job stopped by us; a timeout's reason says which
+    timeout and what the vendor last said of the job."""
+    if why == "cancel":
+        return models.JobState.CANCELLED, "cancelled by request"
+    if why == "timeout":
+        reason = f"timeout: ran longer than timeout_s={job.spec.timeout_s}"
+    else:
+        reason = f"queue_timeout: not running after queue_timeout_s={job.spec.queue_timeout_s}"
+    last = ": ".join(part for part in (job.vendor_status, job.reason) if part)
+    return models.JobState.FAILED, f"{reason} (last status: {last})" if last else reason
+
+
+def started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -> bool:
+    """A queue timeout stopped a job that, as its backend now tells, had started before the
+    deadline (its start was not known here yet: an attempt settled late, a describe that
+    failed): its end is its own, not "not running after queue_timeout_s"."""
+    started_at = obs.info.get("started_at")
+    if why != "queue_timeout" or not isinstance(started_at, int | float):
+        return False
+    end = deadline(job)
+    return end is not None and started_at < end
+
+
+def deadline(job: models.Job) -> float | None:
+    """When the job's timeout expires: run time once RUNNING, queue time before."""
+    running_since = job.entered(models.JobState.RUNNING)
+    if running_since is not None:
+        return None if job.spec.timeout_s is None else running_since + job.spec.timeout_s
+    if job.spec.queue_timeout_s is None:
+        return None
+    return job.created_at + job.spec.queue_timeout_s
+
+
+def overdue(
+    job: models.Job, now: float, stop_reason: models.StopReason | None
+) -> models.StopReason | None:
+    """The stop a job not already being stopped needs now that a timeout has passed: `timeout`
+    once it has run, `queue_timeout` before; None while in time."""
+    if stop_reason is not None:
+        return None
+    end = deadline(job)
+    if end is None or now < end:
+        return None
+    return "timeout" if job.entered(models.JobState.RUNNING) else "queue_timeout"
+
+
+def look_up_missing(entry: Tracked, now: float, grace_s: float) -> bool:
+    """A job its backend does not know: True once it has been missing for `grace_s` (look for
+    it), counting from now if it was not missing before."""
+    if entry.missing_since is None:
+        entry.missing_since = now
+    return now - entry.missing_since >= grace_s
