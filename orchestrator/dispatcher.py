@@ -207,7 +207,15 @@ class Dispatcher:
             elapsed_s=self._clock() - job.created_at,
             budget_s=lane.budget_s,
         )
-        await self._store.record_start_failure(job.id, exc.reason, final=not retry)
+        job = await self._store.record_start_failure(job.id, exc.reason, final=not retry)
+        stop = job.stop_reason or self._poller.pending_stop(job.id)
+        if retry and stop is not None:
+            # Stopped while its start was in flight: nothing runs, so the stop ends it now
+            # rather than a retry (which would find it stopped and leave it QUEUED).
+            lane.release(job.id)
+            log.info("job.start_abandoned", job_id=job.id, kind=stop, reason=exc.reason)
+            await self._store.request_stop(job.id, stop)
+            return
         if not retry:
             lane.release(job.id)
             log.warning(

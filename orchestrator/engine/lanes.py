@@ -67,6 +67,7 @@ class Lane:
         self._timers: list[tuple[float, int, str, _Kind]] = []
         self._seq = itertools.count()
         self._settle_tries: dict[str, int] = {}
+        self._deadlines: dict[str, float] = {}  # queue deadlines of the jobs the lane holds
 
     # -- what it holds ---------------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class Lane:
         self._queued.add(job_id)
         self._ready.append(job_id)
         if queue_deadline is not None:
+            self._deadlines[job_id] = queue_deadline
             self._push(queue_deadline, job_id, "expire")
         self._wake()
 
@@ -114,13 +116,16 @@ class Lane:
         """The job is terminal: out of the queue and out of flight."""
         self._queued.discard(job_id)
         self._settle_tries.pop(job_id, None)
+        self._deadlines.pop(job_id, None)
         self.release(job_id)
 
     def retry_at(self, job_id: str, at: float) -> None:
-        """A start that failed is tried again at `at`: the slot is freed meanwhile."""
-        self.release(job_id)
+        """A start that failed is tried again at `at` (unless its queue deadline has passed by
+        then: it is expired instead): the slot is freed meanwhile."""
+        self._in_flight.discard(job_id)
         self._queued.add(job_id)
         self._push(at, job_id, "dispatch")
+        self._wake()
 
     def settle_at(self, job_id: str, at: float) -> None:
         """Look again at the job's unsettled attempt at `at` (it keeps its slot)."""
@@ -141,7 +146,9 @@ class Lane:
     # -- outputs ---------------------------------------------------------------------------
 
     def due(self, now: float) -> list[Action]:
-        """What is due at `now`: timers first, then launches while the cap allows."""
+        """What is due at `now`: timers first, then launches while the cap allows. A job is
+        never both expired and launched: one whose queue deadline has passed when its turn
+        comes (it waited for a slot, or for a retry after a start that failed) is expired."""
         actions: list[Action] = []
         while self._timers and self._timers[0][0] <= now:
             _, _, job_id, kind = heapq.heappop(self._timers)
@@ -150,15 +157,27 @@ class Lane:
             elif kind == "settle":
                 actions.append(Settle(job_id))
             elif job_id in self._queued and job_id not in self._in_flight:
-                actions.append(Expire(job_id))
+                actions.append(self._expire(job_id))
+            # An expiry while the job is in flight: its launch goes on (the poller stops a job
+            # that launched and is not running by its deadline); a retry is expired above.
         while self._ready and len(self._in_flight) < self.cap:
             job_id = self._ready.popleft()
             if job_id not in self._queued:
-                continue  # ended while it waited
+                continue  # ended or expired while it waited
+            deadline = self._deadlines.get(job_id)
+            if deadline is not None and deadline <= now:
+                actions.append(self._expire(job_id))
+                continue
             self._queued.discard(job_id)
             self._in_flight.add(job_id)
             actions.append(Launch(job_id))
         return actions
+
+    def _expire(self, job_id: str) -> Expire:
+        """Out of the queue for good: it is to be stopped, not launched."""
+        self._queued.discard(job_id)
+        self._deadlines.pop(job_id, None)
+        return Expire(job_id)
 
     def _push(self, at: float, job_id: str, kind: _Kind) -> None:
         heapq.heappush(self._timers, (at, next(self._seq), job_id, kind))

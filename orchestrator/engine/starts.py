@@ -21,7 +21,9 @@ class Settlement(enum.Enum):
     REQUEUE = "requeued"  # provably launched nothing: a new attempt (or the stop asked for)
     RESUBMIT = "resubmitted"  # the same attempt again, under the same token: idempotent
     LOOK_AGAIN = "look_again"  # cannot tell yet: look again after a back-off
-    LOST = "lost"  # cannot tell, and the start budget is spent
+    # Cannot tell, and no way left to find out: the looks at a resubmittable attempt are spent
+    # (each resubmission is a look), or the start budget of one that is not.
+    LOST = "lost"
 
 
 def settle(

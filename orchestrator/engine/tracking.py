@@ -109,7 +109,9 @@ class Tracker:
             return
         entry.job = job
         entry.n = 0
-        if not entry.busy:
+        if entry.busy:
+            entry.poked = True  # the describe in flight may have looked before the change
+        else:
             self._schedule(entry, now, 0.0)
 
     def stop_unrecorded(self, job_id: str, why: models.StopReason, now: float) -> None:
@@ -118,7 +120,9 @@ class Tracker:
         entry = self._tracked.get(job_id)
         if entry is not None:
             entry.n = 0
-            if not entry.busy:
+            if entry.busy:
+                entry.poked = True
+            else:
                 self._schedule(entry, now, 0.0)
 
     def stop_recorded(self, job_id: str) -> None:
@@ -270,8 +274,9 @@ def started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -
     started_at = obs.info.get("started_at")
     if why != "queue_timeout" or not isinstance(started_at, int | float):
         return False
-    end = deadline(job)
-    return end is not None and started_at < end
+    if job.spec.queue_timeout_s is None:
+        return False
+    return started_at < job.created_at + job.spec.queue_timeout_s  # the queue deadline
 
 
 def deadline(job: models.Job) -> float | None:
