@@ -203,10 +203,10 @@ class Keeper:
             return f"peer pid {pid} cannot be looked at: {exc}"
         if session in self.running:
             return f"peer pid {pid} is in the session of job {self.running[session].key}"
+        # Every job held, ended or not: what a job left running in its cgroup is still the
+        # job's. (Sessions only of jobs not yet reaped: a reaped job's pid may be anyone's now.)
         names = {
-            os.path.basename(job.launch.cgroup)
-            for job in self.running.values()
-            if job.launch.cgroup
+            os.path.basename(job.launch.cgroup) for job in self.jobs.values() if job.launch.cgroup
         }
         for line in cgroups.splitlines():
             if names & set(line.partition("::")[2].split("/")):
@@ -214,12 +214,17 @@ class Keeper:
         return None
 
     def drain_old(self) -> None:
+        """Carry out what the old connection sent (its daemon has gone: all it wrote is
+        there), for at most a second and `_MAX_LINE` bytes: a peer still talking is cut off."""
         assert self.conn is not None
         old = self.conn
+        deadline = time.monotonic() + 1.0
         try:
             old.setblocking(True)
-            old.settimeout(1.0)
-            while chunk := old.recv(1 << 16):
+            while (left := deadline - time.monotonic()) > 0 and len(self.inbuf) <= _MAX_LINE:
+                old.settimeout(left)
+                if not (chunk := old.recv(1 << 16)):
+                    break
                 self.inbuf += chunk
                 self.take_lines(reply=False)
         except OSError:
@@ -315,6 +320,7 @@ class Keeper:
         if (known := self.jobs.get(key)) is not None:  # asked again: the same answer
             return {"op": "launched", "key": key, "pid": known.pid, "start": known.start}
         attempt_dir = str(message["dir"])
+        limit = int(message["limit"])  # every field is read before anything is done
         user = _runner.User(message["user"]) if message.get("user") else None
         launch = _runner.Launch(
             command=[str(arg) for arg in message["command"]],
@@ -349,7 +355,6 @@ class Keeper:
             _runner.exec_child(launch, out_w, err_w, report_w)
         for fd in (out_w, err_w, report_w):
             os.close(fd)
-        limit = int(message["limit"])
         outputs = [_runner.Output(out_r, opened[0], limit), _runner.Output(err_r, opened[1], limit)]
         job = Job(key, pid, launch, outputs)
         job.report = report_r
