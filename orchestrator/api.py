@@ -4,6 +4,7 @@ through `send`, one encoded line at a time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -329,37 +330,60 @@ class Api:
                     if job_id is not None and event.to_state.terminal:
                         await send(protocol.end(rid))
                         return
-            except events.WatcherTooSlow:
+            except errors.WatcherTooSlow:
                 raise errors.Overloaded("watcher fell too far behind and was dropped") from None
 
     async def logs(
         self, rid: protocol.RequestId, job_id: str, peer: models.Peer, follow: bool, send: Send
     ) -> None:
-        job = await self._job(job_id, peer)
-        backend = self._backends.get(job.backend)
-        if backend is None:
-            raise errors.BackendUnavailable(job.backend)
-        cursor: object = None
-        attempt = job.attempt
-        interval_s = _LOG_FOLLOW_MIN_S
-        while True:
-            page = await backend.read_logs(job, cursor)
-            cursor = page.cursor
-            for chunk in page.chunks:
-                await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
-            if page.chunks:
-                interval_s = _LOG_FOLLOW_MIN_S
-                continue  # more may be waiting right behind
-            if not follow:
-                break
-            # An ended job's last lines can arrive late (CloudWatch): read on for a while.
-            if job.state.terminal and time.time() - job.updated_at >= backend.log_delivery_s:
-                break
-            # Nothing new: ask again later, less often the longer it stays quiet (CloudWatch
-            # reads draw from a bucket every follower shares).
-            await asyncio.sleep(interval_s)
-            interval_s = min(_LOG_FOLLOW_MAX_S, interval_s * 1.5)
-            job = await self._store.get(job_id)
-            if job.attempt != attempt:  # a new attempt writes new logs
-                attempt, cursor = job.attempt, None
+        # Subscribed before the first read, so that a change of the job's state (a new attempt,
+        # the end) wakes a follower at once. Nothing signals new output (a local job writes its
+        # own files; CloudWatch is only asked) nor `observe`/`relocate` (a Batch log stream, a
+        # task found again): those are polled, less often the longer the job stays quiet
+        # (CloudWatch reads draw from a bucket every follower shares).
+        async with self._hub.subscribe(job_id) as changes:
+            job = await self._job(job_id, peer)
+            backend = self._backends.get(job.backend)
+            if backend is None:
+                raise errors.BackendUnavailable(job.backend)
+            cursor: object = None
+            attempt = job.attempt
+            interval_s = _LOG_FOLLOW_MIN_S
+            while True:
+                page = await backend.read_logs(job, cursor)
+                cursor = page.cursor
+                for chunk in page.chunks:
+                    await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
+                if page.chunks:
+                    interval_s = _LOG_FOLLOW_MIN_S
+                    continue  # more may be waiting right behind
+                if not follow:
+                    break
+                # An ended job's last lines can arrive late (CloudWatch): read on for a while.
+                if job.state.terminal and time.time() - job.updated_at >= backend.log_delivery_s:
+                    break
+                if await _changed(changes, interval_s):
+                    interval_s = _LOG_FOLLOW_MIN_S
+                else:
+                    interval_s = min(_LOG_FOLLOW_MAX_S, interval_s * 1.5)
+                job = await self._store.get(job_id)
+                if job.attempt != attempt:  # a new attempt writes new logs
+                    attempt, cursor = job.attempt, None
         await send(protocol.end(rid, state=job.state.value))
+
+
+async def _changed(changes: events.Subscription, timeout_s: float) -> bool:
+    """Whether the job's state changed within `timeout_s`; the changes queued meanwhile are
+    consumed (the follower reads the job from the store: the wake-up is what counts)."""
+    if changes.dropped:  # thousands of unread changes of one job: not in practice; poll on
+        await asyncio.sleep(timeout_s)
+        return False
+    try:
+        async with asyncio.timeout(timeout_s):
+            await changes.get()
+    except TimeoutError:
+        return False
+    with contextlib.suppress(errors.WatcherTooSlow):
+        while changes.get_nowait() is not None:
+            pass
+    return True

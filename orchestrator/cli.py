@@ -298,6 +298,8 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
             except errors.DaemonUnreachable:
                 if time.monotonic() >= deadline:
                     raise
+            # Polled: nothing tells a process that another one started listening (a socket file
+            # can be there, stale, long before); trying to connect is the only way to know.
             await asyncio.sleep(0.1)
 
     reply = _run(go)

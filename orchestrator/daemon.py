@@ -27,7 +27,7 @@ from orchestrator.poller import Poller
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
 from orchestrator.settings import Settings
-from orchestrator.store import PROBLEM_REASONS, Store
+from orchestrator.store import PROBLEM_REASONS, SqliteStore, Store
 
 log = structlog.get_logger("orchestrator.daemon")
 
@@ -67,8 +67,9 @@ class Daemon:
         inherited_socket: socket.socket | None = None,
     ) -> None:
         self.settings = settings
+        self.faults = faults.Faults()  # armed at start-up, from the environment
         self.hub = events.Hub()
-        self.store = Store(settings.store, self.hub)
+        self.store: Store = SqliteStore(settings.store, self.hub)
         self.backends = build_backends(settings) if backends is None else backends
         self.metrics = metrics.Metrics()
         self.poller = Poller(
@@ -156,7 +157,8 @@ class Daemon:
         def lap(phase: str) -> None:
             phases[phase] = round(time.monotonic() - started - sum(phases.values()), 3)
 
-        faults.arm(os.environ.get(faults.ENV))
+        self.faults.arm(os.environ.get(faults.ENV))
+        faults.install(self.faults)  # until the components are handed `self.faults`
         _check_descriptor_limit(self.settings)
         if self._inherited_socket is None:  # else systemd bound it: there is no directory to check
             self.server.prepare()  # a squatted socket directory stops us before a job is touched
@@ -174,7 +176,7 @@ class Daemon:
             log.info(
                 "daemon.ready",
                 socket=str(self.server.path),
-                store=str(self.store.path),
+                store=str(self.settings.store.path),
                 backends=sorted(self.backends),
                 recovered=recovered,
                 startup_s=round(time.monotonic() - started, 3),
@@ -258,7 +260,7 @@ class Daemon:
         while True:
             await self.store.ping()
             notify.send("WATCHDOG=1", f"STATUS={self.status_line()}")
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(interval_s)  # a timer, not a poll: systemd wants a beat each one
 
     def status_line(self) -> str:
         """One line for `systemctl status`: degraded or not (and why), what is in flight where."""
@@ -282,6 +284,7 @@ class Daemon:
             while purged := await self.store.purge(cutoff):  # in slices: writes keep flowing
                 await asyncio.to_thread(_remove_dirs, work_dir, purged)
                 log.info("store.purged", jobs=len(purged), retention_days=days)
+            # A timer, not a poll: jobs age past retention by time alone, which nothing signals.
             await asyncio.sleep(_RETENTION_INTERVAL_S)
 
 

@@ -1,7 +1,11 @@
-"""One root exception; each leaf is named for what happened and carries its data.
+"""Every exception class of the daemon: one root, `OrchestratorError`, each leaf named for what
+happened and carrying its data; and a few internal signals (the "Internal signals" section).
 
 A leaf's docstring is its default message. Leaves that can reach a client carry a stable `code`
 that the socket protocol puts on the wire.
+
+Not here: the local backend's private `keeper.KeeperUnavailable`, `keeper.LaunchFailed` and
+`local._Unsure` (to move with the next change of those modules).
 """
 
 from __future__ import annotations
@@ -319,6 +323,33 @@ class AwsUnreachable(AwsError):
     code = "aws_unreachable"
 
 
+# -- Internal signals ---------------------------------------------------------------------------
+# Raised and caught inside the daemon, never put on the wire as they are. They derive from
+# Exception, not OrchestratorError, so that no `except OrchestratorError` meant for a request's
+# errors can swallow one.
+
+
+class BadRequest(Exception):
+    """A request that failed to decode, with the id to answer it under (if one was readable)."""
+
+    def __init__(self, request_id: str | int | None, error: ProtocolError | InvalidJob) -> None:
+        self.request_id = request_id
+        self.error = error
+        super().__init__(error.message)
+
+
+class WatcherTooSlow(Exception):
+    """The watcher's queue filled up; it was dropped so the daemon would not wait for it."""
+
+
+class CheckFailed(Exception):
+    """A check of `orchestrator check` found something wrong; the message says what."""
+
+
+class CgroupUnusable(Exception):
+    """No cgroup may be made for jobs here; the message says why."""
+
+
 class HealthCheckFailed(OrchestratorError):
     """A backend's start-up check failed: credentials, permissions or resources are wrong."""
 
@@ -329,3 +360,9 @@ class LogsUnavailable(OrchestratorError):
     """The job's output cannot be read right now (e.g. the daemon is out of descriptors)."""
 
     code = "logs_unavailable"
+
+
+class IdempotencyConflict(OrchestratorError):
+    """The idempotency key belongs to a job with a different spec."""
+
+    code = "idempotency_conflict"

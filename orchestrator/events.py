@@ -13,15 +13,11 @@ from types import TracebackType
 
 import structlog
 
-from orchestrator import models
+from orchestrator import errors, models
 
 log = structlog.get_logger("orchestrator.events")
 
 Listener = Callable[[models.Event], None]
-
-
-class WatcherTooSlow(Exception):
-    """The watcher's queue filled up; it was dropped so the daemon would not wait for it."""
 
 
 class Subscription:
@@ -51,7 +47,7 @@ class Subscription:
 
     async def get(self) -> models.Event:
         if self.dropped and self._queue.empty():
-            raise WatcherTooSlow
+            raise errors.WatcherTooSlow
         return await self._queue.get()
 
     def get_nowait(self) -> models.Event | None:
@@ -59,7 +55,7 @@ class Subscription:
             return self._queue.get_nowait()
         except asyncio.QueueEmpty:
             if self.dropped:
-                raise WatcherTooSlow from None
+                raise errors.WatcherTooSlow from None
             return None
 
     async def __aenter__(self) -> Subscription:

@@ -1,7 +1,11 @@
 """Crash points: named places where a test can make the daemon die as if by `kill -9`.
 
 `ORCHESTRATOR_CRASH_AT=dispatch.after_submit` (or `NAME:N` for the Nth time the point is reached)
-is read once by the daemon at start-up through `arm`. Unarmed, a crash point is one comparison.
+is read once by the daemon at start-up: the composition root (`daemon.py`) builds one `Faults`,
+arms it from the environment and installs it. Unarmed, a crash point is one comparison.
+
+The call sites (dispatcher, poller, api) still call the module-level `crashpoint`, which reports
+to the installed instance; they are to take the daemon's `Faults` as a constructor argument.
 """
 
 from __future__ import annotations
@@ -20,30 +24,45 @@ POINTS = frozenset(
     }
 )
 
-_armed: str | None = None
-_remaining = 0
+
+class Faults:
+    """The crash points of one daemon, at most one of them armed."""
+
+    def __init__(self) -> None:
+        self._armed: str | None = None
+        self._remaining = 0
+
+    def arm(self, spec: str | None) -> None:
+        """Arm one crash point from `NAME` or `NAME:N`; None or "" disarms."""
+        if not spec:
+            self._armed, self._remaining = None, 0
+            return
+        name, _, count = spec.partition(":")
+        if name not in POINTS:
+            raise ValueError(
+                f"{ENV}: unknown crash point {name!r} (known: {', '.join(sorted(POINTS))})"
+            )
+        self._armed, self._remaining = name, int(count or 1)
+
+    def crashpoint(self, name: str) -> None:
+        if self._armed != name:
+            return
+        self._remaining -= 1
+        if self._remaining <= 0:
+            sys.stderr.write(f"orchestrator: crash point {name} reached, exiting\n")
+            sys.stderr.flush()
+            os._exit(137)
 
 
-def arm(spec: str | None) -> None:
-    """Arm one crash point from `NAME` or `NAME:N`; None or "" disarms."""
-    global _armed, _remaining
-    if not spec:
-        _armed, _remaining = None, 0
-        return
-    name, _, count = spec.partition(":")
-    if name not in POINTS:
-        raise ValueError(
-            f"{ENV}: unknown crash point {name!r} (known: {', '.join(sorted(POINTS))})"
-        )
-    _armed, _remaining = name, int(count or 1)
+_installed = Faults()  # unarmed until a daemon installs its own
+
+
+def install(faults: Faults) -> None:
+    """Make `faults` the instance the module-level `crashpoint` reports to."""
+    global _installed
+    _installed = faults
 
 
 def crashpoint(name: str) -> None:
-    global _remaining
-    if _armed != name:
-        return
-    _remaining -= 1
-    if _remaining <= 0:
-        sys.stderr.write(f"orchestrator: crash point {name} reached, exiting\n")
-        sys.stderr.flush()
-        os._exit(137)
+    """The installed instance's crash point `name` (until every caller is handed a `Faults`)."""
+    _installed.crashpoint(name)

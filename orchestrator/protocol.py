@@ -111,34 +111,25 @@ class Request:
     params: Params
 
 
-class BadRequest(Exception):
-    """A request that failed to decode, with the id to answer it under (if one was readable)."""
-
-    def __init__(self, request_id: RequestId, error: errors.ProtocolError | errors.InvalidJob):
-        self.request_id = request_id
-        self.error = error
-        super().__init__(error.message)
-
-
 def decode(line: bytes) -> Request:
-    """Parse one request line; raise `BadRequest` saying exactly what is wrong."""
+    """Parse one request line; raise `errors.BadRequest` saying exactly what is wrong."""
     try:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(None, errors.InvalidJson(f"invalid JSON: {exc}")) from None
+        raise errors.BadRequest(None, errors.InvalidJson(f"invalid JSON: {exc}")) from None
     if not isinstance(data, dict):
-        raise BadRequest(None, errors.InvalidRequest("a request must be a JSON object"))
+        raise errors.BadRequest(None, errors.InvalidRequest("a request must be a JSON object"))
 
     raw_id = data.pop("id", None)
     request_id: RequestId = (
         raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
     )
     if raw_id is not None and request_id is None:
-        raise BadRequest(None, errors.InvalidRequest("id: must be a string or an integer"))
+        raise errors.BadRequest(None, errors.InvalidRequest("id: must be a string or an integer"))
 
     version = data.pop("v", VERSION)
     if type(version) is not int or version != VERSION:  # True == 1, 1.0 == 1: not versions
-        raise BadRequest(
+        raise errors.BadRequest(
             request_id,
             errors.UnsupportedVersion(
                 f"protocol version {version!r} is not supported (this daemon speaks v{VERSION})"
@@ -146,16 +137,16 @@ def decode(line: bytes) -> Request:
         )
     op = data.pop("op", None)
     if not isinstance(op, str):
-        raise BadRequest(
+        raise errors.BadRequest(
             request_id, errors.InvalidRequest('op: required, a string such as "submit"')
         )
     params_model = OPS.get(op)
     if params_model is None:
-        raise BadRequest(request_id, errors.UnknownOperation(op))
+        raise errors.BadRequest(request_id, errors.UnknownOperation(op))
     try:
         params = params_model.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise BadRequest(request_id, _invalid(exc)) from None
+        raise errors.BadRequest(request_id, _invalid(exc)) from None
     return Request(id=request_id, op=op, params=params)
 
 

@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import structlog
@@ -33,7 +33,9 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13; no cons
 _OUTPUT_HIGH_BYTES = 256 * 1024  # unread reply bytes per connection before it is held back
 _HEAVY = frozenset({"list", "get"})  # ops whose one reply can be large
 _HEAVY_PER_CONNECTION = 4
-_HANGUP_CHECK_S = 0.25  # how often a half-closed connection is checked for a full hang-up
+# How often a half-closed connection is checked for a full hang-up: polled (poll(2), POLLHUP),
+# as a transport past EOF reads no more and asyncio tells nothing of the other half closing.
+_HANGUP_CHECK_S = 0.25
 _CLOSE_GRACE_S = 1.0  # to flush a closing connection's last lines before it is cut
 
 
@@ -133,6 +135,7 @@ class Server:
         self._sock: socket.socket | None = None
         self._inode: int | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._unanswered = asyncio.Event()  # set when a connection gives a request a deadline
         self._per_peer: Counter[int] = Counter()
         self.rejections: Counter[str] = Counter()  # by error code, for metrics
 
@@ -163,15 +166,20 @@ class Server:
             await self._server.serve_forever()
 
     async def _expire_requests(self) -> None:
-        """Cancel unary requests past `request_timeout_s`. One sweep a few times a timeout (at
-        most a second apart) instead of a timer per request: requests are many, timeouts rare."""
+        """Cancel unary requests past `request_timeout_s`: one task, not a timer per request
+        (requests are many, timeouts rare), asleep until the earliest deadline (one timeout for
+        all: a later request's is never earlier), or until `_unanswered` if there is none."""
         interval_s = max(0.05, min(1.0, self._settings.request_timeout_s / 4))
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval_s)
             now = loop.time()
-            for connection in self._connections.values():
-                connection.expire(now)
+            pending = [d for c in self._connections.values() if (d := c.expire(now)) is not None]
+            if not pending:
+                self._unanswered.clear()
+                await self._unanswered.wait()
+                continue
+            # Sweeps at least `interval_s` apart: a deadline may fire that much late.
+            await asyncio.sleep(max(interval_s, min(pending) - now))
 
     async def close(self, grace_s: float, force: asyncio.Event | None = None) -> None:
         """Stop accepting, give open connections `grace_s` to finish (less if `force` is set
@@ -226,7 +234,9 @@ class Server:
                 writer.write(protocol.error(None, refusal.code, refusal.message))
                 await writer.drain()
                 return
-            connection = _Connection(self._settings, self._api, peer, reader, writer)
+            connection = _Connection(
+                self._settings, self._api, peer, reader, writer, self._unanswered.set
+            )
             self._connections[task] = connection
             self._per_peer[peer.uid] += 1
             try:
@@ -284,10 +294,12 @@ class _Connection:
         peer: models.Peer,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        on_deadline: Callable[[], None],
     ) -> None:
         self._settings = settings
         self._api = api
         self._peer = peer
+        self._on_deadline = on_deadline  # wakes the server's deadline task
         self._reader = reader
         self._writer = writer
         writer.transport.set_write_buffer_limits(high=_OUTPUT_HIGH_BYTES)
@@ -415,7 +427,7 @@ class _Connection:
                 continue
             try:
                 request = protocol.decode(line)
-            except protocol.BadRequest as exc:
+            except errors.BadRequest as exc:
                 await self.send(protocol.error(exc.request_id, exc.error.code, exc.error.message))
                 continue
             while len(self._requests) >= s.max_requests_in_flight:
@@ -433,6 +445,7 @@ class _Connection:
             else:
                 task = asyncio.create_task(self._answer(request), name=f"request-{request.op}")
                 self._deadlines[task] = asyncio.get_running_loop().time() + s.request_timeout_s
+                self._on_deadline()
             self._requests.add(task)
             task.add_done_callback(self._finished)
 
@@ -442,14 +455,20 @@ class _Connection:
         self._expired.discard(task)
         self._room.set()
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> float | None:
         """Cancel the unanswered unary requests whose deadline has passed (they answer
-        `timeout`). A request leaves `_deadlines` the moment its reply exists, so a reply
-        waiting for a slow client is never followed by a second one."""
+        `timeout`); return the earliest one ahead. A request leaves `_deadlines` the moment its
+        reply exists, so a reply waiting for a slow client is never followed by a second one."""
+        earliest: float | None = None
         for task, deadline in self._deadlines.items():
-            if deadline <= now and task not in self._expired:
+            if task in self._expired:
+                continue
+            if deadline <= now:
                 self._expired.add(task)
                 task.cancel()
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        return earliest
 
     async def _answer(self, request: protocol.Request) -> None:
         task = asyncio.current_task()

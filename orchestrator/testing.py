@@ -1,21 +1,32 @@
 """Fakes shipped with the package, for unit tests of logic (yours and ours).
 
 `FakeBackend` is an in-memory backend whose jobs follow a script of states, one step per
-describe; it records every call so tests can assert batching and stops. `make_settings` builds
-settings rooted in a temporary directory with fast polling.
+describe; it records every call so tests can assert batching and stops. `InMemoryStore` is a
+`Store` with the SQLite store's semantics and no files or threads (both pass the conformance
+suite, `tests/store_conformance.py`). `make_settings` builds settings rooted in a temporary
+directory with fast polling.
+
+Over ~500 lines on purpose: the package's test doubles are shipped in one module, as
+procrastinate ships its `InMemoryConnector` in `procrastinate.testing`, so that a user's tests
+import every fake from one place.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import errors, models, settings
+import orjson
+
+from orchestrator import errors, events, models, settings, store
 from orchestrator.backends import base
+from orchestrator.engine import tracking
 
 S = models.JobState
 
@@ -171,3 +182,396 @@ class FakeBackend:
     def forget(self, external_id: str) -> None:
         """Make the vendor stop knowing this job (describe reports it missing)."""
         self._jobs[external_id].forgotten = True
+
+
+@dataclass
+class _Attempt:
+    attempt: int
+    token: str
+    started_at: float
+    external_id: str | None = None
+    outcome: str | None = None
+
+
+@dataclass
+class MemoryData:
+    """What an `InMemoryStore` holds. Stores built on one `MemoryData` see the same jobs: a new
+    store on it is a daemon restarted on the same store. `schema_version` is the version of the
+    orchestrator that wrote it (set it higher to see a store refuse it)."""
+
+    schema_version: int = store.SCHEMA_VERSION
+    jobs: dict[str, models.Job] = field(default_factory=dict)
+    keys: dict[tuple[int | None, str], str] = field(default_factory=dict)  # (uid, key) → id
+    events: dict[str, list[models.Event]] = field(default_factory=dict)  # by job, in order
+    attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
+
+
+class InMemoryStore(store.Store):
+    """A `Store` in memory, with the SQLite store's semantics (the conformance suite in
+    `tests/store_conformance.py` holds both to them): for unit tests of the engine and the API
+    with no files or threads. Each write happens at once, in the caller's task; its events are
+    published before it returns.
+
+    `fail_writes("why")` makes every write fail with `StoreError`, as a full disk does, until
+    `fail_writes(None)`; meanwhile the store reports the `store_commit_failed` problem, until a
+    write succeeds."""
+
+    def __init__(
+        self,
+        hub: events.Hub,
+        *,
+        clock: Callable[[], float] = time.time,
+        data: MemoryData | None = None,
+    ) -> None:
+        self._hub = hub
+        self._clock = clock
+        self.data = MemoryData() if data is None else data
+        self._open = False
+        self._broken: str | None = None
+        self._commit_failure: str | None = None
+
+    # -- lifecycle and health --------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.data.schema_version > store.SCHEMA_VERSION:
+            raise errors.StoreTooNew("<memory>", self.data.schema_version, store.SCHEMA_VERSION)
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def fail_writes(self, why: str | None) -> None:
+        self._broken = why
+
+    async def ping(self) -> None:
+        self._writable()
+
+    def problems(self) -> list[store.Problem]:
+        if self._commit_failure is None:
+            return []
+        message = f"the store's last commit failed: {self._commit_failure}"
+        return [store.Problem("store_commit_failed", message)]
+
+    def free_bytes(self) -> int | None:
+        return None
+
+    def check_room(self) -> None:
+        pass
+
+    def _writable(self) -> None:
+        if not self._open:
+            raise errors.StoreError("the store is not open")
+        if self._broken is not None:
+            self._commit_failure = self._broken
+            raise errors.StoreError(f"commit failed: {self._broken}")
+
+    def _job(self, job_id: str) -> models.Job:
+        if not self._open:
+            raise errors.StoreError("the store is not open")
+        job = self.data.jobs.get(job_id)
+        if job is None:
+            raise errors.JobNotFound(job_id)
+        return job
+
+    def _commit(self, job: models.Job, changed: models.Event | None = None) -> models.Job:
+        """Keep `job` and its event (all checks passed), publish the event; the job."""
+        self._commit_failure = None
+        self.data.jobs[job.id] = job
+        if changed is not None:
+            self.data.events.setdefault(job.id, []).append(changed)
+            self._hub.publish(changed)
+        return job
+
+    def _moved(
+        self,
+        job: models.Job,
+        new: models.JobState,
+        *,
+        reason: str | None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> tuple[models.Job, models.Event]:
+        """`job` moved to `new` (with `changes`) and the event of it, to `_commit`; nothing is
+        kept yet. `IllegalTransition` if `models.can_transition` does not allow it."""
+        if not models.can_transition(job.state, new):
+            raise errors.IllegalTransition(job.id, job.state.value, new.value)
+        now = self._clock()
+        moved = dataclasses.replace(
+            job,
+            state=new,
+            updated_at=now,
+            state_times={**job.state_times, new.value: now},
+            reason=reason,
+            exit_code=job.exit_code if exit_code is None else exit_code,
+            vendor_status=job.vendor_status if vendor_status is None else vendor_status,
+            external_id=job.external_id if external_id is None else external_id,
+            info=_as_stored({**job.info, **(info or {})}),
+            **changes,
+        )
+        return moved, store.job_event(moved, job.state)
+
+    def _launching(self, job_id: str) -> models.Job:
+        job = self._job(job_id)
+        if job.state != S.QUEUED or not job.launching:
+            raise errors.StaleState(job_id, "QUEUED (launching)", job.state.value)
+        return job
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def accept_many(
+        self, specs: Sequence[tuple[models.JobSpec, str]], peer: models.Peer | None
+    ) -> list[store.AcceptOutcome]:
+        self._writable()
+        now = self._clock()
+        kept_peer = None if peer is None else models.Peer(peer.uid, peer.gid, peer.pid)
+        outcomes: list[store.AcceptOutcome] = []
+        for spec, backend in specs:
+            key = None
+            if spec.idempotency_key is not None:
+                key = (None if peer is None else peer.uid, spec.idempotency_key)
+                existing_id = self.data.keys.get(key)
+                if existing_id is not None:
+                    existing = self.data.jobs[existing_id]
+                    try:
+                        store.check_same_spec(existing, spec, backend)
+                    except errors.IdempotencyConflict as exc:
+                        outcomes.append(exc)
+                    else:
+                        outcomes.append((existing, False))
+                    continue
+            job = models.Job(
+                id=models.new_job_id(now),
+                spec=spec,
+                backend=backend,
+                state=S.QUEUED,
+                created_at=now,
+                updated_at=now,
+                state_times={S.QUEUED.value: now},
+                peer=kept_peer,
+            )
+            self.data.attempts[job.id] = []
+            if key is not None:
+                self.data.keys[key] = job.id
+            self._commit(job, store.job_event(job, None))
+            outcomes.append((dataclasses.replace(job, peer=peer), True))
+        return outcomes
+
+    async def transition(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        new: models.JobState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        self._writable()
+        job = self._job(job_id)
+        if job.state != expected:
+            raise errors.StaleState(job_id, expected.value, job.state.value)
+        return self._commit(
+            *self._moved(
+                job,
+                new,
+                reason=reason,
+                exit_code=exit_code,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+        )
+
+    async def observe(
+        self,
+        job_id: str,
+        *,
+        vendor_status: str | None,
+        reason: str | None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        self._writable()
+        job = self._job(job_id)
+        return self._commit(
+            dataclasses.replace(
+                job,
+                vendor_status=vendor_status,
+                reason=job.reason if reason is None else reason,
+                info=_as_stored({**job.info, **(info or {})}),
+            )
+        )
+
+    async def relocate(self, job_id: str, external_id: str) -> models.Job:
+        self._writable()
+        job = self._job(job_id)
+        for attempt in self.data.attempts[job_id]:
+            if attempt.attempt == job.attempt:
+                attempt.external_id = external_id
+        return self._commit(dataclasses.replace(job, external_id=external_id))
+
+    async def begin_attempt(self, job_id: str) -> models.Job | None:
+        self._writable()
+        job = self._job(job_id)
+        if job.state != S.QUEUED or job.launching or job.stop_reason:
+            return None
+        now = self._clock()
+        attempt = job.attempt + 1
+        token = f"{job.id}-{attempt}"
+        self.data.attempts[job_id].append(_Attempt(attempt, token, now))
+        return self._commit(
+            dataclasses.replace(
+                job,
+                attempt=attempt,
+                token=token,
+                launching=True,
+                updated_at=now,
+                info=_as_stored({**job.info, "attempt_started_at": now}),
+            )
+        )
+
+    async def record_submitted(
+        self,
+        job_id: str,
+        *,
+        external_id: str,
+        state: models.JobState,
+        vendor_status: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        self._writable()
+        job = self._launching(job_id)
+        moved, changed = self._moved(
+            job,
+            state,
+            reason=None,
+            vendor_status=vendor_status,
+            external_id=external_id,
+            info=info,
+            launching=False,
+        )
+        current = self.data.attempts[job_id][-1]
+        current.external_id, current.outcome = external_id, "submitted"
+        return self._commit(moved, changed)
+
+    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+        self._writable()
+        job = self._launching(job_id)
+        self.data.attempts[job_id][-1].outcome = f"start failed: {reason}"
+        job = dataclasses.replace(job, launching=False, reason=reason)
+        if not final:
+            return self._commit(job)
+        return self._commit(*self._moved(job, S.FAILED, reason=reason))
+
+    async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
+        self._writable()
+        job = self._job(job_id)
+        if job.state.terminal:
+            return job
+        if job.state == S.QUEUED and not job.launching:
+            final, reason = tracking.stopped_outcome(job, why)
+            return self._commit(*self._moved(job, final, reason=reason, stop_reason=why))
+        if job.stop_reason is None:
+            job = self._commit(dataclasses.replace(job, stop_reason=why))
+        return job
+
+    async def purge(self, older_than: float) -> list[str]:
+        self._writable()
+        ids = [
+            job.id
+            for job in sorted(self.data.jobs.values(), key=lambda job: job.id)
+            if job.state.terminal and job.updated_at < older_than
+        ][: store.PURGE_SLICE]
+        if ids:
+            self._commit_failure = None
+        for job_id in ids:
+            job = self.data.jobs.pop(job_id)
+            self.data.events.pop(job_id, None)
+            self.data.attempts.pop(job_id, None)
+            if job.spec.idempotency_key is not None:
+                key = (None if job.peer is None else job.peer.uid, job.spec.idempotency_key)
+                self.data.keys.pop(key, None)
+        return ids
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> models.Job:
+        return self._job(job_id)
+
+    async def list_jobs(
+        self,
+        states: Iterable[models.JobState] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+        peer_uid: int | None = None,
+    ) -> list[models.Job]:
+        wanted = None if states is None else frozenset(states)
+        found = []
+        for job_id in sorted(self._jobs(), reverse=True):
+            job = self.data.jobs[job_id]
+            if (
+                (before is None or job.id < before)
+                and (peer_uid is None or (job.peer is not None and job.peer.uid == peer_uid))
+                and (wanted is None or job.state in wanted)
+                and (backend is None or job.backend == backend)
+            ):
+                found.append(job)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def unfinished(self) -> list[models.Job]:
+        jobs = self._jobs()
+        return [jobs[i] for i in sorted(jobs) if not jobs[i].state.terminal]
+
+    async def history(self, job_id: str) -> list[store.HistoryEntry]:
+        self._jobs()
+        return [
+            {
+                "at": models.iso(e.at),
+                "from": None if e.from_state is None else e.from_state.value,
+                "to": e.to_state.value,
+                "reason": e.reason,
+                "exit_code": e.exit_code,
+            }
+            for e in self.data.events.get(job_id, ())
+        ]
+
+    async def attempts(self, job_id: str) -> list[store.AttemptEntry]:
+        self._jobs()
+        return [
+            {
+                "attempt": a.attempt,
+                "token": a.token,
+                "external_id": a.external_id,
+                "started_at": models.iso(a.started_at),
+                "outcome": a.outcome,
+            }
+            for a in self.data.attempts.get(job_id, ())
+        ]
+
+    async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
+        counts = collections.Counter(
+            job.state.value
+            for job in self._jobs().values()
+            if peer_uid is None or (job.peer is not None and job.peer.uid == peer_uid)
+        )
+        return dict(counts)
+
+    def _jobs(self) -> dict[str, models.Job]:
+        """Every job, by id (the store must be open)."""
+        if not self._open:
+            raise errors.StoreError("the store is not open")
+        return self.data.jobs
+
+
+def _as_stored(info: Mapping[str, Any]) -> dict[str, Any]:
+    """`info` as the SQLite store gives it back: through JSON (tuples become lists; what JSON
+    cannot hold is refused, as it is there)."""
+    loaded: dict[str, Any] = orjson.loads(orjson.dumps(info))
+    return loaded

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["tests.support.moto", "tests.support.service"]
+# Shared suites imported by test modules: their asserts explain a failure as a test's do.
+pytest.register_assert_rewrite("tests.store_conformance")
 
 
 @pytest.fixture

@@ -64,6 +64,7 @@ LOG = "keeper.log"
 _MAX_LINE = 8 << 20  # a launch carries argv and env, bounded by E2BIG (a few MiB) anyway
 _FIRST_CONNECT_S = 30.0  # a keeper nobody connects to and that has no job exits after this
 _KEEP_FINISHED = 100_000  # outcomes kept unforgotten at most (the oldest go first)
+_UNCOLLECTED_S = 86_400.0  # with no daemon and no job running, outcomes are kept this long
 _PR_SET_DUMPABLE = 4
 
 
@@ -127,6 +128,9 @@ class Keeper:
         finally:
             os.umask(old_umask)
         self.listener.listen(8)
+        bound = os.stat(SOCKET)
+        self.socket_id = (bound.st_dev, bound.st_ino)
+        self.alone_since: float | None = None
         self.listener.setblocking(False)
         self.register(self.listener.fileno(), select.EPOLLIN, self.on_accept)
 
@@ -154,12 +158,31 @@ class Keeper:
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler(events)
-        _log("keeper.exiting")
+        _log("keeper.exiting", jobs_running=len(self.running), outcomes_held=len(self.jobs))
 
     def done(self) -> bool:
-        if self.conn is not None or self.jobs:
+        if self.conn is not None:
+            self.alone_since = None
             return False
+        if not self.socket_is_ours():  # the work directory was removed or taken over
+            _log("keeper.socket_gone", path=os.path.join(self.work_dir, SOCKET))
+            return True
+        if self.running:
+            return False
+        if self.jobs:  # outcomes nobody has collected: kept a day for a daemon to come back
+            now = time.monotonic()
+            self.alone_since = self.alone_since or now
+            return now - self.alone_since > _UNCOLLECTED_S
         return self.connected_once or time.monotonic() - self.born > _FIRST_CONNECT_S
+
+    def socket_is_ours(self) -> bool:
+        try:
+            found = os.stat(os.path.join(self.work_dir, SOCKET))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot tell now (EMFILE): not a reason to leave
+        return (found.st_dev, found.st_ino) == self.socket_id
 
     # -- the daemon's connection -----------------------------------------------------------
 
@@ -457,6 +480,27 @@ def _not_dumpable() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+def _cloexec_inherited() -> None:
+    """Make close-on-exec every descriptor above stderr this process inherited (from the
+    daemon, from whoever started the daemon): a job must never hold them. One
+    `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux ≥ 5.11) works whatever their numbers (a
+    spawn's close action cannot name one at or above the soft limit); else they are listed."""
+    import ctypes
+
+    number = {"x86_64": 436, "aarch64": 436}.get(os.uname().machine)
+    if (
+        number is not None
+        and ctypes.CDLL(None, use_errno=True).syscall(number, 3, 0xFFFFFFFF, 4) == 0
+    ):
+        return
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.get_inheritable(int(name)):
+                os.set_inheritable(int(name), False)
+        except OSError:
+            continue  # closed since the listing (it was the listing's own descriptor)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         _runner._write(2, "usage: _keeper.py WORK_DIR\n")
@@ -469,6 +513,7 @@ def main(argv: list[str]) -> int:
     except BlockingIOError:
         return 0  # another keeper keeps this work directory
     _not_dumpable()
+    _cloexec_inherited()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:  # each running job holds four descriptors here: as many as the host lets us
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -50,9 +50,15 @@ def truncation_marker(limit: int) -> bytes:
 
 def start_time(pid: int) -> int:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    return stat(pid)[1]
+
+
+def stat(pid: int) -> tuple[str, int]:
+    """The process's state (`R`, `S`, `Z`…: field 3 of /proc/PID/stat) and start time."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
-        stat = fh.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+        line = fh.read()
+    fields = line[line.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
 
 
 class Output:

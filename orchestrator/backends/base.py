@@ -6,11 +6,11 @@ vendor is behind it. Each backend maps its vendor's status vocabulary to `JobSta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from orchestrator import models
+from orchestrator import errors, models
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,31 @@ class Telemetry:
 Wake = Callable[[str], None]  # a backend may call this with a job id to have it polled now
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of `orchestrator check`: what was checked, whether it is fine, what was found."""
+
+    name: str  # "<backend>.<what>", e.g. "ecs.cluster"
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Probe = Callable[[], Awaitable[str]]  # returns what it found; raises `CheckFailed` (or AwsError)
+
+
+async def checked(name: str, probe: Probe) -> Check:
+    """Run one probe: what it found, or what it found wrong (a typed error's message)."""
+    try:
+        return Check(name, True, await probe())
+    except errors.CheckFailed as exc:
+        return Check(name, False, str(exc))
+    except errors.OrchestratorError as exc:
+        return Check(name, False, exc.message)
+
+
 class Backend(Protocol):
     name: str
     max_in_flight: int  # jobs submitted and not yet terminal, at most
@@ -123,3 +148,16 @@ class Backend(Protocol):
 
     def telemetry(self) -> Telemetry:
         """Counters and rates for the metrics endpoint."""
+
+
+class Checkable(Protocol):
+    """A backend that checks its own configuration for `orchestrator check`.
+
+    Meant as a method of `Backend`; kept apart until the local backend has it (its checks are
+    `local_check.check` meanwhile), since `Backend` cannot ask for what one backend lacks.
+    """
+
+    async def check(self) -> Sequence[Check]:
+        """Whether this configuration can run jobs, one `Check` per thing that must hold, each
+        named `<backend>.<what>`. Finds and changes nothing a job would notice; needs no
+        `start()` (clients it needs are started here, released by `close()`)."""

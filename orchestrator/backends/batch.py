@@ -16,8 +16,14 @@ from typing import Any
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import aws, base
-from orchestrator.backends.ecs import read_cloudwatch
+from orchestrator.backends import aws_kwargs, base
+from orchestrator.backends.aws_base import (
+    LOG_DELIVERY_S,
+    AwsBackendBase,
+    log_group_found,
+    read_cloudwatch,
+    start_outcome,
+)
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import BatchSettings
 
@@ -43,7 +49,7 @@ def job_name(job: models.Job) -> str:
 _NAMES = {"job_name": "jobName", "job_queue": "jobQueue"}  # job.info key → DescribeJobs field
 
 
-class BatchBackend(aws.AwsBackendBase):
+class BatchBackend(AwsBackendBase):
     name = "batch"
 
     def __init__(
@@ -51,7 +57,7 @@ class BatchBackend(aws.AwsBackendBase):
         settings: BatchSettings,
         logs_bucket: TokenBucket,
         *,
-        log_delivery_s: float = aws.LOG_DELIVERY_S,
+        log_delivery_s: float = LOG_DELIVERY_S,
     ) -> None:
         submit = TokenBucket("batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst)
         describe = TokenBucket(
@@ -87,8 +93,8 @@ class BatchBackend(aws.AwsBackendBase):
             "jobDefinition": self._settings.job_definition,
         }
         try:
-            self._base = aws.merge_kwargs(
-                base_kwargs, aws.normalise(self._settings.submit_job_kwargs, shape)
+            self._base = aws_kwargs.merge_kwargs(
+                base_kwargs, aws_kwargs.normalise(self._settings.submit_job_kwargs, shape)
             )
             self.validate(models.JobSpec(command=["true"]))
         except errors.InvalidJob as exc:
@@ -116,25 +122,88 @@ class BatchBackend(aws.AwsBackendBase):
             raise errors.HealthCheckFailed(f"batch: job queue {queue!r} is {state}/{status}")
         log.info("batch.healthy", job_queue=queue)
 
+    async def check(self) -> list[base.Check]:
+        """`orchestrator check`: the queue ENABLED and VALID with an ENABLED compute environment
+        that can scale, the job definition ACTIVE, the default log group reachable."""
+        s = self._settings
+        for api in (self.api, self.logs):
+            await api.ensure_started()
+
+        async def queue() -> str:
+            reply = await self.api.call("DescribeJobQueues", Priority.HIGH, jobQueues=[s.job_queue])
+            queues = reply.get("jobQueues") or []
+            if not queues:
+                raise errors.CheckFailed(f"job queue {s.job_queue!r} does not exist")
+            q = queues[0]
+            if q.get("state") != "ENABLED" or q.get("status") != "VALID":
+                raise errors.CheckFailed(
+                    f"job queue {s.job_queue!r} is {q.get('state')}/{q.get('status')}"
+                )
+            environments = [o["computeEnvironment"] for o in q.get("computeEnvironmentOrder", [])]
+            if not environments:
+                raise errors.CheckFailed(f"job queue {s.job_queue!r} has no compute environment")
+            described = await self.api.call(
+                "DescribeComputeEnvironments", Priority.HIGH, computeEnvironments=environments
+            )
+            usable = [
+                env["computeEnvironmentName"]
+                for env in described.get("computeEnvironments", [])
+                if env.get("state") == "ENABLED"
+                and env.get("status") == "VALID"
+                and (
+                    env.get("type") == "UNMANAGED"
+                    or (env.get("computeResources") or {}).get("maxvCpus", 0) > 0
+                )
+            ]
+            if not usable:
+                raise errors.CheckFailed(
+                    f"no compute environment of {s.job_queue!r} is ENABLED, VALID and able to scale"
+                )
+            return f"job queue {s.job_queue!r} is ENABLED/VALID; compute: {', '.join(usable)}"
+
+        async def definition() -> str:
+            name = str(s.job_definition)
+            # "name:revision" and ARNs are looked up as such, a bare name by its ACTIVE revisions
+            by = {"jobDefinitions": [name]} if ":" in name else {"jobDefinitionName": name}
+            reply = await self.api.call(
+                "DescribeJobDefinitions", Priority.HIGH, status="ACTIVE", **by
+            )
+            if not reply.get("jobDefinitions"):
+                raise errors.CheckFailed(
+                    f"job definition {name!r} is not ACTIVE (or does not exist)"
+                )
+            return f"job definition {name!r} is ACTIVE"
+
+        async def log_group() -> str:
+            return await log_group_found(self.logs, DEFAULT_LOG_GROUP)
+
+        return [
+            await base.checked("batch.queue", queue),
+            await base.checked("batch.job_definition", definition),
+            await base.checked("batch.logs", log_group),
+        ]
+
     # -- kwargs ----------------------------------------------------------------------------
 
     def submit_job_kwargs(self, job: models.Job) -> dict[str, Any]:
         operation = self.api.operation("SubmitJob")
         container: dict[str, Any] = {"command": list(job.spec.command)}
         if job.spec.env:
-            container["environment"] = aws.environment(job.spec.env)
-        kwargs = aws.merge_kwargs(self._base, {"containerOverrides": container})
-        kwargs = aws.merge_kwargs(kwargs, aws.normalise(job.spec.overrides, operation.input_shape))
+            container["environment"] = aws_kwargs.environment(job.spec.env)
+        kwargs = aws_kwargs.merge_kwargs(self._base, {"containerOverrides": container})
+        kwargs = aws_kwargs.merge_kwargs(
+            kwargs, aws_kwargs.normalise(job.spec.overrides, operation.input_shape)
+        )
         tags = {
             k: v for k, v in (kwargs.get("tags") or {}).items() if not k.startswith("orchestrator:")
         }
         tags.update({"orchestrator:job-id": job.id, "orchestrator:attempt": str(job.attempt)})
         kwargs.update(jobName=job_name(job), tags=tags)
-        aws.validate(kwargs, operation)
+        aws_kwargs.validate(kwargs, operation)
         return kwargs
 
     def validate(self, spec: models.JobSpec) -> None:
-        self.submit_job_kwargs(aws.probe_job(spec, self.name))
+        self.submit_job_kwargs(aws_kwargs.probe_job(spec, self.name))
 
     def partition(self, job: models.Job) -> str:
         return self.name  # DescribeJobs takes ids from any queue
@@ -143,7 +212,7 @@ class BatchBackend(aws.AwsBackendBase):
 
     async def submit(self, job: models.Job) -> base.Submitted:
         kwargs = self.submit_job_kwargs(job)
-        with aws.start_outcome():
+        with start_outcome():
             reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
         return base.Submitted(
             external_id=reply["jobId"],

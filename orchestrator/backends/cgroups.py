@@ -37,6 +37,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import errors
+
 JOBS = "jobs"  # under the root of our own cgroup: one cgroup per attempt below it
 DAEMON_LEAF = "daemon"  # where the daemon moves itself, beside `jobs`
 HOST_ROOT_DIR = "orchestrator"  # in the hierarchy's root: <mount>/orchestrator/jobs
@@ -55,10 +57,6 @@ class Containment:
         return self.root is not None
 
 
-class Unusable(Exception):
-    """No cgroup may be made for jobs here; the message says why."""
-
-
 def probe(*, enabled: bool, root: Path | None, create: bool) -> Containment:
     """Where this process would make job cgroups. With `create`, make the root and (for a
     root derived from our own cgroup, unless that is the hierarchy's root) move this process
@@ -75,7 +73,7 @@ def probe(*, enabled: bool, root: Path | None, create: bool) -> Containment:
         if own.name == DAEMON_LEAF:  # moved there by an earlier run: the jobs are beside it
             own = own.parent
         return _usable(own / JOBS, leaf=own / DAEMON_LEAF, create=create)
-    except Unusable as exc:
+    except errors.CgroupUnusable as exc:
         return Containment(None, str(exc))
     except OSError as exc:
         return Containment(None, f"{exc.filename or 'cgroup'}: {exc.strerror}")
@@ -87,7 +85,7 @@ def own_cgroup() -> Path:
     with open("/proc/self/cgroup") as fh:
         own = next((line[3:].rstrip("\n") for line in fh if line.startswith("0::")), None)
     if own is None:
-        raise Unusable("this process is in no cgroup v2 hierarchy (cgroup v1 only)")
+        raise errors.CgroupUnusable("this process is in no cgroup v2 hierarchy (cgroup v1 only)")
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
@@ -97,7 +95,7 @@ def own_cgroup() -> Path:
             mount_root, mount_point = _unescape(fields[3]), _unescape(fields[4])
             if own == mount_root or own.startswith(mount_root.rstrip("/") + "/"):
                 return Path(mount_point, own[len(mount_root) :].lstrip("/"))
-    raise Unusable(f"no cgroup2 file system mounted shows this process's cgroup {own}")
+    raise errors.CgroupUnusable(f"no cgroup2 file system mounted shows this process's cgroup {own}")
 
 
 def _unescape(field: str) -> str:
@@ -116,21 +114,25 @@ def _usable(root: Path, *, leaf: Path | None, create: bool) -> Containment:
             break
         existing = existing.parent
     if not _is_cgroup2(existing):
-        raise Unusable(f"{existing} is not a cgroup v2 directory")
+        raise errors.CgroupUnusable(f"{existing} is not a cgroup v2 directory")
     if not os.access(existing, os.W_OK):
-        raise Unusable(f"{existing} is not writable by uid {os.geteuid()}")
+        raise errors.CgroupUnusable(f"{existing} is not writable by uid {os.geteuid()}")
     # The runner moves itself from the daemon's cgroup to its job's: that takes write access to
     # cgroup.procs of the closest cgroup above both.
     current = own_cgroup() if leaf is None else leaf
     common = Path(os.path.commonpath([current, root]))
     if not _is_cgroup2(common):
-        raise Unusable(f"{root} is not in the cgroup2 hierarchy of this process ({current})")
+        raise errors.CgroupUnusable(
+            f"{root} is not in the cgroup2 hierarchy of this process ({current})"
+        )
     if not os.access(common / "cgroup.procs", os.W_OK):
-        raise Unusable(f"{common / 'cgroup.procs'} is not writable by uid {os.geteuid()}")
+        raise errors.CgroupUnusable(
+            f"{common / 'cgroup.procs'} is not writable by uid {os.geteuid()}"
+        )
     if create:
         root.mkdir(parents=True, exist_ok=True)
         if not _is_cgroup2(root):
-            raise Unusable(f"{root} is not a cgroup v2 directory")
+            raise errors.CgroupUnusable(f"{root} is not a cgroup v2 directory")
         if leaf is not None:
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(str(os.getpid()))

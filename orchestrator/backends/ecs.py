@@ -18,7 +18,15 @@ from typing import Any
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import aws, base
+from orchestrator.backends import aws_kwargs, base
+from orchestrator.backends.aws_api import AwsApi, client_options
+from orchestrator.backends.aws_base import (
+    LOG_DELIVERY_S,
+    AwsBackendBase,
+    log_group_found,
+    read_cloudwatch,
+    start_outcome,
+)
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import EcsSettings
 
@@ -46,7 +54,7 @@ def classify_failure(reason: str) -> bool:
     return reason.startswith(_RETRYABLE_FAILURE_PREFIXES) or "capacity" in reason.lower()
 
 
-class EcsBackend(aws.AwsBackendBase):
+class EcsBackend(AwsBackendBase):
     name = "ecs"
 
     def __init__(
@@ -54,7 +62,7 @@ class EcsBackend(aws.AwsBackendBase):
         settings: EcsSettings,
         logs_bucket: TokenBucket,
         *,
-        log_delivery_s: float = aws.LOG_DELIVERY_S,
+        log_delivery_s: float = LOG_DELIVERY_S,
     ) -> None:
         run = TokenBucket("ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst)
         describe = TokenBucket(
@@ -122,6 +130,83 @@ class EcsBackend(aws.AwsBackendBase):
             raise errors.HealthCheckFailed(f"ecs: StopTask probe failed: {exc}") from exc
         log.info("ecs.healthy", cluster=cluster)
 
+    async def check(self) -> list[base.Check]:
+        """`orchestrator check`: the cluster ACTIVE, the task definition present with
+        `container_name`, the subnets and security groups existing, the awslogs log group
+        reachable."""
+        s = self._settings
+        ec2 = AwsApi("ec2", buckets={}, **client_options(s))
+        try:
+            for api in (self.api, ec2, self.logs):
+                await api.ensure_started()
+
+            async def cluster() -> str:
+                reply = await self.api.call("DescribeClusters", Priority.HIGH, clusters=[s.cluster])
+                found = reply.get("clusters") or []
+                if not found or found[0].get("status") != "ACTIVE":
+                    status = found[0].get("status") if found else "missing"
+                    raise errors.CheckFailed(f"cluster {s.cluster!r} is {status}")
+                return f"cluster {s.cluster!r} is ACTIVE"
+
+            definition: dict[str, Any] = {}
+
+            async def task_definition() -> str:
+                reply = await self.api.call(
+                    "DescribeTaskDefinition", Priority.HIGH, taskDefinition=s.task_definition
+                )
+                definition.update(reply["taskDefinition"])
+                names = [c.get("name") for c in definition.get("containerDefinitions", [])]
+                if s.container_name not in names:
+                    raise errors.CheckFailed(
+                        f"{definition['taskDefinitionArn']} has no container {s.container_name!r} "
+                        f"(it has {', '.join(map(str, names))})"
+                    )
+                return f"{definition['taskDefinitionArn']} has container {s.container_name!r}"
+
+            async def network() -> str:
+                if not s.subnets and not s.security_groups:
+                    return "no awsvpc subnets or security groups configured"
+                if s.subnets:
+                    subnets = await ec2.call("DescribeSubnets", Priority.HIGH, SubnetIds=s.subnets)
+                    if len(subnets.get("Subnets", [])) != len(s.subnets):
+                        raise errors.CheckFailed(f"some of the subnets {s.subnets} do not exist")
+                if s.security_groups:
+                    groups = await ec2.call(
+                        "DescribeSecurityGroups", Priority.HIGH, GroupIds=s.security_groups
+                    )
+                    if len(groups.get("SecurityGroups", [])) != len(s.security_groups):
+                        raise errors.CheckFailed(
+                            f"some of the security groups {s.security_groups} do not exist"
+                        )
+                return f"subnets {s.subnets} and security groups {s.security_groups} exist"
+
+            async def log_group() -> str:
+                container: dict[str, Any] = next(
+                    (
+                        c
+                        for c in definition.get("containerDefinitions", [])
+                        if c.get("name") == s.container_name
+                    ),
+                    {},
+                )
+                options = (container.get("logConfiguration") or {}).get("options") or {}
+                group = options.get("awslogs-group")
+                if not group:
+                    raise errors.CheckFailed(
+                        f"container {s.container_name!r} has no awslogs log group: "
+                        "`orchestrator logs` cannot work"
+                    )
+                return await log_group_found(self.logs, group)
+
+            return [
+                await base.checked("ecs.cluster", cluster),
+                await base.checked("ecs.task_definition", task_definition),
+                await base.checked("ecs.network", network),
+                await base.checked("ecs.logs", log_group),
+            ]
+        finally:
+            await ec2.close()
+
     # -- kwargs ----------------------------------------------------------------------------
 
     def _base_kwargs(self) -> dict[str, Any]:
@@ -146,7 +231,7 @@ class EcsBackend(aws.AwsBackendBase):
                 }
             }
         shape = self.api.operation("RunTask").input_shape
-        return aws.merge_kwargs(kwargs, aws.normalise(s.run_task_kwargs, shape))
+        return aws_kwargs.merge_kwargs(kwargs, aws_kwargs.normalise(s.run_task_kwargs, shape))
 
     def run_task_kwargs(self, job: models.Job) -> dict[str, Any]:
         """The final RunTask kwargs for this attempt (validated)."""
@@ -157,9 +242,11 @@ class EcsBackend(aws.AwsBackendBase):
             "command": list(job.spec.command),
         }
         if job.spec.env:
-            container["environment"] = aws.environment(job.spec.env)
-        kwargs = aws.merge_kwargs(self._base, {"overrides": {"containerOverrides": [container]}})
-        kwargs = aws.merge_kwargs(kwargs, aws.normalise(job.spec.overrides, shape))
+            container["environment"] = aws_kwargs.environment(job.spec.env)
+        kwargs = aws_kwargs.merge_kwargs(
+            self._base, {"overrides": {"containerOverrides": [container]}}
+        )
+        kwargs = aws_kwargs.merge_kwargs(kwargs, aws_kwargs.normalise(job.spec.overrides, shape))
         token = job.token or f"{job.id}-{job.attempt}"
         tags = [
             t
@@ -176,11 +263,11 @@ class EcsBackend(aws.AwsBackendBase):
                 {"key": "orchestrator:attempt", "value": str(job.attempt)},
             ],
         )
-        aws.validate(kwargs, operation)
+        aws_kwargs.validate(kwargs, operation)
         return kwargs
 
     def validate(self, spec: models.JobSpec) -> None:
-        self.run_task_kwargs(aws.probe_job(spec, self.name))
+        self.run_task_kwargs(aws_kwargs.probe_job(spec, self.name))
 
     def partition(self, job: models.Job) -> str:
         return str(job.info.get("cluster") or self._settings.cluster)
@@ -189,7 +276,7 @@ class EcsBackend(aws.AwsBackendBase):
 
     async def submit(self, job: models.Job) -> base.Submitted:
         kwargs = self.run_task_kwargs(job)
-        with aws.start_outcome():
+        with start_outcome():
             reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
         tasks = reply.get("tasks") or []
         if not tasks:
@@ -323,22 +410,3 @@ class EcsBackend(aws.AwsBackendBase):
         group, prefix = config
         task_id = str(job.external_id).rsplit("/", 1)[-1]
         return group, f"{prefix}/{self._settings.container_name}/{task_id}"
-
-
-async def read_cloudwatch(api: aws.AwsApi, group: str, stream: str, cursor: Any) -> base.LogPage:
-    """One page of a CloudWatch log stream from `cursor` (a forward token) on."""
-    kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
-    if cursor:
-        kwargs["nextToken"] = cursor
-    try:
-        reply = await api.call("GetLogEvents", Priority.NORMAL, **kwargs)
-    except errors.AwsRejected as exc:
-        if exc.aws_code == "ResourceNotFoundException":  # the stream is not created yet
-            return base.LogPage([], cursor)
-        raise
-    chunks = [
-        base.LogChunk(stream, event["message"].rstrip("\n") + "\n")
-        for event in reply.get("events", [])
-    ]
-    token = reply.get("nextForwardToken")
-    return base.LogPage(chunks, token if token else cursor)

@@ -106,10 +106,11 @@ class _Unsure(Exception):
 
 
 def _alive(pid: int, start: int) -> bool:
-    """Whether the process `pid` exists and is the one started at `start` (not a reused pid);
-    `_Unsure` when /proc cannot tell right now."""
+    """Whether the process `pid` runs and is the one started at `start` (not a reused pid; a
+    zombie has ended); `_Unsure` when /proc cannot tell right now."""
     try:
-        return _runner.start_time(pid) == start
+        state, started = _runner.stat(pid)
+        return started == start and state != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
     except (OSError, ValueError, IndexError) as exc:
@@ -357,7 +358,7 @@ class LocalBackend:
             external_id=external_id,
             state=models.JobState.RUNNING,
             vendor_status="running",
-            info={"pid": record.pid, "dir": str(attempt_dir)}
+            info={"pid": record.pid, "dir": str(attempt_dir), "keeper": self._keeper.keeper_pid}
             | ({"cgroup": str(cgroup)} if cgroup is not None else {})
             | ({"uid": user.uid, "gid": user.gid} if user is not None else {}),
         )
@@ -419,7 +420,10 @@ class LocalBackend:
         the keeper (its files tell), or by a keeper that has gone (its process may run on)."""
         assert job.external_id is not None
         external_id = job.external_id
-        claim = _read_claim(self.attempt_dir(job))
+        # A runner's claim and exit file are believed only for an attempt launched before the
+        # keeper: a job can write its own attempt directory, and its keeper can be killed.
+        before_keeper = "keeper" not in job.info and ident.pid != 0
+        claim = _read_claim(self.attempt_dir(job)) if before_keeper else None
         if claim is not None and "start_time" in claim:  # a runner's: from before the keeper
             exit_file = self.attempt_dir(job) / "exit"
             done = self._read_exit(external_id, exit_file, runner_gone=False)
@@ -683,12 +687,9 @@ class LocalBackend:
         claim = _read_claim(attempt_dir)
         if claim is None or claim.get("by") == "recovery":
             return base.Located(None, launched=False)
-        if "keeper" in claim:  # launched by a keeper that has gone since
-            return base.Located("0:0", launched=True)
-        try:  # a runner's, from before the keeper
-            return base.Located(f"{int(claim['pid'])}:{int(claim['start_time'])}", launched=True)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _Unsure("claim file", exc) from exc
+        # Launched by a keeper that has gone since (or a claim the job wrote itself: it is in
+        # the job's directory): launched, its outcome unknowable but from its cgroup.
+        return base.Located("0:0", launched=True)
 
     def telemetry(self) -> base.Telemetry:
         return base.Telemetry(read_errors=sorted(self._read_errors.items()))

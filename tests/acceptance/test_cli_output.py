@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from orchestrator import events, models, settings
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -71,7 +71,7 @@ def seed(daemon: DaemonProcess, *jobs: tuple[models.JobSpec, dict[str, Any] | No
     as an older version may have accepted it), moved to a final state if one is given."""
 
     async def go() -> list[str]:
-        store = Store(
+        store = SqliteStore(
             settings.StoreSettings(path=daemon.store_path, synchronous="NORMAL"), events.Hub()
         )
         await store.open()

@@ -16,7 +16,7 @@ import pytest
 from orchestrator import events, models
 from orchestrator.client import Client
 from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from orchestrator.testing import FakeBackend, Script, make_settings
 from tests.support.daemon import running
 from tests.support.peers import PeerClient, open_to_others
@@ -266,7 +266,7 @@ async def test_a_key_stored_before_keys_were_scoped_still_names_its_job(short_tm
     settings = make_settings(short_tmp)
     spec = models.JobSpec(command=["true"], idempotency_key="from-before")
     peer_a, peer_b = models.Peer(uid=A, gid=A, pid=1), models.Peer(uid=B, gid=B, pid=2)
-    store = Store(settings.store, events.Hub())
+    store = SqliteStore(settings.store, events.Hub())
     await store.open()
     try:
         job, _ = _accepted(await store.accept_many([(spec, "local")], peer_a))
@@ -276,7 +276,7 @@ async def test_a_key_stored_before_keys_were_scoped_still_names_its_job(short_tm
         conn.execute("UPDATE jobs SET idempotency_key = ? WHERE id = ?", ("from-before", job.id))
     conn.close()
 
-    store = Store(settings.store, events.Hub())
+    store = SqliteStore(settings.store, events.Hub())
     await store.open()
     try:
         again, created_again = _accepted(await store.accept_many([(spec, "local")], peer_a))

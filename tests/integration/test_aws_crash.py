@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from orchestrator import errors, faults, models
-from orchestrator.backends import aws
+from orchestrator.backends import aws_kwargs
 from orchestrator.backends.ecs import EcsBackend
 from orchestrator.client import SyncClient
 from orchestrator.ratelimit import TokenBucket
@@ -521,7 +521,7 @@ async def test_ecs_max_attempts_bounds_the_attempts_of_one_call(
     await backend.start()
     try:
         with pytest.raises(errors.OutcomeUnknown):
-            await backend.submit(aws.probe_job(models.JobSpec(command=["true"]), "ecs"))
+            await backend.submit(aws_kwargs.probe_job(models.JobSpec(command=["true"]), "ecs"))
     finally:
         await backend.close()
     assert fault_proxy.counts[("ecs", "RunTask")] == BOTOCORE_ATTEMPTS

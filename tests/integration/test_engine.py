@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import errors, models
+from orchestrator.backends import base
 from orchestrator.backends.base import Observation
 from orchestrator.client import Client
 from orchestrator.models import JobState as S
@@ -250,3 +251,41 @@ async def test_a_queue_timeout_names_only_jobs_that_had_not_started(
     assert final["state"] == "FAILED"
     assert final["reason"].startswith(reason_starts), final["reason"]
     assert fake.stops == [job["id"]]
+
+
+class _HeldSubmit(FakeBackend):
+    """A backend whose first submit waits for `go`, then fails retryably."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def submit(self, job: models.Job) -> base.Submitted:
+        if not self.submits:
+            self.submits.append((job.id, job.attempt))
+            self.entered.set()
+            await self.go.wait()
+            raise errors.StartFailed("RESOURCE:MEMORY", retryable=True)
+        return await super().submit(job)
+
+
+async def test_a_job_cancelled_while_its_start_is_in_flight_ends_cancelled_when_the_start_fails(
+    short_tmp: Path,
+) -> None:
+    """The cancel finds the attempt launching, so it can only be recorded; the start then fails
+    in a way worth a retry. The job must end CANCELLED, not wait QUEUED for a retry that its
+    stop forbids (it did, until the dispatcher ended it on such a failure)."""
+    fake = _HeldSubmit()
+    settings = make_settings(short_tmp)
+    async with (
+        running(settings, backends={"local": fake}),
+        Client(settings.server.socket_path) as c,
+    ):
+        job = await c.submit({"command": ["x"]})
+        await asyncio.wait_for(fake.entered.wait(), 10)
+        assert (await c.cancel(job["id"]))["state"] == "QUEUED"
+        fake.go.set()
+        final = await asyncio.wait_for(c.wait(job["id"]), 20)
+    assert (final["state"], final["stop_reason"]) == ("CANCELLED", "cancel")
+    assert fake.submits == [(job["id"], 1)]  # never started again

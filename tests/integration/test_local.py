@@ -166,6 +166,9 @@ async def test_queue_timeout_fails_a_job_that_never_got_a_slot(short_tmp: Path) 
         assert starved["state"] == "FAILED"
         assert starved["reason"].startswith("queue_timeout")
         await client.cancel(blocker["id"])
+        # Ended and recorded before the daemon stops: else its keeper, which outlives the
+        # daemon, would hold the outcome for a next daemon that never comes.
+        assert (await client.wait(blocker["id"]))["state"] == "CANCELLED"
 
 
 async def test_concurrency_cap_is_respected(short_tmp: Path) -> None:
@@ -203,6 +206,7 @@ async def test_idempotency_key_returns_the_same_job(short_tmp: Path) -> None:
         explicit = await client.call("submit", job={**spec, "backend": "local"})
         assert (explicit["created"], explicit["job"]["id"]) == (False, first["job"]["id"])
         assert len(await client.list()) == 1
+        assert (await client.wait(first["job"]["id"]))["state"] == "SUCCEEDED"  # see above
 
 
 async def test_thousand_jobs_from_one_ndjson_stream_all_finish(short_tmp: Path) -> None:

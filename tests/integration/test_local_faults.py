@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 
 from orchestrator import errors, events, models, settings
-from orchestrator.backends import _runner, base, keeper
+from orchestrator.backends import _runner, base
 from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
-from orchestrator.store import Store
+from orchestrator.store import SqliteStore
 from orchestrator.testing import make_settings
 from tests.support import cgroup, fds, tmpfs
 from tests.support.daemon import DaemonProcess, running, until_state
+from tests.support.keeper import keeper_pids
 from tests.support.waits import until
 
 pytestmark = pytest.mark.timeout(90)
@@ -91,22 +92,6 @@ def parent(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
-def keepers(work_dir: Path) -> list[int]:
-    """The live keepers of `work_dir`, found by their command line (`... _keeper.py WORK_DIR`)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")[:-1]
-        except OSError:
-            continue
-        ours = [str(keeper.KEEPER).encode(), str(work_dir.resolve()).encode()]
-        if argv[-2:] == ours and not gone(int(name)):
-            found.append(int(name))
-    return found
-
-
 @contextlib.contextmanager
 def no_keeper_left(work_dir: Path) -> Iterator[None]:
     """After the block, no keeper of `work_dir` runs on: one that holds an outcome no daemon
@@ -114,7 +99,7 @@ def no_keeper_left(work_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        for pid in keepers(work_dir):
+        for pid in keeper_pids(work_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -186,13 +171,10 @@ async def test_job_output_is_capped_and_the_job_runs_on(short_tmp: Path, small_d
 # -- a disk full of something else ----------------------------------------------------------
 
 
-def ends_on_go(go: Path, pid_file: Path, code: int) -> list[str]:
-    """A job that writes its pid, waits for `go`, then writes more output than a pipe holds
-    (a full disk drops it: the job is not blocked) and exits `code`."""
-    script = (
-        f"echo $$ > {pid_file}; while [ ! -e {go} ]; do sleep 0.05; done; "
-        f"head -c 1000000 /dev/zero; exit {code}"
-    )
+def ends_on_go(go: Path, code: int) -> list[str]:
+    """A job that waits for `go`, then writes more output than a pipe holds (a full disk drops
+    it: the job is not blocked) and exits `code`."""
+    script = f"while [ ! -e {go} ]; do sleep 0.05; done; head -c 1000000 /dev/zero; exit {code}"
     return ["sh", "-c", script]
 
 
@@ -219,10 +201,10 @@ async def test_exit_status_recorded_once_the_disk_has_room_again(
     """The job ends while the store cannot write: the keeper holds its exit status until the
     daemon has recorded it, and the daemon records it once the disk has room again."""
     config = disk_settings(short_tmp, store={"path": small_disk / "state" / "orchestrator.db"})
-    go, pid_file = short_tmp / "go", short_tmp / "job.pid"
+    go = short_tmp / "go"
     with no_keeper_left(config.local_work_dir()):
         async with running(config), Client(short_tmp / "o.sock") as client:
-            job = await client.submit({"command": ends_on_go(go, pid_file, 5)})
+            job = await client.submit({"command": ends_on_go(go, 5)})
             await until_state(client, job["id"], "RUNNING")
             job_pid = int((await client.get(job["id"]))["info"]["pid"])
             with killed_at_exit(job_pid):
@@ -240,10 +222,10 @@ async def test_exit_status_of_a_job_ended_on_a_full_disk_survives_a_daemon_resta
     """The daemon stops before it could record the end: the next one learns the exit status
     from the keeper (nothing was forgotten before it was recorded)."""
     config = disk_settings(short_tmp, store={"path": small_disk / "state" / "orchestrator.db"})
-    go, pid_file = short_tmp / "go", short_tmp / "job.pid"
+    go = short_tmp / "go"
     with no_keeper_left(config.local_work_dir()):
         async with running(config), Client(short_tmp / "o.sock") as client:
-            job = await client.submit({"command": ends_on_go(go, pid_file, 5)})
+            job = await client.submit({"command": ends_on_go(go, 5)})
             await until_state(client, job["id"], "RUNNING")
             job_pid = int((await client.get(job["id"]))["info"]["pid"])
             with killed_at_exit(job_pid):
@@ -462,12 +444,14 @@ async def test_a_job_whose_keeper_was_killed_is_lost_once_its_process_ends(
             await until_state(client, job["id"], "RUNNING")
             job_pid = int((await client.get(job["id"]))["info"]["pid"])
             with killed_at_exit(job_pid):
-                (old_keeper,) = keepers(work_dir)
-                assert parent(job_pid) == old_keeper  # the keeper forked the job
+                # The job's parent is the keeper (its pid may still be listed as one: a child
+                # forked by the keeper has its command line until it has exec'd the job's).
+                old_keeper = parent(job_pid)
+                assert old_keeper in keeper_pids(work_dir)
                 os.kill(old_keeper, signal.SIGKILL)
                 orphaned = await until_orphaned(client, job["id"])
                 assert orphaned["exit_code"] is None
-                (new_keeper,) = keepers(work_dir)
+                (new_keeper,) = set(keeper_pids(work_dir)) - {job_pid}
                 assert new_keeper != old_keeper
                 go.touch()
                 status = await reap(job_pid)  # adopted by this process, as by an init
@@ -477,7 +461,7 @@ async def test_a_job_whose_keeper_was_killed_is_lost_once_its_process_ends(
                 {"command": ["sh", "-c", f"echo $PPID > {ppid_file}; exit 7"]}
             )
             after = await client.wait(after["id"])
-            assert keepers(work_dir) == [new_keeper]
+            assert keeper_pids(work_dir) == [new_keeper]
     assert (final["state"], final["exit_code"]) == ("LOST", None)
     assert "the keeper that ran the job ended" in final["reason"], final["reason"]
     assert "without telling its exit status" in final["reason"], final["reason"]
@@ -510,7 +494,8 @@ async def test_a_job_whose_keeper_was_killed_runs_on_in_its_cgroup_until_its_las
                 )
                 child = int(child_file.read_text())
                 stack.enter_context(killed_at_exit(child, group=False))
-                (old_keeper,) = keepers(work_dir)
+                old_keeper = parent(job_pid)
+                assert old_keeper in keeper_pids(work_dir)
                 os.kill(old_keeper, signal.SIGKILL)
                 await until_orphaned(client, job["id"])
                 go.touch()
@@ -530,6 +515,33 @@ async def test_a_job_whose_keeper_was_killed_runs_on_in_its_cgroup_until_its_las
     assert "the keeper that ran the job ended" in final["reason"], final["reason"]
     assert "its processes ran on" in final["reason"], final["reason"]
     assert (after["state"], after["exit_code"]) == ("FAILED", 7)
+
+
+async def test_a_job_that_kills_its_keeper_cannot_forge_its_outcome(short_tmp: Path) -> None:
+    """A daemon-mode job may signal its keeper (same uid; it is the job's parent). Killing it
+    makes the job's outcome unknown, never false (README, threat model): a job that forges, in
+    its attempt directory, what a runner from before the keeper left (a claim naming itself, an
+    `exit` file saying 0), kills its keeper and exits 3 is LOST, not SUCCEEDED."""
+    config = make_settings(short_tmp)
+    work_dir = config.local_work_dir()
+    go, forged = short_tmp / "go", short_tmp / "forged"
+    script = (
+        """printf '{"exit_code": 0, "signal": null}' > exit; rm -f claim; """
+        """printf '{"pid": %d, "start_time": %s}' $$ "$(cut -d' ' -f22 /proc/$$/stat)" > claim; """
+        f"touch {forged}; kill -9 $PPID; while [ ! -e {go} ]; do sleep 0.05; done; exit 3"
+    )
+    with no_keeper_left(work_dir), adopting_orphans():
+        async with running(config), Client(short_tmp / "o.sock") as client:
+            job = await client.submit({"command": ["sh", "-c", script]})
+            await until_state(client, job["id"], "RUNNING")
+            job_pid = int((await client.get(job["id"]))["info"]["pid"])
+            with killed_at_exit(job_pid):
+                await until(forged.exists, "the job to forge its files and kill its keeper")
+                await until(lambda: parent(job_pid) == os.getpid(), "the job to be orphaned")
+                go.touch()
+                await reap(job_pid)
+                final = await client.wait(job["id"])
+    assert (final["state"], final["exit_code"]) == ("LOST", None), final
 
 
 # -- the backend's own reads, one by one ----------------------------------------------------
@@ -569,16 +581,16 @@ async def test_a_proc_read_that_proves_nothing_leaves_the_job_running(
     try:
         job = adopted_job(tmp_path, sleeper.pid)
         assert job.external_id is not None
-        real_start_time = _runner.start_time
+        real_stat = _runner.stat
         for code in (errno.EMFILE, errno.ENOMEM, errno.EACCES, errno.EIO):
 
-            def failing(pid: int, code: int = code) -> int:
+            def failing(pid: int, code: int = code) -> tuple[str, int]:
                 raise OSError(code, os.strerror(code))
 
-            monkeypatch.setattr(_runner, "start_time", failing)
+            monkeypatch.setattr(_runner, "stat", failing)
             seen = (await backend.describe([job]))[job.external_id]
             assert (seen.state, seen.vendor_status) == (job.state, job.vendor_status)
-        monkeypatch.setattr(_runner, "start_time", real_start_time)
+        monkeypatch.setattr(_runner, "stat", real_stat)
         # Only these: the keeper was reached, and did not know the job.
         assert dict(backend.telemetry().read_errors) == {
             "EMFILE": 1,
@@ -609,19 +621,20 @@ async def test_files_a_job_writes_beside_its_logs_do_not_decide_its_outcome(
     keeper kept its claim and `exit` file. A job that forges both (an exit file saying 0, a
     runner's claim naming itself) is still RUNNING while it runs, and ends with the exit status
     its keeper reaped."""
-    go = short_tmp / "go"
+    go, forged = short_tmp / "go", short_tmp / "forged"
     script = (
         """printf '{"exit_code": 0, "signal": null}' > exit; rm -f claim; """
         """printf '{"pid": %d, "start_time": %s}' $$ "$(cut -d' ' -f22 /proc/$$/stat)" > claim; """
-        f"while [ ! -e {go} ]; do sleep 0.05; done; exit 3"
+        f"touch {forged}; while [ ! -e {go} ]; do sleep 0.05; done; exit 3"
     )
     config = make_settings(short_tmp)
     async with running(config), Client(short_tmp / "o.sock") as client:
         job = await client.submit({"command": ["sh", "-c", script]})
         await until_state(client, job["id"], "RUNNING")
         with killed_at_exit(int((await client.get(job["id"]))["info"]["pid"])):
+            await until(forged.exists, "the job to forge its files")
             claim = config.local_work_dir() / job["id"] / "1" / "claim"
-            await until(lambda: b"start_time" in claim.read_bytes(), "the job to forge")
+            assert b"start_time" in claim.read_bytes()  # forged indeed
             deadline = time.monotonic() + 1.0  # a few polls
             while time.monotonic() < deadline:
                 assert (await client.get(job["id"]))["state"] == "RUNNING"
@@ -669,7 +682,7 @@ async def test_a_stored_spec_that_cannot_be_launched_fails_at_once_saying_why(
     cannot exec it and says why; the job FAILED (126) naming it, not retried (the same launch
     would fail the same way), never left queued for ever, and the keeper runs the next job."""
     config = make_settings(short_tmp)
-    store = Store(config.store, events.Hub())
+    store = SqliteStore(config.store, events.Hub())
     await store.open()
     try:
         poison = models.JobSpec.model_construct(command=["echo", "a\x00b"], env={}, overrides={})

@@ -10,7 +10,7 @@ import botocore.exceptions
 import pytest
 
 from orchestrator import errors, models
-from orchestrator.backends import aws
+from orchestrator.backends import aws_api, aws_kwargs
 from orchestrator.backends.batch import BatchBackend
 from orchestrator.backends.ecs import EcsBackend, classify_failure
 from orchestrator.ratelimit import TokenBucket
@@ -259,7 +259,7 @@ def _client_error(status: int, code: str, message: str) -> botocore.exceptions.C
     ],
 )
 def test_error_mapping(exc: Exception, kind: type[errors.AwsError]) -> None:
-    mapped = aws.map_error(exc, "ecs", "RunTask")
+    mapped = aws_api.map_error(exc, "ecs", "RunTask")
     assert type(mapped) is kind
     assert (mapped.service, mapped.operation) == ("ecs", "RunTask")
 
@@ -350,7 +350,7 @@ def test_merge_kwargs_merges_named_lists_by_name_and_replaces_others() -> None:
         "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}],
     }
     over = {"a": {"c": [3]}, "env": [{"name": "Y", "value": "3"}, {"name": "Z", "value": "4"}]}
-    assert aws.merge_kwargs(base, over) == {
+    assert aws_kwargs.merge_kwargs(base, over) == {
         "a": {"b": 1, "c": [3]},
         "env": [
             {"name": "X", "value": "1"},

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator import events, models
+from orchestrator import errors, events, models
 
 S = models.JobState
 
@@ -153,9 +153,9 @@ async def test_a_full_subscriber_is_dropped_after_draining_what_it_had() -> None
     assert not fast.dropped
     got = [await asyncio.wait_for(slow.get(), timeout=1.0) for _ in range(2)]
     assert got == published[:2]
-    with pytest.raises(events.WatcherTooSlow):
+    with pytest.raises(errors.WatcherTooSlow):
         await asyncio.wait_for(slow.get(), timeout=1.0)
-    with pytest.raises(events.WatcherTooSlow):
+    with pytest.raises(errors.WatcherTooSlow):
         slow.get_nowait()
 
 
@@ -168,7 +168,7 @@ async def test_a_dropped_subscriber_gets_nothing_more() -> None:
             hub.publish(_event("a", at=float(i)) if i else first)
     assert [entry["event"] for entry in logs] == ["events.watcher_dropped"]  # once, not per event
     assert sub.get_nowait() == first
-    with pytest.raises(events.WatcherTooSlow):
+    with pytest.raises(errors.WatcherTooSlow):
         sub.get_nowait()
 
 
@@ -186,7 +186,7 @@ async def test_async_iteration_ends_with_watcher_too_slow_when_dropped() -> None
         async with hub.subscribe() as sub:
             for event in published:
                 hub.publish(event)
-            with pytest.raises(events.WatcherTooSlow):
+            with pytest.raises(errors.WatcherTooSlow):
                 await collect(sub)
     assert received == published[:3]
 

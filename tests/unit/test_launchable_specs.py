@@ -9,14 +9,14 @@ from typing import Any
 import orjson
 import pytest
 
-from orchestrator import models, protocol, store
+from orchestrator import errors, models, protocol, store
 
 MAX = models.MAX_ARG_STRLEN
 
 
 def refusal(spec: dict[str, Any]) -> str:
     """The `invalid_request` message `submit` answers for `spec`."""
-    with pytest.raises(protocol.BadRequest) as caught:
+    with pytest.raises(errors.BadRequest) as caught:
         protocol.decode(orjson.dumps({"id": 1, "op": "submit", "job": spec}))
     assert caught.value.error.code == "invalid_request"
     return caught.value.error.message
@@ -148,5 +148,5 @@ def test_the_launch_limit_follows_the_kernels_rule(
 def test_a_stored_spec_that_newer_rules_refuse_is_still_read() -> None:
     """Accepted by an older version, it is kept as it was (the dispatcher deals with it)."""
     stored = orjson.dumps({"command": ["a\0"], "env": {"A=B": "\0"}, "cwd": "/\0"})
-    spec = store._spec_from_json(stored)
+    spec = store.rows.spec_from_json(stored)
     assert (spec.command, spec.env, spec.cwd) == (["a\0"], {"A=B": "\0"}, "/\0")

@@ -20,8 +20,8 @@ def _line(obj: Any) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
-def _bad(line: bytes) -> protocol.BadRequest:
-    with pytest.raises(protocol.BadRequest) as info:
+def _bad(line: bytes) -> errors.BadRequest:
+    with pytest.raises(errors.BadRequest) as info:
         protocol.decode(line)
     return info.value
 
@@ -261,12 +261,12 @@ def test_string_id_is_echoed_on_error() -> None:
 
 
 def _decode_or_bad_request(line: bytes) -> None:
-    outcome: protocol.Request | protocol.BadRequest
+    outcome: protocol.Request | errors.BadRequest
     try:
         outcome = protocol.decode(line)
-    except protocol.BadRequest as bad:
+    except errors.BadRequest as bad:
         outcome = bad
-    if isinstance(outcome, protocol.BadRequest):
+    if isinstance(outcome, errors.BadRequest):
         assert isinstance(outcome.error, errors.ProtocolError | errors.InvalidJob)
         assert outcome.request_id is None or type(outcome.request_id) in (str, int)
         assert outcome.error.code in {

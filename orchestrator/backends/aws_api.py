@@ -1,15 +1,17 @@
-"""aioboto3 plumbing shared by the ECS and Batch backends, and the only place that reads
-botocore's errors.
+"""aioboto3 plumbing for the ECS and Batch backends, and the only place that reads botocore's
+errors.
 
 - `AwsApi`: one service client (created in `start`, closed in `close`) with botocore's `standard`
   retry mode for transport retries, every call paced by the token bucket of its AWS throttle
   family, each throttled attempt (even one botocore retried away) shrinking that bucket.
 - `map_error`: a botocore/aiohttp exception → one typed `errors.AwsError` leaf, by error code.
-- `normalise` and `validate`: API kwargs checked against botocore's own service model, with
-  snake_case keys of structures renamed to the model's camelCase once, here.
+- `client_options` (a backend's settings → `AwsApi` arguments) and `telemetry` (call and
+  throttle counts for the metrics endpoint).
 
 Endpoint and credentials come from the standard AWS chain (env, profile, instance/task role,
 `AWS_ENDPOINT_URL`), so the same daemon runs against AWS or a local moto server unchanged.
+Building and checking the kwargs of a call is `aws_kwargs`; what the two backends share on top
+of their clients is `aws_base`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import contextvars
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +29,12 @@ import aioboto3
 import botocore.config
 import botocore.exceptions
 import structlog
-from botocore.model import OperationModel, ServiceModel, Shape
-from botocore.validate import ParamValidator
+from botocore.model import OperationModel, ServiceModel
 
-from orchestrator import errors, models
+from orchestrator import errors
 from orchestrator.backends import base
 from orchestrator.ratelimit import Priority, TokenBucket
-from orchestrator.settings import AwsBackendSettings, CloudWatchSettings
+from orchestrator.settings import AwsBackendSettings
 
 log = structlog.get_logger("orchestrator.aws")
 
@@ -168,6 +169,13 @@ class AwsApi:
         await self._stack.aclose()
         self._client = self._once = None
 
+    async def ensure_started(self) -> None:
+        """`start`, unless this client is started already (or being started)."""
+        if self._client is None:
+            async with self._starting:
+                if self._client is None:
+                    await self.start()
+
     def _on_attempt(
         self,
         response: Any = None,
@@ -201,10 +209,7 @@ class AwsApi:
         """Call `operation` (e.g. "RunTask") when its bucket allows; raise a typed AwsError
         (`maybe_took_effect` set if any attempt of the call may have reached AWS unanswered).
         A client not started yet is started on first use (CloudWatch Logs: only if asked)."""
-        if self._client is None:
-            async with self._starting:
-                if self._client is None:
-                    await self.start()
+        await self.ensure_started()
         bucket = self._buckets.get(operation)
         if bucket is not None:
             await bucket.acquire(priority)
@@ -249,50 +254,6 @@ def telemetry(apis: Iterable[AwsApi], buckets: Iterable[TokenBucket]) -> base.Te
     return base.Telemetry(calls=calls, buckets=rates)
 
 
-# `cloudwatch.delivery_s`'s default, for a backend built without the daemon's settings (tests).
-LOG_DELIVERY_S: float = CloudWatchSettings.model_fields["delivery_s"].default
-
-
-class AwsBackendBase:
-    """What the ECS and Batch backends share: a client of their service and one of CloudWatch
-    Logs, the token buckets their operations draw from, the start limits, the accounting."""
-
-    describe_batch_size = 100  # DescribeTasks and DescribeJobs take at most 100 ids
-
-    def __init__(
-        self,
-        service: str,
-        settings: AwsBackendSettings,
-        logs_bucket: TokenBucket,
-        buckets: Mapping[str, TokenBucket],
-        single_attempt: frozenset[str] = frozenset(),
-        log_delivery_s: float = LOG_DELIVERY_S,
-    ) -> None:
-        self.max_in_flight = settings.max_in_flight
-        self.log_delivery_s = log_delivery_s
-        self.start_budget_s: float | None = settings.start_budget_s
-        common = client_options(settings)
-        self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)
-        self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
-        self.buckets = list(dict.fromkeys(buckets.values()))
-
-    async def _start_clients(self) -> None:
-        await self.api.start()  # the logs client starts when logs are first read
-
-    async def close(self) -> None:
-        await self.api.close()
-        await self.logs.close()
-
-    def set_wake(self, wake: base.Wake) -> None:
-        pass  # AWS pushes nothing to us: the poller asks
-
-    def settled(self, job: models.Job) -> None:
-        pass  # nothing is kept per job: AWS keeps the record
-
-    def telemetry(self) -> base.Telemetry:
-        return telemetry([self.api, self.logs], self.buckets)
-
-
 def client_options(settings: AwsBackendSettings) -> dict[str, Any]:
     """The `AwsApi` keyword arguments a backend's settings give."""
     return {
@@ -302,109 +263,3 @@ def client_options(settings: AwsBackendSettings) -> dict[str, Any]:
         "connect_timeout_s": settings.connect_timeout_s,
         "read_timeout_s": settings.read_timeout_s,
     }
-
-
-@contextlib.contextmanager
-def start_outcome() -> Iterator[None]:
-    """Translate a failed RunTask/SubmitJob into what the dispatcher needs to know: nothing
-    started (retryable or not), or maybe something did."""
-    try:
-        yield
-    except errors.AwsError as exc:
-        if exc.maybe_took_effect:
-            # An attempt of this call (botocore retries inside it) may have reached AWS: only
-            # a lookup, or a repeat under the same token, can say whether it started something.
-            raise errors.OutcomeUnknown(str(exc)) from exc
-        if isinstance(exc, errors.AwsThrottled):  # refused before anything happened
-            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
-        raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
-
-
-def probe_job(spec: models.JobSpec, backend: str) -> models.Job:
-    """A stand-in job for `spec`, to build and validate API kwargs before it is accepted."""
-    return models.Job(
-        id="0" * 26,
-        spec=spec,
-        backend=backend,
-        state=models.JobState.QUEUED,
-        created_at=0.0,
-        updated_at=0.0,
-        state_times={},
-        attempt=1,
-    )
-
-
-# -- kwargs: normalise once, validate before any call -------------------------------------------
-
-
-def _camel(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-def normalise(value: Any, shape: Shape, path: str = "") -> Any:
-    """Rename snake_case keys of structures to the model's camelCase member names, recursively.
-    Keys of maps (tags, parameters) are user data and stay as they are. Both spellings of one
-    member is an error naming the path."""
-    if shape.type_name == "structure" and isinstance(value, Mapping):
-        members = shape.members
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            name = key if key in members else _camel(key) if _camel(key) in members else key
-            if name in out:
-                raise errors.InvalidJob(f"given both as {name!r} and {key!r}", f"{path}{name}")
-            member = members.get(name)
-            out[name] = item if member is None else normalise(item, member, f"{path}{name}.")
-        return out
-    if shape.type_name == "list" and isinstance(value, list):
-        member = shape.member
-        return [normalise(v, member, f"{path.rstrip('.')}[{i}].") for i, v in enumerate(value)]
-    if shape.type_name == "map" and isinstance(value, Mapping):
-        member = shape.value
-        return {k: normalise(v, member, f"{path}{k}.") for k, v in value.items()}
-    return value
-
-
-def validate(kwargs: Mapping[str, Any], operation: OperationModel) -> None:
-    """Raise `InvalidJob` naming the first bad path if botocore would refuse `kwargs`."""
-    report = ParamValidator().validate(dict(kwargs), operation.input_shape)
-    if not report.has_errors():
-        return
-    kind, name, extra = report._errors[0]  # botocore keeps the structured errors here
-    path = name.lstrip(".")
-    if kind == "unknown field":
-        path = f"{path}.{extra['unknown_param']}".lstrip(".")
-    raise errors.InvalidJob(
-        f"{operation.name} would be refused: {report.generate_report().splitlines()[0]}", path
-    )
-
-
-def merge_kwargs(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` merged recursively into `base`. Lists replace, except lists of objects with a
-    `name` (container overrides, environment) which merge item by item on that name."""
-    out = dict(base)
-    for key, value in over.items():
-        current = out.get(key)
-        if isinstance(value, Mapping) and isinstance(current, Mapping):
-            out[key] = merge_kwargs(current, value)
-        elif isinstance(current, list) and _named_list(value) and _named_list(current):
-            merged = {item["name"]: item for item in current}
-            for item in value:
-                old = merged.get(item["name"])
-                merged[item["name"]] = merge_kwargs(old, item) if old is not None else item
-            out[key] = list(merged.values())
-        else:
-            out[key] = value
-    return out
-
-
-def _named_list(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(item, Mapping) and "name" in item for item in value)
-    )
-
-
-def environment(env: Mapping[str, str]) -> list[dict[str, str]]:
-    return [{"name": name, "value": value} for name, value in env.items()]

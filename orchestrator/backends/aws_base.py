@@ -1,0 +1,104 @@
+"""What the ECS and Batch backends share on top of their clients (`aws_api`) and kwargs
+(`aws_kwargs`): `AwsBackendBase` (a client of their service and one of CloudWatch Logs, the token
+buckets their operations draw from, the start limits, the accounting), `start_outcome` (a failed
+RunTask/SubmitJob → what the dispatcher must know), `read_cloudwatch` (one page of a job's log
+stream) and `log_group_found` (`orchestrator check`'s probe of a log group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from orchestrator import errors, models
+from orchestrator.backends import base
+from orchestrator.backends.aws_api import AwsApi, client_options, telemetry
+from orchestrator.ratelimit import Priority, TokenBucket
+from orchestrator.settings import AwsBackendSettings, CloudWatchSettings
+
+# `cloudwatch.delivery_s`'s default, for a backend built without the daemon's settings (tests).
+LOG_DELIVERY_S: float = CloudWatchSettings.model_fields["delivery_s"].default
+
+
+class AwsBackendBase:
+    """What the ECS and Batch backends share: a client of their service and one of CloudWatch
+    Logs, the token buckets their operations draw from, the start limits, the accounting."""
+
+    describe_batch_size = 100  # DescribeTasks and DescribeJobs take at most 100 ids
+
+    def __init__(
+        self,
+        service: str,
+        settings: AwsBackendSettings,
+        logs_bucket: TokenBucket,
+        buckets: Mapping[str, TokenBucket],
+        single_attempt: frozenset[str] = frozenset(),
+        log_delivery_s: float = LOG_DELIVERY_S,
+    ) -> None:
+        self.max_in_flight = settings.max_in_flight
+        self.log_delivery_s = log_delivery_s
+        self.start_budget_s: float | None = settings.start_budget_s
+        common = client_options(settings)
+        self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)
+        self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
+        self.buckets = list(dict.fromkeys(buckets.values()))
+
+    async def _start_clients(self) -> None:
+        await self.api.start()  # the logs client starts when logs are first read
+
+    async def close(self) -> None:
+        await self.api.close()
+        await self.logs.close()
+
+    def set_wake(self, wake: base.Wake) -> None:
+        pass  # AWS pushes nothing to us: the poller asks
+
+    def settled(self, job: models.Job) -> None:
+        pass  # nothing is kept per job: AWS keeps the record
+
+    def telemetry(self) -> base.Telemetry:
+        return telemetry([self.api, self.logs], self.buckets)
+
+
+@contextlib.contextmanager
+def start_outcome() -> Iterator[None]:
+    """Translate a failed RunTask/SubmitJob into what the dispatcher needs to know: nothing
+    started (retryable or not), or maybe something did."""
+    try:
+        yield
+    except errors.AwsError as exc:
+        if exc.maybe_took_effect:
+            # An attempt of this call (botocore retries inside it) may have reached AWS: only
+            # a lookup, or a repeat under the same token, can say whether it started something.
+            raise errors.OutcomeUnknown(str(exc)) from exc
+        if isinstance(exc, errors.AwsThrottled):  # refused before anything happened
+            raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
+        raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
+
+
+async def read_cloudwatch(api: AwsApi, group: str, stream: str, cursor: Any) -> base.LogPage:
+    """One page of a CloudWatch log stream from `cursor` (a forward token) on."""
+    kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
+    if cursor:
+        kwargs["nextToken"] = cursor
+    try:
+        reply = await api.call("GetLogEvents", Priority.NORMAL, **kwargs)
+    except errors.AwsRejected as exc:
+        if exc.aws_code == "ResourceNotFoundException":  # the stream is not created yet
+            return base.LogPage([], cursor)
+        raise
+    chunks = [
+        base.LogChunk(stream, event["message"].rstrip("\n") + "\n")
+        for event in reply.get("events", [])
+    ]
+    token = reply.get("nextForwardToken")
+    return base.LogPage(chunks, token if token else cursor)
+
+
+async def log_group_found(logs: AwsApi, group: str) -> str:
+    """A `base.Probe` body: the log group exists and can be described."""
+    reply = await logs.call("DescribeLogGroups", Priority.HIGH, logGroupNamePrefix=group)
+    if not any(g.get("logGroupName") == group for g in reply.get("logGroups", [])):
+        raise errors.CheckFailed(f"log group {group!r} does not exist (or is not readable)")
+    return f"log group {group!r} is reachable"

@@ -1,0 +1,412 @@
+"""The daemon's job store: SQLite in WAL mode, written by one thread with group commit.
+
+`SqliteStore` is the `Store` protocol's operations as SQL, each a small function run on the
+writer thread (`writer.Writer`) or the reader's. The file, its lock and its schema are
+`schema`'s; rows ↔ `models` are `rows`'. The store reports its own health: whether its last
+commit failed, and whether its file system has less than `min_free_bytes` free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from orchestrator import errors, events, models
+from orchestrator.engine import tracking
+from orchestrator.settings import StoreSettings
+from orchestrator.store import rows, schema
+from orchestrator.store.protocol import (
+    PURGE_SLICE,
+    AcceptOutcome,
+    AttemptEntry,
+    HistoryEntry,
+    Problem,
+    Store,
+)
+from orchestrator.store.writer import Writer
+
+_FREE_SPACE_TTL_S = 1.0  # free space is measured at most this often
+_TERMINAL_SQL = schema.TERMINAL_SQL
+_Written = tuple[models.Job, list[models.Event]]
+
+
+class SqliteStore(Store):
+    def __init__(
+        self, settings: StoreSettings, hub: events.Hub, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._lock_fd: int | None = None
+        self._free_bytes: int | None = None
+        self._free_checked_at: float | None = None
+        self._io = Writer(settings.path, hub, settings.max_batch)
+
+    @property
+    def path(self) -> Path:
+        return self._settings.path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Lock the store for this daemon, create it or check that it is one, check its
+        integrity and start the writer thread."""
+        path = self._settings.path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Before anything that could write: a second daemon must not even recover.
+        self._lock_fd = schema.lock(path)
+        try:
+            await asyncio.to_thread(schema.check_or_create, path)
+            conn = await asyncio.to_thread(schema.connect_writer, self._settings)
+        except BaseException:
+            self._unlock()
+            raise
+        await self._io.start(conn)
+
+    async def close(self) -> None:
+        """Commit whatever is waiting, then stop both threads."""
+        await self._io.stop()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Let another daemon have the store (the kernel does this too, when we die)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def accept_many(
+        self, specs: Sequence[tuple[models.JobSpec, str]], peer: models.Peer | None
+    ) -> list[AcceptOutcome]:
+        now = self._clock()
+        specs_json = [
+            (spec, backend, spec.model_dump_json(exclude_defaults=True).encode())
+            for spec, backend in specs
+        ]
+
+        def op(conn: sqlite3.Connection) -> tuple[list[AcceptOutcome], list[models.Event]]:
+            outcomes: list[AcceptOutcome] = []
+            accepted: list[models.Event] = []
+            new_jobs = rows.NewJobs(conn, peer, now)
+            for spec, backend, spec_json in specs_json:
+                try:
+                    job, event = new_jobs.add(spec, backend, spec_json)
+                except errors.IdempotencyConflict as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append((job, event is not None))
+                if event is not None:
+                    accepted.append(event)
+            new_jobs.flush()
+            return outcomes, accepted
+
+        return await self._io.write(op)
+
+    async def transition(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        new: models.JobState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = rows.fetch(conn, job_id)
+            if job.state != expected:
+                raise errors.StaleState(job_id, expected.value, job.state.value)
+            return rows.apply(
+                conn,
+                job,
+                new,
+                self._clock(),
+                reason=reason,
+                exit_code=exit_code,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._io.write(op)
+
+    async def observe(
+        self,
+        job_id: str,
+        *,
+        vendor_status: str | None,
+        reason: str | None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = rows.fetch(conn, job_id)
+            merged = {**job.info, **(info or {})}
+            conn.execute(
+                "UPDATE jobs SET vendor_status = ?, reason = COALESCE(?, reason), info = ? "
+                "WHERE id = ?",
+                (vendor_status, reason, orjson.dumps(merged), job_id),
+            )
+            return rows.fetch(conn, job_id), []
+
+        return await self._io.write(op)
+
+    async def relocate(self, job_id: str, external_id: str) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = rows.fetch(conn, job_id)
+            conn.execute("UPDATE jobs SET external_id = ? WHERE id = ?", (external_id, job_id))
+            conn.execute(
+                "UPDATE attempts SET external_id = ? WHERE job_id = ? AND attempt = ?",
+                (external_id, job_id, job.attempt),
+            )
+            return rows.fetch(conn, job_id), []
+
+        return await self._io.write(op)
+
+    async def begin_attempt(self, job_id: str) -> models.Job | None:
+        def op(conn: sqlite3.Connection) -> tuple[models.Job | None, list[models.Event]]:
+            job = rows.fetch(conn, job_id)
+            if job.state != models.JobState.QUEUED or job.launching or job.stop_reason:
+                return None, []
+            attempt = job.attempt + 1
+            token = f"{job.id}-{attempt}"
+            now = self._clock()
+            info = orjson.dumps({**job.info, "attempt_started_at": now})
+            conn.execute(
+                "UPDATE jobs SET attempt = ?, token = ?, launching = 1, updated_at = ?, info = ? "
+                "WHERE id = ?",
+                (attempt, token, now, info, job_id),
+            )
+            conn.execute(
+                "INSERT INTO attempts (job_id, attempt, token, started_at) VALUES (?, ?, ?, ?)",
+                (job_id, attempt, token, now),
+            )
+            return rows.fetch(conn, job_id), []
+
+        return await self._io.write(op)
+
+    async def record_submitted(
+        self,
+        job_id: str,
+        *,
+        external_id: str,
+        state: models.JobState,
+        vendor_status: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = _launching(conn, job_id)
+            conn.execute(
+                "UPDATE attempts SET external_id = ?, outcome = 'submitted' "
+                "WHERE job_id = ? AND attempt = ?",
+                (external_id, job_id, job.attempt),
+            )
+            conn.execute("UPDATE jobs SET launching = 0 WHERE id = ?", (job_id,))
+            return rows.apply(
+                conn,
+                job,
+                state,
+                self._clock(),
+                reason=None,
+                exit_code=None,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._io.write(op)
+
+    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = _launching(conn, job_id)
+            conn.execute(
+                "UPDATE attempts SET outcome = ? WHERE job_id = ? AND attempt = ?",
+                (f"start failed: {reason}", job_id, job.attempt),
+            )
+            conn.execute("UPDATE jobs SET launching = 0, reason = ? WHERE id = ?", (reason, job_id))
+            job = rows.fetch(conn, job_id)
+            if not final:
+                return job, []
+            return rows.apply(conn, job, models.JobState.FAILED, self._clock(), reason=reason)
+
+        return await self._io.write(op)
+
+    async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = rows.fetch(conn, job_id)
+            if job.state.terminal:
+                return job, []
+            if job.state == models.JobState.QUEUED and not job.launching:
+                final, reason = tracking.stopped_outcome(job, why)
+                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
+                return rows.apply(
+                    conn, rows.fetch(conn, job_id), final, self._clock(), reason=reason
+                )
+            if job.stop_reason is None:
+                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
+            return rows.fetch(conn, job_id), []
+
+        return await self._io.write(op)
+
+    async def purge(self, older_than: float) -> list[str]:
+        def op(conn: sqlite3.Connection) -> tuple[list[str], list[models.Event]]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND updated_at < ? "
+                    "LIMIT ?",
+                    (older_than, PURGE_SLICE),
+                )
+            ]
+            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+                conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
+            return ids, []
+
+        return await self._io.write(op)
+
+    async def ping(self) -> None:
+        """A round trip through the writer thread and a transaction: proof it is not wedged."""
+
+        def op(conn: sqlite3.Connection) -> tuple[None, list[models.Event]]:
+            conn.execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+            return None, []
+
+        await self._io.write(op)
+
+    # -- health ----------------------------------------------------------------------------
+
+    def free_bytes(self) -> int | None:
+        """Free space on the store's file system (as an unprivileged user sees it), measured
+        at most once a second; None when it cannot be measured."""
+        now = time.monotonic()
+        if self._free_checked_at is None or now - self._free_checked_at >= _FREE_SPACE_TTL_S:
+            self._free_checked_at = now
+            try:
+                stat = os.statvfs(self._settings.path.parent)
+            except OSError:
+                self._free_bytes = None
+            else:
+                self._free_bytes = stat.f_bavail * stat.f_frsize
+        return self._free_bytes
+
+    def check_room(self) -> None:
+        """Raise `StoreFull` while the free space is below `min_free_bytes`: what is left is
+        kept for the jobs already accepted."""
+        minimum = self._settings.min_free_bytes
+        free = self.free_bytes() if minimum else None
+        if free is not None and free < minimum:
+            raise errors.StoreFull(str(self._settings.path), free, minimum)
+
+    def problems(self) -> list[Problem]:
+        """Why the store is degraded, if it is: its last commit failed (cleared by the next
+        commit that writes), or its file system is short of space."""
+        found = []
+        if self._io.commit_failure is not None:
+            found.append(
+                Problem(
+                    "store_commit_failed",
+                    f"the store's last commit failed: {self._io.commit_failure}",
+                )
+            )
+        try:
+            self.check_room()
+        except errors.StoreFull as exc:
+            found.append(Problem("store_low_space", exc.message))
+        return found
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> models.Job:
+        return await self._io.read(lambda conn: rows.fetch(conn, job_id))
+
+    async def list_jobs(
+        self,
+        states: Iterable[models.JobState] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+        peer_uid: int | None = None,
+    ) -> list[models.Job]:
+        clauses: list[str] = []
+        args: list[object] = []
+        if before is not None:
+            clauses.append("id < ?")
+            args.append(before)
+        if peer_uid is not None:
+            clauses.append("peer_uid = ?")
+            args.append(peer_uid)
+        if states is not None:
+            wanted = [s.value for s in states]
+            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if backend is not None:
+            clauses.append("backend = ?")
+            args.append(backend)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT {rows.COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?"
+        return await self._io.read(
+            lambda conn: [rows.job_from_row(r) for r in conn.execute(sql, (*args, limit))]
+        )
+
+    async def unfinished(self) -> list[models.Job]:
+        sql = f"SELECT {rows.COLUMNS} FROM jobs WHERE state NOT IN ({_TERMINAL_SQL}) ORDER BY id"
+        return await self._io.read(lambda conn: [rows.job_from_row(r) for r in conn.execute(sql)])
+
+    async def history(self, job_id: str) -> list[HistoryEntry]:
+        def fetch(conn: sqlite3.Connection) -> list[HistoryEntry]:
+            found = conn.execute(
+                "SELECT at, from_state, to_state, reason, exit_code FROM events "
+                "WHERE job_id = ? ORDER BY seq",
+                (job_id,),
+            )
+            return [
+                {"at": models.iso(at), "from": f, "to": t, "reason": r, "exit_code": c}
+                for at, f, t, r, c in found
+            ]
+
+        return await self._io.read(fetch)
+
+    async def attempts(self, job_id: str) -> list[AttemptEntry]:
+        def fetch(conn: sqlite3.Connection) -> list[AttemptEntry]:
+            found = conn.execute(
+                "SELECT attempt, token, external_id, started_at, outcome FROM attempts "
+                "WHERE job_id = ? ORDER BY attempt",
+                (job_id,),
+            )
+            return [
+                {
+                    "attempt": a,
+                    "token": t,
+                    "external_id": e,
+                    "started_at": models.iso(s),
+                    "outcome": o,
+                }
+                for a, t, e, s, o in found
+            ]
+
+        return await self._io.read(fetch)
+
+    async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
+        where, args = ("", ()) if peer_uid is None else ("WHERE peer_uid = ? ", (peer_uid,))
+        sql = f"SELECT state, COUNT(*) FROM jobs {where}GROUP BY state"
+
+        def fetch(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute(sql, args).fetchall())
+
+        return await self._io.read(fetch)
+
+
+def _launching(conn: sqlite3.Connection, job_id: str) -> models.Job:
+    """The job, whose current attempt must be launching (QUEUED): else `StaleState`."""
+    job = rows.fetch(conn, job_id)
+    if job.state != models.JobState.QUEUED or not job.launching:
+        raise errors.StaleState(job_id, "QUEUED (launching)", job.state.value)
+    return job
