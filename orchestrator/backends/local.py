@@ -37,6 +37,10 @@ counted (`orchestrator_local_read_errors_total`), and the poller looks again on 
 
 Attempts launched by a daemon from before the keeper (a runner per job, which wrote an `exit`
 file beside the logs) are still followed to their end from those files.
+
+What the backend reads about a job is in `local_files.py`, what makes it look at once in
+`local_watch.py`. The rest (about 600 lines) stays here: one job's way from launch through its
+keeper, its cgroup and its stop to its end reads best in one place.
 """
 
 from __future__ import annotations
@@ -45,39 +49,29 @@ import asyncio
 import contextlib
 import errno
 import os
-import select
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import orjson
 import structlog
 
 from orchestrator import errors, models
-from orchestrator.backends import _runner, _sandbox, base, cgroups, keeper, users
+from orchestrator.backends import (
+    _runner,
+    _sandbox,
+    base,
+    cgroups,
+    keeper,
+    local_files,
+    local_watch,
+    users,
+)
 from orchestrator.settings import LocalSettings
 
 log = structlog.get_logger("orchestrator.backends.local")
 
 RUNNER = Path(_runner.__file__)
-_READ_CHUNK = 64 * 1024
-
-
-class _JobId(NamedTuple):
-    """An external id: `PID:START_TIME` of the job's own process (of its runner, for attempts
-    from before the keeper; `0:0` when a keeper that has gone launched it), then `:CGROUP` (its
-    directory) when the attempt runs in a cgroup of its own. The pid and start time name the
-    process while it lives; the cgroup names all of the job's processes."""
-
-    pid: int
-    start: int
-    cgroup: Path | None
-
-
-def _parse_external_id(external_id: str) -> _JobId:
-    pid, start, *cgroup = external_id.split(":", 2)
-    return _JobId(int(pid), int(start), Path(cgroup[0]) if cgroup else None)
 
 
 def _key(job: models.Job) -> str:
@@ -88,46 +82,6 @@ def _key(job: models.Job) -> str:
 # Outcomes that say nothing of the job's own process: whoever held it ended without telling.
 _UNRECORDED = frozenset({"vanished", "killed", "setup_failed"})
 _ORPHANED = "orphaned"  # the keeper has gone and told nothing; the job's processes run on
-
-
-class _Unsure(Exception):
-    """A read about a job failed without proving anything (EMFILE, ENOMEM, EIO, a garbled
-    line): the job keeps its state until a later read tells."""
-
-    def __init__(self, what: str, error: Exception) -> None:
-        self.what = what
-        self.errno_name = (
-            errno.errorcode.get(error.errno, str(error.errno))
-            if isinstance(error, OSError) and error.errno is not None
-            else "corrupt"
-        )
-        self.detail = str(error)
-        super().__init__(f"{what}: {error}")
-
-
-def _alive(pid: int, start: int) -> bool:
-    """Whether the process `pid` runs and is the one started at `start` (not a reused pid; a
-    zombie has ended); `_Unsure` when /proc cannot tell right now."""
-    try:
-        state, started = _runner.stat(pid)
-        return started == start and state != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except (OSError, ValueError, IndexError) as exc:
-        raise _Unsure(f"/proc/{pid}/stat", exc) from exc
-
-
-def _utf8_prefix(data: bytes) -> bytes:
-    """`data` less a trailing incomplete UTF-8 sequence (read it next time, whole)."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead
-            continue
-        if byte & 0x80 == 0:
-            return data
-        needed = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
-        return data if back >= needed else data[:-back]
-    return data
 
 
 # Launch errors that the same launch would meet again.
@@ -155,14 +109,7 @@ class LocalBackend:
         self._read_errors: dict[str, int] = {}  # errno name → reads that failed inconclusively
         self._unsure: dict[str, int] = {}  # external id → inconclusive reads in a row
         self._containment = cgroups.Containment(None, "not started")
-        # Watches of orphaned jobs' own processes (pidfd), for jobs without a cgroup whose
-        # keeper has gone: each exit has the job polled at once.
-        self._pidfds: dict[str, int] = {}
-        # Watches of cgroup.events (EPOLLPRI: the kernel flags each change) of the jobs whose
-        # own process has gone while processes remain: each change has the job polled at once.
-        self._epoll: select.epoll | None = None
-        self._cgroup_fds: dict[str, int] = {}  # external id → its cgroup.events
-        self._cgroup_jobs: dict[int, str] = {}  # that descriptor → job id
+        self._watches = local_watch.Watches(lambda job_id: self._wake(job_id))
 
     @property
     def containment(self) -> cgroups.Containment:
@@ -222,14 +169,7 @@ class LocalBackend:
         # Jobs keep running under the keeper: the next daemon adopts them. Only our watches end.
         for task in self._killers.values():
             task.cancel()
-        for external_id in list(self._pidfds):
-            self._unwatch(external_id)
-        for external_id in list(self._cgroup_fds):
-            self._unwatch_cgroup(external_id)
-        if self._epoll is not None:
-            asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
+        self._watches.close()
         await self._keeper.close()
 
     def set_wake(self, wake: base.Wake) -> None:
@@ -285,7 +225,7 @@ class LocalBackend:
         return None if root is None else root / f"{job.id}-{job.attempt}"
 
     @staticmethod
-    def _cgroup_of(job: models.Job, ident: _JobId) -> Path | None:
+    def _cgroup_of(job: models.Job, ident: local_files.JobId) -> Path | None:
         """The attempt's cgroup named in its external id; one not named for this job and
         attempt is not believed (the external id comes from the store, not from the kernel)."""
         if ident.cgroup is None or ident.cgroup.name != f"{job.id}-{job.attempt}":
@@ -373,7 +313,7 @@ class LocalBackend:
         failures = self._unsure.get(job.external_id)
         try:
             observation = self._observe_now(job)
-        except _Unsure as exc:
+        except local_files.Unsure as exc:
             self._read_failed(job.external_id, exc, job_id=job.id)
             # Not an answer: the job stays as it is, and is read again on the next round.
             return base.Observation(job.external_id, job.state, job.vendor_status)
@@ -385,17 +325,17 @@ class LocalBackend:
     def _observe_now(self, job: models.Job) -> base.Observation:
         assert job.external_id is not None
         external_id = job.external_id
-        ident = _parse_external_id(external_id)
+        ident = local_files.parse_external_id(external_id)
         cgroup = self._cgroup_of(job, ident)
         if not self._keeper.connected:
             self._keeper.reconnect_soon()
-            raise _Unsure("keeper", ConnectionError(errno.ECONNREFUSED, "not connected"))
+            raise local_files.Unsure("keeper", ConnectionError(errno.ECONNREFUSED, "not connected"))
         record = self._keeper.records.get(_key(job))
         if record is not None and record.result is None:
             return base.Observation(external_id, models.JobState.RUNNING, "running")
         if record is not None:
             assert record.result is not None
-            done = _outcome(external_id, record.result)
+            done = local_files.outcome(external_id, record.result)
         else:
             done = self._without_record(job, ident)
             if done.state is models.JobState.RUNNING:
@@ -415,7 +355,7 @@ class LocalBackend:
         self._forget(external_id)
         return done
 
-    def _without_record(self, job: models.Job, ident: _JobId) -> base.Observation:
+    def _without_record(self, job: models.Job, ident: local_files.JobId) -> base.Observation:
         """What to say of an attempt the keeper does not know: launched by a runner from before
         the keeper (its files tell), or by a keeper that has gone (its process may run on)."""
         assert job.external_id is not None
@@ -423,13 +363,13 @@ class LocalBackend:
         # A runner's claim and exit file are believed only for an attempt launched before the
         # keeper: a job can write its own attempt directory, and its keeper can be killed.
         before_keeper = "keeper" not in job.info and ident.pid != 0
-        claim = _read_claim(self.attempt_dir(job)) if before_keeper else None
+        claim = local_files.read_claim(self.attempt_dir(job)) if before_keeper else None
         if claim is not None and "start_time" in claim:  # a runner's: from before the keeper
             exit_file = self.attempt_dir(job) / "exit"
-            done = self._read_exit(external_id, exit_file, runner_gone=False)
-            if done is None and _alive(ident.pid, ident.start):
+            done = local_files.read_exit(external_id, exit_file, runner_gone=False)
+            if done is None and local_files.alive(ident.pid, ident.start):
                 return base.Observation(external_id, models.JobState.RUNNING, "running")
-            done = done or self._read_exit(external_id, exit_file, runner_gone=True)
+            done = done or local_files.read_exit(external_id, exit_file, runner_gone=True)
             if done is not None:
                 return done
             return base.Observation(
@@ -438,9 +378,9 @@ class LocalBackend:
                 "vanished",
                 reason="the job's runner ended without recording an exit status",
             )
-        if ident.pid and _alive(ident.pid, ident.start):
+        if ident.pid and local_files.alive(ident.pid, ident.start):
             if ident.cgroup is None:
-                self._watch(external_id, job.id)
+                self._watches.exit_of(external_id, job.id, ident.pid)
             return base.Observation(
                 external_id,
                 models.JobState.RUNNING,
@@ -467,10 +407,10 @@ class LocalBackend:
         try:
             busy = cgroups.populated(cgroup)
             if busy:  # watched from now on, and looked at again: no change after this is missed
-                self._watch_cgroup(external_id, job.id, cgroup)
+                self._watches.cgroup_of(external_id, job.id, cgroup)
                 busy = cgroups.populated(cgroup)
         except (OSError, ValueError) as exc:
-            raise _Unsure("cgroup.events", exc) from exc
+            raise local_files.Unsure("cgroup.events", exc) from exc
         if not busy:
             try:
                 cgroups.remove(cgroup)
@@ -496,33 +436,7 @@ class LocalBackend:
             reason="the job's process has ended; stopping the processes it left running",
         )
 
-    def _read_exit(
-        self, external_id: str, path: Path, *, runner_gone: bool
-    ) -> base.Observation | None:
-        """The outcome a runner from before the keeper recorded; None while there is none. A
-        file that cannot be read now raises `_Unsure`. One that does not parse is waited on
-        while the runner lives; once it is gone, the outcome cannot be established: LOST."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _Unsure("exit file", exc) from exc
-        try:
-            result: dict[str, Any] = orjson.loads(data)
-            int(result["exit_code"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if not runner_gone:
-                return None
-            return base.Observation(
-                external_id,
-                models.JobState.LOST,
-                "unreadable",
-                reason=f"the exit file is corrupt ({exc!r}) and its runner has ended",
-            )
-        return _outcome(external_id, result)
-
-    def _read_failed(self, key: str | None, exc: _Unsure, **context: Any) -> None:
+    def _read_failed(self, key: str | None, exc: local_files.Unsure, **context: Any) -> None:
         """Count an inconclusive read and log it: for a job (`key`, its external id) the first
         of a run of them, then the 2nd, 4th, 8th... (a host out of descriptors fails every
         read, every round)."""
@@ -551,7 +465,7 @@ class LocalBackend:
         the grace period."""
         if job.external_id is None:
             return
-        ident = _parse_external_id(job.external_id)
+        ident = local_files.parse_external_id(job.external_id)
         if (cgroup := self._cgroup_of(job, ident)) is not None:
             self._stop_cgroup(job.external_id, job.id, cgroup)
             return
@@ -575,11 +489,11 @@ class LocalBackend:
                 return False
             self._keeper.signal(_key(job), signum)
             return True
-        ident = _parse_external_id(job.external_id)
+        ident = local_files.parse_external_id(job.external_id)
         try:
-            if not ident.pid or not _alive(ident.pid, ident.start):
+            if not ident.pid or not local_files.alive(ident.pid, ident.start):
                 return False
-        except _Unsure as exc:
+        except local_files.Unsure as exc:
             self._read_failed(job.external_id, exc, job_id=job.id)
             return False  # cannot tell whose pid it is now: the poller stops it again next round
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -598,7 +512,7 @@ class LocalBackend:
         try:
             cgroups.signal_each(cgroup, signal.SIGTERM)
         except OSError as exc:  # cgroup.procs unreadable now (EMFILE): the poller asks again
-            self._read_failed(external_id, _Unsure("cgroup.procs", exc), job_id=job_id)
+            self._read_failed(external_id, local_files.Unsure("cgroup.procs", exc), job_id=job_id)
             return
         self._killers[external_id] = asyncio.create_task(
             self._kill_after_grace(external_id, job_id, cgroup), name=f"local-kill-{job_id}"
@@ -613,7 +527,7 @@ class LocalBackend:
             )
             cgroups.kill(cgroup)
         except (OSError, ValueError) as exc:  # the poller stops it again on its next round
-            self._read_failed(None, _Unsure("cgroup", exc), job_id=job_id)
+            self._read_failed(None, local_files.Unsure("cgroup", exc), job_id=job_id)
 
     async def _kill_after_grace(
         self,
@@ -641,7 +555,9 @@ class LocalBackend:
         try:
             await self._keeper.connect()  # what the last daemon sent is in what it says
         except keeper.KeeperUnavailable as exc:
-            self._read_failed(None, _Unsure("keeper", ConnectionError(str(exc))), job_id=job.id)
+            self._read_failed(
+                None, local_files.Unsure("keeper", ConnectionError(str(exc))), job_id=job.id
+            )
             return base.Located(None, launched=None)
         cgroup = self._new_cgroup(job)
         suffix = f":{cgroup}" if cgroup is not None else ""
@@ -649,8 +565,8 @@ class LocalBackend:
         if record is not None:
             return base.Located(f"{record.pid}:{record.start}{suffix}", launched=True)
         try:
-            located = self._claim_or_read(self.attempt_dir(job))
-        except _Unsure as exc:
+            located = local_files.claim_or_read(self.attempt_dir(job))
+        except local_files.Unsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             return base.Located(None, launched=None)
         if cgroup is None:
@@ -662,35 +578,6 @@ class LocalBackend:
             return base.Located(f"{located.external_id}{suffix}", launched=True)
         return located
 
-    @staticmethod
-    def _claim_or_read(attempt_dir: Path) -> base.Located:
-        try:
-            os.stat(attempt_dir)
-        except FileNotFoundError:
-            return base.Located(None, launched=False)
-        except OSError as exc:
-            raise _Unsure("attempt directory", exc) from exc
-        tmp = attempt_dir / f"claim.recovery.{os.getpid()}"
-        try:
-            tmp.write_bytes(orjson.dumps({"pid": None, "by": "recovery"}))
-            try:
-                os.link(tmp, attempt_dir / "claim")
-            except FileExistsError:
-                pass
-            else:
-                return base.Located(None, launched=False)
-        except OSError as exc:
-            raise _Unsure("claim file", exc) from exc
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        claim = _read_claim(attempt_dir)
-        if claim is None or claim.get("by") == "recovery":
-            return base.Located(None, launched=False)
-        # Launched by a keeper that has gone since (or a claim the job wrote itself: it is in
-        # the job's directory): launched, its outcome unknowable but from its cgroup.
-        return base.Located("0:0", launched=True)
-
     def telemetry(self) -> base.Telemetry:
         return base.Telemetry(read_errors=sorted(self._read_errors.items()))
 
@@ -701,128 +588,16 @@ class LocalBackend:
 
     async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
         try:
-            return await asyncio.to_thread(self._read_logs, self.attempt_dir(job), cursor)
-        except _Unsure as exc:
+            return await asyncio.to_thread(local_files.read_logs, self.attempt_dir(job), cursor)
+        except local_files.Unsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             raise errors.LogsUnavailable(
                 f"cannot read the job's {exc.what} right now: {exc.detail}; try again"
             ) from exc
-
-    @staticmethod
-    def _read_logs(attempt_dir: Path, cursor: Any) -> base.LogPage:
-        offsets: dict[str, int] = dict(cursor or {"stdout": 0, "stderr": 0})
-        chunks = []
-        for stream in ("stdout", "stderr"):
-            try:
-                with open(attempt_dir / stream, "rb") as fh:
-                    fh.seek(offsets[stream])
-                    data = _utf8_prefix(fh.read(_READ_CHUNK))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise _Unsure(stream, exc) from exc
-            if data:
-                offsets[stream] += len(data)
-                chunks.append(base.LogChunk(stream, data.decode("utf-8", errors="replace")))
-        return base.LogPage(chunks, offsets)
-
-    # -- exit watches of orphans (pidfd: the kernel tells us when a process exits) -------
-
-    def _watch(self, external_id: str, job_id: str) -> None:
-        if external_id in self._pidfds:
-            return
-        pid = _parse_external_id(external_id).pid
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return  # gone already, or no pidfd: polling still finds the end
-        self._pidfds[external_id] = fd
-        asyncio.get_running_loop().add_reader(fd, self._exited, external_id, job_id)
-
-    def _exited(self, external_id: str, job_id: str) -> None:
-        self._unwatch(external_id)
-        self._wake(job_id)
-
-    def _unwatch(self, external_id: str) -> None:
-        fd = self._pidfds.pop(external_id, None)
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
-
-    # -- cgroup watches (cgroup.events: the kernel flags each change with EPOLLPRI) ---------
-
-    def _watch_cgroup(self, external_id: str, job_id: str, cgroup: Path) -> None:
-        """Have the job polled as soon as its cgroup's `populated` changes. Only for jobs
-        whose runner has gone (else the runner's pidfd tells): one descriptor each."""
-        if external_id in self._cgroup_fds:
-            return
-        try:
-            if self._epoll is None:
-                self._epoll = select.epoll()
-                asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._cgroups_changed)
-            fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # gone already, or out of descriptors: polling still finds the end
-        try:
-            os.pread(fd, 4096, 0)  # read once, so that only a later change is reported
-            self._epoll.register(fd, select.EPOLLPRI | select.EPOLLET)
-        except OSError:
-            os.close(fd)
-            return
-        self._cgroup_fds[external_id] = fd
-        self._cgroup_jobs[fd] = job_id
-
-    def _cgroups_changed(self) -> None:
-        assert self._epoll is not None
-        for fd, _ in self._epoll.poll(0):
-            if (job_id := self._cgroup_jobs.get(fd)) is not None:
-                self._wake(job_id)
-
-    def _unwatch_cgroup(self, external_id: str) -> None:
-        fd = self._cgroup_fds.pop(external_id, None)
-        if fd is not None:
-            self._cgroup_jobs.pop(fd, None)
-            if self._epoll is not None:
-                with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
-            os.close(fd)
 
     def _forget(self, external_id: str) -> None:
         """The job's outcome is known: drop the watches we hold for it."""
         if (killer := self._killers.pop(external_id, None)) is not None:
             killer.cancel()
         self._unsure.pop(external_id, None)
-        self._unwatch_cgroup(external_id)
-        self._unwatch(external_id)
-
-
-def _read_claim(attempt_dir: Path) -> dict[str, Any] | None:
-    """The attempt's claim (None: there is none); `_Unsure` if it cannot be read now."""
-    try:
-        claim = orjson.loads((attempt_dir / "claim").read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise _Unsure("claim file", exc) from exc
-    except orjson.JSONDecodeError as exc:
-        raise _Unsure("claim file", exc) from exc
-    if not isinstance(claim, dict):
-        raise _Unsure("claim file", ValueError(f"not an object: {claim!r}"))
-    return claim
-
-
-def _outcome(external_id: str, result: Mapping[str, Any]) -> base.Observation:
-    """The observation of a job whose own process has ended, from what the keeper (or a runner
-    from before it) recorded: exit code, signal, why it could not start."""
-    code = int(result["exit_code"])
-    killed_by = int(result["signal"]) if result.get("signal") else None
-    reason: str | None
-    if result.get("error"):
-        reason = str(result["error"])
-    elif killed_by:
-        reason = f"killed by {signal.Signals(killed_by).name}"
-    else:
-        reason = None if code == 0 else f"exit code {code}"
-    state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
-    info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
-    return base.Observation(external_id, state, "exited", reason=reason, exit_code=code, info=info)
+        self._watches.forget(external_id)

@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator import models
 from orchestrator.backends import cgroups
-from orchestrator.backends.local import LocalBackend, _parse_external_id
+from orchestrator.backends.local import LocalBackend
+from orchestrator.backends.local_files import parse_external_id as _parse_external_id
 
 
 @pytest.mark.parametrize(
