@@ -158,6 +158,9 @@ class FakeBackend:
     def settled(self, job: models.Job) -> None:
         self.settled_ids.append(job.id)
 
+    async def check(self) -> list[base.Check]:
+        return [base.Check(f"{self.name}.fake", True, "a fake backend: nothing to check")]
+
     def can_resubmit(self, job: models.Job) -> bool:
         return False
 

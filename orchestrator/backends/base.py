@@ -149,15 +149,7 @@ class Backend(Protocol):
     def telemetry(self) -> Telemetry:
         """Counters and rates for the metrics endpoint."""
 
-
-class Checkable(Protocol):
-    """A backend that checks its own configuration for `orchestrator check`.
-
-    Meant as a method of `Backend`; kept apart until the local backend has it (its checks are
-    `local_check.check` meanwhile), since `Backend` cannot ask for what one backend lacks.
-    """
-
     async def check(self) -> Sequence[Check]:
-        """Whether this configuration can run jobs, one `Check` per thing that must hold, each
-        named `<backend>.<what>`. Finds and changes nothing a job would notice; needs no
-        `start()` (clients it needs are started here, released by `close()`)."""
+        """Whether this configuration can run jobs (`orchestrator check`), one `Check` per thing
+        that must hold, each named `<backend>.<what>`. Finds and changes nothing a job would
+        notice; needs no `start()` (clients it needs are started here, released by `close()`)."""

@@ -63,6 +63,7 @@ from orchestrator.backends import (
     base,
     cgroups,
     keeper,
+    local_check,
     local_files,
     local_watch,
     users,
@@ -149,10 +150,34 @@ class LocalBackend:
         except keeper.KeeperUnavailable as exc:  # jobs wait; it is tried again at each launch
             log.warning("local.keeper_unavailable", error=str(exc))
 
+    async def check(self) -> list[base.Check]:
+        """`orchestrator check`: `local_check.check`, and whether jobs will see the daemon's
+        state (said, not failed: the daemon starts either way, with a warning)."""
+        checks = await local_check.check(self._settings, self._work_dir)
+        return [*checks, await base.checked("local.hide_state", self._hiding)]
+
+    async def _hiding(self) -> str:
+        if self._settings.run_as != "daemon":
+            return "not needed: jobs run as their submitters, kept out by file permissions"
+        if self._settings.hide_state == "off":
+            return "off: jobs run as the daemon's user and can read and write the store"
+        hidden = self._to_hide()
+        why = await asyncio.to_thread(_sandbox.probe, hidden, None)
+        if why is None:
+            return f"jobs see {', '.join(hidden)} empty but for their own attempt directory"
+        return (
+            f"cannot: {why}; jobs will read and write the store (the daemon warns at start-up; "
+            'local.hide_state = "off" says you know)'
+        )
+
+    def _to_hide(self) -> list[str]:
+        paths = [*self._hidden_from_jobs, self._work_dir]
+        return sorted({str(path.resolve()) for path in paths})
+
     async def _check_hiding(self) -> None:
         if self._settings.run_as != "daemon" or self._settings.hide_state == "off":
             return
-        hidden = sorted({str(path.resolve()) for path in [*self._hidden_from_jobs, self._work_dir]})
+        hidden = self._to_hide()
         why = await asyncio.to_thread(_sandbox.probe, hidden, None)
         if why is None:
             self._hidden = hidden

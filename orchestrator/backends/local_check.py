@@ -3,9 +3,8 @@ cgroups of their own (where they cannot, the daemon falls back to process groups
 failed), and with `local.run_as = "submitter"` whether this process can switch users as the
 daemon must.
 
-Apart from `local.py` so that checking imports neither the keeper nor the backend; `check` is
-what `LocalBackend.check()` will return once the `Backend` protocol asks every backend for one.
-`writable` also serves the store's check.
+`LocalBackend.check()` returns `check`, with its line on `local.hide_state`. Apart from
+`local.py` to keep it short; `writable` also serves the store's check.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ def test_a_good_ecs_setup_passes_every_check(short_tmp: Path, moto: MotoServer) 
         "store",
         "local",
         "local.cgroup",
+        "local.hide_state",
         "ecs.cluster",
         "ecs.task_definition",
         "ecs.network",
@@ -124,3 +125,19 @@ def test_an_unwritable_store_directory_fails(short_tmp: Path) -> None:
     code, report = check(short_tmp, ORCHESTRATOR__STORE__PATH=str(blocker / "sub" / "o.db"))
     assert code == 1
     assert by_name(report)["store"]["ok"] is False
+
+
+@pytest.mark.parametrize(
+    ("hide_state", "said"),
+    [("auto", "jobs see "), ("off", "off: jobs run as the daemon's user and can read and write")],
+)
+def test_check_says_whether_local_jobs_will_see_the_daemons_state(
+    short_tmp: Path, hide_state: str, said: str
+) -> None:
+    code, report = check(short_tmp, ORCHESTRATOR__LOCAL__HIDE_STATE=hide_state)
+    assert code == 0, report
+    line = by_name(report)["local.hide_state"]
+    assert line["ok"] is True
+    assert line["detail"].startswith(said), line
+    if hide_state == "auto":  # the store's directory, the work directory
+        assert str(short_tmp) in line["detail"], line
