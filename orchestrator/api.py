@@ -41,7 +41,9 @@ class Api:
         hub: events.Hub,
         *,
         policy: access.Policy,
+        crash: faults.Faults | None = None,
     ) -> None:
+        self._crash = crash or faults.Faults()
         self._defaults = defaults
         self._policy = policy
         self._store = store
@@ -236,7 +238,7 @@ class Api:
         self, specs: list[tuple[models.JobSpec, str]], peer: models.Peer
     ) -> list[_Outcome]:
         outcomes = await self._store.accept_many(specs, peer)
-        faults.crashpoint("server.after_accept")
+        self._crash.crashpoint("server.after_accept")
         for outcome in outcomes:
             if isinstance(outcome, errors.OrchestratorError) or not outcome[1]:
                 continue

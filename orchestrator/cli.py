@@ -2,6 +2,9 @@
 
 Exit codes: 0 ok; 1 failure (or the job failed); 2 usage or configuration error; 3 the daemon
 could not be reached. `submit --wait` and `wait` exit with the job's own exit code.
+
+About 600 lines: one short function per command, and their shared printing; issue #14 reworks
+the CLI and will split it by command.
 """
 
 from __future__ import annotations

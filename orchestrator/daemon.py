@@ -73,10 +73,14 @@ class Daemon:
         self.backends = build_backends(settings) if backends is None else backends
         self.metrics = metrics.Metrics()
         self.poller = Poller(
-            settings.poller, self.store, self.backends, on_detected=self.metrics.detected
+            settings.poller,
+            self.store,
+            self.backends,
+            on_detected=self.metrics.detected,
+            crash=self.faults,
         )
         self.dispatcher = Dispatcher(
-            settings.dispatcher, self.store, self.backends, self.poller, self.hub
+            settings.dispatcher, self.store, self.backends, self.poller, self.hub, crash=self.faults
         )
         self.api = Api(
             settings.jobs,
@@ -90,6 +94,7 @@ class Daemon:
                 admin_gids=frozenset(settings.server.admin_gids),
                 run_as=settings.local.run_as,
             ),
+            crash=self.faults,
         )
         self.server = Server(settings.server, self.api)
         self.metrics.add_collector(
@@ -158,7 +163,6 @@ class Daemon:
             phases[phase] = round(time.monotonic() - started - sum(phases.values()), 3)
 
         self.faults.arm(os.environ.get(faults.ENV))
-        faults.install(self.faults)  # until the components are handed `self.faults`
         _check_descriptor_limit(self.settings)
         if self._inherited_socket is None:  # else systemd bound it: there is no directory to check
             self.server.prepare()  # a squatted socket directory stops us before a job is touched

@@ -48,7 +48,9 @@ class Dispatcher:
         *,
         rng: backoff.Uniform | None = None,
         clock: Callable[[], float] = time.time,
+        crash: faults.Faults | None = None,
     ) -> None:
+        self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
         self._settings = settings
         self._store = store
         self._poller = poller
@@ -141,7 +143,7 @@ class Dispatcher:
     async def _dispatch(self, shell: _Shell, job_id: str) -> None:
         lane = shell.lane
         try:
-            faults.crashpoint("dispatch.before_attempt")
+            self._crash.crashpoint("dispatch.before_attempt")
             if self._poller.pending_stop(job_id) is not None:
                 # Stopped while the store could not record it: never launched, ended once the
                 # stop is recorded.
@@ -151,7 +153,7 @@ class Dispatcher:
             if job is None:  # cancelled or timed out while it waited
                 lane.release(job_id)
                 return
-            faults.crashpoint("dispatch.after_attempt_recorded")
+            self._crash.crashpoint("dispatch.after_attempt_recorded")
             await self._submit(shell, job)
         except Exception:
             # A job's failure never takes the daemon down: look at it again later (it may be
@@ -180,7 +182,7 @@ class Dispatcher:
             log.warning("job.start_unknown", job_id=job.id, attempt=job.attempt, error=exc.message)
             lane.settle_at(job.id, self._clock() + self._retry.delay(0, self._rng))
             return
-        faults.crashpoint("dispatch.after_submit")
+        self._crash.crashpoint("dispatch.after_submit")
         lane.settled(job.id)
         job = await self._store.record_submitted(
             job.id,

@@ -4,8 +4,8 @@
 is read once by the daemon at start-up: the composition root (`daemon.py`) builds one `Faults`,
 arms it from the environment and installs it. Unarmed, a crash point is one comparison.
 
-The call sites (dispatcher, poller, api) still call the module-level `crashpoint`, which reports
-to the installed instance; they are to take the daemon's `Faults` as a constructor argument.
+The dispatcher, the poller and the API are handed it (`crash=`); built without one, they get
+an unarmed `Faults` of their own.
 """
 
 from __future__ import annotations
@@ -52,17 +52,3 @@ class Faults:
             sys.stderr.write(f"orchestrator: crash point {name} reached, exiting\n")
             sys.stderr.flush()
             os._exit(137)
-
-
-_installed = Faults()  # unarmed until a daemon installs its own
-
-
-def install(faults: Faults) -> None:
-    """Make `faults` the instance the module-level `crashpoint` reports to."""
-    global _installed
-    _installed = faults
-
-
-def crashpoint(name: str) -> None:
-    """The installed instance's crash point `name` (until every caller is handed a `Faults`)."""
-    _installed.crashpoint(name)

@@ -36,7 +36,9 @@ class Poller:
         rng: backoff.Uniform | None = None,
         clock: Callable[[], float] = time.time,
         on_detected: Callable[[str, float], None] | None = None,
+        crash: faults.Faults | None = None,
     ) -> None:
+        self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
         self._settings = settings
         self._on_detected = on_detected  # (backend, when the backend says the job ended)
         self._store = store
@@ -168,7 +170,7 @@ class Poller:
                 )
             return
         assert judgement.state is not None
-        faults.crashpoint("poller.before_transition")
+        self._crash.crashpoint("poller.before_transition")
         try:
             job = await self._store.transition(
                 job.id,

@@ -4,6 +4,9 @@ connection.
 Requests on one connection are handled concurrently (up to `max_requests_in_flight`), so a
 client can pipeline thousands of submissions; each reply carries its request's id. Bad input
 gets an error reply and the connection stays usable; a line over the limit is skipped whole.
+
+About 520 lines: a connection's reading, backpressure, deadlines and hang-up detection share
+its state and are read best together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 outlives the daemon.
 
 Run by the daemon as `python -I -S _keeper.py WORK_DIR`, in a session of its own, with stderr on
-`WORK_DIR/keeper.log`. It holds `WORK_DIR/keeper.lock` for its whole life (one keeper per work
+`WORK_DIR/keeper.log`. (About 520 lines, one file: it runs as a script that imports only its two
+siblings.) It holds `WORK_DIR/keeper.lock` for its whole life (one keeper per work
 directory) and listens on `WORK_DIR/keeper.sock` (the work directory is the daemon's, 0700).
 
 Why one process and not one per job: a Python parent per job cost 2-4 MB of memory each; the
