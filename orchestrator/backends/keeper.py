@@ -158,6 +158,18 @@ class KeeperClient:
             raise KeeperUnavailable(f"cannot start the job keeper: {exc}") from exc
         self._spawned.append(pid)
         log.info("local.keeper_started", keeper_pid=pid)
+        try:  # reaped the moment it exits (one that lost the race for the lock exits at once)
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # reaped at the next spawn or close instead
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._reap_spawned()
+
+        loop.add_reader(pidfd, exited)
 
     def _reap_spawned(self) -> None:
         for pid in list(self._spawned):
