@@ -23,6 +23,7 @@ from orchestrator.api import Api
 from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
 from orchestrator.dispatcher import Dispatcher
+from orchestrator.engine import recovery
 from orchestrator.poller import Poller
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
@@ -212,18 +213,19 @@ class Daemon:
         jobs = await self.store.unfinished()
         launching: list[models.Job] = []
         for job in jobs:
-            if job.backend not in self.backends:
+            step = recovery.recover(job, self.backends)
+            if step is recovery.Recovery.ORPHANED:
                 log.warning("job.backend_disabled", job_id=job.id, backend=job.backend)
-            elif job.state == models.JobState.QUEUED and job.launching:
+            elif step is recovery.Recovery.SETTLE:
                 launching.append(job)
-            elif job.state == models.JobState.QUEUED:
-                if job.stop_reason is not None:
-                    try:
-                        await self.store.request_stop(job.id, job.stop_reason)
-                    except errors.StoreError:  # a full disk must not keep us from serving
-                        self.poller.stop_unrecorded(job.id, job.stop_reason)
-                else:
-                    self.dispatcher.enqueue(job)
+            elif step is recovery.Recovery.STOP:
+                assert job.stop_reason is not None
+                try:
+                    await self.store.request_stop(job.id, job.stop_reason)
+                except errors.StoreError:  # a full disk must not keep us from serving
+                    self.poller.stop_unrecorded(job.id, job.stop_reason)
+            elif step is recovery.Recovery.ENQUEUE:
+                self.dispatcher.enqueue(job)
             else:
                 self.dispatcher.adopt(job)
                 self.poller.track(job)

@@ -3,13 +3,11 @@ happened and carrying its data; and a few internal signals (the "Internal signal
 
 A leaf's docstring is its default message. Leaves that can reach a client carry a stable `code`
 that the socket protocol puts on the wire.
-
-Not here: the local backend's private `keeper.KeeperUnavailable`, `keeper.LaunchFailed` and
-`local._Unsure` (to move with the next change of those modules).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -340,6 +338,34 @@ class BadRequest(Exception):
 
 class WatcherTooSlow(Exception):
     """The watcher's queue filled up; it was dropped so the daemon would not wait for it."""
+
+
+class KeeperUnavailable(Exception):
+    """No local job keeper could be started or reached: nothing was sent to it."""
+
+
+class LaunchFailed(Exception):
+    """The local job keeper says nothing ran (an errno, and why)."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.errno = code
+        self.why = why
+
+
+class ReadUnsure(Exception):
+    """A read about a local job failed without proving anything (EMFILE, ENOMEM, EIO, a garbled
+    line): the job keeps its state until a later read tells."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        self.what = what
+        self.errno_name = (
+            errno.errorcode.get(error.errno, str(error.errno))
+            if isinstance(error, OSError) and error.errno is not None
+            else "corrupt"
+        )
+        self.detail = str(error)
+        super().__init__(f"{what}: {error}")
 
 
 class CheckFailed(Exception):

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
+from orchestrator import errors
 from orchestrator.backends import _keeper
 
 log = structlog.get_logger("orchestrator.backends.keeper")
@@ -54,19 +55,6 @@ async def _open(work_dir: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWri
         os.close(fd)
 
 
-class KeeperUnavailable(Exception):
-    """No keeper could be started or reached: nothing was sent."""
-
-
-class LaunchFailed(Exception):
-    """The keeper says nothing ran."""
-
-    def __init__(self, code: int, why: str) -> None:
-        super().__init__(why)
-        self.errno = code
-        self.why = why
-
-
 class KeeperClient:
     def __init__(self, work_dir: Path, on_exit: Callable[[str], None]) -> None:
         self._work_dir = work_dir
@@ -87,7 +75,7 @@ class KeeperClient:
 
     async def connect(self) -> None:
         """Connected to the keeper (started if none answers) and its `hello` read; raises
-        KeeperUnavailable saying why not."""
+        errors.KeeperUnavailable saying why not."""
         async with self._lock:
             if self.connected:
                 return
@@ -106,7 +94,7 @@ class KeeperClient:
                     raise ConnectionError(f"the keeper said {hello!r} first")
                 if hello.get("version") != _keeper.VERSION:
                     writer.close()
-                    raise KeeperUnavailable(
+                    raise errors.KeeperUnavailable(
                         f"the job keeper at {path} (pid {hello.get('pid')}) speaks version "
                         f"{hello.get('version')} of its protocol, this daemon {_keeper.VERSION}: "
                         "stop it once its jobs have ended (a newer daemon's keeper)"
@@ -117,7 +105,7 @@ class KeeperClient:
                     self._spawn()
                     started = True
                 if asyncio.get_running_loop().time() > deadline:
-                    raise KeeperUnavailable(
+                    raise errors.KeeperUnavailable(
                         f"cannot reach the job keeper at {path}: {exc}"
                     ) from exc
                 await asyncio.sleep(delay_s)
@@ -155,7 +143,7 @@ class KeeperClient:
                 setsid=True,
             )
         except OSError as exc:
-            raise KeeperUnavailable(f"cannot start the job keeper: {exc}") from exc
+            raise errors.KeeperUnavailable(f"cannot start the job keeper: {exc}") from exc
         self._spawned.append(pid)
         log.info("local.keeper_started", keeper_pid=pid)
         try:  # reaped the moment it exits (one that lost the race for the lock exits at once)
@@ -235,7 +223,7 @@ class KeeperClient:
         while not self._closing:
             try:
                 await self.connect()
-            except KeeperUnavailable as exc:
+            except errors.KeeperUnavailable as exc:
                 log.warning("local.keeper_unavailable", error=str(exc))
                 await asyncio.sleep(delay_s)
                 delay_s = min(_RECONNECT_CAP_S, delay_s * 2)
@@ -246,11 +234,11 @@ class KeeperClient:
 
     def _send(self, message: dict[str, Any]) -> None:
         if self._writer is None or self._writer.is_closing():
-            raise KeeperUnavailable("not connected to the job keeper")
+            raise errors.KeeperUnavailable("not connected to the job keeper")
         self._writer.write(orjson.dumps(message) + b"\n")
 
     async def launch(self, key: str, request: dict[str, Any]) -> Record:
-        """Launch through the keeper. KeeperUnavailable: nothing was sent. LaunchFailed:
+        """Launch through the keeper. `KeeperUnavailable`: nothing was sent. `LaunchFailed`:
         nothing ran. ConnectionError or TimeoutError: it may have run."""
         await self.connect()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -261,17 +249,17 @@ class KeeperClient:
         finally:
             self._pending.pop(key, None)
         if answer["op"] == "failed":
-            raise LaunchFailed(int(answer["errno"]), str(answer["error"]))
+            raise errors.LaunchFailed(int(answer["errno"]), str(answer["error"]))
         return self.records[key]
 
     def signal(self, key: str, signum: int) -> None:
-        with contextlib.suppress(KeeperUnavailable):
+        with contextlib.suppress(errors.KeeperUnavailable):
             self._send({"op": "signal", "key": key, "signal": signum})
 
     def forget(self, keys: list[str]) -> None:
         for key in keys:
             self.records.pop(key, None)
-        with contextlib.suppress(KeeperUnavailable):
+        with contextlib.suppress(errors.KeeperUnavailable):
             self._send({"op": "forget", "keys": keys})
 
     async def close(self) -> None:

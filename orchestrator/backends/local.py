@@ -147,7 +147,7 @@ class LocalBackend:
         await self._check_hiding()
         try:
             await self._keeper.connect()
-        except keeper.KeeperUnavailable as exc:  # jobs wait; it is tried again at each launch
+        except errors.KeeperUnavailable as exc:  # jobs wait; it is tried again at each launch
             log.warning("local.keeper_unavailable", error=str(exc))
 
     async def check(self) -> list[base.Check]:
@@ -302,13 +302,13 @@ class LocalBackend:
         }
         try:
             record = await self._keeper.launch(_key(job), request)
-        except (keeper.KeeperUnavailable, keeper.LaunchFailed) as exc:
+        except (errors.KeeperUnavailable, errors.LaunchFailed) as exc:
             # Nothing ran: EAGAIN, ENOMEM, EMFILE, no keeper (the host is short of something
             # now) are worth a retry; what the same launch would meet again is not.
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroups.remove(cgroup)
-            code = exc.errno if isinstance(exc, keeper.LaunchFailed) else None
+            code = exc.errno if isinstance(exc, errors.LaunchFailed) else None
             raise errors.StartFailed(
                 f"cannot start the job: {exc}", retryable=code not in _PERMANENT_SPAWN_ERRORS
             ) from exc
@@ -338,7 +338,7 @@ class LocalBackend:
         failures = self._unsure.get(job.external_id)
         try:
             observation = self._observe_now(job)
-        except local_files.Unsure as exc:
+        except errors.ReadUnsure as exc:
             self._read_failed(job.external_id, exc, job_id=job.id)
             # Not an answer: the job stays as it is, and is read again on the next round.
             return base.Observation(job.external_id, job.state, job.vendor_status)
@@ -354,7 +354,7 @@ class LocalBackend:
         cgroup = self._cgroup_of(job, ident)
         if not self._keeper.connected:
             self._keeper.reconnect_soon()
-            raise local_files.Unsure("keeper", ConnectionError(errno.ECONNREFUSED, "not connected"))
+            raise errors.ReadUnsure("keeper", ConnectionError(errno.ECONNREFUSED, "not connected"))
         record = self._keeper.records.get(_key(job))
         if record is not None and record.result is None:
             return base.Observation(external_id, models.JobState.RUNNING, "running")
@@ -435,7 +435,7 @@ class LocalBackend:
                 self._watches.cgroup_of(external_id, job.id, cgroup)
                 busy = cgroups.populated(cgroup)
         except (OSError, ValueError) as exc:
-            raise local_files.Unsure("cgroup.events", exc) from exc
+            raise errors.ReadUnsure("cgroup.events", exc) from exc
         if not busy:
             try:
                 cgroups.remove(cgroup)
@@ -461,7 +461,7 @@ class LocalBackend:
             reason="the job's process has ended; stopping the processes it left running",
         )
 
-    def _read_failed(self, key: str | None, exc: local_files.Unsure, **context: Any) -> None:
+    def _read_failed(self, key: str | None, exc: errors.ReadUnsure, **context: Any) -> None:
         """Count an inconclusive read and log it: for a job (`key`, its external id) the first
         of a run of them, then the 2nd, 4th, 8th... (a host out of descriptors fails every
         read, every round)."""
@@ -518,7 +518,7 @@ class LocalBackend:
         try:
             if not ident.pid or not local_files.alive(ident.pid, ident.start):
                 return False
-        except local_files.Unsure as exc:
+        except errors.ReadUnsure as exc:
             self._read_failed(job.external_id, exc, job_id=job.id)
             return False  # cannot tell whose pid it is now: the poller stops it again next round
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -537,7 +537,7 @@ class LocalBackend:
         try:
             cgroups.signal_each(cgroup, signal.SIGTERM)
         except OSError as exc:  # cgroup.procs unreadable now (EMFILE): the poller asks again
-            self._read_failed(external_id, local_files.Unsure("cgroup.procs", exc), job_id=job_id)
+            self._read_failed(external_id, errors.ReadUnsure("cgroup.procs", exc), job_id=job_id)
             return
         self._killers[external_id] = asyncio.create_task(
             self._kill_after_grace(external_id, job_id, cgroup), name=f"local-kill-{job_id}"
@@ -552,7 +552,7 @@ class LocalBackend:
             )
             cgroups.kill(cgroup)
         except (OSError, ValueError) as exc:  # the poller stops it again on its next round
-            self._read_failed(None, local_files.Unsure("cgroup", exc), job_id=job_id)
+            self._read_failed(None, errors.ReadUnsure("cgroup", exc), job_id=job_id)
 
     async def _kill_after_grace(
         self,
@@ -579,9 +579,9 @@ class LocalBackend:
         tell", never "not launched"."""
         try:
             await self._keeper.connect()  # what the last daemon sent is in what it says
-        except keeper.KeeperUnavailable as exc:
+        except errors.KeeperUnavailable as exc:
             self._read_failed(
-                None, local_files.Unsure("keeper", ConnectionError(str(exc))), job_id=job.id
+                None, errors.ReadUnsure("keeper", ConnectionError(str(exc))), job_id=job.id
             )
             return base.Located(None, launched=None)
         cgroup = self._new_cgroup(job)
@@ -591,7 +591,7 @@ class LocalBackend:
             return base.Located(f"{record.pid}:{record.start}{suffix}", launched=True)
         try:
             located = local_files.claim_or_read(self.attempt_dir(job))
-        except local_files.Unsure as exc:
+        except errors.ReadUnsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             return base.Located(None, launched=None)
         if cgroup is None:
@@ -614,7 +614,7 @@ class LocalBackend:
     async def read_logs(self, job: models.Job, cursor: Any) -> base.LogPage:
         try:
             return await asyncio.to_thread(local_files.read_logs, self.attempt_dir(job), cursor)
-        except local_files.Unsure as exc:
+        except errors.ReadUnsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             raise errors.LogsUnavailable(
                 f"cannot read the job's {exc.what} right now: {exc.detail}; try again"

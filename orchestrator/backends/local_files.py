@@ -1,13 +1,12 @@
 """What the local backend reads about a job, apart from the keeper: its external id, its
 process in /proc, its attempt's claim, its logs, and the files a runner from before the keeper
-left (an `exit` file). Reads that fail without proving anything raise `Unsure`: the job keeps
-its state until a later read tells.
+left (an `exit` file). Reads that fail without proving anything raise `errors.ReadUnsure`: the
+job keeps its state until a later read tells.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from orchestrator import models
+from orchestrator import errors, models
 from orchestrator.backends import _runner, base
 
 _READ_CHUNK = 64 * 1024
@@ -38,31 +37,16 @@ def parse_external_id(external_id: str) -> JobId:
     return JobId(int(pid), int(start), Path(cgroup[0]) if cgroup else None)
 
 
-class Unsure(Exception):
-    """A read about a job failed without proving anything (EMFILE, ENOMEM, EIO, a garbled
-    line): the job keeps its state until a later read tells."""
-
-    def __init__(self, what: str, error: Exception) -> None:
-        self.what = what
-        self.errno_name = (
-            errno.errorcode.get(error.errno, str(error.errno))
-            if isinstance(error, OSError) and error.errno is not None
-            else "corrupt"
-        )
-        self.detail = str(error)
-        super().__init__(f"{what}: {error}")
-
-
 def alive(pid: int, start: int) -> bool:
     """Whether the process `pid` runs and is the one started at `start` (not a reused pid; a
-    zombie has ended); `Unsure` when /proc cannot tell right now."""
+    zombie has ended); `errors.ReadUnsure` when /proc cannot tell right now."""
     try:
         state, started = _runner.stat(pid)
         return started == start and state != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
     except (OSError, ValueError, IndexError) as exc:
-        raise Unsure(f"/proc/{pid}/stat", exc) from exc
+        raise errors.ReadUnsure(f"/proc/{pid}/stat", exc) from exc
 
 
 def utf8_prefix(data: bytes) -> bytes:
@@ -80,14 +64,14 @@ def utf8_prefix(data: bytes) -> bytes:
 
 def read_exit(external_id: str, path: Path, *, runner_gone: bool) -> base.Observation | None:
     """The outcome a runner from before the keeper recorded; None while there is none. A
-    file that cannot be read now raises `Unsure`. One that does not parse is waited on
+    file that cannot be read now raises `errors.ReadUnsure`. One that does not parse is waited on
     while the runner lives; once it is gone, the outcome cannot be established: LOST."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise Unsure("exit file", exc) from exc
+        raise errors.ReadUnsure("exit file", exc) from exc
     try:
         result: dict[str, Any] = orjson.loads(data)
         int(result["exit_code"])
@@ -109,7 +93,7 @@ def claim_or_read(attempt_dir: Path) -> base.Located:
     except FileNotFoundError:
         return base.Located(None, launched=False)
     except OSError as exc:
-        raise Unsure("attempt directory", exc) from exc
+        raise errors.ReadUnsure("attempt directory", exc) from exc
     tmp = attempt_dir / f"claim.recovery.{os.getpid()}"
     try:
         tmp.write_bytes(orjson.dumps({"pid": None, "by": "recovery"}))
@@ -120,7 +104,7 @@ def claim_or_read(attempt_dir: Path) -> base.Located:
         else:
             return base.Located(None, launched=False)
     except OSError as exc:
-        raise Unsure("claim file", exc) from exc
+        raise errors.ReadUnsure("claim file", exc) from exc
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -143,7 +127,7 @@ def read_logs(attempt_dir: Path, cursor: Any) -> base.LogPage:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise Unsure(stream, exc) from exc
+            raise errors.ReadUnsure(stream, exc) from exc
         if data:
             offsets[stream] += len(data)
             chunks.append(base.LogChunk(stream, data.decode("utf-8", errors="replace")))
@@ -151,17 +135,17 @@ def read_logs(attempt_dir: Path, cursor: Any) -> base.LogPage:
 
 
 def read_claim(attempt_dir: Path) -> dict[str, Any] | None:
-    """The attempt's claim (None: there is none); `Unsure` if it cannot be read now."""
+    """The attempt's claim (None: there is none); `errors.ReadUnsure` if it cannot be read now."""
     try:
         claim = orjson.loads((attempt_dir / "claim").read_bytes())
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise Unsure("claim file", exc) from exc
+        raise errors.ReadUnsure("claim file", exc) from exc
     except orjson.JSONDecodeError as exc:
-        raise Unsure("claim file", exc) from exc
+        raise errors.ReadUnsure("claim file", exc) from exc
     if not isinstance(claim, dict):
-        raise Unsure("claim file", ValueError(f"not an object: {claim!r}"))
+        raise errors.ReadUnsure("claim file", ValueError(f"not an object: {claim!r}"))
     return claim
 
 

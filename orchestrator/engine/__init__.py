@@ -10,6 +10,7 @@ a manual clock and a seeded rng (`tests/unit/engine/`).
   flight — behind methods that keep its invariants (a freed slot always wakes the lane).
 - `starts.py`: what follows a launch: retry or fail a start, settle an attempt whose outcome is
   unknown.
+- `recovery.py`: what a restarted daemon does with each unfinished job.
 - `tracking.py`: when to describe which job (back-off, deadlines, batches, fill-ahead) and what an
   observation means (a transition, nothing new, a job gone missing, a stop's outcome).
 """
