@@ -17,6 +17,7 @@ import structlog
 from orchestrator import __version__, access, errors, events, faults, models, protocol
 from orchestrator.backends.base import Backend
 from orchestrator.dispatcher import Dispatcher
+from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import JobDefaults
 from orchestrator.store import Store
@@ -42,8 +43,10 @@ class Api:
         *,
         policy: access.Policy,
         crash: faults.Faults | None = None,
+        health: Health | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()
+        self._health = health or Health(store)
         self._defaults = defaults
         self._policy = policy
         self._store = store
@@ -124,7 +127,7 @@ class Api:
         # Touches the store: a health check. Counts of the jobs the peer may see (an admin's:
         # all), as other users' jobs are not its business.
         counts = await self._store.count_by_state(self._policy.owner(peer))
-        problems = self._store.problems()
+        problems = self._health.problems()
         return {
             "pong": True,
             "status": "degraded" if problems else "ok",

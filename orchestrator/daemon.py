@@ -24,6 +24,7 @@ from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import recovery
+from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
@@ -73,15 +74,23 @@ class Daemon:
         self.store: Store = SqliteStore(settings.store, self.hub)
         self.backends = build_backends(settings) if backends is None else backends
         self.metrics = metrics.Metrics()
+        self.health = Health(self.store)
         self.poller = Poller(
             settings.poller,
             self.store,
             self.backends,
             on_detected=self.metrics.detected,
             crash=self.faults,
+            health=self.health,
         )
         self.dispatcher = Dispatcher(
-            settings.dispatcher, self.store, self.backends, self.poller, self.hub, crash=self.faults
+            settings.dispatcher,
+            self.store,
+            self.backends,
+            self.poller,
+            self.hub,
+            crash=self.faults,
+            health=self.health,
         )
         self.api = Api(
             settings.jobs,
@@ -96,6 +105,7 @@ class Daemon:
                 run_as=settings.local.run_as,
             ),
             crash=self.faults,
+            health=self.health,
         )
         self.server = Server(settings.server, self.api)
         self.metrics.add_collector(
@@ -250,7 +260,7 @@ class Daemon:
         counts = await self.store.count_by_state()
         for state in models.JobState:
             self.metrics.jobs.labels(state.value).set(counts.get(state.value, 0))
-        degraded = {problem.reason for problem in self.store.problems()}
+        degraded = {problem.reason for problem in self.health.problems()}
         for reason in PROBLEM_REASONS:
             self.metrics.degraded.labels(reason).set(1 if reason in degraded else 0)
         free = self.store.free_bytes()
@@ -275,7 +285,7 @@ class Daemon:
             f"{self.dispatcher.queued(name)} queued"
             for name in sorted(self.backends)
         ]
-        problems = self.store.problems()
+        problems = self.health.problems()
         head = "degraded (" + "; ".join(p.message for p in problems) + ")" if problems else "ready"
         return f"{head}; " + "; ".join(parts)
 

@@ -19,6 +19,7 @@ import structlog
 from orchestrator import backoff, errors, events, faults, models
 from orchestrator.backends.base import Backend
 from orchestrator.engine import lanes, starts
+from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
 from orchestrator.store import Store
@@ -35,6 +36,7 @@ class _Shell:
     lane: lanes.Lane
     slots: asyncio.Semaphore
     wake: asyncio.Event
+    deferrals: int = 0  # starts deferred in a row (the backend's credentials refused)
 
 
 class Dispatcher:
@@ -49,8 +51,10 @@ class Dispatcher:
         rng: backoff.Uniform | None = None,
         clock: Callable[[], float] = time.time,
         crash: faults.Faults | None = None,
+        health: Health | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
+        self._health = health or Health(store)
         self._settings = settings
         self._store = store
         self._poller = poller
@@ -111,6 +115,9 @@ class Dispatcher:
                 job_id = action.job_id
                 if isinstance(action, lanes.Settle):
                     tg.create_task(self._settle_later(shell, job_id), name=f"settle-{job_id}")
+                elif isinstance(action, lanes.Resubmit):
+                    await shell.slots.acquire()
+                    tg.create_task(self._resubmit(shell, job_id), name=f"resubmit-{job_id}")
                 elif isinstance(action, lanes.Expire):
                     tg.create_task(self._expire(job_id), name=f"expire-{job_id}")
                 else:
@@ -182,7 +189,11 @@ class Dispatcher:
             log.warning("job.start_unknown", job_id=job.id, attempt=job.attempt, error=exc.message)
             lane.settle_at(job.id, self._clock() + self._retry.delay(0, self._rng))
             return
+        except errors.StartDeferred as exc:
+            self._deferred(shell, job, exc)
+            return
         self._crash.crashpoint("dispatch.after_submit")
+        self._started(shell)
         lane.settled(job.id)
         job = await self._store.record_submitted(
             job.id,
@@ -199,6 +210,47 @@ class Dispatcher:
             external_id=submitted.external_id,
         )
         self._poller.track(job)
+
+    def _deferred(self, shell: _Shell, job: models.Job, exc: errors.StartDeferred) -> None:
+        """Nothing started, and not for the job's reason: the job keeps its attempt and its
+        state, the lane pauses, the same attempt is tried again after a back-off (the probe:
+        when it starts, launches resume)."""
+        shell.deferrals += 1
+        delay = self._retry.delay(shell.deferrals, self._rng)
+        name = shell.backend.name
+        if self._health.backend_refused(name, "launch", exc.reason):
+            log.error("backend.degraded", backend=name, calls="launch", reason=exc.reason)
+        log.info("job.start_deferred", job_id=job.id, attempt=job.attempt, wait_s=round(delay, 3))
+        shell.lane.resubmit_at(job.id, self._clock() + delay)
+
+    def _started(self, shell: _Shell) -> None:
+        shell.deferrals = 0
+        shell.lane.resume()
+        if self._health.backend_ok(shell.backend.name, "launch"):
+            log.info("backend.recovered", backend=shell.backend.name, calls="launch")
+
+    async def _resubmit(self, shell: _Shell, job_id: str) -> None:
+        """The deferred attempt again, under its own token: its last try started nothing."""
+        try:
+            job = await self._store.get(job_id)
+            if job.state != models.JobState.QUEUED or not job.launching:
+                shell.lane.release(job_id)  # settled otherwise meanwhile (a restart, a purge)
+                return
+            stop = job.stop_reason or self._poller.pending_stop(job_id)
+            if stop is not None:  # stopped while deferred: nothing runs, so it ends now
+                await self._store.record_start_failure(
+                    job_id, "deferred, then stopped", final=False
+                )
+                shell.lane.release(job_id)
+                await self._store.request_stop(job_id, stop)
+                return
+            await self._submit(shell, job)
+        except Exception:
+            log.exception("dispatch.failed", job_id=job_id, backend=shell.backend.name)
+            shell.lane.settle_at(job_id, self._clock() + self._settings.retry_cap_s)
+        finally:
+            shell.slots.release()
+            shell.wake.set()
 
     async def _start_failed(self, shell: _Shell, job: models.Job, exc: errors.StartFailed) -> None:
         lane = shell.lane

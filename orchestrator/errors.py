@@ -154,6 +154,17 @@ class StartFailed(OrchestratorError):
         super().__init__(reason)
 
 
+class StartDeferred(OrchestratorError):
+    """The backend cannot start anything now for a reason that is not the job's (its
+    credentials were refused): nothing started; the same attempt is tried again later."""
+
+    code = "start_deferred"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class StoreError(OrchestratorError):
     """The job store failed."""
 
@@ -313,6 +324,13 @@ class AwsRejected(AwsError):
     """AWS rejected the request as invalid or not allowed (4xx): retrying will not help."""
 
     code = "aws_rejected"
+
+
+class AwsCredentials(AwsError):
+    """AWS refused the caller's credentials or request signature (expired, unknown, a clock
+    skewed): the daemon's trouble, not the job's. Nothing was done."""
+
+    code = "aws_credentials"
 
 
 class AwsUnreachable(AwsError):

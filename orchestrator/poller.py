@@ -21,6 +21,7 @@ import structlog
 from orchestrator import backoff, errors, faults, models, store
 from orchestrator.backends.base import Backend, Observation
 from orchestrator.engine import tracking
+from orchestrator.health import Health
 from orchestrator.settings import PollerSettings
 
 log = structlog.get_logger("orchestrator.poller")
@@ -37,8 +38,10 @@ class Poller:
         clock: Callable[[], float] = time.time,
         on_detected: Callable[[str, float], None] | None = None,
         crash: faults.Faults | None = None,
+        health: Health | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
+        self._health = health or Health(store)
         self._settings = settings
         self._on_detected = on_detected  # (backend, when the backend says the job ended)
         self._store = store
@@ -108,7 +111,22 @@ class Poller:
                 for entry in batch:
                     await self._enforce_deadline(backend, entry)
                 jobs = [entry.job for entry in batch]
-                observations = await backend.describe(jobs)
+                refused = None
+                try:
+                    observations = await backend.describe(jobs)
+                except errors.AwsCredentials as exc:  # the daemon's trouble: jobs keep state
+                    refused = str(exc)
+                if refused is not None:
+                    if self._health.backend_refused(backend_name, "describe", refused):
+                        log.error(
+                            "backend.degraded",
+                            backend=backend_name,
+                            calls="describe",
+                            reason=refused,
+                        )
+                    return
+                if self._health.backend_ok(backend_name, "describe"):
+                    log.info("backend.recovered", backend=backend_name, calls="describe")
             # All at once: the store commits the batch's changes together (group commit).
             await asyncio.gather(
                 *(self._apply_one(backend, entry, observations) for entry in batch)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,38 @@ def is_throttling(code: str, message: str) -> bool:
     )
 
 
+# Errors that say the caller's credentials or signature were refused, not the request: the
+# access-key and session-token errors of the AWS common errors reference
+# (https://docs.aws.amazon.com/ecs/latest/APIReference/CommonErrors.html, the same list for
+# Batch): ExpiredTokenException, InvalidClientTokenId, UnrecognizedClientException,
+# RequestExpired, InvalidSignatureException (also what a clock skewed past 5 minutes gets),
+# MissingAuthenticationToken; STS's ExpiredToken; S3-style SignatureDoesNotMatch. Not
+# AccessDenied: that is a request this identity may not make (a job's fault or the
+# configuration's, refused as such).
+CREDENTIAL_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "RequestExpired",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "MissingAuthenticationToken",
+        "MissingAuthenticationTokenException",
+    }
+)
+_CREDENTIAL_EXCEPTIONS = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+    botocore.exceptions.TokenRetrievalError,
+)
+
+
+_REFRESH_EVERY_S = 30.0  # fresh clients after refused credentials, at most this often
+
+
 def map_error(exc: BaseException, service: str, operation: str) -> errors.AwsError:
     """One typed error for any failure of an AWS call."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -83,10 +116,14 @@ def map_error(exc: BaseException, service: str, operation: str) -> errors.AwsErr
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if is_throttling(code, message):
             return errors.AwsThrottled(service, operation, code, message, status)
+        if code in CREDENTIAL_CODES:
+            return errors.AwsCredentials(service, operation, code, message, status)
         if code in _SERVER_CODES or (status is not None and status >= 500):
             return errors.AwsServerFault(service, operation, code or str(status), message, status)
         return errors.AwsRejected(service, operation, code or str(status), message, status)
-    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.NoRegionError):
+    if isinstance(exc, _CREDENTIAL_EXCEPTIONS):
+        return errors.AwsCredentials(service, operation, type(exc).__name__, str(exc))
+    if isinstance(exc, botocore.exceptions.NoRegionError):
         return errors.AwsRejected(service, operation, type(exc).__name__, str(exc))
     if isinstance(exc, botocore.exceptions.ProfileNotFound):
         return errors.AwsRejected(service, operation, "ProfileNotFound", str(exc))
@@ -142,6 +179,7 @@ class AwsApi:
         self._once: Any = None  # the client that never retries, if any operation needs it
         self._starting = asyncio.Lock()
         self._model: ServiceModel | None = None
+        self._refreshed_at = -_REFRESH_EVERY_S
         self.calls: Counter[str] = Counter()
         self.throttles: Counter[str] = Counter()
 
@@ -227,12 +265,32 @@ class AwsApi:
             error.maybe_took_effect = state.ambiguous or isinstance(
                 error, errors.AwsServerFault | errors.AwsUnreachable
             )
+            if isinstance(error, errors.AwsCredentials):
+                self._refresh_credentials(error)
             raise error from exc
         finally:
             _call_state.reset(token)
         if bucket is not None:
             bucket.succeeded()
         return response
+
+    def _refresh_credentials(self, error: errors.AwsError) -> None:
+        """Credentials refused: the next call goes through clients made afresh, which resolve
+        the credential chain again (a rotated key in the environment file, a new profile, a
+        role's new session), at most once per `_REFRESH_EVERY_S`. The old clients are closed
+        with the rest at `close()`: calls in flight on them finish undisturbed."""
+        now = time.monotonic()
+        if now - self._refreshed_at < _REFRESH_EVERY_S:
+            return
+        self._refreshed_at = now
+        log.warning(
+            "aws.credentials_refused",
+            service=self.service,
+            operation=error.operation,
+            code=error.aws_code,
+            action="clients made afresh for the next call",
+        )
+        self._client = self._once = None
 
     def operation(self, name: str) -> OperationModel:
         """botocore's model of `name` (available once started)."""

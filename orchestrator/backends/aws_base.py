@@ -74,6 +74,8 @@ def start_outcome() -> Iterator[None]:
             raise errors.OutcomeUnknown(str(exc)) from exc
         if isinstance(exc, errors.AwsThrottled):  # refused before anything happened
             raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
+        if isinstance(exc, errors.AwsCredentials):  # the daemon's trouble, never the job's
+            raise errors.StartDeferred(f"credentials refused: {exc}") from exc
         raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-_Kind = Literal["dispatch", "expire", "settle"]
+_Kind = Literal["dispatch", "expire", "settle", "resubmit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,15 @@ class Settle:
     job_id: str
 
 
-Action = Launch | Expire | Settle
+@dataclass(frozen=True, slots=True)
+class Resubmit:
+    """Submit the job's current attempt again (same token): the last try provably started
+    nothing, for a reason that was not the job's (the backend's credentials were refused)."""
+
+    job_id: str
+
+
+Action = Launch | Expire | Settle | Resubmit
 
 
 class Lane:
@@ -68,6 +76,7 @@ class Lane:
         self._seq = itertools.count()
         self._settle_tries: dict[str, int] = {}
         self._deadlines: dict[str, float] = {}  # queue deadlines of the jobs the lane holds
+        self._paused = False  # no launches while the backend cannot start anything
 
     # -- what it holds ---------------------------------------------------------------------
 
@@ -84,6 +93,10 @@ class Lane:
 
     def is_in_flight(self, job_id: str) -> bool:
         return job_id in self._in_flight
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def next_timer(self) -> float | None:
         """When the earliest timer is due (None: none is set)."""
@@ -127,6 +140,21 @@ class Lane:
         self._push(at, job_id, "dispatch")
         self._wake()
 
+    def resubmit_at(self, job_id: str, at: float) -> None:
+        """The job's attempt started nothing for the backend's reason: try the same attempt
+        again at `at` (it keeps its slot). Launches pause until a start succeeds (`resume`):
+        the backend cannot start anything now, and each new launch would only find that out
+        again."""
+        self._paused = True
+        self._push(at, job_id, "resubmit")
+        self._wake()
+
+    def resume(self) -> None:
+        """A start succeeded: launches go on."""
+        if self._paused:
+            self._paused = False
+            self._wake()
+
     def settle_at(self, job_id: str, at: float) -> None:
         """Look again at the job's unsettled attempt at `at` (it keeps its slot)."""
         self._push(at, job_id, "settle")
@@ -156,11 +184,13 @@ class Lane:
                 self._ready.append(job_id)
             elif kind == "settle":
                 actions.append(Settle(job_id))
+            elif kind == "resubmit":
+                actions.append(Resubmit(job_id))
             elif job_id in self._queued and job_id not in self._in_flight:
                 actions.append(self._expire(job_id))
             # An expiry while the job is in flight: its launch goes on (the poller stops a job
             # that launched and is not running by its deadline); a retry is expired above.
-        while self._ready and len(self._in_flight) < self.cap:
+        while self._ready and len(self._in_flight) < self.cap and not self._paused:
             job_id = self._ready.popleft()
             if job_id not in self._queued:
                 continue  # ended or expired while it waited

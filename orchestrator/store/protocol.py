@@ -47,8 +47,12 @@ from orchestrator import errors, models
 # What `accept_many` makes of each spec: (the job, whether it was created now), or the error.
 AcceptOutcome = tuple[models.Job, bool] | errors.OrchestratorError
 
-ProblemReason = Literal["store_commit_failed", "store_low_space"]
-PROBLEM_REASONS: tuple[ProblemReason, ...] = ("store_commit_failed", "store_low_space")
+ProblemReason = Literal["store_commit_failed", "store_low_space", "backend_credentials"]
+PROBLEM_REASONS: tuple[ProblemReason, ...] = (
+    "store_commit_failed",
+    "store_low_space",
+    "backend_credentials",  # not the store's: `health.Health` adds it for a backend
+)
 
 # Deleted by one `purge` call at most: a purge goes in slices so that writes keep flowing.
 PURGE_SLICE = 2000

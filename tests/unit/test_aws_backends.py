@@ -255,7 +255,20 @@ def _client_error(status: int, code: str, message: str) -> botocore.exceptions.C
             errors.AwsUnreachable,
         ),
         (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), errors.AwsUnreachable),
-        (botocore.exceptions.NoCredentialsError(), errors.AwsRejected),
+        (botocore.exceptions.NoCredentialsError(), errors.AwsCredentials),
+        # The credential and signature errors of AWS's common errors reference: the daemon's
+        # trouble, never a job's (issue #13). AccessDeniedException above stays a rejection.
+        (
+            _client_error(400, "ExpiredTokenException", "The security token expired"),
+            errors.AwsCredentials,
+        ),
+        (_client_error(403, "InvalidClientTokenId", "not valid"), errors.AwsCredentials),
+        (_client_error(400, "UnrecognizedClientException", "invalid token"), errors.AwsCredentials),
+        (_client_error(400, "RequestExpired", "expired"), errors.AwsCredentials),
+        (
+            _client_error(400, "InvalidSignatureException", "Signature expired: is now earlier"),
+            errors.AwsCredentials,
+        ),
     ],
 )
 def test_error_mapping(exc: Exception, kind: type[errors.AwsError]) -> None:

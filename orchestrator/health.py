@@ -1,0 +1,38 @@
+"""Why the daemon is degraded, if it is: the store's problems and the backends'.
+
+A degraded daemon still serves. The store reports its own (`Store.problems`); a backend whose
+credentials AWS refuses is reported here by the dispatcher (on launches) and the poller (on
+describes) until a call of that kind succeeds again. `ping`, `/metrics`
+(`orchestrator_degraded{reason}`) and systemd's STATUS line read `problems()`.
+"""
+
+from __future__ import annotations
+
+from orchestrator.store import Problem, Store
+
+
+class Health:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._backends: dict[tuple[str, str], str] = {}  # (backend, "launch"|"describe") → why
+
+    def backend_refused(self, backend: str, kind: str, why: str) -> bool:
+        """The backend's credentials were refused on calls of `kind`; True if that is news."""
+        news = (backend, kind) not in self._backends
+        self._backends[(backend, kind)] = why
+        return news
+
+    def backend_ok(self, backend: str, kind: str) -> bool:
+        """A call of `kind` succeeded; True if the backend was degraded for it until now."""
+        return self._backends.pop((backend, kind), None) is not None
+
+    def degraded(self, backend: str) -> bool:
+        return any(name == backend for name, _ in self._backends)
+
+    def problems(self) -> list[Problem]:
+        problems = list(self._store.problems())
+        problems += [
+            Problem("backend_credentials", f"{backend}: {why}")
+            for (backend, _), why in sorted(self._backends.items())
+        ]
+        return problems
