@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.engine.lanes import Expire, Lane, Launch, Settle
+from orchestrator.engine.lanes import Expire, Lane, Launch, Resubmit, Settle
 from tests.unit.engine.support import WakeCounter
 
 
@@ -354,3 +354,31 @@ def test_retry_at_wakes_the_lane_even_for_a_job_not_in_flight() -> None:
     lane.retry_at("a", 3.0)
     assert wake.calls == 1
     assert lane.due(3.0) == [Launch("a")]
+
+
+# -- a backend that cannot start anything now (its credentials refused) ---------------------------
+
+
+def test_a_deferred_start_pauses_launches_and_resubmits_the_same_job_at_its_time() -> None:
+    wake = WakeCounter()
+    lane = _lane(cap=3, wake=wake)
+    _launched(lane, "a")
+    lane.enqueue("b")
+    wake.take()
+    lane.resubmit_at("a", 5.0)
+    assert wake.calls == 1
+    assert lane.paused
+    assert lane.due(1.0) == []  # "b" waits: the backend would refuse it too
+    assert lane.is_in_flight("a")  # "a" keeps its slot and its attempt
+    assert lane.due(5.0) == [Resubmit("a")]
+    lane.resume()  # its resubmission started it
+    assert not lane.paused
+    assert lane.due(5.0) == [Launch("b")]
+
+
+def test_queue_deadlines_still_expire_jobs_while_launches_are_paused() -> None:
+    lane = _lane()
+    _launched(lane, "a")
+    lane.enqueue("b", queue_deadline=3.0)
+    lane.resubmit_at("a", 10.0)
+    assert lane.due(3.0) == [Expire("b")]
