@@ -407,7 +407,8 @@ def submit(
 
 def _echo_outcome(job: dict[str, Any]) -> None:
     reason = f" ({job['reason']})" if job.get("reason") else ""
-    _echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{reason}", err=True)
+    failure = f" failure={job['failure']}" if job.get("failure") else ""
+    _echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{failure}{reason}", err=True)
 
 
 def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
@@ -467,7 +468,16 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     if as_json:
         _print_json(job)
         return
-    for key in ("id", "name", "backend", "state", "exit_code", "reason", "vendor_status"):
+    for key in (
+        "id",
+        "name",
+        "backend",
+        "state",
+        "exit_code",
+        "failure",
+        "reason",
+        "vendor_status",
+    ):
         _echo(f"{key + ':':<15}{_show(job.get(key))}")
     _echo(f"{'command:':<15}{' '.join(job['command'])}")
     _echo(f"{'attempt:':<15}{job['attempt']} {_show(job.get('external_id'))}")

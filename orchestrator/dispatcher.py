@@ -261,7 +261,9 @@ class Dispatcher:
             elapsed_s=self._clock() - job.created_at,
             budget_s=lane.budget_s,
         )
-        job = await self._store.record_start_failure(job.id, exc.reason, final=not retry)
+        job = await self._store.record_start_failure(
+            job.id, exc.reason, final=not retry, failure=exc.failure
+        )
         stop = job.stop_reason or self._poller.pending_stop(job.id)
         if retry and stop is not None:
             # Stopped while its start was in flight: nothing runs, so the stop ends it now
@@ -356,7 +358,9 @@ class Dispatcher:
         else:
             lane.settled(job.id)
             reason = f"cannot establish whether attempt {job.attempt} launched"
-            await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
+            await self._store.transition(
+                job.id, job.state, models.JobState.LOST, reason=reason, info={"failure": "lost"}
+            )
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)
 
 

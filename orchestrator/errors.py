@@ -148,9 +148,10 @@ class StartFailed(OrchestratorError):
 
     code = "start_failed"
 
-    def __init__(self, reason: str, *, retryable: bool) -> None:
+    def __init__(self, reason: str, *, retryable: bool, failure: str = "start") -> None:
         self.reason = reason
         self.retryable = retryable
+        self.failure = failure  # `start`: it never ran; `rejected`: AWS refused the request
         super().__init__(reason)
 
 

@@ -123,6 +123,7 @@ def log_transition(event: models.Event) -> None:
         to_state=event.to_state.value,
         reason=event.reason,
         exit_code=event.exit_code,
+        failure=event.failure,
     )
 
 

@@ -40,8 +40,9 @@ class Metrics:
         )
         self.finished = Counter(
             "orchestrator_jobs_finished",
-            "Jobs that reached a terminal state, by backend and state",
-            ["backend", "state"],
+            "Jobs that reached a terminal state, by backend, state and failure class (empty for "
+            "SUCCEEDED)",
+            ["backend", "state", "failure"],
             registry=r,
         )
         self.dispatch_seconds = Histogram(
@@ -82,7 +83,8 @@ class Metrics:
             latency = max(0.0, event.at - event.created_at)
             self._child(self.dispatch_seconds, event.backend).observe(latency)
         if event.to_state.terminal:
-            self._child(self.finished, event.backend, event.to_state.value).inc()
+            failure = event.failure or ""
+            self._child(self.finished, event.backend, event.to_state.value, failure).inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: it sits on the per-job hot path."""

@@ -274,6 +274,14 @@ class Job:
     def entered(self, state: JobState) -> float | None:
         return self.state_times.get(state.value)
 
+    @property
+    def failure(self) -> str | None:
+        """The failure class of a job that ended otherwise than SUCCEEDED (`failures.py`)."""
+        if not self.state.terminal or self.state == JobState.SUCCEEDED:
+            return None
+        found = self.info.get("failure")
+        return found if isinstance(found, str) else None
+
     def to_dict(self) -> dict[str, Any]:
         """The job as clients see it (`status --json`)."""
         return {
@@ -283,6 +291,7 @@ class Job:
             "state": self.state.value,
             "exit_code": self.exit_code,
             "reason": self.reason,
+            "failure": self.failure,
             "vendor_status": self.vendor_status,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
@@ -313,6 +322,7 @@ class Event:
     exit_code: int | None = None
     created_at: float = 0.0  # when the job was accepted (for latency metrics)
     peer_uid: int | None = None  # who submitted the job (for whom its events are), not sent
+    failure: str | None = None  # the failure class of a terminal state but SUCCEEDED
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,6 +334,7 @@ class Event:
             "at": iso(self.at),
             "reason": self.reason,
             "exit_code": self.exit_code,
+            "failure": self.failure,
         }
 
 

@@ -189,6 +189,9 @@ class Poller:
             return
         assert judgement.state is not None
         self._crash.crashpoint("poller.before_transition")
+        info = dict(obs.info)
+        if judgement.failure is not None:
+            info["failure"] = judgement.failure
         try:
             job = await self._store.transition(
                 job.id,
@@ -197,7 +200,7 @@ class Poller:
                 reason=judgement.reason,
                 exit_code=obs.exit_code,
                 vendor_status=obs.vendor_status,
-                info=dict(obs.info),
+                info=info,
             )
         except errors.StaleState:
             job = await self._store.get(job.id)  # changed under us; trust the store
@@ -225,7 +228,9 @@ class Poller:
             f"{backend.name} has not known {job.external_id} for "
             f"{now - entry.missing_since:.0f}s and it cannot be found again"
         )
-        job = await self._store.transition(job.id, job.state, models.JobState.LOST, reason=reason)
+        job = await self._store.transition(
+            job.id, job.state, models.JobState.LOST, reason=reason, info={"failure": "lost"}
+        )
         log.error("job.lost", job_id=job.id, backend=backend.name, reason=reason)
         self._settle(entry, job)
 

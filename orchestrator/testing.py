@@ -461,14 +461,16 @@ class InMemoryStore(store.Store):
         current.external_id, current.outcome = external_id, "submitted"
         return self._commit(moved, changed)
 
-    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+    async def record_start_failure(
+        self, job_id: str, reason: str, *, final: bool, failure: str = "start"
+    ) -> models.Job:
         self._writable()
         job = self._launching(job_id)
         self.data.attempts[job_id][-1].outcome = f"start failed: {reason}"
         job = dataclasses.replace(job, launching=False, reason=reason)
         if not final:
             return self._commit(job)
-        return self._commit(*self._moved(job, S.FAILED, reason=reason))
+        return self._commit(*self._moved(job, S.FAILED, reason=reason, info={"failure": failure}))
 
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         self._writable()
@@ -477,7 +479,8 @@ class InMemoryStore(store.Store):
             return job
         if job.state == S.QUEUED and not job.launching:
             final, reason = tracking.stopped_outcome(job, why)
-            return self._commit(*self._moved(job, final, reason=reason, stop_reason=why))
+            info = {"failure": tracking.stop_failure(why)}
+            return self._commit(*self._moved(job, final, reason=reason, stop_reason=why, info=info))
         if job.stop_reason is None:
             job = self._commit(dataclasses.replace(job, stop_reason=why))
         return job

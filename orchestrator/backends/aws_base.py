@@ -76,7 +76,9 @@ def start_outcome() -> Iterator[None]:
             raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
         if isinstance(exc, errors.AwsCredentials):  # the daemon's trouble, never the job's
             raise errors.StartDeferred(f"credentials refused: {exc}") from exc
-        raise errors.StartFailed(f"{exc.aws_code}: {exc.aws_message}", retryable=False) from exc
+        raise errors.StartFailed(
+            f"{exc.aws_code}: {exc.aws_message}", retryable=False, failure="rejected"
+        ) from exc
 
 
 async def read_cloudwatch(api: AwsApi, group: str, stream: str, cursor: Any) -> base.LogPage:

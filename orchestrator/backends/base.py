@@ -34,6 +34,9 @@ class Observation:
     reason: str | None = None
     exit_code: int | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    # Why a terminal state other than SUCCEEDED came about, by class (`failures.py`): start,
+    # infrastructure, user, rejected; None: let the engine tell (a non-zero exit: user).
+    failure: str | None = None
 
     @property
     def missing(self) -> bool:

@@ -163,4 +163,7 @@ def outcome(external_id: str, result: Mapping[str, Any]) -> base.Observation:
         reason = None if code == 0 else f"exit code {code}"
     state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
     info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
-    return base.Observation(external_id, state, "exited", reason=reason, exit_code=code, info=info)
+    failure = "start" if result.get("error") else None  # its process could not be started
+    return base.Observation(
+        external_id, state, "exited", reason=reason, exit_code=code, info=info, failure=failure
+    )

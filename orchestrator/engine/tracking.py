@@ -231,6 +231,7 @@ class Judgement:
     state: models.JobState | None = None  # the state to record (TRANSITION)
     reason: str | None = None
     vendor_changed: bool = False  # UNCHANGED, but the vendor's own status moved
+    failure: str | None = None  # the failure class of a terminal state other than SUCCEEDED
 
 
 def judge(job: models.Job, obs: Observation, stop_reason: models.StopReason | None) -> Judgement:
@@ -244,6 +245,10 @@ def judge(job: models.Job, obs: Observation, stop_reason: models.StopReason | No
     if new == job.state or models.is_regression(job.state, new):
         return Judgement(Verdict.UNCHANGED, vendor_changed=obs.vendor_status != job.vendor_status)
     reason = obs.reason
+    failure = None
+    if new.terminal and new != models.JobState.SUCCEEDED:
+        lost = new == models.JobState.LOST
+        failure = obs.failure or ("lost" if lost else "user" if obs.exit_code else None)
     if (
         new.terminal
         and stop_reason
@@ -251,7 +256,13 @@ def judge(job: models.Job, obs: Observation, stop_reason: models.StopReason | No
         and not started_in_time(job, stop_reason, obs)
     ):
         new, reason = stopped_outcome(job, stop_reason)
-    return Judgement(Verdict.TRANSITION, new, reason)
+        failure = stop_failure(stop_reason)
+    return Judgement(Verdict.TRANSITION, new, reason, failure=failure)
+
+
+def stop_failure(why: models.StopReason) -> str:
+    """The failure class of a job that ended because we stopped it."""
+    return "cancelled" if why == "cancel" else "timeout"
 
 
 def stopped_outcome(job: models.Job, why: models.StopReason) -> tuple[models.JobState, str]:

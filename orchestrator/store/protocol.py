@@ -96,6 +96,7 @@ def job_event(job: models.Job, old: models.JobState | None) -> models.Event:
         exit_code=job.exit_code,
         created_at=job.created_at,
         peer_uid=None if job.peer is None else job.peer.uid,
+        failure=job.failure,
     )
 
 
@@ -212,9 +213,12 @@ class Store(Protocol):
         to `state`. `StaleState` unless the job is QUEUED and launching."""
         ...
 
-    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+    async def record_start_failure(
+        self, job_id: str, reason: str, *, final: bool, failure: str = "start"
+    ) -> models.Job:
         """The current attempt launched nothing (the job keeps `reason`). Final: the job is
-        FAILED; else it stays QUEUED, not launching, for another attempt (no event).
+        FAILED, its `info.failure` set to `failure`; else it stays QUEUED, not launching, for
+        another attempt (no event).
         `StaleState` unless the job is QUEUED and launching."""
         ...
 

@@ -224,7 +224,9 @@ class SqliteStore(Store):
 
         return await self._io.write(op)
 
-    async def record_start_failure(self, job_id: str, reason: str, *, final: bool) -> models.Job:
+    async def record_start_failure(
+        self, job_id: str, reason: str, *, final: bool, failure: str = "start"
+    ) -> models.Job:
         def op(conn: sqlite3.Connection) -> _Written:
             job = _launching(conn, job_id)
             conn.execute(
@@ -235,7 +237,14 @@ class SqliteStore(Store):
             job = rows.fetch(conn, job_id)
             if not final:
                 return job, []
-            return rows.apply(conn, job, models.JobState.FAILED, self._clock(), reason=reason)
+            return rows.apply(
+                conn,
+                job,
+                models.JobState.FAILED,
+                self._clock(),
+                reason=reason,
+                info={"failure": failure},
+            )
 
         return await self._io.write(op)
 
@@ -248,7 +257,12 @@ class SqliteStore(Store):
                 final, reason = tracking.stopped_outcome(job, why)
                 conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
                 return rows.apply(
-                    conn, rows.fetch(conn, job_id), final, self._clock(), reason=reason
+                    conn,
+                    rows.fetch(conn, job_id),
+                    final,
+                    self._clock(),
+                    reason=reason,
+                    info={"failure": tracking.stop_failure(why)},
                 )
             if job.stop_reason is None:
                 conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))

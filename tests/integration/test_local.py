@@ -32,6 +32,7 @@ async def test_job_succeeds_with_exit_code_and_history(short_tmp: Path) -> None:
         assert job["name"] == "greet"
         assert job["backend"] == "local"
         assert set(job["state_times"]) == {"QUEUED", "RUNNING", "SUCCEEDED"}
+        assert job["failure"] is None
         full = await client.get(job["id"], history=True)
         assert [(e["from"], e["to"]) for e in full["history"]] == [
             (None, "QUEUED"),
@@ -46,12 +47,14 @@ async def test_job_fails_with_its_real_exit_code(short_tmp: Path) -> None:
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await submit_and_wait(client, command=["sh", "-c", "exit 42"])
         assert (job["state"], job["exit_code"], job["reason"]) == ("FAILED", 42, "exit code 42")
+        assert job["failure"] == "user"  # its own non-zero exit
 
 
 async def test_missing_command_fails_with_127_and_says_why(short_tmp: Path) -> None:
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await submit_and_wait(client, command=["no-such-command-xyz"])
         assert job["state"] == "FAILED"
+        assert job["failure"] == "start"  # its process never ran
         assert job["exit_code"] == 127
         assert "no-such-command-xyz" in job["reason"]
 
@@ -278,3 +281,18 @@ async def test_a_job_inherits_no_descriptor_of_the_daemon_or_of_its_keeper(
     assert held[0] == os.devnull
     assert held[1].startswith("pipe:"), held
     assert held[2].startswith("pipe:"), held
+
+
+@pytest.mark.parametrize(("stop", "failure"), [("cancel", "cancelled"), ("timeout", "timeout")])
+async def test_a_job_we_stop_fails_with_the_class_of_the_stop(
+    short_tmp: Path, stop: str, failure: str
+) -> None:
+    settings = make_settings(short_tmp, local={"kill_grace_s": 1.0})
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        timeout = {"timeout_s": 0.5} if stop == "timeout" else {}
+        job = await client.submit({"command": ["sleep", "30"], **timeout})
+        if stop == "cancel":
+            await until_state(client, job["id"], "RUNNING")
+            await client.cancel(job["id"])
+        final = await client.wait(job["id"])
+    assert final["failure"] == failure, final

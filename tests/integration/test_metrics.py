@@ -43,8 +43,10 @@ async def test_metrics_endpoint_reports_jobs_latencies_and_rejections(short_tmp:
         text = await asyncio.to_thread(scrape, daemon.metrics_address)
         missing = await asyncio.to_thread(_status_of, daemon.metrics_address, "/nope")
     assert sample(text, 'orchestrator_jobs_submitted_total{backend="local"}') == 3
-    assert sample(text, 'orchestrator_jobs_finished_total{backend="local",state="SUCCEEDED"}') == 2
-    assert sample(text, 'orchestrator_jobs_finished_total{backend="local",state="FAILED"}') == 1
+    succeeded = 'orchestrator_jobs_finished_total{backend="local",failure="",state="SUCCEEDED"}'
+    assert sample(text, succeeded) == 2
+    failed = 'orchestrator_jobs_finished_total{backend="local",failure="user",state="FAILED"}'
+    assert sample(text, failed) == 1  # its own non-zero exit
     assert sample(text, 'orchestrator_jobs{state="SUCCEEDED"}') == 2
     assert sample(text, 'orchestrator_jobs{state="QUEUED"}') == 0
     assert sample(text, 'orchestrator_dispatch_seconds_count{backend="local"}') == 3

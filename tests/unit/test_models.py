@@ -275,6 +275,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "state": "FAILED",
         "exit_code": 3,
         "reason": "exited with 3",
+        "failure": None,  # no class recorded in its info (a job from before failure classes)
         "vendor_status": "exited",
         "created_at": "2024-05-06T07:08:09.123Z",
         "updated_at": "2024-05-06T07:08:10.456Z",
@@ -327,4 +328,5 @@ def test_event_to_dict() -> None:
         "at": "2024-05-06T07:08:09.123Z",
         "reason": None,
         "exit_code": None,
+        "failure": None,
     }

@@ -76,7 +76,40 @@ def test_a_new_state_is_a_transition_with_the_observations_reason(
 ) -> None:
     job = make_job(recorded, reason="old reason")
     judgement = judge(job, _obs(seen, reason="what the vendor says"), None)
-    assert judgement == Judgement(Verdict.TRANSITION, seen, "what the vendor says")
+    failure = "lost" if seen is S.LOST else None  # no exit code, no class from the backend
+    assert judgement == Judgement(Verdict.TRANSITION, seen, "what the vendor says", failure=failure)
+
+
+# -- judge: the failure class of an end ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seen", "exit_code", "said", "failure"),
+    [
+        (S.SUCCEEDED, 0, None, None),  # a success has none
+        (S.FAILED, 3, None, "user"),  # the job's own non-zero exit
+        (S.FAILED, None, None, None),  # nothing tells: unclassified
+        (S.FAILED, 137, "infrastructure", "infrastructure"),  # the backend's class wins
+        (S.FAILED, None, "start", "start"),
+        (S.LOST, None, None, "lost"),
+    ],
+)
+def test_an_end_carries_the_failure_class_the_backend_or_the_exit_code_tells(
+    seen: models.JobState, exit_code: int | None, said: str | None, failure: str | None
+) -> None:
+    obs = Observation("x", seen, exit_code=exit_code, failure=said)
+    assert judge(make_job(S.RUNNING), obs, None).failure == failure
+
+
+@pytest.mark.parametrize(
+    ("why", "failure"),
+    [("cancel", "cancelled"), ("timeout", "timeout"), ("queue_timeout", "timeout")],
+)
+def test_a_job_we_stopped_fails_with_the_class_of_the_stop(
+    why: models.StopReason, failure: str
+) -> None:
+    obs = Observation("x", S.FAILED, exit_code=143, failure="user")
+    assert judge(make_job(S.RUNNING, stop_reason=why), obs, why).failure == failure
 
 
 # -- judge: the end of a job we stopped -----------------------------------------------------------
@@ -89,13 +122,17 @@ def test_a_cancelled_job_that_ends_otherwise_than_succeeded_is_cancelled_by_requ
 ) -> None:
     job = make_job(recorded, vendor_status="X", reason="y")
     judgement = judge(job, _obs(seen, reason="Task stopped by user"), "cancel")
-    assert judgement == Judgement(Verdict.TRANSITION, S.CANCELLED, "cancelled by request")
+    assert judgement == Judgement(
+        Verdict.TRANSITION, S.CANCELLED, "cancelled by request", failure="cancelled"
+    )
 
 
 def test_the_stop_judged_by_is_the_one_passed_not_only_the_recorded_one() -> None:
     job = make_job(S.RUNNING)  # the store could not record the cancel
     judgement = judge(job, _obs(S.FAILED), "cancel")
-    assert judgement == Judgement(Verdict.TRANSITION, S.CANCELLED, "cancelled by request")
+    assert judgement == Judgement(
+        Verdict.TRANSITION, S.CANCELLED, "cancelled by request", failure="cancelled"
+    )
 
 
 def test_a_job_stopped_by_timeout_fails_with_its_timeout_and_last_vendor_status() -> None:
@@ -112,6 +149,7 @@ def test_a_job_stopped_by_timeout_fails_with_its_timeout_and_last_vendor_status(
         Verdict.TRANSITION,
         S.FAILED,
         "timeout: ran longer than timeout_s=30.0 (last status: RUNNING: Task started)",
+        failure="timeout",
     )
 
 
@@ -119,7 +157,7 @@ def test_a_timeout_with_no_vendor_status_has_no_last_status() -> None:
     job = make_job(S.RUNNING, running_since=2_000.0, timeout_s=30)
     judgement = judge(job, _obs(S.CANCELLED), "timeout")
     assert judgement == Judgement(
-        Verdict.TRANSITION, S.FAILED, "timeout: ran longer than timeout_s=30.0"
+        Verdict.TRANSITION, S.FAILED, "timeout: ran longer than timeout_s=30.0", failure="timeout"
     )
 
 
@@ -130,6 +168,7 @@ def test_a_job_stopped_by_queue_timeout_fails_with_its_queue_timeout() -> None:
         Verdict.TRANSITION,
         S.FAILED,
         "queue_timeout: not running after queue_timeout_s=5.0 (last status: RUNNABLE)",
+        failure="timeout",
     )
 
 
