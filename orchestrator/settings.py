@@ -2,7 +2,10 @@
 
 Precedence, lowest first: built-in defaults < the TOML file (`--config PATH` or
 `ORCHESTRATOR_CONFIG`) < environment variables `ORCHESTRATOR__SECTION__KEY`. Unknown keys and
-wrong types are errors that name the key and its source; nothing is silently dropped.
+wrong types are errors that name the key and its source; nothing is silently dropped. Settings
+that contradict each other (`ecs`: a launch type with a capacity provider strategy, security
+groups or a public IP without subnets, a Fargate task size AWS lacks — `aws_kwargs`) are errors
+naming every key involved and the source of each.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import pydantic_core
 import pydantic_settings
 from pydantic_settings import EnvSettingsSource, NoDecode
 
@@ -24,6 +28,8 @@ from orchestrator import backoff, errors, models
 ENV_PREFIX = "ORCHESTRATOR__"
 ENV_DELIMITER = "__"
 CONFIG_ENV = "ORCHESTRATOR_CONFIG"
+
+CONTRADICTION = "contradiction"  # the pydantic error type of settings that contradict each other
 
 _Seconds = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 _Count = Annotated[int, pydantic.Field(ge=1)]
@@ -228,6 +234,26 @@ class EcsSettings(AwsBackendSettings):
         self._require("ecs", "cluster", "container_name", "region_name", "task_definition")
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> EcsSettings:
+        """Settings AWS would refuse on every RunTask are refused here, naming every key
+        involved (`load` adds where each came from): `launch_type` with a
+        `capacity_provider_strategy`, security groups or a public IP without subnets, a Fargate
+        task size that does not exist — as the settings give them or as `run_task_kwargs`
+        merged over them does."""
+        if not self.enabled:
+            return self
+        from orchestrator.backends import aws_kwargs  # botocore's model: only when enabled
+
+        conflicts = aws_kwargs.ecs_settings_conflicts(self)
+        if conflicts:
+            raise pydantic_core.PydanticCustomError(
+                CONTRADICTION,
+                "; ".join(template.format(*keys) for keys, template in conflicts),
+                {"conflicts": [{"keys": list(keys), "template": t} for keys, t in conflicts]},
+            )
+        return self
+
 
 class BatchSettings(AwsBackendSettings):
     job_queue: str | None = None
@@ -339,7 +365,7 @@ def load(config_path: Path | None = None, environ: Mapping[str, str] | None = No
     for key in _leaf_keys(file_data):
         sources[key] = f"file:{config_path}"
     for key in _leaf_keys(env_data):
-        sources[key] = f"env:{env_names.get(key, key)}"
+        sources[key] = f"env:{_env_name(key, env_names)}"
 
     merged = deep_merge(_path_defaults(environ), deep_merge(file_data, env_data))
     try:
@@ -386,6 +412,16 @@ def _read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str
     return data, names
 
 
+def _env_name(key: str, names: Mapping[str, str]) -> str:
+    """The variable that gave dotted `key`: its own, or the one holding it as JSON (a key inside
+    `ORCHESTRATOR__ECS__RUN_TASK_KWARGS='{"launchType": …}'`)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if (name := names.get(".".join(parts[:end]))) is not None:
+            return name
+    return key
+
+
 class _EnvSource(EnvSettingsSource):
     """pydantic-settings' env parsing, reading the mapping it is given instead of os.environ."""
 
@@ -424,6 +460,10 @@ def _describe(exc: pydantic.ValidationError, sources: Mapping[str, str]) -> str:
         where = _source_for(key, sources)
         if error["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown setting (from {where})")
+        elif error["type"] == CONTRADICTION:
+            for conflict in (error.get("ctx") or {}).get("conflicts", []):
+                named = [f"{k} (from {_source_for(k, sources)})" for k in conflict["keys"]]
+                lines.append(conflict["template"].format(*named))
         else:
             lines.append(f"{key}: {error['msg']} (from {where})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -112,6 +112,11 @@ class BatchBackend(AwsBackendBase):
             # Throttled means authenticated and allowed: too busy to tell more, not broken.
             log.warning("batch.health_inconclusive", error=str(exc))
             return
+        except errors.AwsCredentials as exc:
+            # Refused credentials (expired, rotating) are the daemon's trouble for now, not a
+            # configuration to refuse: it starts, and its first calls say it is degraded.
+            log.warning("batch.health_unknown", error=str(exc), reason="credentials refused")
+            return
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(f"batch: {exc}") from exc
         queues = reply.get("jobQueues") or []

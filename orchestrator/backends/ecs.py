@@ -110,6 +110,11 @@ class EcsBackend(AwsBackendBase):
             # Throttled means authenticated and allowed: too busy to tell more, not broken.
             log.warning("ecs.health_inconclusive", error=str(exc))
             return
+        except errors.AwsCredentials as exc:
+            # Refused credentials (expired, rotating) are the daemon's trouble for now, not a
+            # configuration to refuse: it starts, and its first calls say it is degraded.
+            log.warning("ecs.health_unknown", error=str(exc), reason="credentials refused")
+            return
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(
                 f"ecs: cannot describe cluster {cluster!r}: {exc}"
@@ -210,28 +215,10 @@ class EcsBackend(AwsBackendBase):
     # -- kwargs ----------------------------------------------------------------------------
 
     def _base_kwargs(self) -> dict[str, Any]:
-        s = self._settings
-        kwargs: dict[str, Any] = {
-            "cluster": s.cluster,
-            "taskDefinition": s.task_definition,
-            "count": 1,
-        }
-        if s.capacity_provider_strategy:
-            kwargs["capacityProviderStrategy"] = s.capacity_provider_strategy
-        else:
-            kwargs["launchType"] = s.launch_type or "FARGATE"
-        if kwargs.get("launchType") not in ("EC2", "EXTERNAL"):
-            kwargs["platformVersion"] = s.platform_version
-        if s.subnets or s.security_groups:
-            kwargs["networkConfiguration"] = {
-                "awsvpcConfiguration": {
-                    "subnets": s.subnets,
-                    "securityGroups": s.security_groups,
-                    "assignPublicIp": "ENABLED" if s.assign_public_ip else "DISABLED",
-                }
-            }
+        """The settings' kwargs < `run_task_kwargs`; the defaults (launch type, platform
+        version) come after the job's overrides, in `run_task_kwargs`."""
         shape = self.api.operation("RunTask").input_shape
-        return aws_kwargs.merge_kwargs(kwargs, aws_kwargs.normalise(s.run_task_kwargs, shape))
+        return aws_kwargs.ecs_base_kwargs(self._settings, shape)
 
     def run_task_kwargs(self, job: models.Job) -> dict[str, Any]:
         """The final RunTask kwargs for this attempt (validated)."""
@@ -246,7 +233,10 @@ class EcsBackend(AwsBackendBase):
         kwargs = aws_kwargs.merge_kwargs(
             self._base, {"overrides": {"containerOverrides": [container]}}
         )
-        kwargs = aws_kwargs.merge_kwargs(kwargs, aws_kwargs.normalise(job.spec.overrides, shape))
+        overrides = aws_kwargs.normalise(job.spec.overrides, shape)
+        kwargs = aws_kwargs.merge_kwargs(kwargs, overrides)
+        kwargs = aws_kwargs.ecs_defaults(kwargs, self._settings.platform_version)
+        aws_kwargs.refuse_run_task_conflicts(kwargs, overrides, self._settings, shape)
         token = job.token or f"{job.id}-{job.attempt}"
         tags = [
             t
