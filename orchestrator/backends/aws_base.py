@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from orchestrator import errors, models
+from orchestrator import errors, failures, models
 from orchestrator.backends import base
 from orchestrator.backends.aws_api import AwsApi, client_options, telemetry
 from orchestrator.ratelimit import Priority, TokenBucket
@@ -76,8 +76,12 @@ def start_outcome() -> Iterator[None]:
             raise errors.StartFailed(f"throttled: {exc.aws_message}", retryable=True) from exc
         if isinstance(exc, errors.AwsCredentials):  # the daemon's trouble, never the job's
             raise errors.StartDeferred(f"credentials refused: {exc}") from exc
+        # AWS refused the request itself (`rejected`: final), unless what it says is a passing
+        # shortage (`failures.AWS_MESSAGES`: a provisioning quota) — a start worth retrying.
+        classified = failures.aws_rejection(exc.aws_code, exc.aws_message)
+        retryable = classified.failure == "start"
         raise errors.StartFailed(
-            f"{exc.aws_code}: {exc.aws_message}", retryable=False, failure="rejected"
+            f"{exc.aws_code}: {exc.aws_message}", retryable=retryable, failure=classified.failure
         ) from exc
 
 

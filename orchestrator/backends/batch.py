@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator import errors, models
+from orchestrator import errors, failures, models
 from orchestrator.backends import aws_kwargs, base
 from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
@@ -265,8 +265,15 @@ class BatchBackend(AwsBackendBase):
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
         if state == S.SUCCEEDED:
             reason = None
+        classified = failures.batch_job(detail) if state == S.FAILED else None
         return base.Observation(
-            detail["jobId"], state, status, reason=reason, exit_code=exit_code, info=info
+            detail["jobId"],
+            state,
+            status,
+            reason=reason,
+            exit_code=exit_code,
+            info=info,
+            failure=None if classified is None else classified.failure,
         )
 
     # -- stop, locate ----------------------------------------------------------------------

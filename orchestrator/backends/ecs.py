@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator import errors, models
+from orchestrator import errors, failures, models
 from orchestrator.backends import aws_kwargs, base
 from orchestrator.backends.aws_api import AwsApi, client_options
 from orchestrator.backends.aws_base import (
@@ -328,8 +328,15 @@ class EcsBackend(AwsBackendBase):
             return base.Observation(arn, S.SUCCEEDED, status, reason=None, exit_code=0, info=info)
         if exit_code is not None:
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
+        classified = failures.ecs_task(task, self._settings.container_name or "")
         return base.Observation(
-            arn, S.FAILED, status, reason=reason, exit_code=exit_code, info=info
+            arn,
+            S.FAILED,
+            status,
+            reason=reason,
+            exit_code=exit_code,
+            info=info,
+            failure=None if classified is None else classified.failure,
         )
 
     # -- stop, locate ----------------------------------------------------------------------

@@ -70,17 +70,28 @@ def _now_ms() -> int:
     return int(time.time() * 1000)  # CloudWatch drops events older than 14 days
 
 
-def stopped_with(exit_code: int) -> Any:
-    """A DescribeTasks responder: every asked-for task STOPPED, its container exited so."""
+def stopped_with(
+    exit_code: int | None,
+    stop_code: str = "EssentialContainerExited",
+    stopped_reason: str = "Essential container in task exited",
+    container_reason: str | None = None,
+) -> Any:
+    """A DescribeTasks responder: every asked-for task STOPPED, its container exited so (the
+    shapes of the ECS API reference's `Task` and `Container`)."""
 
     def respond(request: Request) -> Reply:
+        container: dict[str, Any] = {"name": "main"}
+        if exit_code is not None:
+            container["exitCode"] = exit_code
+        if container_reason is not None:
+            container["reason"] = container_reason
         tasks = [
             {
                 "taskArn": arn,
                 "lastStatus": "STOPPED",
-                "stopCode": "EssentialContainerExited",
-                "stoppedReason": "Essential container in task exited",
-                "containers": [{"name": "main", "exitCode": exit_code}],
+                "stopCode": stop_code,
+                "stoppedReason": stopped_reason,
+                "containers": [container],
             }
             for arn in request.json()["tasks"]
         ]
@@ -125,6 +136,47 @@ async def test_ecs_nonzero_container_exit_fails_the_job_with_that_code(
         final = await client.wait((await client.submit({"command": ["false"]}))["id"])
     assert (final["state"], final["exit_code"]) == ("FAILED", 3)
     assert "EssentialContainerExited" in final["reason"]
+    assert final["failure"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "stop_code", "stopped_reason", "container_reason", "failure"),
+    [
+        # Fargate Spot: SIGTERM, then the task is gone (ECS developer guide, Fargate Spot).
+        (143, "SpotInterruption", "Your Spot Task was interrupted.", None, "infrastructure"),
+        # "Stopped tasks error codes": the image could not be pulled, nothing ran.
+        (
+            None,
+            "TaskFailedToStart",
+            "CannotPullContainerError: pull image manifest has been retried 5 time(s)",
+            None,
+            "start",
+        ),
+        # The container was OOM-killed (re:Post, troubleshooting OutOfMemory errors).
+        (
+            137,
+            "EssentialContainerExited",
+            "Essential container in task exited",
+            "OutOfMemoryError: Container killed due to memory usage",
+            "infrastructure",
+        ),
+    ],
+    ids=["spot", "pull", "oom"],
+)
+async def test_ecs_a_task_the_platform_ended_fails_with_its_class(
+    ecs_daemon: Daemon,
+    fault_proxy: Any,
+    exit_code: int | None,
+    stop_code: str,
+    stopped_reason: str,
+    container_reason: str | None,
+    failure: str,
+) -> None:
+    respond = stopped_with(exit_code, stop_code, stopped_reason, container_reason)
+    fault_proxy.add_rule(Rule("ecs", "DescribeTasks", respond, times=None))
+    async with client_of(ecs_daemon) as client:
+        final = await client.wait((await client.submit({"command": ["true"]}))["id"])
+    assert (final["state"], final["failure"]) == ("FAILED", failure), final
 
 
 async def test_ecs_cancel_stops_the_task(
@@ -218,6 +270,7 @@ async def test_ecs_placement_failures_retry_when_retryable_and_fail_when_not(
         "submitted",
     ]
     assert (failed["state"], failed["reason"]) == ("FAILED", "ATTRIBUTE")
+    assert failed["failure"] == "start"  # no task: nothing ran
 
 
 async def test_ecs_invalid_job_is_rejected_at_submit_with_the_path(ecs_daemon: Daemon) -> None:
