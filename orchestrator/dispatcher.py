@@ -241,8 +241,7 @@ class Dispatcher:
                 await self._store.record_start_failure(
                     job_id, "deferred, then stopped", final=False
                 )
-                shell.lane.release(job_id)
-                await self._store.request_stop(job_id, stop)
+                await self._end_stopped(shell, job_id, stop)
                 return
             await self._submit(shell, job)
         except Exception:
@@ -251,6 +250,13 @@ class Dispatcher:
         finally:
             shell.slots.release()
             shell.wake.set()
+
+    async def _end_stopped(self, shell: _Shell, job_id: str, stop: models.StopReason) -> None:
+        """A job stopped while it was launching, whose attempt provably started nothing (its
+        failure just recorded): out of its lane, and ended by the stop (QUEUED, no longer
+        launching: the store ends it at once)."""
+        shell.lane.release(job_id)
+        await self._store.request_stop(job_id, stop)
 
     async def _start_failed(self, shell: _Shell, job: models.Job, exc: errors.StartFailed) -> None:
         lane = shell.lane
@@ -268,9 +274,8 @@ class Dispatcher:
         if retry and stop is not None:
             # Stopped while its start was in flight: nothing runs, so the stop ends it now
             # rather than a retry (which would find it stopped and leave it QUEUED).
-            lane.release(job.id)
             log.info("job.start_abandoned", job_id=job.id, kind=stop, reason=exc.reason)
-            await self._store.request_stop(job.id, stop)
+            await self._end_stopped(shell, job.id, stop)
             return
         if not retry:
             lane.release(job.id)

@@ -26,9 +26,6 @@ class Health:
         """A call of `kind` succeeded; True if the backend was degraded for it until now."""
         return self._backends.pop((backend, kind), None) is not None
 
-    def degraded(self, backend: str) -> bool:
-        return any(name == backend for name, _ in self._backends)
-
     def problems(self) -> list[Problem]:
         problems = list(self._store.problems())
         problems += [

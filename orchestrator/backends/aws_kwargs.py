@@ -324,24 +324,24 @@ def _mebibytes(value: Any) -> int | None:
     return None
 
 
-def at(kwargs: Mapping[str, Any], path: str) -> Any:
-    """The value at dotted `path` in `kwargs`, or None."""
+def _lookup(kwargs: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    """Whether `kwargs` holds the field at dotted `path`, and its value (None if not)."""
     node: Any = kwargs
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return False, None
         node = node[part]
-    return node
+    return True, node
+
+
+def at(kwargs: Mapping[str, Any], path: str) -> Any:
+    """The value at dotted `path` in `kwargs`, or None."""
+    return _lookup(kwargs, path)[1]
 
 
 def gives(kwargs: Mapping[str, Any], path: str) -> bool:
     """Whether `kwargs` holds the field at dotted `path`."""
-    node: Any = kwargs
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return _lookup(kwargs, path)[0]
 
 
 def raw_path(data: Mapping[str, Any], path: str) -> str | None:

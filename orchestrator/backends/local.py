@@ -159,10 +159,9 @@ class LocalBackend:
     async def _hiding(self) -> str:
         if self._settings.run_as != "daemon":
             return "not needed: jobs run as their submitters, kept out by file permissions"
-        if self._settings.hide_state == "off":
+        if (probed := await self._probe_hiding()) is None:
             return "off: jobs run as the daemon's user and can read and write the store"
-        hidden = self._to_hide()
-        why = await asyncio.to_thread(_sandbox.probe, hidden, None)
+        hidden, why = probed
         if why is None:
             return f"jobs see {', '.join(hidden)} empty but for their own attempt directory"
         return (
@@ -170,15 +169,19 @@ class LocalBackend:
             'local.hide_state = "off" says you know)'
         )
 
-    def _to_hide(self) -> list[str]:
+    async def _probe_hiding(self) -> tuple[list[str], str | None] | None:
+        """What daemon-mode jobs are to see empty, and why the kernel will not (None: it
+        will); None when hiding is not wanted (`run_as` not `daemon`, `hide_state` off)."""
+        if self._settings.run_as != "daemon" or self._settings.hide_state == "off":
+            return None
         paths = [*self._hidden_from_jobs, self._work_dir]
-        return sorted({str(path.resolve()) for path in paths})
+        hidden = sorted({str(path.resolve()) for path in paths})
+        return hidden, await asyncio.to_thread(_sandbox.probe, hidden, None)
 
     async def _check_hiding(self) -> None:
-        if self._settings.run_as != "daemon" or self._settings.hide_state == "off":
+        if (probed := await self._probe_hiding()) is None:
             return
-        hidden = self._to_hide()
-        why = await asyncio.to_thread(_sandbox.probe, hidden, None)
+        hidden, why = probed
         if why is None:
             self._hidden = hidden
             log.info("local.state_hidden", hidden=hidden)

@@ -38,22 +38,23 @@ needs_cgroups = pytest.mark.skipif(
     not FOUND.enabled, reason=f"no cgroup v2 this process may make cgroups in: {FOUND.detail}"
 )
 
-# A peer that connects to the socket named by argv[1] and says what it got first: the bytes
-# (b'' when the keeper closed the connection without a word), TIMEOUT, or why it could not
-# connect. The system python, so any uid can run it.
-PEEK = """
+# What a peer got first from the socket named by argv[1]: the bytes (b'' when the keeper closed
+# the connection without a word), TIMEOUT, or why it could not connect. PEEK prints it; run by
+# the system python, so any uid can run it.
+_FIRST_WORDS = """
 import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-try:
-    s.connect(sys.argv[1])
-    got = repr(s.recv(1 << 16))
-except socket.timeout:
-    got = "TIMEOUT"
-except OSError as exc:
-    got = "ERROR " + repr(exc)
-print(got, flush=True)
+def first_words():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    try:
+        s.connect(sys.argv[1])
+        return repr(s.recv(1 << 16))
+    except socket.timeout:
+        return "TIMEOUT"
+    except OSError as exc:
+        return "ERROR " + repr(exc)
 """
+PEEK = _FIRST_WORDS + "print(first_words(), flush=True)\n"
 
 
 class Gated:
@@ -383,20 +384,13 @@ def test_garbage_on_the_socket_neither_kills_the_keeper_nor_loses_a_job(harness:
 
 # A job that connects to the keeper (argv[1]) from its own process (argv[2] "own") or from a
 # child that has left the job's session first ("setsid"), and prints what it got first.
-JOB_PEEK = """
-import os, socket, sys
+JOB_PEEK = (
+    _FIRST_WORDS
+    + """
+import os
 leader = os.getpid()
 def peek():
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    try:
-        s.connect(sys.argv[1])
-        got = repr(s.recv(1 << 16))
-    except socket.timeout:
-        got = "TIMEOUT"
-    except OSError as exc:
-        got = "ERROR " + repr(exc)
-    print(f"leader={leader} sid={os.getsid(0)} got={got}", flush=True)
+    print(f"leader={leader} sid={os.getsid(0)} got={first_words()}", flush=True)
 if sys.argv[2] == "setsid":
     child = os.fork()
     if child == 0:
@@ -407,6 +401,7 @@ if sys.argv[2] == "setsid":
 else:
     peek()
 """
+)
 
 
 def peeked(stdout: str) -> dict[str, str]:
