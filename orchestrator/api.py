@@ -48,6 +48,7 @@ class Api:
         self._crash = crash or faults.Faults()
         self._health = health or Health(store)
         self._defaults = defaults
+        self._retry = defaults.retry.policy()
         self._policy = policy
         self._store = store
         self._dispatcher = dispatcher
@@ -189,14 +190,15 @@ class Api:
             raise errors.BackendUnavailable(name)
         if name == "local":
             self._policy.check_local(peer)
-        timeout_s = spec.timeout_s or self._defaults.timeout_s
-        queue_timeout_s = spec.queue_timeout_s or self._defaults.queue_timeout_s
-        if (timeout_s, queue_timeout_s) != (spec.timeout_s, spec.queue_timeout_s):
-            # The daemon's default timeouts become the job's own, to survive a restart with
-            # other defaults. (The backend is stored beside the spec, not in it.)
-            spec = spec.model_copy(
-                update={"timeout_s": timeout_s, "queue_timeout_s": queue_timeout_s}
-            )
+        # The daemon's default timeouts and retry policy become the job's own, to survive a
+        # restart with other defaults. (The backend is stored beside the spec, not in it.)
+        spec = spec.model_copy(
+            update={
+                "timeout_s": spec.timeout_s or self._defaults.timeout_s,
+                "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
+                "retry": self._retry if spec.retry is None else spec.retry.over(self._retry),
+            }
+        )
         backend.validate(spec)
         return spec, name
 

@@ -18,7 +18,7 @@ import structlog
 
 from orchestrator import backoff, errors, events, faults, models
 from orchestrator.backends.base import Backend
-from orchestrator.engine import lanes, starts
+from orchestrator.engine import lanes, starts, tracking
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
@@ -69,6 +69,7 @@ class Dispatcher:
         self._rng = rng or backoff.default_rng()
         self._clock = clock
         hub.listen(self._on_event)
+        poller.set_requeue(self.requeue)
 
     def _shell(self, backend: Backend) -> _Shell:
         wake = asyncio.Event()
@@ -82,11 +83,19 @@ class Dispatcher:
         return _Shell(backend, lane, asyncio.Semaphore(self._settings.submit_concurrency), wake)
 
     def enqueue(self, job: models.Job) -> None:
-        """A QUEUED job is ready for its (next) attempt."""
-        deadline = None
-        if job.spec.queue_timeout_s is not None:
-            deadline = job.created_at + job.spec.queue_timeout_s
-        self._lanes[job.backend].lane.enqueue(job.id, deadline)
+        """A QUEUED job is ready for its (next) attempt — at once, or when the retry it waits
+        for is due (a restart finds it so)."""
+        retry = job.info.get("retry")
+        due = retry.get("at") if isinstance(retry, dict) else None
+        if isinstance(due, int | float) and due > self._clock() and job.attempt > 0:
+            self.requeue(job, float(due))
+        else:
+            self._lanes[job.backend].lane.enqueue(job.id, tracking.queue_deadline(job))
+
+    def requeue(self, job: models.Job, at: float) -> None:
+        """The job's attempt failed and its retry policy retries it (`Store.retry` recorded
+        that): its next attempt is launched at `at`."""
+        self._lanes[job.backend].lane.requeue_at(job.id, at, tracking.queue_deadline(job))
 
     def adopt(self, job: models.Job) -> None:
         """Count a job recovered at start-up, already past dispatch, against its lane's cap."""

@@ -1,11 +1,14 @@
 """Why a job failed, as one of a few classes: pure functions over the platforms' own replies.
 
-class           retried?  examples
+class           retried   examples
+                by default
+                (models)
 --------------  --------  ------------------------------------------------------------------
 start           yes       never ran: a RunTask `failures[]` entry (RESOURCE:MEMORY, AGENT,
                           ATTRIBUTE, no capacity); stopCode TaskFailedToStart with no exit
                           code; CannotPullContainerError, ResourceInitializationError, an ENI
-                          provisioning timeout; a local spawn error
+                          provisioning timeout; a local job's cgroup, hiding or user switch
+                          that failed
 infrastructure  yes       ran, and the platform ended it: stopCode SpotInterruption,
                           TerminationNotice, ServiceSchedulerInitiated; "Host EC2 (instance
                           i-…) terminated."; an OOM kill (OutOfMemoryError; a local cgroup
@@ -16,7 +19,8 @@ cancelled       no        the daemon's own stop ("orchestrator: …"); stopCode 
 lost            no        the daemon lost track of the job: its own verdict, never derived here
 rejected        no        AWS refused RunTask/SubmitJob itself: ClientException,
                           InvalidParameterException, AccessDeniedException,
-                          ClusterNotFoundException, a missing task definition
+                          ClusterNotFoundException, a missing task definition; a local
+                          command not found or not executable, its cwd missing
 
 [1] unless the retry policy lists its exit code.
 
@@ -39,7 +43,6 @@ FailureClass = Literal[
     "start", "infrastructure", "user", "timeout", "cancelled", "lost", "rejected"
 ]
 FAILURE_CLASSES: Final[tuple[FailureClass, ...]] = get_args(FailureClass)
-RETRIED_BY_DEFAULT: Final[frozenset[FailureClass]] = frozenset({"start", "infrastructure"})
 
 
 class Classified(NamedTuple):
@@ -197,13 +200,27 @@ def aws_rejection(code: str, message: str) -> Classified:
     return Classified(cls, f"{code}: {message}" if message else code)
 
 
+# How the local runner words an exec that failed because of the command itself
+# (`_runner.Unstarted.outcome`: stages `exec` and `cwd`).
+LOCAL_REFUSALS: Final[tuple[str, ...]] = (
+    "cannot run '",
+    'cannot run "',  # repr() of a name holding a quote
+    "cannot enter working directory ",
+)
+
+
 def local_exit(
     exit_code: int, signal: int | None, error: str | None, oom_killed: bool
 ) -> Classified | None:
     """A local job's end as the keeper records it (`exit_code` is 128 + the signal if killed;
     `error` says why it never started); `oom_killed`: the cgroup's memory.events `oom_kill` grew."""
     if error:
-        return Classified("start", error)
+        # The command itself cannot be run here (not found, not executable, its working
+        # directory missing): no attempt would fare better, so the request is refused as a
+        # rejected one is. Anything else that kept it from starting (its cgroup, hiding the
+        # daemon's state, the user switch) is the host's: `start`.
+        refused = error.startswith(LOCAL_REFUSALS)
+        return Classified("rejected" if refused else "start", error)
     if exit_code == 0 and not signal:
         return None
     if signal:

@@ -20,6 +20,7 @@ POINTS = frozenset(
         "dispatch.after_attempt_recorded",  # attempt and token committed, backend not called
         "dispatch.after_submit",  # backend accepted the job, external id not yet stored
         "poller.before_transition",  # an observed state change not yet committed
+        "poller.before_retry",  # a failed attempt to retry, the retry not yet committed
         "server.after_accept",  # job committed, reply not yet sent
     }
 )

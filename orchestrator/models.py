@@ -169,6 +169,73 @@ def _bad_name(name: str) -> str | None:
     return None
 
 
+# The failure classes (`failures.py`) a retry policy may name in `on`; `user` failures are
+# retried by exit code (`exit_codes`), and the daemon's own verdicts and AWS's refusals never.
+RETRIED_CLASSES = ("start", "infrastructure")
+NEVER_RETRIED = ("rejected", "timeout", "cancelled", "lost")
+MAX_ATTEMPTS = 100
+MAX_BACKOFF_S = 3600.0
+
+
+def _whole_seconds(value: object) -> object:
+    """Strict mode refuses 5 for a float field; a whole number of seconds is fine."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("too large") from None
+    return value
+
+
+class Retry(pydantic.BaseModel):
+    """A retry policy (`engine.retries` applies it): a job gets at most `attempts` attempts in
+    all; one that failed is followed by another when its failure class is in `on`, or it is a
+    `user` failure whose exit code is in `exit_codes`, after `backoff_s` doubled at every retry
+    (jittered). A field left out is the daemon's default (`[jobs.retry]`)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    attempts: Annotated[int, pydantic.Field(ge=1, le=MAX_ATTEMPTS)] | None = None
+    on: list[str] | None = None
+    exit_codes: list[Annotated[int, pydantic.Field(ge=1, le=255)]] | None = None
+    backoff_s: (
+        Annotated[float, pydantic.Field(ge=0, le=MAX_BACKOFF_S, allow_inf_nan=False)] | None
+    ) = None
+
+    @pydantic.field_validator("backoff_s", mode="before")
+    @classmethod
+    def _int_is_a_duration_too(cls, value: object) -> object:
+        return _whole_seconds(value)
+
+    @pydantic.field_validator("on")
+    @classmethod
+    def _retried_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for name in value:
+            if name == "user":
+                raise ValueError(
+                    "'user' failures are retried by exit code: list the codes in exit_codes"
+                )
+            if name in NEVER_RETRIED:
+                raise ValueError(f"{name!r} failures are never retried")
+            if name not in RETRIED_CLASSES:
+                raise ValueError(
+                    f"unknown failure class {name!r}: one of {', '.join(RETRIED_CLASSES)}"
+                )
+        return sorted(set(value))  # one spelling of one policy (idempotency compares specs)
+
+    @pydantic.field_validator("exit_codes")
+    @classmethod
+    def _codes_once(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else sorted(set(value))
+
+    def over(self, defaults: Retry) -> Retry:
+        """This policy with every field it leaves out taken from `defaults`."""
+        given = self.model_dump(exclude_none=True)
+        return defaults.model_copy(update=given) if given else defaults
+
+
 class JobSpec(pydantic.BaseModel):
     """What a client asks for. Unknown fields are an error, never a silent drop."""
 
@@ -186,17 +253,12 @@ class JobSpec(pydantic.BaseModel):
     queue_timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
     idempotency_key: Annotated[str, pydantic.Field(pattern=_KEY_PATTERN)] | None = None
     overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
+    retry: Retry | None = None  # filled in with the daemon's defaults when accepted
 
     @pydantic.field_validator("timeout_s", "queue_timeout_s", mode="before")
     @classmethod
     def _int_is_a_duration_too(cls, value: object) -> object:
-        # strict mode refuses 5 for a float field; a whole number of seconds is fine.
-        if isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except OverflowError:
-                raise ValueError("too large") from None
-        return value
+        return _whole_seconds(value)
 
     @pydantic.model_validator(mode="after")
     def _launchable(self) -> JobSpec:
@@ -303,6 +365,7 @@ class Job:
             "command": self.spec.command,
             "timeout_s": self.spec.timeout_s,
             "queue_timeout_s": self.spec.queue_timeout_s,
+            "retry": None if self.spec.retry is None else self.spec.retry.model_dump(),
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

@@ -20,9 +20,9 @@ import structlog
 
 from orchestrator import backoff, errors, faults, models, store
 from orchestrator.backends.base import Backend, Observation
-from orchestrator.engine import tracking
+from orchestrator.engine import retries, tracking
 from orchestrator.health import Health
-from orchestrator.settings import PollerSettings
+from orchestrator.settings import JobDefaults, PollerSettings
 
 log = structlog.get_logger("orchestrator.poller")
 
@@ -39,8 +39,13 @@ class Poller:
         on_detected: Callable[[str, float], None] | None = None,
         crash: faults.Faults | None = None,
         health: Health | None = None,
+        retry: models.Retry | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
+        # The daemon's retry policy: what a job's own leaves out (`[jobs.retry]`).
+        self._retry = retry or JobDefaults().retry.policy()
+        self._requeue: Callable[[models.Job, float], None] = lambda job, at: None
+        self._rng = rng or backoff.default_rng()
         self._health = health or Health(store)
         self._settings = settings
         self._on_detected = on_detected  # (backend, when the backend says the job ended)
@@ -50,7 +55,7 @@ class Poller:
         self._wake = asyncio.Event()
         self._tracker = tracking.Tracker(
             settings.policy(),
-            rng or backoff.default_rng(),
+            self._rng,
             fill_ahead_s=settings.fill_ahead_s,
             batch_size=lambda name: self._backends[name].describe_batch_size,
             wake=self._wake.set,
@@ -61,6 +66,11 @@ class Poller:
         self._unrecorded_added = asyncio.Event()
 
     # -- what other components call --------------------------------------------------------
+
+    def set_requeue(self, requeue: Callable[[models.Job, float], None]) -> None:
+        """Who launches a job's next attempt (job, when) once a retry is recorded: the
+        dispatcher."""
+        self._requeue = requeue
 
     def track(self, job: models.Job) -> None:
         """Follow `job` from now on (again), starting with a fresh back-off."""
@@ -188,6 +198,8 @@ class Poller:
                 )
             return
         assert judgement.state is not None
+        if judgement.failure is not None and await self._retried(backend, entry, judgement, obs):
+            return
         self._crash.crashpoint("poller.before_transition")
         info = dict(obs.info)
         if judgement.failure is not None:
@@ -208,6 +220,55 @@ class Poller:
         if judgement.state.terminal and self._on_detected and isinstance(finished_at, int | float):
             self._on_detected(job.backend, float(finished_at))
         self._settle(entry, job)
+
+    async def _retried(
+        self,
+        backend: Backend,
+        entry: tracking.Tracked,
+        judgement: tracking.Judgement,
+        obs: Observation,
+    ) -> bool:
+        """The attempt failed: if the job's retry policy retries it (and nobody asked it to
+        stop, and the backend does not retry it itself), record the retry and hand the job to
+        the dispatcher for its next attempt. Whether the failure was taken care of so."""
+        job = entry.job
+        assert judgement.failure is not None
+        if self._tracker.stop_reason(job) is not None or job.info.get("vendor_attempts"):
+            return False  # stopped by us; or retried by the backend itself (Batch's strategy)
+        policy = retries.policy_of(job, self._retry)
+        failure, exit_code = judgement.failure, obs.exit_code
+        if not retries.retried(policy, failure=failure, exit_code=exit_code, attempt=job.attempt):
+            return False
+        wait_s = retries.delay(policy, job.attempt, self._rng)
+        due = self._clock() + wait_s
+        previous = retries.Previous(job.attempt, failure, judgement.reason, exit_code)
+        self._crash.crashpoint("poller.before_retry")
+        try:
+            requeued = await self._store.retry(
+                job.id,
+                job.state,
+                reason=retries.reason(previous, policy.attempts, wait_s),
+                outcome=f"failed ({failure}): {judgement.reason or obs.vendor_status}",
+                info={"retry": {"of": policy.attempts, "at": due, "previous": previous.to_info()}},
+            )
+        except errors.StaleState:  # changed under us (a stop arrived): judge it again
+            self.update(await self._store.get(job.id))
+            return True
+        log.warning(
+            "job.retry",
+            job_id=job.id,
+            backend=backend.name,
+            attempt=job.attempt,
+            of=policy.attempts,
+            failure=failure,
+            reason=judgement.reason,
+            exit_code=exit_code,
+            wait_s=round(wait_s, 3),
+        )
+        self._tracker.untrack(job.id)
+        backend.settled(job)  # the attempt's end is recorded: what told it may go
+        self._requeue(requeued, due)
+        return True
 
     async def _missing(self, backend: Backend, entry: tracking.Tracked) -> None:
         job = entry.job

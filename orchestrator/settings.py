@@ -124,10 +124,29 @@ class StoreSettings(_Section):
     min_free_bytes: Annotated[int, pydantic.Field(ge=0)] = 64 * 1024 * 1024
 
 
+class RetrySettings(_Section):
+    """The retry policy of a job that does not give its own (`models.Retry` says what each
+    field means and checks it)."""
+
+    attempts: int = 3
+    on: _StrList = pydantic.Field(default_factory=lambda: list(models.RETRIED_CLASSES))
+    exit_codes: _IntList = pydantic.Field(default_factory=list)
+    backoff_s: float = 10.0
+
+    @pydantic.model_validator(mode="after")
+    def _a_policy(self) -> RetrySettings:
+        self.policy()  # models.Retry's rules and messages, for the settings too
+        return self
+
+    def policy(self) -> models.Retry:
+        return models.Retry.model_validate(self.model_dump(), strict=False)
+
+
 class JobDefaults(_Section):
     backend: models.BackendName = "local"
     timeout_s: _Seconds | None = None
     queue_timeout_s: _Seconds | None = None
+    retry: RetrySettings = pydantic.Field(default_factory=RetrySettings)
 
 
 class DispatcherSettings(_Section):
@@ -481,15 +500,17 @@ def _source_for(key: str, sources: Mapping[str, str]) -> str:
 
 
 def flatten(settings: pydantic.BaseModel) -> dict[str, Any]:
-    """Every effective setting as dotted key → JSON-able value, for `config show`."""
+    """Every effective setting as dotted key → JSON-able value, for `config show`: sections
+    (`jobs.retry` too) are walked, values (a kwargs object, a list) are not."""
     out: dict[str, Any] = {}
 
-    def walk(data: Mapping[str, Any], prefix: str) -> None:
-        for key, value in data.items():
-            if isinstance(value, Mapping) and prefix == "":
-                walk(value, f"{key}.")
+    def walk(model: pydantic.BaseModel, prefix: str) -> None:
+        for key in type(model).model_fields:
+            value = getattr(model, key)
+            if isinstance(value, pydantic.BaseModel):
+                walk(value, f"{prefix}{key}.")
             else:
-                out[f"{prefix}{key}"] = value
+                out[f"{prefix}{key}"] = pydantic_core.to_jsonable_python(value)
 
-    walk(settings.model_dump(mode="json"), "")
+    walk(settings, "")
     return out

@@ -472,6 +472,39 @@ class InMemoryStore(store.Store):
             return self._commit(job)
         return self._commit(*self._moved(job, S.FAILED, reason=reason, info={"failure": failure}))
 
+    async def retry(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        *,
+        reason: str,
+        outcome: str,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        self._writable()
+        job = self._job(job_id)
+        if job.state != expected:
+            raise errors.StaleState(job_id, expected.value, job.state.value)
+        if job.stop_reason is not None:
+            raise errors.StaleState(job_id, expected.value, f"{job.state.value}, stopping")
+        if job.state.terminal or job.state == S.QUEUED:
+            raise errors.IllegalTransition(job_id, job.state.value, S.QUEUED.value)
+        now = self._clock()
+        requeued = dataclasses.replace(
+            job,
+            state=S.QUEUED,
+            launching=False,
+            updated_at=now,
+            state_times={S.QUEUED.value: now},
+            reason=reason,
+            exit_code=None,
+            vendor_status=None,
+            external_id=None,
+            info=_as_stored({**job.info, **(info or {})}),
+        )
+        self.data.attempts[job_id][-1].outcome = outcome
+        return self._commit(requeued, store.job_event(requeued, job.state))
+
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         self._writable()
         job = self._job(job_id)

@@ -672,6 +672,94 @@ async def a_stopped_attempt_that_never_launched_ends_when_asked_again(h: Harness
     assert (ended.state, ended.reason) == (S.CANCELLED, "cancelled by request")
 
 
+# -- retries ---------------------------------------------------------------------------------
+
+_PREVIOUS = {"retry": {"of": 3, "previous": {"attempt": 1, "failure": "infrastructure"}}}
+
+
+@case
+async def a_retry_sends_a_launched_job_back_to_queued_for_a_new_attempt(h: Harness) -> None:
+    job = await h.job_in(S.RUNNING)
+    job = await h.store.observe(job.id, vendor_status="RUNNING", reason="up", info={"k": 1})
+    h.published.clear()
+    now = h.clock.advance()
+    requeued = await h.store.retry(
+        job.id, S.RUNNING, reason="attempt 1 failed", outcome="failed (x): y", info=_PREVIOUS
+    )
+    assert (requeued.state, requeued.launching, requeued.attempt, requeued.token) == (
+        S.QUEUED,
+        False,
+        1,
+        f"{job.id}-1",
+    )
+    assert (requeued.external_id, requeued.exit_code, requeued.vendor_status) == (None,) * 3
+    assert (requeued.reason, requeued.updated_at, dict(requeued.state_times)) == (
+        "attempt 1 failed",
+        now,
+        {"QUEUED": now},
+    )
+    assert requeued.created_at == job.created_at
+    assert dict(requeued.info) == {**job.info, **_PREVIOUS}
+    assert await h.store.get(job.id) == requeued
+    # One event, carrying the failure class of the attempt that failed.
+    assert [(e.from_state, e.to_state, e.reason, e.failure) for e in h.published] == [
+        (S.RUNNING, S.QUEUED, "attempt 1 failed", "infrastructure")
+    ]
+    assert (await h.store.history(job.id))[-1] == {
+        "at": models.iso(now),
+        "from": "RUNNING",
+        "to": "QUEUED",
+        "reason": "attempt 1 failed",
+        "exit_code": None,
+    }
+    # The next attempt has the next number and token; the first keeps its outcome.
+    again = await h.store.begin_attempt(job.id)
+    assert again is not None
+    assert (again.attempt, again.token) == (2, f"{job.id}-2")
+    done = await h.store.record_submitted(job.id, external_id="x-2", state=S.SUBMITTED)
+    attempts = await h.store.attempts(job.id)
+    assert [(a["attempt"], a["external_id"], a["outcome"]) for a in attempts] == [
+        (1, f"x-{job.id}", "failed (x): y"),
+        (2, "x-2", "submitted"),
+    ]
+    await h.restart()
+    assert await h.store.get(job.id) == done
+
+
+@case
+async def a_retry_comes_from_any_launched_unfinished_state_only(h: Harness) -> None:
+    for state in ACTIVE_BUT_QUEUED:
+        job = await h.job_in(state)
+        requeued = await h.store.retry(job.id, state, reason="again", outcome="failed")
+        assert requeued.state == S.QUEUED, state
+    for state in [S.QUEUED, *models.TERMINAL]:
+        job = await h.job_in(state)
+        with pytest.raises(errors.IllegalTransition):
+            await h.store.retry(job.id, state, reason="again", outcome="failed")
+        assert await h.store.get(job.id) == job
+    launching = await h.accept()
+    launching = await h.store.begin_attempt(launching.id)
+    assert launching is not None
+    with pytest.raises(errors.IllegalTransition):
+        await h.store.retry(launching.id, S.QUEUED, reason="again", outcome="failed")
+    assert await h.store.get(launching.id) == launching
+
+
+@case
+async def a_retry_is_refused_when_stale_or_stopping(h: Harness) -> None:
+    job = await h.job_in(S.RUNNING)
+    with pytest.raises(errors.StaleState):
+        await h.store.retry(job.id, S.STARTING, reason="again", outcome="failed")
+    stopping = await h.store.request_stop(job.id, "cancel")
+    h.published.clear()
+    with pytest.raises(errors.StaleState):
+        await h.store.retry(job.id, S.RUNNING, reason="again", outcome="failed")
+    assert await h.store.get(job.id) == stopping
+    assert h.published == []
+    with pytest.raises(errors.JobNotFound):
+        await h.store.retry("nope", S.RUNNING, reason="again", outcome="failed")
+
+
 # -- observations ----------------------------------------------------------------------------
 
 

@@ -223,7 +223,12 @@ class BatchBackend(AwsBackendBase):
             external_id=reply["jobId"],
             state=S.SUBMITTED,
             vendor_status="SUBMITTED",
-            info={"job_name": kwargs["jobName"], "job_queue": kwargs["jobQueue"]},
+            info={
+                "job_name": kwargs["jobName"],
+                "job_queue": kwargs["jobQueue"],
+                # Batch retries this job itself (retryStrategy): the daemon's policy does not.
+                **({"vendor_attempts": attempts} if (attempts := _own_attempts(kwargs)) else {}),
+            },
         )
 
     def can_resubmit(self, job: models.Job) -> bool:
@@ -335,3 +340,10 @@ class BatchBackend(AwsBackendBase):
             return base.LogPage([], cursor)  # not started yet; a follower asks again
         group = str(job.info.get("log_group") or DEFAULT_LOG_GROUP)
         return await read_cloudwatch(self.logs, group, str(stream), cursor)
+
+
+def _own_attempts(kwargs: dict[str, Any]) -> int | None:
+    """The attempts Batch's own `retryStrategy` gives the job, when more than one."""
+    strategy = kwargs.get("retryStrategy")
+    attempts = strategy.get("attempts") if isinstance(strategy, dict) else None
+    return attempts if isinstance(attempts, int) and attempts > 1 else None

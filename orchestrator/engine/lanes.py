@@ -140,6 +140,15 @@ class Lane:
         self._push(at, job_id, "dispatch")
         self._wake()
 
+    def requeue_at(self, job_id: str, at: float, queue_deadline: float | None = None) -> None:
+        """The job's attempt ended in a failure its retry policy retries: out of flight, its
+        next attempt is launched at `at` — unless its new queue deadline passes first."""
+        self.ended(job_id)
+        if queue_deadline is not None:
+            self._deadlines[job_id] = queue_deadline
+            self._push(queue_deadline, job_id, "expire")
+        self.retry_at(job_id, at)
+
     def resubmit_at(self, job_id: str, at: float) -> None:
         """The job's attempt started nothing for the backend's reason: try the same attempt
         again at `at` (it keeps its slot). Launches pause until a start succeeds (`resume`):

@@ -285,19 +285,28 @@ def started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -
     started_at = obs.info.get("started_at")
     if why != "queue_timeout" or not isinstance(started_at, int | float):
         return False
+    end = queue_deadline(job)
+    return end is not None and started_at < end
+
+
+def queue_deadline(job: models.Job) -> float | None:
+    """When the job's wait to run ends (`queue_timeout_s`): counted from its acceptance, or,
+    for a retry, from when its attempt was due (each attempt waits its own time)."""
     if job.spec.queue_timeout_s is None:
-        return False
-    return started_at < job.created_at + job.spec.queue_timeout_s  # the queue deadline
+        return None
+    retry = job.info.get("retry")
+    due = retry.get("at") if isinstance(retry, dict) else None
+    since = float(due) if isinstance(due, int | float) else job.created_at
+    return since + job.spec.queue_timeout_s
 
 
 def deadline(job: models.Job) -> float | None:
-    """When the job's timeout expires: run time once RUNNING, queue time before."""
+    """When the job's timeout expires: run time once RUNNING (each attempt's own), queue time
+    before."""
     running_since = job.entered(models.JobState.RUNNING)
     if running_since is not None:
         return None if job.spec.timeout_s is None else running_since + job.spec.timeout_s
-    if job.spec.queue_timeout_s is None:
-        return None
-    return job.created_at + job.spec.queue_timeout_s
+    return queue_deadline(job)
 
 
 def overdue(

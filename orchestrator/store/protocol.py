@@ -17,6 +17,8 @@ Two implementations pass one conformance suite (`tests/store_conformance.py`): `
   `IdempotencyConflict`. Another submitter's key of the same text is another key.
 - **One attempt at a time**: `begin_attempt` numbers attempts 1, 2, ... and gives each the token
   `<job id>-<attempt>`; `record_submitted` and `record_start_failure` settle the current one.
+- **One way back**: `retry` is the only write that moves a job to an earlier state (a launched
+  one back to QUEUED, for a new attempt); every other move is forward.
 - **Stops are durable requests**: `request_stop` ends a job no backend has seen (QUEUED, not
   launching) at once, as `engine.tracking.stopped_outcome` says; any other unfinished job keeps
   its state (the first reason asked for is kept) until its backend reports it ended.
@@ -80,7 +82,9 @@ class AttemptEntry(TypedDict):
     token: str
     external_id: str | None
     started_at: str  # RFC 3339, as `models.iso` writes it
-    outcome: str | None  # None while launching; "submitted"; "start failed: <reason>"
+    # None while launching; "submitted"; "start failed: <reason>"; "failed (<class>): <reason>"
+    # once a retry followed it
+    outcome: str | None
 
 
 def job_event(job: models.Job, old: models.JobState | None) -> models.Event:
@@ -96,8 +100,19 @@ def job_event(job: models.Job, old: models.JobState | None) -> models.Event:
         exit_code=job.exit_code,
         created_at=job.created_at,
         peer_uid=None if job.peer is None else job.peer.uid,
-        failure=job.failure,
+        failure=job.failure if old is None or job.state.terminal else _retried(job),
     )
+
+
+def _retried(job: models.Job) -> str | None:
+    """The failure class of the attempt a retry follows (for the event of going back to
+    QUEUED; None for any other change)."""
+    if job.state != models.JobState.QUEUED:
+        return None
+    retry = job.info.get("retry")
+    previous = retry.get("previous") if isinstance(retry, dict) else None
+    failure = previous.get("failure") if isinstance(previous, dict) else None
+    return failure if isinstance(failure, str) else None
 
 
 def check_same_spec(existing: models.Job, spec: models.JobSpec, backend: str) -> None:
@@ -220,6 +235,24 @@ class Store(Protocol):
         FAILED, its `info.failure` set to `failure`; else it stays QUEUED, not launching, for
         another attempt (no event).
         `StaleState` unless the job is QUEUED and launching."""
+        ...
+
+    async def retry(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        *,
+        reason: str,
+        outcome: str,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        """The current attempt ended in a failure the job's retry policy retries: compare-and-
+        set the job from `expected` back to QUEUED, not launching, for its next attempt, with
+        its event; `reason` replaces the job's, `info` is merged, the attempt's outcome is
+        `outcome`. What belonged to the attempt goes: its external id, exit code, vendor
+        status, and the times of its states (the job's start afresh at QUEUED). The attempt
+        number stays (`begin_attempt` gives the next). `StaleState` if the job is not in
+        `expected` or is asked to stop; `IllegalTransition` from QUEUED or a terminal state."""
         ...
 
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:

@@ -208,3 +208,40 @@ def apply(
     changed = protocol.job_event(updated, job.state)
     conn.execute(_INSERT_EVENT, _event_row(changed))
     return updated, [changed]
+
+
+def requeue(
+    conn: sqlite3.Connection,
+    job: models.Job,
+    now: float,
+    *,
+    reason: str,
+    outcome: str,
+    info: dict[str, Any],
+) -> tuple[models.Job, list[models.Event]]:
+    """Send `job` (as just read), whose current attempt ended in a failure its retry policy
+    retries, back to QUEUED for a new attempt, and write the event row: the one move back
+    the store makes (`Store.retry`). The attempt keeps `outcome`; what belonged to it (its
+    external id, exit code, vendor status, the times of its states) goes."""
+    if job.state.terminal or job.state == models.JobState.QUEUED:
+        raise errors.IllegalTransition(job.id, job.state.value, models.JobState.QUEUED.value)
+    conn.execute(
+        "UPDATE attempts SET outcome = ? WHERE job_id = ? AND attempt = ?",
+        (outcome, job.id, job.attempt),
+    )
+    conn.execute(
+        "UPDATE jobs SET state = ?, launching = 0, updated_at = ?, state_times = ?, reason = ?, "
+        "exit_code = NULL, vendor_status = NULL, external_id = NULL, info = ? WHERE id = ?",
+        (
+            models.JobState.QUEUED.value,
+            now,
+            orjson.dumps({models.JobState.QUEUED.value: now}),
+            reason,
+            orjson.dumps({**job.info, **info}),
+            job.id,
+        ),
+    )
+    updated = fetch(conn, job.id)
+    changed = protocol.job_event(updated, job.state)
+    conn.execute(_INSERT_EVENT, _event_row(changed))
+    return updated, [changed]

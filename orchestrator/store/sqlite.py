@@ -248,6 +248,27 @@ class SqliteStore(Store):
 
         return await self._io.write(op)
 
+    async def retry(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        *,
+        reason: str,
+        outcome: str,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        def op(conn: sqlite3.Connection) -> _Written:
+            job = rows.fetch(conn, job_id)
+            if job.state != expected:
+                raise errors.StaleState(job_id, expected.value, job.state.value)
+            if job.stop_reason is not None:
+                raise errors.StaleState(job_id, expected.value, f"{job.state.value}, stopping")
+            return rows.requeue(
+                conn, job, self._clock(), reason=reason, outcome=outcome, info=info or {}
+            )
+
+        return await self._io.write(op)
+
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         def op(conn: sqlite3.Connection) -> _Written:
             job = rows.fetch(conn, job_id)

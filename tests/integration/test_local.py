@@ -54,7 +54,7 @@ async def test_missing_command_fails_with_127_and_says_why(short_tmp: Path) -> N
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await submit_and_wait(client, command=["no-such-command-xyz"])
         assert job["state"] == "FAILED"
-        assert job["failure"] == "start"  # its process never ran
+        assert job["failure"] == "rejected"  # it cannot run here: no retry would fare better
         assert job["exit_code"] == 127
         assert "no-such-command-xyz" in job["reason"]
 

@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 import pytest
 
-from orchestrator import failures
+from orchestrator import failures, models, settings
 from orchestrator.failures import Classified
 
 NAME = "job"
@@ -113,7 +113,14 @@ def test_every_table_entry_names_a_known_class() -> None:
 
 
 def test_only_start_and_infrastructure_are_retried_by_default() -> None:
-    assert frozenset({"start", "infrastructure"}) == failures.RETRIED_BY_DEFAULT
+    assert settings.RetrySettings().on == ["start", "infrastructure"]
+    assert settings.RetrySettings().exit_codes == []  # `user`: only for listed exit codes
+    # Every class is retryable by class, by exit code (user) or never: one of the three.
+    by_class, never = set(models.RETRIED_CLASSES), set(models.NEVER_RETRIED)
+    assert (by_class | never | {"user"}, len(by_class) + len(never) + 1) == (
+        set(failures.FAILURE_CLASSES),
+        len(failures.FAILURE_CLASSES),
+    )
 
 
 def test_every_documented_stop_code_is_mapped_or_left_to_the_exit_code() -> None:
@@ -492,9 +499,25 @@ def test_local_success() -> None:
     assert failures.local_exit(0, None, None, oom_killed=True) is None
 
 
-def test_local_spawn_error_is_start() -> None:
-    error = "cannot run 'nope': No such file or directory"
-    assert failures.local_exit(127, None, error, oom_killed=False) == Classified("start", error)
+def test_local_command_that_cannot_run_is_rejected_and_the_hosts_trouble_is_start() -> None:
+    # The runner's words (`_runner.Unstarted.outcome`): the command itself cannot be run.
+    for error in (
+        "cannot run 'nope': No such file or directory",
+        "cannot run './x': Permission denied",
+        "cannot enter working directory '/gone': No such file or directory",
+    ):
+        assert failures.local_exit(127, None, error, oom_killed=False) == Classified(
+            "rejected", error
+        )
+    # What kept it from starting was the host's.
+    for error in (
+        "cannot join the job's cgroup /sys/fs/cgroup/jobs/x-1: No space left on device; not run",
+        "cannot hide the daemon's state from the job: Operation not permitted; not run",
+        "cannot run as alice (uid 1001): Operation not permitted",
+    ):
+        assert failures.local_exit(126, None, error, oom_killed=False) == Classified(
+            "start", error
+        )
 
 
 def test_local_oom_kill_is_infrastructure() -> None:

@@ -122,6 +122,7 @@ def test_minimal_spec_and_its_defaults() -> None:
         "queue_timeout_s": None,
         "idempotency_key": None,
         "overrides": {},
+        "retry": None,
     }
 
 
@@ -136,6 +137,7 @@ def test_full_spec_is_accepted() -> None:
         "queue_timeout_s": 60.0,
         "idempotency_key": "report:2024-05-06",
         "overrides": {"containerOverrides": [{"cpu": 256}]},
+        "retry": {"attempts": 4, "on": ["start"], "exit_codes": [3, 75], "backoff_s": 0.5},
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
