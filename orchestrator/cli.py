@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
@@ -408,7 +408,11 @@ def submit(
 def _echo_outcome(job: dict[str, Any]) -> None:
     reason = f" ({job['reason']})" if job.get("reason") else ""
     failure = f" failure={job['failure']}" if job.get("failure") else ""
-    _echo(f"{job['id']} {job['state']} exit_code={job['exit_code']}{failure}{reason}", err=True)
+    attempt = f" attempt={_attempt(job)}" if job.get("attempt", 0) > 1 else ""
+    _echo(
+        f"{job['id']} {job['state']} exit_code={job['exit_code']}{failure}{attempt}{reason}",
+        err=True,
+    )
 
 
 def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
@@ -480,10 +484,20 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     ):
         _echo(f"{key + ':':<15}{_show(job.get(key))}")
     _echo(f"{'command:':<15}{' '.join(job['command'])}")
-    _echo(f"{'attempt:':<15}{job['attempt']} {_show(job.get('external_id'))}")
+    _echo(f"{'attempt:':<15}{_attempt(job)} {_show(job.get('external_id'))}")
+    previous = ((job.get("info") or {}).get("retry") or {}).get("previous")
+    if isinstance(previous, dict):
+        said = previous.get("reason")
+        _echo(f"{'previous:':<15}{previous.get('failure')}{f' — {said}' if said else ''}")
     for event in job.get("history", []):
         reason = f"  ({event['reason']})" if event.get("reason") else ""
         _echo(f"  {event['at']}  {event['from'] or '-':<10} → {event['to']}{reason}")
+
+
+def _attempt(job: Mapping[str, Any]) -> str:
+    """`2/3`: the job's attempt of the most its retry policy gives (`2` without a policy)."""
+    most = (job.get("retry") or {}).get("attempts")
+    return f"{job['attempt']}/{most}" if most else str(job["attempt"])
 
 
 def _show(value: Any) -> str:

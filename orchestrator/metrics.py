@@ -38,6 +38,13 @@ class Metrics:
         self.accepted = Counter(
             "orchestrator_jobs_submitted", "Jobs accepted, by backend", ["backend"], registry=r
         )
+        self.retried = Counter(
+            "orchestrator_jobs_retried",
+            "Attempts that failed and were followed by another (the retry policy), by backend "
+            "and the failure class of the attempt",
+            ["backend", "failure"],
+            registry=r,
+        )
         self.finished = Counter(
             "orchestrator_jobs_finished",
             "Jobs that reached a terminal state, by backend, state and failure class (empty for "
@@ -79,6 +86,8 @@ class Metrics:
         """A hub listener: counts acceptances, finishes and dispatch latency."""
         if event.from_state is None:
             self._child(self.accepted, event.backend).inc()
+        elif event.to_state == models.JobState.QUEUED:  # the one way back: a retry
+            self._child(self.retried, event.backend, event.failure or "").inc()
         elif event.from_state == models.JobState.QUEUED and not event.to_state.terminal:
             latency = max(0.0, event.at - event.created_at)
             self._child(self.dispatch_seconds, event.backend).observe(latency)

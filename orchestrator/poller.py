@@ -233,8 +233,10 @@ class Poller:
         the dispatcher for its next attempt. Whether the failure was taken care of so."""
         job = entry.job
         assert judgement.failure is not None
-        if self._tracker.stop_reason(job) is not None or job.info.get("vendor_attempts"):
-            return False  # stopped by us; or retried by the backend itself (Batch's strategy)
+        if self._tracker.stop_reason(job) is not None:
+            return False
+        if job.info.get("vendor_attempts") or obs.info.get("vendor_attempts"):
+            return False  # retried by the backend itself (Batch's retryStrategy): not twice
         policy = retries.policy_of(job, self._retry)
         failure, exit_code = judgement.failure, obs.exit_code
         if not retries.retried(policy, failure=failure, exit_code=exit_code, attempt=job.attempt):

@@ -2,7 +2,7 @@
 outlives the daemon.
 
 Run by the daemon as `python -I -S _keeper.py WORK_DIR`, in a session of its own, with stderr on
-`WORK_DIR/keeper.log`. (About 520 lines, one file: it runs as a script that imports only its two
+`WORK_DIR/keeper.log`. (About 540 lines, one file: it runs as a script that imports only its two
 siblings.) It holds `WORK_DIR/keeper.lock` for its whole life (one keeper per work
 directory) and listens on `WORK_DIR/keeper.sock` (the work directory is the daemon's, 0700).
 
@@ -18,10 +18,14 @@ The protocol is one JSON object per line, on one connection at a time (the daemo
 
 - keeper → daemon, on connecting: `{"op": "hello", "version", "pid", "jobs": [JOB...]}` where
   JOB is `{"key", "pid", "start", "result"}`, `result` null while the job runs;
-- daemon → keeper: `{"op": "launch", "key", "dir", "command", "env", "cwd", "cgroup", "user",
-  "hidden", "limit"}`, answered by `{"op": "launched", "key", "pid", "start"}` or
-  `{"op": "failed", "key", "errno", "error"}` (nothing ran). The launch claims `dir/claim`
-  first (O_EXCL): a restarted daemon that claimed it has declared the attempt never launched;
+- daemon → keeper: `{"op": "launch", "key", "dir", "command", "env", "cwd", "cgroup",
+  "memory_cgroup", "user", "hidden", "limit"}`, answered by `{"op": "launched", "key", "pid",
+  "start"}` or `{"op": "failed", "key", "errno", "error"}` (nothing ran). The launch claims
+  `dir/claim` first (O_EXCL): a restarted daemon that claimed it has declared the attempt never
+  launched. `memory_cgroup` (the attempt's v1 memory cgroup, which only counts OOM kills; its
+  child joins it best-effort) is optional, so version 1 still holds both ways: a keeper from
+  before it ignores it (the attempt's OOM kills are then not known), one that has it runs
+  launches without it as before;
 - keeper → daemon, when a job's own process has ended and its output is copied:
   `{"op": "exited", "key", "result": {"exit_code", "signal", "error", "started_at",
   "finished_at"}}`;
@@ -227,13 +231,17 @@ class Keeper:
             return f"peer pid {pid} cannot be looked at: {exc}"
         if session in self.running:
             return f"peer pid {pid} is in the session of job {self.running[session].key}"
-        # Every job held, ended or not: what a job left running in its cgroup is still the
-        # job's. (Sessions only of jobs not yet reaped: a reaped job's pid may be anyone's now.)
+        # Every job held, ended or not: what a job left running in its cgroups (v2, and v1
+        # memory) is still the job's. (Sessions only of jobs not yet reaped: a reaped job's pid
+        # may be anyone's now.)
         names = {
-            os.path.basename(job.launch.cgroup) for job in self.jobs.values() if job.launch.cgroup
+            os.path.basename(path)
+            for job in self.jobs.values()
+            for path in (job.launch.cgroup, job.launch.memory_cgroup)
+            if path
         }
         for line in cgroups.splitlines():
-            if names & set(line.partition("::")[2].split("/")):
+            if names & set(line.split(":", 2)[-1].split("/")):
                 return f"peer pid {pid} is in a job's cgroup ({line})"
         return None
 
@@ -351,6 +359,7 @@ class Keeper:
             env={str(k): str(v) for k, v in message["env"].items()},
             cwd=str(message["cwd"]),
             cgroup=message.get("cgroup"),
+            memory_cgroup=message.get("memory_cgroup") or None,
             user=user,
             hidden=[str(path) for path in message.get("hidden") or []],
             keep=attempt_dir,

@@ -5,6 +5,9 @@ In the forked child (`exec_child`), in this order, each step checked:
 
 1. with a cgroup, it joins it (as the daemon's user: a job running as its submitter cannot
    write `cgroup.procs`, and must not be able to), so the job and all it starts are in it;
+   with a v1 memory cgroup (a hybrid host's, where OOM kills are counted), it joins that too,
+   best-effort: one it cannot join is not a reason to fail the job (its OOM kills are then
+   not known);
 2. a session of its own (`setsid`): the job's pid is its process group, which stops signal;
 3. stdin from /dev/null, stdout and stderr on the keeper's pipes, default signal dispositions
    (Python ignores SIGPIPE and SIGXFSZ; a job must not inherit that);
@@ -267,7 +270,17 @@ _CGROUP, _HIDE, _USER, _CWD, _EXEC = "cgroup", "hide", "user", "cwd", "exec"
 class Launch:
     """What the keeper's child needs to become the job."""
 
-    __slots__ = ("cgroup", "command", "cwd", "env", "hidden", "hide", "keep", "user")
+    __slots__ = (
+        "cgroup",
+        "command",
+        "cwd",
+        "env",
+        "hidden",
+        "hide",
+        "keep",
+        "memory_cgroup",
+        "user",
+    )
 
     def __init__(
         self,
@@ -279,6 +292,7 @@ class Launch:
         hidden: list[str] | None = None,
         keep: str | None = None,
         hide: Callable[[list[str], str | None], None] | None = None,
+        memory_cgroup: str | None = None,
     ) -> None:
         self.command = command
         self.env = env
@@ -288,6 +302,7 @@ class Launch:
         self.hidden = hidden or []
         self.keep = keep
         self.hide = hide  # `_sandbox.hide`, handed over by the keeper that imported it
+        self.memory_cgroup = memory_cgroup  # the attempt's v1 memory cgroup: OOM kills counted
 
 
 def exec_child(launch: Launch, stdout: int, stderr: int, report: int) -> None:
@@ -297,6 +312,11 @@ def exec_child(launch: Launch, stdout: int, stderr: int, report: int) -> None:
     try:
         if launch.cgroup is not None:
             join(launch.cgroup)
+        if launch.memory_cgroup is not None:
+            try:
+                join(launch.memory_cgroup)
+            except OSError:
+                pass  # best-effort: it only counts OOM kills (the daemon reads no count then)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -355,7 +375,8 @@ class Unstarted:
 
 
 def join(cgroup: str) -> None:
-    """Move this process into `cgroup` (writing 0 to cgroup.procs moves the writer)."""
+    """Move this process into `cgroup` (writing 0 to cgroup.procs moves the writer; v1 and
+    v2 alike)."""
     fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, b"0")

@@ -262,6 +262,8 @@ class BatchBackend(AwsBackendBase):
             info["finished_at"] = stopped_at / 1000  # Batch: epoch milliseconds
         if summary := (detail.get("arrayProperties") or {}).get("statusSummary"):
             info["array_status"] = summary
+        if attempts := _own_attempts(detail):  # the job's strategy, or its definition's
+            info["vendor_attempts"] = attempts
         reason = (
             "; ".join(str(p) for p in (detail.get("statusReason"), container.get("reason")) if p)
             or None
@@ -342,8 +344,9 @@ class BatchBackend(AwsBackendBase):
         return await read_cloudwatch(self.logs, group, str(stream), cursor)
 
 
-def _own_attempts(kwargs: dict[str, Any]) -> int | None:
-    """The attempts Batch's own `retryStrategy` gives the job, when more than one."""
-    strategy = kwargs.get("retryStrategy")
+def _own_attempts(job: Mapping[str, Any]) -> int | None:
+    """The attempts Batch's own `retryStrategy` gives the job (SubmitJob's kwargs, or the job
+    as DescribeJobs tells it), when more than one."""
+    strategy = job.get("retryStrategy")
     attempts = strategy.get("attempts") if isinstance(strategy, dict) else None
     return attempts if isinstance(attempts, int) and attempts > 1 else None

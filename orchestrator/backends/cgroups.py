@@ -26,11 +26,31 @@ local backend falls back to process groups.
 
 Only the daemon uses this module: the runner gets the path of its cgroup and writes its pid to
 `cgroup.procs`, nothing more.
+
+OOM kills. Whether the kernel's OOM killer killed a process of an attempt is read from its
+cgroup when the attempt is over, before the directory is removed (`oom_kills`):
+
+- cgroup v2: `memory.events`, field `oom_kill` (counted for the cgroup and those below it). The
+  file exists only where the memory controller is enabled for the attempt's cgroup: with
+  `create`, `probe` enables it (`+memory` in `cgroup.subtree_control`) in the root and, for a
+  root derived from our own cgroup, in the one above it, where those list it as available
+  (systemd's `Delegate=yes` does); that failing, OOM kills are not known.
+- cgroup v1 (a hybrid or legacy host: the memory controller on a v1 hierarchy, the v2 one
+  without it): `probe_memory_v1` finds our own cgroup in the v1 memory hierarchy and makes
+  `<it>/orchestrator-jobs`; each attempt gets `<that>/<job id>-<attempt>` too, which the
+  runner joins beside its v2 cgroup (best effort: a job is never failed for it), and
+  `memory.oom_control`'s `oom_kill` line (kernel ≥ 4.13) is read at the end
+  (`oom_kills_v1`). The directory is removed then, any process left in it moved up first
+  (`remove_v1`): v1 cgroups only count here, they contain nothing.
+
+A count that cannot be found (no such file, no `oom_kill` line) is None: not known, which the
+local backend takes as "not OOM-killed".
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -42,6 +62,7 @@ from orchestrator import errors
 JOBS = "jobs"  # under the root of our own cgroup: one cgroup per attempt below it
 DAEMON_LEAF = "daemon"  # where the daemon moves itself, beside `jobs`
 HOST_ROOT_DIR = "orchestrator"  # in the hierarchy's root: <mount>/orchestrator/jobs
+JOBS_V1 = "orchestrator-jobs"  # in our own cgroup of the v1 memory hierarchy: attempts below
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +72,7 @@ class Containment:
     root: Path | None
     detail: str
     kill_file: bool = False  # `cgroup.kill` exists (kernel ≥ 5.14); else each member is killed
+    memory: str = "no memory controller"  # whether job cgroups get `memory.events`, and why
 
     @property
     def enabled(self) -> bool:
@@ -69,10 +91,11 @@ def probe(*, enabled: bool, root: Path | None, create: bool) -> Containment:
             return _usable(root, leaf=None, create=create)
         own = own_cgroup()
         if not (own / "cgroup.events").exists():  # the hierarchy's root: the host's own
-            return _usable(own / HOST_ROOT_DIR / JOBS, leaf=None, create=create)
+            ours = own / HOST_ROOT_DIR
+            return _usable(ours / JOBS, leaf=None, create=create, above=ours)
         if own.name == DAEMON_LEAF:  # moved there by an earlier run: the jobs are beside it
             own = own.parent
-        return _usable(own / JOBS, leaf=own / DAEMON_LEAF, create=create)
+        return _usable(own / JOBS, leaf=own / DAEMON_LEAF, create=create, above=own)
     except errors.CgroupUnusable as exc:
         return Containment(None, str(exc))
     except OSError as exc:
@@ -98,6 +121,79 @@ def own_cgroup() -> Path:
     raise errors.CgroupUnusable(f"no cgroup2 file system mounted shows this process's cgroup {own}")
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryV1:
+    """What `probe_memory_v1` found: where attempts get a cgroup of the v1 memory hierarchy
+    (None: they do not) and why."""
+
+    root: Path | None
+    detail: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+
+def probe_memory_v1(*, enabled: bool, create: bool) -> MemoryV1:
+    """Where this process would make attempts' v1 memory cgroups: `<own>/orchestrator-jobs`,
+    `<own>` being our cgroup in the v1 memory hierarchy. With `create`, make that directory;
+    without, change nothing. Never raises: what is missing is said in `detail`."""
+    if not enabled:
+        return MemoryV1(None, 'off (local.cgroup = "off")')
+    try:
+        own = own_memory_v1()
+        control = own / "memory.oom_control"
+        if parse_oom_kill(control.read_bytes()) is None:
+            raise errors.CgroupUnusable(f"{control} counts no oom_kill (kernel < 4.13)")
+        root = own / JOBS_V1
+        if not os.access(root if root.exists() else own, os.W_OK):
+            raise errors.CgroupUnusable(f"{own} is not writable by uid {os.geteuid()}")
+        if create:
+            root.mkdir(exist_ok=True)
+            if not (root / "memory.oom_control").is_file():
+                raise errors.CgroupUnusable(f"{root} is not a cgroup of the memory hierarchy")
+    except errors.CgroupUnusable as exc:
+        return MemoryV1(None, str(exc))
+    except OSError as exc:
+        return MemoryV1(None, f"{exc.filename or 'cgroup'}: {exc.strerror}")
+    return MemoryV1(root, f"each job in a memory cgroup (v1) of its own under {root}")
+
+
+def oom_detection(containment: Containment, memory: MemoryV1) -> str:
+    """How OOM kills of local jobs are known with what `probe` and `probe_memory_v1` found."""
+    if memory.enabled:
+        return f"memory.oom_control of each job's memory cgroup (v1) under {memory.root}"
+    if containment.enabled and containment.memory == "memory.events":
+        return "memory.events of each job's cgroup"
+    why = containment.memory if containment.enabled else "no job cgroups"
+    return f"not known ({why}; cgroup v1 memory: {memory.detail})"
+
+
+def own_memory_v1() -> Path:
+    """This process's cgroup directory in the v1 hierarchy of the memory controller (its line
+    of /proc/self/cgroup naming `memory`, under the mount of that hierarchy that shows it)."""
+    own = None
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            number, controllers, path = line.rstrip("\n").split(":", 2)
+            if number != "0" and "memory" in controllers.split(","):
+                own = path
+    if own is None:
+        raise errors.CgroupUnusable("no cgroup v1 memory hierarchy (cgroup v2 only, or none)")
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[separator + 1] != "cgroup":
+                continue
+            if "memory" not in fields[separator + 3].split(","):
+                continue
+            mount_root, mount_point = _unescape(fields[3]), _unescape(fields[4])
+            if own == mount_root or own.startswith(mount_root.rstrip("/") + "/"):
+                return Path(mount_point, own[len(mount_root) :].lstrip("/"))
+    raise errors.CgroupUnusable(f"no v1 memory hierarchy mounted shows this process's cgroup {own}")
+
+
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as octal escapes (`\\040`)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -107,7 +203,9 @@ def _is_cgroup2(directory: Path) -> bool:
     return (directory / "cgroup.procs").is_file() and (directory / "cgroup.controllers").is_file()
 
 
-def _usable(root: Path, *, leaf: Path | None, create: bool) -> Containment:
+def _usable(
+    root: Path, *, leaf: Path | None, create: bool, above: Path | None = None
+) -> Containment:
     existing = root
     while not existing.exists():
         if existing.parent == existing:
@@ -136,11 +234,43 @@ def _usable(root: Path, *, leaf: Path | None, create: bool) -> Containment:
         if leaf is not None:
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(str(os.getpid()))
+    levels = [root] if above is None else [above, root]
     return Containment(
         root,
         f"each job in a cgroup of its own under {root}",
         kill_file=_has_kill_file(root if root.exists() else existing),
+        memory=enable_memory(levels, create=create),
     )
+
+
+def enable_memory(levels: list[Path], *, create: bool) -> str:
+    """Have the memory controller enabled for the cgroups below the last of `levels` (each
+    one's child): `+memory` in each one's `cgroup.subtree_control`, top down, where its
+    `cgroup.controllers` lists it. What came of it, as said at start-up: "memory.events" once
+    enabled (or, without `create`, where it would be), else why not. Never raises."""
+    for level in levels:
+        try:
+            if "memory" in _words(level / "cgroup.subtree_control"):
+                continue
+            if "memory" not in _words(level / "cgroup.controllers"):
+                return f"no memory controller in {level}: OOM kills are not known"
+            if not create:
+                continue
+            (level / "cgroup.subtree_control").write_text("+memory")
+        except FileNotFoundError:
+            if create or level is levels[0]:
+                return f"{level} does not exist: OOM kills are not known"
+            break  # not made yet (probed without making anything): the level above decides
+        except OSError as exc:
+            return (
+                f"cannot enable the memory controller in {level} ({exc.strerror}): OOM kills "
+                "are not known"
+            )
+    return "memory.events"
+
+
+def _words(path: Path) -> list[str]:
+    return path.read_text().split()
 
 
 def _has_kill_file(cgroup: Path) -> bool:
@@ -228,6 +358,72 @@ def kill_each(cgroup: Path) -> None:
         if frozen:
             with contextlib.suppress(FileNotFoundError):
                 freeze.write_text("0")
+
+
+def oom_kills(cgroup: Path) -> int | None:
+    """How many processes of the (v2) cgroup and those below it the kernel OOM-killed
+    (`memory.events`); None if not known (no memory controller there, or the cgroup is gone).
+    Raises OSError when the file is there but cannot be read now (EMFILE, EIO)."""
+    try:
+        return parse_oom_kill((cgroup / "memory.events").read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def oom_kills_v1(cgroup: Path) -> int | None:
+    """The same for a cgroup of the v1 memory hierarchy (`memory.oom_control`, which counts
+    the cgroup's own victims only): summed over it and any the job made below it."""
+    found: int | None = None
+    for directory, _, _ in os.walk(cgroup):
+        try:
+            count = parse_oom_kill(Path(directory, "memory.oom_control").read_bytes())
+        except FileNotFoundError:
+            continue
+        if count is not None:
+            found = (found or 0) + count
+    return found
+
+
+def parse_oom_kill(data: bytes) -> int | None:
+    """The `oom_kill N` line of `memory.events` (v2) or `memory.oom_control` (v1, kernel ≥
+    4.13); None without one, or with one that is not a count."""
+    for line in data.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"oom_kill":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def remove_v1(cgroup: Path, *, tries: int = 3) -> None:
+    """Remove an attempt's v1 memory cgroup and any below it, deepest first, once any process
+    left in them (what the job left running, where no v2 cgroup stopped it) is moved to the
+    cgroup above the attempt's: a v1 cgroup only counts here. Raises OSError (EBUSY) if one
+    still holds a process after `tries` rounds (a process forking meanwhile); one that is gone
+    is fine."""
+    parent = cgroup.parent / "cgroup.procs"
+    for attempt in range(tries):
+        try:
+            for directory, _, _ in os.walk(cgroup, topdown=False):
+                _move_all(Path(directory, "cgroup.procs"), parent)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(directory)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == tries - 1:
+                raise
+
+
+def _move_all(procs: Path, to: Path) -> None:
+    try:
+        pids = procs.read_text().split()
+    except FileNotFoundError:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ESRCH: it has ended since
+            to.write_text(pid)
 
 
 def remove(cgroup: Path) -> None:

@@ -18,6 +18,14 @@ or the host short of memory) while the job's processes still run, the job is re-
 ended it is LOST (there is no exit status to tell its outcome). Elsewhere jobs run in process
 groups.
 
+A job that failed (a signal, a non-zero exit) while the kernel's OOM killer killed one of its
+processes fails as `infrastructure`, not `user` (`failures.local_exit`): once the attempt is over,
+before its cgroups are removed, the backend reads its OOM-kill count from `memory.events` of its
+v2 cgroup (where the memory controller is enabled), or from `memory.oom_control` of the memory
+cgroup (v1) each attempt also gets on a hybrid or legacy host (`cgroups.probe_memory_v1`; named
+in the job's info as `memory_cgroup`; best-effort, never failing a launch). Where neither can be
+read, OOM kills are not known: such a job fails as `user`.
+
 With `local.run_as = "submitter"` each job runs as the user who submitted it (`users.py`): the
 daemon looks up that user's groups, home and name at launch and passes them to the keeper, whose
 forked child takes them on after joining the cgroup and before entering the job's working
@@ -39,7 +47,7 @@ Attempts launched by a daemon from before the keeper (a runner per job, which wr
 file beside the logs) are still followed to their end from those files.
 
 What the backend reads about a job is in `local_files.py`, what makes it look at once in
-`local_watch.py`. The rest (about 600 lines) stays here: one job's way from launch through its
+`local_watch.py`. The rest (about 700 lines) stays here: one job's way from launch through its
 keeper, its cgroup and its stop to its end reads best in one place.
 """
 
@@ -110,6 +118,7 @@ class LocalBackend:
         self._read_errors: dict[str, int] = {}  # errno name → reads that failed inconclusively
         self._unsure: dict[str, int] = {}  # external id → inconclusive reads in a row
         self._containment = cgroups.Containment(None, "not started")
+        self._memory = cgroups.MemoryV1(None, "not started")
         self._watches = local_watch.Watches(lambda job_id: self._wake(job_id))
 
     @property
@@ -131,11 +140,13 @@ class LocalBackend:
         self._containment = cgroups.probe(
             enabled=self._settings.cgroup == "auto", root=self._settings.cgroup_root, create=True
         )
+        self._memory = cgroups.probe_memory_v1(enabled=self._settings.cgroup == "auto", create=True)
         if self._containment.enabled:
             log.info(
                 "local.cgroups",
                 root=str(self._containment.root),
                 kill="cgroup.kill" if self._containment.kill_file else "each member",
+                memory=self._containment.memory,
             )
         elif self._settings.cgroup == "auto":
             log.warning(
@@ -143,6 +154,12 @@ class LocalBackend:
                 reason=self._containment.detail,
                 fallback="process groups: a job's processes that leave its process group "
                 "survive cancel and timeouts, and are not waited for",
+            )
+        if self._settings.cgroup == "auto":
+            log.info(
+                "local.oom_detection",
+                how=cgroups.oom_detection(self._containment, self._memory),
+                memory_v1=str(self._memory.root) if self._memory.enabled else None,
             )
         await self._check_hiding()
         try:
@@ -252,6 +269,24 @@ class LocalBackend:
         root = self._containment.root
         return None if root is None else root / f"{job.id}-{job.attempt}"
 
+    def _new_memory_cgroup(self, job: models.Job) -> Path | None:
+        """Where the current attempt is counted in the v1 memory hierarchy, if this daemon
+        makes such cgroups."""
+        root = self._memory.root
+        return None if root is None else root / f"{job.id}-{job.attempt}"
+
+    def _memory_cgroup_of(self, job: models.Job) -> Path | None:
+        """The attempt's v1 memory cgroup: the one its launch recorded (`memory_cgroup`), if
+        named for this job and attempt under an `orchestrator-jobs` directory; else where this
+        daemon would have made it (an attempt adopted by `locate` has none recorded)."""
+        name = f"{job.id}-{job.attempt}"
+        recorded = job.info.get("memory_cgroup")
+        if isinstance(recorded, str):
+            path = Path(recorded)
+            if path.is_absolute() and path.name == name and path.parent.name == cgroups.JOBS_V1:
+                return path
+        return self._new_memory_cgroup(job)
+
     @staticmethod
     def _cgroup_of(job: models.Job, ident: local_files.JobId) -> Path | None:
         """The attempt's cgroup named in its external id; one not named for this job and
@@ -292,6 +327,19 @@ class LocalBackend:
                 raise errors.StartFailed(
                     f"cannot create the job's cgroup {cgroup}: {exc.strerror}", retryable=True
                 ) from exc
+        memory = self._new_memory_cgroup(job)
+        if memory is not None:
+            try:
+                cgroups.make(memory)
+            except OSError as exc:  # only counts OOM kills: the job runs without it
+                log.warning(
+                    "local.memory_cgroup_not_made",
+                    job_id=job.id,
+                    cgroup=str(memory),
+                    error=exc.strerror,
+                    consequence="an OOM kill of this attempt will not be known",
+                )
+                memory = None
         env, cwd = self._environment(job.spec, job.id, job.attempt, attempt_dir, user)
         request = {
             "dir": str(attempt_dir),
@@ -299,6 +347,7 @@ class LocalBackend:
             "env": env,
             "cwd": cwd,
             "cgroup": None if cgroup is None else str(cgroup),
+            "memory_cgroup": None if memory is None else str(memory),
             "user": None if user is None else user.runner_arg(),
             "hidden": self._hidden if user is None else [],
             "limit": self._settings.max_output_bytes,
@@ -311,6 +360,9 @@ class LocalBackend:
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroups.remove(cgroup)
+            if memory is not None:
+                with contextlib.suppress(OSError):
+                    cgroups.remove_v1(memory)
             code = exc.errno if isinstance(exc, errors.LaunchFailed) else None
             raise errors.StartFailed(
                 f"cannot start the job: {exc}", retryable=code not in _PERMANENT_SPAWN_ERRORS
@@ -328,6 +380,7 @@ class LocalBackend:
             vendor_status="running",
             info={"pid": record.pid, "dir": str(attempt_dir), "keeper": self._keeper.keeper_pid}
             | ({"cgroup": str(cgroup)} if cgroup is not None else {})
+            | ({"memory_cgroup": str(memory)} if memory is not None else {})
             | ({"uid": user.uid, "gid": user.gid} if user is not None else {}),
         )
 
@@ -361,9 +414,9 @@ class LocalBackend:
         record = self._keeper.records.get(_key(job))
         if record is not None and record.result is None:
             return base.Observation(external_id, models.JobState.RUNNING, "running")
-        if record is not None:
-            assert record.result is not None
-            done = local_files.outcome(external_id, record.result)
+        result = None if record is None else record.result
+        if result is not None:
+            done = local_files.outcome(external_id, result)
         else:
             done = self._without_record(job, ident)
             if done.state is models.JobState.RUNNING:
@@ -380,8 +433,26 @@ class LocalBackend:
                     "its processes ran on (re-adopted) and have ended since: the outcome is "
                     "unknown",
                 )
+        memory = self._memory_cgroup_of(job)
+        # Failed: was a process of it OOM-killed? Read before its cgroups are removed.
+        failed = done.state is models.JobState.FAILED and done.failure == "user"
+        if result is not None and failed and local_files.oom_killed(cgroup, memory):
+            done = local_files.outcome(external_id, result, oom_killed=True)
+        self._remove_cgroups(cgroup, memory)
         self._forget(external_id)
         return done
+
+    @staticmethod
+    def _remove_cgroups(cgroup: Path | None, memory: Path | None) -> None:
+        """The attempt is over: its cgroup (empty by now) and its v1 memory cgroup go. One that
+        cannot be removed is left behind; the job has ended all the same."""
+        for path, remove in ((cgroup, cgroups.remove), (memory, cgroups.remove_v1)):
+            if path is None:
+                continue
+            try:
+                remove(path)
+            except OSError as exc:
+                log.warning("local.cgroup_not_removed", cgroup=str(path), error=exc.strerror)
 
     def _without_record(self, job: models.Job, ident: local_files.JobId) -> base.Observation:
         """What to say of an attempt the keeper does not know: launched by a runner from before
@@ -427,7 +498,7 @@ class LocalBackend:
     def _draining(
         self, job: models.Job, cgroup: Path, done: base.Observation
     ) -> base.Observation | None:
-        """None once the attempt's cgroup is empty (and removed); while it is not, what to say
+        """None once the attempt's cgroup is empty (the caller removes it); while not, what to say
         of the job (RUNNING), having made sure that what is left ends: stopped if the job's own
         process has ended with its outcome recorded, watched if the runner has gone without."""
         assert job.external_id is not None
@@ -440,10 +511,6 @@ class LocalBackend:
         except (OSError, ValueError) as exc:
             raise errors.ReadUnsure("cgroup.events", exc) from exc
         if not busy:
-            try:
-                cgroups.remove(cgroup)
-            except OSError as exc:  # left behind; the job has ended all the same
-                log.warning("local.cgroup_not_removed", cgroup=str(cgroup), error=exc.strerror)
             return None
         if external_id in self._killers:  # being stopped: ends when the last process has gone
             self._stop_cgroup(external_id, job.id, cgroup)  # SIGKILL again once past the grace
@@ -597,6 +664,9 @@ class LocalBackend:
         except errors.ReadUnsure as exc:
             self._read_failed(None, exc, job_id=job.id)
             return base.Located(None, launched=None)
+        if located.launched is False and (memory := self._new_memory_cgroup(job)) is not None:
+            with contextlib.suppress(OSError):  # made before a crash, never joined
+                cgroups.remove_v1(memory)
         if cgroup is None:
             return located
         if located.launched is False:  # made before a crash, never joined: not needed now

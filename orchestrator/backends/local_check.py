@@ -1,7 +1,7 @@
 """The local backend's part of `orchestrator check`: a writable work directory, whether jobs get
 cgroups of their own (where they cannot, the daemon falls back to process groups: said, not
-failed), and with `local.run_as = "submitter"` whether this process can switch users as the
-daemon must.
+failed) and how their OOM kills would be known (said in the same line), and with
+`local.run_as = "submitter"` whether this process can switch users as the daemon must.
 
 `LocalBackend.check()` returns `check`, with its line on `local.hide_state`. Apart from
 `local.py` to keep it short; `writable` also serves the store's check.
@@ -46,17 +46,17 @@ async def writable(directory: Path) -> str:
 async def _cgroup(settings: LocalSettings) -> str:
     """What the daemon would find, as seen from this process's cgroup (so run it where the
     daemon runs): nothing is made or moved."""
-    found = cgroups.probe(
-        enabled=settings.cgroup == "auto", root=settings.cgroup_root, create=False
-    )
-    if found.enabled:
-        kill = "cgroup.kill" if found.kill_file else "no cgroup.kill: each member is killed"
-        return f"{found.detail} ({kill})"
+    enabled = settings.cgroup == "auto"
+    found = cgroups.probe(enabled=enabled, root=settings.cgroup_root, create=False)
     if settings.cgroup == "off":
         return found.detail
+    oom = cgroups.oom_detection(found, cgroups.probe_memory_v1(enabled=enabled, create=False))
+    if found.enabled:
+        kill = "cgroup.kill" if found.kill_file else "no cgroup.kill: each member is killed"
+        return f"{found.detail} ({kill}); OOM kills: {oom}"
     return (
         f"unavailable, jobs fall back to process groups (what a job starts outside its group "
-        f"survives cancel and timeouts): {found.detail}"
+        f"survives cancel and timeouts): {found.detail}; OOM kills: {oom}"
     )
 
 

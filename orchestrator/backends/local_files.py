@@ -1,22 +1,22 @@
 """What the local backend reads about a job, apart from the keeper: its external id, its
-process in /proc, its attempt's claim, its logs, and the files a runner from before the keeper
-left (an `exit` file). Reads that fail without proving anything raise `errors.ReadUnsure`: the
-job keeps its state until a later read tells.
+process in /proc, its attempt's claim, its logs, whether the kernel OOM-killed a process of it
+(its cgroups' counts), and the files a runner from before the keeper left (an `exit` file).
+Reads that fail without proving anything raise `errors.ReadUnsure`: the job keeps its state
+until a later read tells.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 
-from orchestrator import errors, models
-from orchestrator.backends import _runner, base
+from orchestrator import errors, failures, models
+from orchestrator.backends import _runner, base, cgroups
 
 _READ_CHUNK = 64 * 1024
 
@@ -149,21 +149,41 @@ def read_claim(attempt_dir: Path) -> dict[str, Any] | None:
     return claim
 
 
-def outcome(external_id: str, result: Mapping[str, Any]) -> base.Observation:
+def oom_killed(cgroup: Path | None, memory: Path | None) -> bool:
+    """Whether the kernel OOM-killed a process of the attempt: its v2 cgroup's `memory.events`
+    (`cgroup`), its v1 memory cgroup's `memory.oom_control` (`memory`). A count that is not
+    there (no memory controller, no such cgroup) is not known: False. One that is there but
+    cannot be read now raises `errors.ReadUnsure` (read before the cgroups are removed, it is
+    read again next round)."""
+    try:
+        v2 = cgroups.oom_kills(cgroup) if cgroup is not None else None
+    except OSError as exc:
+        raise errors.ReadUnsure("memory.events", exc) from exc
+    try:
+        v1 = cgroups.oom_kills_v1(memory) if memory is not None else None
+    except OSError as exc:
+        raise errors.ReadUnsure("memory.oom_control", exc) from exc
+    return bool(v2) or bool(v1)
+
+
+def outcome(
+    external_id: str, result: Mapping[str, Any], *, oom_killed: bool = False
+) -> base.Observation:
     """The observation of a job whose own process has ended, from what the keeper (or a runner
-    from before it) recorded: exit code, signal, why it could not start."""
+    from before it) recorded: exit code, signal, why it could not start; its failure class
+    from `failures.local_exit` (`oom_killed`: the kernel OOM-killed a process of the job)."""
     code = int(result["exit_code"])
     killed_by = int(result["signal"]) if result.get("signal") else None
-    reason: str | None
-    if result.get("error"):
-        reason = str(result["error"])
-    elif killed_by:
-        reason = f"killed by {signal.Signals(killed_by).name}"
-    else:
-        reason = None if code == 0 else f"exit code {code}"
+    error = str(result["error"]) if result.get("error") else None
+    classified = failures.local_exit(code, killed_by, error, oom_killed)
     state = models.JobState.SUCCEEDED if code == 0 else models.JobState.FAILED
     info: dict[str, Any] = {k: result[k] for k in ("started_at", "finished_at") if k in result}
-    failure = "start" if result.get("error") else None  # its process could not be started
     return base.Observation(
-        external_id, state, "exited", reason=reason, exit_code=code, info=info, failure=failure
+        external_id,
+        state,
+        "exited",
+        reason=None if classified is None else classified.reason,
+        exit_code=code,
+        info=info,
+        failure=None if classified is None else classified.failure,
     )

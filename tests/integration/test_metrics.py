@@ -40,17 +40,21 @@ async def test_metrics_endpoint_reports_jobs_latencies_and_rejections(short_tmp:
         assert daemon.metrics_address is not None
         for command in (["true"], ["true"], ["false"]):
             await client.wait((await client.submit({"command": command}))["id"])
+        retried = {"command": ["sh", "-c", "exit 75"], "retry": {"exit_codes": [75]}}
+        retried["retry"] |= {"attempts": 2, "backoff_s": 0}
+        await client.wait((await client.submit(retried))["id"])
         text = await asyncio.to_thread(scrape, daemon.metrics_address)
         missing = await asyncio.to_thread(_status_of, daemon.metrics_address, "/nope")
-    assert sample(text, 'orchestrator_jobs_submitted_total{backend="local"}') == 3
+    assert sample(text, 'orchestrator_jobs_submitted_total{backend="local"}') == 4
     succeeded = 'orchestrator_jobs_finished_total{backend="local",failure="",state="SUCCEEDED"}'
     assert sample(text, succeeded) == 2
     failed = 'orchestrator_jobs_finished_total{backend="local",failure="user",state="FAILED"}'
-    assert sample(text, failed) == 1  # its own non-zero exit
+    assert sample(text, failed) == 2  # their own non-zero exit; a retried job finishes once
+    assert sample(text, 'orchestrator_jobs_retried_total{backend="local",failure="user"}') == 1
     assert sample(text, 'orchestrator_jobs{state="SUCCEEDED"}') == 2
     assert sample(text, 'orchestrator_jobs{state="QUEUED"}') == 0
-    assert sample(text, 'orchestrator_dispatch_seconds_count{backend="local"}') == 3
-    assert sample(text, 'orchestrator_detection_lag_seconds_count{backend="local"}') == 3
+    assert sample(text, 'orchestrator_dispatch_seconds_count{backend="local"}') == 5  # attempts
+    assert sample(text, 'orchestrator_detection_lag_seconds_count{backend="local"}') == 4
     assert 'orchestrator_build_info{python="' in text
     assert "job_id" not in text  # no per-job labels
     assert missing == 404

@@ -158,5 +158,28 @@ def test_crash_at_each_dispatch_point_runs_the_job_exactly_once(
     assert ran_log(short_tmp) == [job["id"]]
 
 
+def test_crash_before_a_retry_is_recorded_retries_once_after_the_restart(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    """The first attempt failed with an exit code its policy retries, and the daemon died
+    before recording the retry: the restarted one finds the attempt's end again (the keeper
+    kept it) and retries it once — the job runs twice in all, not once, not three times."""
+    daemon.start(extra_env={"ORCHESTRATOR_CRASH_AT": "poller.before_retry"})
+    log = short_tmp / "ran.log"
+    command = ["sh", "-c", f'echo run >> {log}; test "$(wc -l < {log})" -ge 2 || exit 75']
+    spec = {"command": command, "retry": {"exit_codes": [75], "backoff_s": 0}}
+    with SyncClient(daemon.socket_path, timeout_s=10) as client:
+        job = client.submit(spec)
+    assert daemon.wait_exit() == 137
+    assert "crash point poller.before_retry reached" in daemon.log()
+    daemon.start()
+    with daemon.client() as client:
+        final = client.wait(job["id"])
+        attempts = client.get(job["id"], history=True)["attempts"]
+    assert (final["state"], final["attempt"]) == ("SUCCEEDED", 2)
+    assert [a["outcome"] for a in attempts] == ["failed (user): exit code 75", "submitted"]
+    assert log.read_text().split() == ["run", "run"]
+
+
 def job_dir(daemon: DaemonProcess, job_id: str) -> Path:
     return daemon.store_path.parent / "jobs" / job_id

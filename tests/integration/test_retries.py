@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,10 @@ async def test_ecs_spot_interruptions_are_retried_within_attempts_then_fail_infr
     assert (final["state"], final["failure"], final["attempt"]) == ("FAILED", "infrastructure", 2)
     assert "SpotInterruption" in final["reason"]
     assert len(fault_proxy.requests("ecs", "RunTask")) == 2
-    assert [a["outcome"].split(":")[0] for a in attempts] == ["failed (infrastructure)", "submitted"]
+    assert [a["outcome"].split(":")[0] for a in attempts] == [
+        "failed (infrastructure)",
+        "submitted",
+    ]
 
 
 @pytest.mark.usefixtures("proxied_aws_env")
@@ -338,9 +342,10 @@ async def test_batch_host_terminations_are_retried_within_attempts_then_fail_inf
 ) -> None:
     fault_proxy.record("batch", "SubmitJob")
     fault_proxy.add_rule(Rule("batch", "DescribeJobs", host_terminated, times=None))
-    async with running(batch_settings(short_tmp, batch_env)), Client(
-        short_tmp / "o.sock"
-    ) as client:
+    async with (
+        running(batch_settings(short_tmp, batch_env)),
+        Client(short_tmp / "o.sock") as client,
+    ):
         job = await client.submit({"command": ["true"]})
         final, _, attempts = await outcome(client, job["id"])
     assert (final["state"], final["failure"], final["attempt"]) == ("FAILED", "infrastructure", 3)
@@ -355,9 +360,10 @@ async def test_batch_a_job_batch_retries_itself_is_not_retried_again(
 ) -> None:
     fault_proxy.record("batch", "SubmitJob")
     fault_proxy.add_rule(Rule("batch", "DescribeJobs", host_terminated, times=None))
-    async with running(batch_settings(short_tmp, batch_env)), Client(
-        short_tmp / "o.sock"
-    ) as client:
+    async with (
+        running(batch_settings(short_tmp, batch_env)),
+        Client(short_tmp / "o.sock") as client,
+    ):
         job = await client.submit(
             {"command": ["true"], "overrides": {"retryStrategy": {"attempts": 3}}}
         )
@@ -388,3 +394,35 @@ async def test_many_jobs_failing_together_are_each_retried_once_per_attempt(
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
     assert [(f["state"], f["attempt"]) for f in finals] == [("SUCCEEDED", 2)] * 50
     assert [runs_of(root / str(i)) for i in range(50)] == [2] * 50
+
+
+# -- what the CLI shows ----------------------------------------------------------------------
+
+
+async def test_status_shows_the_attempt_of_the_most_and_the_previous_failure(
+    short_tmp: Path,
+) -> None:
+    runs = short_tmp / "runs"
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        job = await client.submit(
+            {
+                "command": counting(runs, 'test "$n" -ge 2 || exit 75'),
+                "retry": {"exit_codes": [75], "backoff_s": 0},
+            }
+        )
+        await client.wait(job["id"])
+        shown = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "status",
+            "--socket",
+            str(short_tmp / "o.sock"),
+            job["id"],
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await shown.communicate()
+    lines = out.decode().splitlines()
+    assert shown.returncode == 0
+    assert any(line.split()[:2] == ["attempt:", "2/3"] for line in lines), lines
+    assert "previous:      user — exit code 75" in lines, lines

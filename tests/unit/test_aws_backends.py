@@ -371,3 +371,23 @@ def test_merge_kwargs_merges_named_lists_by_name_and_replaces_others() -> None:
             {"name": "Z", "value": "4"},
         ],
     }
+
+
+def test_batch_says_when_it_retries_a_job_itself() -> None:
+    """DescribeJobs' `retryStrategy` is the job's own or its definition's: above one attempt,
+    Batch retries the job and the daemon must not (`info.vendor_attempts`)."""
+    backend = BatchBackend(
+        BatchSettings(enabled=True, job_queue="q", job_definition="d", region_name="r"),
+        TokenBucket("logs", 10, 10),
+    )
+    detail = {"jobId": "j", "status": "FAILED", "statusReason": "Essential container exited"}
+    for strategy, expected in [
+        (
+            {"attempts": 3, "evaluateOnExit": [{"onStatusReason": "Host EC2*", "action": "RETRY"}]},
+            3,
+        ),
+        ({"attempts": 1}, None),
+        (None, None),
+    ]:
+        observed = backend._observe({**detail, "retryStrategy": strategy} if strategy else detail)
+        assert observed.info.get("vendor_attempts") == expected, strategy

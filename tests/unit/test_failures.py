@@ -515,9 +515,7 @@ def test_local_command_that_cannot_run_is_rejected_and_the_hosts_trouble_is_star
         "cannot hide the daemon's state from the job: Operation not permitted; not run",
         "cannot run as alice (uid 1001): Operation not permitted",
     ):
-        assert failures.local_exit(126, None, error, oom_killed=False) == Classified(
-            "start", error
-        )
+        assert failures.local_exit(126, None, error, oom_killed=False) == Classified("start", error)
 
 
 def test_local_oom_kill_is_infrastructure() -> None:

@@ -292,6 +292,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "command": ["sleep", "1"],
         "timeout_s": 30.0,
         "queue_timeout_s": None,
+        "retry": None,
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }
