@@ -19,6 +19,7 @@ from orchestrator.client import Client
 from orchestrator.daemon import Daemon
 from orchestrator.testing import make_settings
 from tests.support.daemon import running
+from tests.support.waits import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -172,8 +173,5 @@ async def test_retention_deletes_old_terminal_jobs_and_their_files(short_tmp: Pa
         await client.cancel(waiting["id"])
     assert ids == {recent["id"], waiting["id"]}  # old and terminal: gone; unfinished: kept
     # Its files go right after its row, on a thread the daemon's stop does not interrupt.
-    deadline = time.monotonic() + 10
-    while (jobs_dir / old["id"]).exists() and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert not (jobs_dir / old["id"]).exists()
+    await until(lambda: not (jobs_dir / old["id"]).exists(), "the purged job's files to go")
     assert (jobs_dir / recent["id"]).is_dir()

@@ -71,15 +71,20 @@ async def test_a_retried_attempt_is_handed_back_once_and_settled() -> None:
     await store.open()
     fake = FakeBackend(default_script=Script(states=(S.FAILED,), exit_code=75))
     requeued: list[tuple[str, float]] = []
+    handed_back = asyncio.Event()
+
+    def requeue(job: models.Job, at: float) -> None:
+        requeued.append((job.id, at))
+        handed_back.set()
+
     poller = Poller(FAST, store, {"local": fake}, retry=POLICY)
-    poller.set_requeue(lambda job, at: requeued.append((job.id, at)))
+    poller.set_requeue(requeue)
     job = await launched(store, fake)
     poller.track(job)
     running = asyncio.create_task(poller.run())
     try:
         async with asyncio.timeout(10):
-            while not requeued:
-                await asyncio.sleep(0.01)
+            await handed_back.wait()
         await asyncio.sleep(0.1)  # and nothing more comes of it
     finally:
         running.cancel()
