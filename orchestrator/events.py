@@ -83,6 +83,8 @@ class Hub:
         self._all: set[Subscription] = set()
         self._by_job: dict[str, set[Subscription]] = {}
         self._queue_size = watcher_queue_size
+        # The number of the last event committed (`Event.seq`): a new watcher's starting point.
+        self.last_seq = 0
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -106,7 +108,12 @@ class Hub:
             if not subs:
                 del self._by_job[sub.job_id]
 
+    def committed_up_to(self, seq: int) -> None:
+        """The store holds events up to `seq` (it says so when it opens)."""
+        self.last_seq = max(self.last_seq, seq)
+
     def publish(self, event: models.Event) -> None:
+        self.last_seq = max(self.last_seq, event.seq)
         for listener in self._listeners:
             try:
                 listener(event)

@@ -385,10 +385,13 @@ class Event:
     exit_code: int | None = None
     created_at: float = 0.0  # when the job was accepted (for latency metrics)
     peer_uid: int | None = None  # who submitted the job (for whom its events are), not sent
-    failure: str | None = None  # the failure class of a terminal state but SUCCEEDED
+    failure: str | None = None  # the failure class of a terminal state but SUCCEEDED (or, going
+    # back to QUEUED, of the attempt a retry follows)
+    seq: int = 0  # its place in the store's order of events: grows with every change committed
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "seq": self.seq,
             "job_id": self.job_id,
             "backend": self.backend,
             "name": self.name,

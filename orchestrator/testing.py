@@ -206,6 +206,7 @@ class MemoryData:
     jobs: dict[str, models.Job] = field(default_factory=dict)
     keys: dict[tuple[int | None, str], str] = field(default_factory=dict)  # (uid, key) → id
     events: dict[str, list[models.Event]] = field(default_factory=dict)  # by job, in order
+    seq: int = 0  # the number of the last event committed
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
 
 
@@ -239,6 +240,7 @@ class InMemoryStore(store.Store):
         if self.data.schema_version > store.SCHEMA_VERSION:
             raise errors.StoreTooNew("<memory>", self.data.schema_version, store.SCHEMA_VERSION)
         self._open = True
+        self._hub.committed_up_to(self.data.seq)
 
     async def close(self) -> None:
         self._open = False
@@ -281,6 +283,8 @@ class InMemoryStore(store.Store):
         self._commit_failure = None
         self.data.jobs[job.id] = job
         if changed is not None:
+            self.data.seq += 1
+            changed = dataclasses.replace(changed, seq=self.data.seq)
             self.data.events.setdefault(job.id, []).append(changed)
             self._hub.publish(changed)
         return job
@@ -580,6 +584,25 @@ class InMemoryStore(store.Store):
             }
             for e in self.data.events.get(job_id, ())
         ]
+
+    async def events_since(
+        self,
+        since: int,
+        *,
+        job_id: str | None = None,
+        peer_uid: int | None = None,
+        limit: int = 1000,
+    ) -> list[models.Event]:
+        self._jobs()
+        found = [
+            event
+            for events in (
+                self.data.events.values() if job_id is None else [self.data.events.get(job_id, [])]
+            )
+            for event in events
+            if event.seq > since and (peer_uid is None or event.peer_uid == peer_uid)
+        ]
+        return sorted(found, key=lambda event: event.seq)[:limit]
 
     async def attempts(self, job_id: str) -> list[store.AttemptEntry]:
         self._jobs()

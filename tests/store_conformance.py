@@ -169,8 +169,10 @@ async def accepted_jobs_are_queued_durable_and_announced(h: Harness) -> None:
             at=now,
             created_at=now,
             peer_uid=PEER_A.uid,
+            seq=h.published[0].seq,
         )
     ]
+    assert h.published[0].seq > 0
     assert await h.store.get(job.id) == job
     assert await h.store.history(job.id) == [
         {"at": models.iso(now), "from": None, "to": "QUEUED", "reason": None, "exit_code": None}
@@ -758,6 +760,49 @@ async def a_retry_is_refused_when_stale_or_stopping(h: Harness) -> None:
     assert h.published == []
     with pytest.raises(errors.JobNotFound):
         await h.store.retry("nope", S.RUNNING, reason="again", outcome="failed")
+
+
+# -- event numbers ---------------------------------------------------------------------------
+
+
+@case
+async def events_are_numbered_in_commit_order_and_read_again_from_any_number(h: Harness) -> None:
+    a = await h.job_in(S.RUNNING)
+    b = await h.job_in(S.SUCCEEDED, peer=PEER_B)
+    outcomes = await h.store.accept_many([(_spec(name="x"), "local"), (_spec(), "ecs")], PEER_A)
+    await h.store.transition(a.id, S.RUNNING, S.FAILED, reason="no", info={"failure": "user"})
+    published = list(h.published)
+    seqs = [e.seq for e in published]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert seqs[0] > 0
+    # Read again: the same events, as published, from any number on.
+    assert await h.store.events_since(0) == published
+    assert await h.store.events_since(seqs[3]) == published[4:]
+    assert await h.store.events_since(seqs[-1]) == []
+    assert await h.store.events_since(0, limit=2) == published[:2]
+    assert await h.store.events_since(0, job_id=a.id) == [e for e in published if e.job_id == a.id]
+    assert await h.store.events_since(0, peer_uid=PEER_B.uid) == [
+        e for e in published if e.job_id == b.id
+    ]
+    assert (await h.store.events_since(0, job_id=a.id))[-1].failure == "user"
+    new_ids = {_accepted(o)[0].id for o in outcomes}
+    assert {e.job_id for e in published if e.from_state is None} >= new_ids
+    # A restart keeps them, and numbers on from where it was.
+    await h.restart()
+    assert await h.store.events_since(0) == published
+    c = await h.accept()
+    assert h.published[-1].job_id == c.id
+    assert h.published[-1].seq > seqs[-1]
+
+
+@case
+async def a_purged_jobs_events_are_gone(h: Harness) -> None:
+    old = await h.job_in(S.SUCCEEDED)
+    h.clock.advance(100)
+    kept = await h.job_in(S.SUCCEEDED)
+    assert await h.store.purge(h.clock.now - 50) == [old.id]
+    assert {e.job_id for e in await h.store.events_since(0)} == {kept.id}
 
 
 # -- observations ----------------------------------------------------------------------------

@@ -11,6 +11,9 @@ Two implementations pass one conformance suite (`tests/store_conformance.py`): `
   in-memory store: once it is made); the events it caused (`models.Event`, one per state
   change, the acceptance of a new job included) are published to the `events.Hub` the store
   was built with, in commit order, before the write returns to its caller.
+- **Events are numbered** in commit order (`Event.seq`, growing, never reused, across
+  restarts), and can be read again from any number on (`events_since`): a watcher that lost
+  its connection catches up from the last one it saw.
 - **Idempotency keys per submitter**: a spec's key names at most one job per submitter uid
   (and one for jobs with no recorded submitter). The same key with the same spec is the same
   job (not created again, no event); with a different spec (or backend) it is an
@@ -294,6 +297,19 @@ class Store(Protocol):
 
     async def attempts(self, job_id: str) -> list[AttemptEntry]:
         """The job's attempts, oldest first (none for an unknown job)."""
+        ...
+
+    async def events_since(
+        self,
+        since: int,
+        *,
+        job_id: str | None = None,
+        peer_uid: int | None = None,
+        limit: int = 1000,
+    ) -> list[models.Event]:
+        """The events committed after the one numbered `since` (0: all), in commit order, at
+        most `limit`: of one job, or of the jobs `peer_uid` submitted, if given. Each as it
+        was published (its `seq` included); a purged job's are gone."""
         ...
 
     async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:

@@ -5,6 +5,7 @@ connection, on their threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +22,8 @@ COLUMNS = (
     "state_times, info"
 )
 _INSERT_EVENT = (
-    "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code, failure) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_JOB = (
     "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
@@ -79,7 +80,15 @@ def _event_row(event: models.Event) -> tuple[Any, ...]:
         event.to_state.value,
         event.reason,
         event.exit_code,
+        event.failure,
     )
+
+
+def insert_event(conn: sqlite3.Connection, event: models.Event) -> models.Event:
+    """Write `event`'s row: the event with its `seq` (the row's key: it grows with each)."""
+    seq = conn.execute(_INSERT_EVENT, _event_row(event)).lastrowid
+    assert seq is not None
+    return dataclasses.replace(event, seq=seq)
 
 
 class NewJobs:
@@ -94,7 +103,8 @@ class NewJobs:
         self._now = now
         self._state_times = orjson.dumps({models.JobState.QUEUED.value: now})
         self._jobs: list[tuple[Any, ...]] = []
-        self._events: list[tuple[Any, ...]] = []
+        self._events: list[models.Event] = []
+        self.accepted: list[models.Event] = []  # written so far, with their `seq`, in order
 
     def add(
         self, spec: models.JobSpec, backend: str, spec_json: bytes
@@ -131,13 +141,20 @@ class NewJobs:
                 self._state_times,
             )
         )
-        self._events.append(_event_row(accepted))
+        self._events.append(accepted)
         return job, accepted
 
     def flush(self) -> None:
         if self._jobs:
             self._conn.executemany(_INSERT_JOB, self._jobs)
-            self._conn.executemany(_INSERT_EVENT, self._events)
+            self._conn.executemany(_INSERT_EVENT, [_event_row(e) for e in self._events])
+            # One writer, one transaction: the rows just written took the keys right below
+            # the last one, in order.
+            (last,) = self._conn.execute("SELECT last_insert_rowid()").fetchone()
+            first = last - len(self._events) + 1
+            self.accepted += [
+                dataclasses.replace(event, seq=first + i) for i, event in enumerate(self._events)
+            ]
             self._jobs.clear()
             self._events.clear()
 
@@ -205,9 +222,7 @@ def apply(
         ),
     )
     updated = fetch(conn, job.id)
-    changed = protocol.job_event(updated, job.state)
-    conn.execute(_INSERT_EVENT, _event_row(changed))
-    return updated, [changed]
+    return updated, [insert_event(conn, protocol.job_event(updated, job.state))]
 
 
 def requeue(
@@ -242,6 +257,28 @@ def requeue(
         ),
     )
     updated = fetch(conn, job.id)
-    changed = protocol.job_event(updated, job.state)
-    conn.execute(_INSERT_EVENT, _event_row(changed))
-    return updated, [changed]
+    return updated, [insert_event(conn, protocol.job_event(updated, job.state))]
+
+
+EVENT_COLUMNS = (
+    "e.seq, e.job_id, j.backend, COALESCE(json_extract(CAST(j.spec AS TEXT), '$.name'), j.id), "
+    "e.from_state, e.to_state, e.at, e.reason, e.exit_code, j.created_at, j.peer_uid, e.failure"
+)
+
+
+def event_from_row(row: Sequence[Any]) -> models.Event:
+    """An `events` row joined with its job's (`EVENT_COLUMNS`)."""
+    return models.Event(
+        seq=row[0],
+        job_id=row[1],
+        backend=row[2],
+        name=row[3],
+        from_state=None if row[4] is None else models.JobState(row[4]),
+        to_state=models.JobState(row[5]),
+        at=row[6],
+        reason=row[7],
+        exit_code=row[8],
+        created_at=row[9],
+        peer_uid=row[10],
+        failure=row[11],
+    )

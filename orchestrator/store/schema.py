@@ -22,7 +22,12 @@ from orchestrator.settings import StoreSettings
 
 log = structlog.get_logger("orchestrator.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each version added, applied in order to a store written by an older one (in one
+# transaction, after the integrity check): version → its statements.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE events ADD COLUMN failure TEXT",),  # an event's failure class
+}
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
 SCHEMA = f"""
@@ -59,7 +64,8 @@ CREATE TABLE IF NOT EXISTS events (
     from_state TEXT,
     to_state TEXT NOT NULL,
     reason TEXT,
-    exit_code INTEGER
+    exit_code INTEGER,
+    failure TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -81,7 +87,7 @@ def connect_writer(settings: StoreSettings) -> sqlite3.Connection:
     path = settings.path
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     try:
-        check_schema(conn, path)  # before anything writes: a file not ours stays as it was
+        version = check_schema(conn, path)  # before anything writes: a file not ours stays
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise errors.StoreError(f"{path}: cannot enable WAL (got {mode})")
@@ -90,7 +96,7 @@ def connect_writer(settings: StoreSettings) -> sqlite3.Connection:
         check = conn.execute(f"PRAGMA {pragma}").fetchone()[0]
         if check != "ok":
             raise errors.StoreError(f"{path}: integrity check failed: {check}")
-        conn.executescript(SCHEMA)  # what an older schema lacks (nothing, at version 1)
+        migrate(conn, version)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
@@ -189,9 +195,28 @@ def _create(path: Path) -> None:
         os.close(dir_fd)
 
 
-def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a store written at `version` up to `SCHEMA_VERSION`, all or nothing."""
+    if version >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    log.info("store.migrated", from_version=version, to_version=SCHEMA_VERSION)
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> int:
     """Refuse an SQLite database that is not an orchestrator store, or is one written by a
-    newer version. Reads only."""
+    newer version; the version it was written at. Reads only."""
     tables = [
         row[0]
         for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")
@@ -212,3 +237,4 @@ def check_schema(conn: sqlite3.Connection, path: Path) -> None:
         raise errors.NotAStore(str(path), f"schema_version {row[0]!r} is not a number") from None
     if version > SCHEMA_VERSION:
         raise errors.StoreTooNew(str(path), version, SCHEMA_VERSION)
+    return version

@@ -42,6 +42,7 @@ class SqliteStore(Store):
         self, settings: StoreSettings, hub: events.Hub, clock: Callable[[], float] = time.time
     ) -> None:
         self._settings = settings
+        self._hub = hub
         self._clock = clock
         self._lock_fd: int | None = None
         self._free_bytes: int | None = None
@@ -68,6 +69,10 @@ class SqliteStore(Store):
             self._unlock()
             raise
         await self._io.start(conn)
+        last = await self._io.read(
+            lambda conn: conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        )
+        self._hub.committed_up_to(last)
 
     async def close(self) -> None:
         """Commit whatever is waiting, then stop both threads."""
@@ -93,7 +98,6 @@ class SqliteStore(Store):
 
         def op(conn: sqlite3.Connection) -> tuple[list[AcceptOutcome], list[models.Event]]:
             outcomes: list[AcceptOutcome] = []
-            accepted: list[models.Event] = []
             new_jobs = rows.NewJobs(conn, peer, now)
             for spec, backend, spec_json in specs_json:
                 try:
@@ -102,10 +106,8 @@ class SqliteStore(Store):
                     outcomes.append(exc)
                     continue
                 outcomes.append((job, event is not None))
-                if event is not None:
-                    accepted.append(event)
             new_jobs.flush()
-            return outcomes, accepted
+            return outcomes, new_jobs.accepted
 
         return await self._io.write(op)
 
@@ -408,6 +410,29 @@ class SqliteStore(Store):
             ]
 
         return await self._io.read(fetch)
+
+    async def events_since(
+        self,
+        since: int,
+        *,
+        job_id: str | None = None,
+        peer_uid: int | None = None,
+        limit: int = 1000,
+    ) -> list[models.Event]:
+        clauses, args = ["e.seq > ?"], [since]
+        if job_id is not None:
+            clauses.append("e.job_id = ?")
+            args.append(job_id)  # type: ignore[arg-type]
+        if peer_uid is not None:
+            clauses.append("j.peer_uid = ?")
+            args.append(peer_uid)
+        sql = (
+            f"SELECT {rows.EVENT_COLUMNS} FROM events e JOIN jobs j ON j.id = e.job_id "
+            f"WHERE {' AND '.join(clauses)} ORDER BY e.seq LIMIT ?"
+        )
+        return await self._io.read(
+            lambda conn: [rows.event_from_row(r) for r in conn.execute(sql, (*args, limit))]
+        )
 
     async def attempts(self, job_id: str) -> list[AttemptEntry]:
         def fetch(conn: sqlite3.Connection) -> list[AttemptEntry]:

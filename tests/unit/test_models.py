@@ -321,8 +321,10 @@ def test_event_to_dict() -> None:
         from_state=None,
         to_state=S.QUEUED,
         at=_at(2024, 5, 6, 7, 8, 9, 123000),
+        seq=42,
     )
     assert event.to_dict() == {
+        "seq": 42,
         "job_id": "j1",
         "backend": "local",
         "name": "nightly",
