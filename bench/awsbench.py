@@ -7,6 +7,7 @@
 - `ProcSample` / `proc_sample`: CPU seconds and RSS of a process from `/proc`.
 - `StatsSampler`: the stand-in's describe-call counter sampled over time, for "calls per poll
   round" (the most calls in any window one poller cap long).
+- `save_json`: a bench's raw samples for `bench/plots.py` (`--save PATH.json`).
 - small helpers: percentiles, RFC 3339 parsing, Markdown tables, the command line.
 """
 
@@ -318,6 +319,8 @@ class StatsSampler:
         self.pid = pid
         self.times: list[float] = []
         self.counts: list[int] = []
+        self.walls: list[float] = []  # time.time() of each sample, the stand-in's clock
+        self.round_calls: list[float] = []  # the stand-in's cumulative per-round allowance
         self.peak_rss_mb = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -334,7 +337,10 @@ class StatsSampler:
     async def _sample(self) -> None:
         stats = await self.fake.stats(self.session)
         self.times.append(time.monotonic())
+        self.walls.append(time.time())
         self.counts.append(int(stats["calls"].get(self.operation, 0)))
+        describes = stats.get("describe_ids", {}).get(self.operation) or {}
+        self.round_calls.append(float(describes.get("round_calls") or 0.0))
         if self.pid is not None and (sample := proc_sample(self.pid)) is not None:
             self.peak_rss_mb = max(self.peak_rss_mb, sample.rss_mb)
 
@@ -393,6 +399,20 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
+def save_json(path: Path, bench: str, data: Mapping[str, Any]) -> None:
+    """A bench's raw samples, with the command line and the load average, for `plots.py`."""
+    header = {
+        "bench": bench,
+        "command": command_line(),
+        "cpus": os.cpu_count(),
+        "load_at_start": _LOAD_AT_START,  # when this module was imported: the bench's start
+        "load_at_end": list(os.getloadavg()),
+        "saved_at": time.time(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps({**header, **data}))
+
+
 def machine_line() -> str:
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -416,3 +436,6 @@ async def wait_counts(
             break
         await asyncio.sleep(interval_s)
     return counts
+
+
+_LOAD_AT_START = list(os.getloadavg())

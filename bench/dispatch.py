@@ -3,6 +3,7 @@ bucket, throttle replies, and jobs failed by throttling (must be 0).
 
     python bench/dispatch.py                       # 2,000 jobs, ECS 40/s then Batch 50/s
     python bench/dispatch.py --jobs 500 --backends batch
+    python bench/dispatch.py --save /tmp/dispatch.json   # raw launch times, for plots.py
 
 Per backend, a fresh `bench/fakeaws.py` (a child process) enforcing the bucket as AWS does (ECS
 RunTask+StopTask: `--ecs-rate`/s, burst `--ecs-burst`; Batch SubmitJob: `--batch-rate`/s, burst
@@ -20,6 +21,9 @@ rates are real), so tracking costs little while they are launched.
   attempts included);
 - retried starts: jobs that needed more than one attempt; failed (throttling): jobs FAILED or
   LOST with a throttling reason; failed (other): any other FAILED/LOST.
+
+`--save PATH.json` writes every row with its raw launch times (epoch seconds at the stand-in)
+and the moment of the first submit, for `bench/plots.py`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Row:
     cpu_s: float = math.nan
     rss_mb: float = math.nan
     reasons: list[str] = dataclasses.field(default_factory=list)
+    started_at: float = math.nan  # the first submit (epoch), for --save
+    launches: list[float] = dataclasses.field(default_factory=list)  # epoch, sorted
 
 
 def steady_rate(launch_times: list[float], rate: float, burst: float) -> tuple[float, bool]:
@@ -143,7 +149,7 @@ async def run_backend(backend: str, args: argparse.Namespace, root: Path) -> Row
         async with aiohttp.ClientSession() as http, Client(daemon.socket_path) as client:
             await fake.reset(http)
             before = ab.proc_sample(pid)
-            t0 = time.monotonic()
+            t0, row.started_at = time.monotonic(), time.time()
             await ab.submit_all(client, args.jobs, "dispatch")
             timeout_s = args.timeout_s or 3 * args.jobs / min(rate, daemon_rate) + 60
             counts = await wait_dispatched(client, daemon, args.jobs, timeout_s)
@@ -160,6 +166,7 @@ async def run_backend(backend: str, args: argparse.Namespace, root: Path) -> Row
         if args.keep:
             (root / "launches.json").write_bytes(orjson.dumps(sorted(launches)))
         row.launched = len(launches)
+        row.launches = sorted(launches)
         row.steady_rate, row.emptied = steady_rate(launches, rate, burst)
         for job in jobs:
             if job["attempt"] > 1:
@@ -228,6 +235,9 @@ async def amain(args: argparse.Namespace) -> None:
         else:
             shutil.rmtree(root, ignore_errors=True)
     print(report(rows))
+    if args.save:
+        ab.save_json(args.save, "dispatch", {"rows": [dataclasses.asdict(r) for r in rows]})
+        print(f"\n(raw samples saved in {args.save})")
 
 
 def main() -> None:
@@ -248,6 +258,7 @@ def main() -> None:
     p.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL")
     p.add_argument("--timeout-s", type=float, default=0.0)
     p.add_argument("--keep", action="store_true", help="keep the logs and stores in /tmp")
+    p.add_argument("--save", type=Path, help="write the raw samples as JSON (for plots.py)")
     args = p.parse_args()
     print(f"# dispatch: `{ab.command_line()}`")
     print()

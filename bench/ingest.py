@@ -1,6 +1,6 @@
 """Socket ingest: acknowledged jobs/s and ack latency, one at a time and bulk, FULL and NORMAL.
 
-    python bench/ingest.py [--jobs 20000] [--rate 1000] [--window 1024]
+    python bench/ingest.py [--jobs 20000] [--rate 1000] [--window 1024] [--save PATH.json]
 
 Starts `orchestrator serve` (local backend, max_concurrency=1 so accepted jobs wait QUEUED and
 running them does not compete for the CPU), then per `store.synchronous` mode:
@@ -12,7 +12,8 @@ running them does not compete for the CPU), then per `store.synchronous` mode:
   and `Client.submit_many` send them.
 An ack means the job is committed to SQLite. Then the floors an ack cannot beat here: a reply
 the daemon gives before any task, store or thread (an unknown op), and the fdatasync latency of
-the file system under the store. Prints Markdown tables.
+the file system under the store. Prints Markdown tables; `--save PATH.json` also writes every
+paced ack latency and floor sample (seconds), for `bench/plots.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import awsbench as ab
 from tests.support.daemon import DaemonProcess
 
 
@@ -143,7 +145,8 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else values[0]
 
 
-def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
+def run_mode(mode: str, args: argparse.Namespace) -> tuple[dict[str, float], list[float]]:
+    """The figures of one `store.synchronous` mode, and every paced ack latency (s)."""
     root = Path(tempfile.mkdtemp(prefix="orc-bench-", dir="/tmp"))
     daemon = DaemonProcess(
         root,
@@ -162,30 +165,48 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
         daemon.stop()
         kill_jobs_under(root)
         shutil.rmtree(root, ignore_errors=True)
-    return {
+    figures = {
         "p50_ms": pct(latencies, 0.50) * 1000,
         "p99_ms": pct(latencies, 0.99) * 1000,
         "max_ms": max(latencies) * 1000,
         "bulk_per_s": rate,
         "batched_per_s": batched_rate,
     }
+    return figures, latencies
 
 
 def kill_jobs_under(root: Path) -> int:
-    """Local jobs outlive the daemon (by design): end the benchmark's `sleep`s, each runner's
-    process group (a runner leads its own session). How many runners were still alive."""
+    """Local jobs outlive the daemon (by design): end the benchmark's `sleep`s. Each job is a
+    child of the work directory's keeper (`_keeper.py WORK_DIR`) and leads a process group of
+    its own; with older code, of a runner (`_runner.py ... ROOT ...`). How many were alive."""
+    wanted = str(root).encode()
+    parents: dict[int, int] = {}  # pid -> ppid
+    keepers: set[int] = set()
     found = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_bytes()
         except OSError:
             continue
-        if b"_runner.py" in cmdline and str(root).encode() in cmdline:
+        pid = int(entry.name)
+        parents[pid] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if b"_keeper.py" in cmdline and wanted in cmdline:
+            keepers.add(pid)
+        elif b"_runner.py" in cmdline and wanted in cmdline:
             found += 1
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(entry.name), signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
+    for pid, ppid in parents.items():
+        if ppid in keepers and pid not in keepers:
+            found += 1
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(pid) == pid:  # the job and whatever it started
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
     return found
 
 
@@ -214,6 +235,7 @@ def main() -> None:
     parser.add_argument("--paced", type=int, default=5_000, help="paced submissions per mode")
     parser.add_argument("--rate", type=float, default=1000.0, help="paced submissions per second")
     parser.add_argument("--window", type=int, default=1024, help="bulk: unanswered at most")
+    parser.add_argument("--save", type=Path, help="write the raw samples as JSON (for plots.py)")
     args = parser.parse_args()
     print(
         f"# ingest: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
@@ -224,18 +246,27 @@ def main() -> None:
         "| bulk, 1 job/line (jobs/s) | bulk, submit_many x500 (jobs/s) |"
     )
     print("|---|---|---|---|---|---|")
+    modes: dict[str, dict[str, object]] = {}
     for mode in ("FULL", "NORMAL"):
-        r = run_mode(mode, args)
+        r, latencies = run_mode(mode, args)
+        modes[mode] = {**r, "latencies_s": latencies}
         print(
             f"| {mode} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} "
             f"| {r['bulk_per_s']:,.0f} | {r['batched_per_s']:,.0f} |"
         )
     print("\n| floor | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|")
-    for label, values in floors(args):
+    floor_samples = floors(args)
+    for label, values in floor_samples:
         print(
             f"| {label} | {pct(values, 0.5) * 1000:.2f} | {pct(values, 0.99) * 1000:.2f} "
             f"| {max(values) * 1000:.1f} |"
         )
+    if args.save:
+        settings = {"paced": args.paced, "rate": args.rate, "jobs": args.jobs}
+        floors_s = [{"label": label, "latencies_s": values} for label, values in floor_samples]
+        data = {"settings": settings, "modes": modes, "floors": floors_s}
+        ab.save_json(args.save, "ingest", data)
+        print(f"\n(raw samples saved in {args.save})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ against the Airflow polling baseline, on the same stand-in, in the same run.
     python bench/track.py                                  # N = 1,000 and 10,000, Batch
     python bench/track.py --jobs 500 --time-scale 30 --run-s 120
     python bench/track.py --backend ecs --no-baseline
+    python bench/track.py --jobs 1000 --time-scale 2 --save /tmp/track.json  # for plots.py
 
 At the defaults (time scale 1, jobs of 30 s + 300 s ±50%) a side takes about the longest job
 plus the launch of all N (~10 min at N = 10,000) and the baseline's last, long poll intervals;
@@ -43,6 +44,10 @@ the stand-in made a job terminal to its terminal state in orchestrator's store, 
 first baseline describe that showed it terminal), failed jobs, peak RSS (daemon: VmHWM;
 baseline: ru_maxrss) and CPU seconds over the tracking phase (first submit → all terminal) with
 the mean share of one core per unscaled second.
+
+`--save PATH.json` writes the raw samples behind the tables, for `bench/plots.py`: per N and
+side, every job's lag, the stand-in's describe-call counter over time, and each job's creation,
+terminal and first-reported times at the stand-in (epoch seconds of the wall clock).
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ class Row:
     max_round: int = 0
     lags: list[float] = dataclasses.field(default_factory=list)  # unscaled seconds
     store_lags: list[float] = dataclasses.field(default_factory=list)  # reported → store
+    # raw samples for --save: the first submit (epoch), the stand-in's describe counter over
+    # time (sample epochs, cumulative calls, cumulative per-round allowance) and each job's
+    # [created_at, terminal_at, reported_at] at the stand-in (epoch; None: not yet)
+    started_at: float = math.nan
+    samples: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    standin_jobs: list[list[float | None]] = dataclasses.field(default_factory=list)
     rss_mb: float = math.nan
     cpu_s: float = math.nan
     wall_s: float = math.nan
@@ -134,6 +145,17 @@ def fill_from_fake(
     ]
     row.job_s_mean = sum(lives) / len(lives) * args.time_scale if lives else math.nan
     row.job_hours = sum(lives) * args.time_scale / 3600
+    row.standin_jobs = [
+        [t["created_at"], t["terminal_at"], t["reported_at"]] for t in terminal.values()
+    ]
+
+
+def keep_samples(row: Row, sampler: ab.StatsSampler) -> None:
+    row.samples = {
+        "at": sampler.walls,
+        "describe_calls": [float(c) for c in sampler.counts],
+        "round_calls": sampler.round_calls,
+    }
 
 
 def cap_wall_s(args: argparse.Namespace) -> float:
@@ -186,7 +208,7 @@ async def run_orchestrator(n: int, args: argparse.Namespace, root: Path) -> Row:
             )
             sampler.start()
             before = ab.proc_sample(pid)
-            t0 = time.monotonic()
+            t0, row.started_at = time.monotonic(), time.time()
             await ab.submit_all(client, n, "track")
             timeout_s = args.timeout_s or default_timeout_s(args, n, False)
             await wait_terminal(client, daemon, n, timeout_s, cap_wall_s(args) / 4)
@@ -201,6 +223,7 @@ async def run_orchestrator(n: int, args: argparse.Namespace, root: Path) -> Row:
         row.rss_mb = after.hwm_mb
         row.max_round = sampler.max_in_window(timing.scaled_cap_s)
         fill_from_fake(row, stats, terminal, args)
+        keep_samples(row, sampler)
         if args.keep:
             dump = {"jobs": jobs, "terminal": terminal, "stats": stats}
             (root / "orchestrator-jobs.json").write_bytes(orjson.dumps(dump))
@@ -249,7 +272,7 @@ async def run_baseline(n: int, args: argparse.Namespace, root: Path) -> Row:
             op = ab.DESCRIBE_OP[args.backend]
             sampler = ab.StatsSampler(fake, http, op, sample_interval(args))
             sampler.start()
-            t0 = time.monotonic()
+            t0, row.started_at = time.monotonic(), time.time()
             timeout_s = args.timeout_s or default_timeout_s(args, n, True)
             code = await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout_s)
             row.wall_s = time.monotonic() - t0
@@ -264,6 +287,7 @@ async def run_baseline(n: int, args: argparse.Namespace, root: Path) -> Row:
         row.cpu_s, row.rss_mb, row.failed = report["cpu_s"], report["maxrss_mb"], report["failed"]
         row.max_round = sampler.max_in_window(cap_wall_s(args))
         fill_from_fake(row, stats, terminal, args)
+        keep_samples(row, sampler)
         for external_id, job in report["jobs"].items():
             at_fake = terminal.get(external_id)
             if at_fake is None or at_fake["terminal_at"] is None or not job["terminal_seen_at"]:
@@ -356,7 +380,24 @@ def report(n: int, rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def save(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    """`--save`: the settings and every row so far, raw samples included."""
+    timing = ab.PollerTiming(time_scale=args.time_scale)
+    settings = {
+        "backend": args.backend,
+        "time_scale": args.time_scale,
+        "cap_s": timing.cap_s,  # unscaled: one poll round at the cap
+        "describe_rate": args.describe_rate,
+        "describe_burst": args.describe_burst,
+        "pending_s": args.pending_s,
+        "run_s": args.run_s,
+        "jitter": args.jitter,
+    }
+    ab.save_json(args.save, "track", {"settings": settings, "runs": runs})
+
+
 async def amain(args: argparse.Namespace) -> None:
+    runs: list[dict[str, Any]] = []
     for n in args.jobs:
         root = Path(tempfile.mkdtemp(prefix=f"orc-track-{n}-", dir="/tmp"))
         rows = [await run_orchestrator(n, args, root)]
@@ -364,6 +405,10 @@ async def amain(args: argparse.Namespace) -> None:
             rows.append(await run_baseline(n, args, root))
         print(report(n, rows, args), flush=True)
         print()
+        if args.save:
+            runs.append({"jobs": n, "sides": [dataclasses.asdict(r) for r in rows]})
+            save(args, runs)
+            print(f"(raw samples saved in {args.save})\n")
         if args.keep:
             print(f"(logs kept in {root})\n")
         else:
@@ -395,6 +440,7 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=0.0, help="per side (default: from sizes)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the logs and stores in /tmp")
+    p.add_argument("--save", type=Path, help="write the raw samples as JSON (for plots.py)")
     args = p.parse_args()
     timing = ab.PollerTiming(time_scale=args.time_scale)
     print(f"# track: `{ab.command_line()}`")

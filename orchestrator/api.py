@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator import __version__, access, errors, events, faults, models, protocol
+from orchestrator import __version__, access, errors, events, faults, models, protocol, snapshot
 from orchestrator.backends.base import Backend
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.health import Health
@@ -59,6 +59,8 @@ class Api:
         self.accepting = True
         self._intake: list[_Intake] = []  # submissions waiting for the next store operation
         self._intake_task: asyncio.Task[None] | None = None
+        # What `shutdown` calls: the daemon's own stop (set by the daemon; a bare Api has none).
+        self.on_shutdown: Callable[[], None] = lambda: None
 
     async def answer(self, request: protocol.Request, peer: models.Peer) -> bytes:
         """The one reply line of a unary request; errors become error replies, never
@@ -69,6 +71,8 @@ class Api:
             match request.params:
                 case protocol.Ping():
                     return protocol.reply(rid, **await self.ping(peer))
+                case protocol.Shutdown():
+                    return protocol.reply(rid, **self.shutdown(peer))
                 case protocol.Submit(job=spec):
                     job, created = await self.submit(spec, peer)
                     return protocol.reply(rid, job=job.to_dict(), created=created)
@@ -80,7 +84,14 @@ class Api:
                     return await self._list(rid, peer, states, backend, limit, cursor)
                 case protocol.Cancel(job_id=job_id):
                     job, recorded = await self.cancel(job_id, peer)
-                    return protocol.reply(rid, job=job.to_dict(), recorded=recorded)
+                    # Ended otherwise than by a cancel (this one or an earlier one).
+                    ended = job.state.terminal and job.state != models.JobState.CANCELLED
+                    return protocol.reply(
+                        rid, job=job.to_dict(), recorded=recorded, already_ended=ended
+                    )
+                case protocol.Top(state=states, backend=backend, limit=limit, failures=failures):
+                    query = snapshot.Query(states, backend, limit, failures)
+                    return protocol.reply(rid, **await self.top(query, peer))
                 case _:
                     raise errors.UnknownOperation(request.op)
         except errors.OrchestratorError as exc:
@@ -94,10 +105,11 @@ class Api:
             match request.params:
                 case protocol.Wait(job_id=job_id):
                     await send(protocol.end(rid, job=(await self.wait(job_id, peer)).to_dict()))
-                case protocol.Watch(job_id=job_id):
-                    await self.watch(rid, job_id, peer, send)
-                case protocol.Logs(job_id=job_id, follow=follow):
-                    await self.logs(rid, job_id, peer, follow, send)
+                case protocol.Watch(job_id=job_id, since=since):
+                    await self.watch(rid, job_id, peer, send, since=since)
+                case protocol.Logs(job_id=job_id, follow=follow, cursor=cursor, attempt=attempt):
+                    resume = None if attempt is None else (attempt, cursor)
+                    await self.logs(rid, job_id, peer, follow, send, resume=resume)
                 case _:
                     raise errors.UnknownOperation(request.op)
         except errors.OrchestratorError as exc:
@@ -124,6 +136,14 @@ class Api:
         next_cursor = jobs[-1].id if more else None
         return protocol.reply(rid, jobs=[job.to_dict() for job in jobs], next_cursor=next_cursor)
 
+    def shutdown(self, peer: models.Peer) -> dict[str, object]:
+        """Stop the daemon as SIGTERM does: only an admin may; the reply comes first."""
+        if not self._policy.is_admin(peer):
+            raise errors.Forbidden(f"uid {peer.uid} may not stop the daemon (admins only)")
+        log.info("daemon.shutdown_requested", peer_uid=peer.uid, peer_pid=peer.pid)
+        asyncio.get_running_loop().call_soon(self.on_shutdown)
+        return {"stopping": True, "pid": os.getpid()}
+
     async def ping(self, peer: models.Peer) -> dict[str, object]:
         # Touches the store: a health check. Counts of the jobs the peer may see (an admin's:
         # all), as other users' jobs are not its business.
@@ -139,6 +159,30 @@ class Api:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "jobs": counts,
             "backends": sorted(self._backends),
+        }
+
+    async def top(self, query: snapshot.Query, peer: models.Peer) -> dict[str, object]:
+        """What `orchestrator top` shows (`snapshot.py`), of the jobs `peer` may see; the
+        lanes (every user's jobs in flight and queued) to an admin only."""
+        found = await snapshot.build(
+            self._store,
+            query,
+            owner=self._policy.owner(peer),
+            telemetry={name: backend.telemetry() for name, backend in self._backends.items()},
+            lanes={
+                name: snapshot.Lane(self._dispatcher.in_flight(name), self._dispatcher.queued(name))
+                for name in self._backends
+            },
+            show_lanes=self._policy.is_admin(peer),
+            problems=self._health.problems(),
+            now=time.time(),
+        )
+        return {
+            **found,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "store_free_bytes": self._store.free_bytes(),
         }
 
     async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
@@ -317,22 +361,47 @@ class Api:
         return job
 
     async def watch(
-        self, rid: protocol.RequestId, job_id: str | None, peer: models.Peer, send: Send
+        self,
+        rid: protocol.RequestId,
+        job_id: str | None,
+        peer: models.Peer,
+        send: Send,
+        *,
+        since: int | None = None,
     ) -> None:
+        """The job's (or every visible job's) events as they are committed; with `since`, the
+        ones committed after that number first, from the store (a watcher resuming)."""
         # Watching all jobs, a peer sees the events of the jobs it may see, and no others.
         peer_uid = self._policy.owner(peer) if job_id is None else None
-        async with self._hub.subscribe(job_id, peer_uid=peer_uid) as sub:
+        async with self._hub.subscribe(job_id, peer_uid=peer_uid) as sub:  # before any read
+            job, seq = None, self._hub.last_seq  # whatever comes later is after this one
             if job_id is not None:
                 job = await self._job(job_id, peer)
-                await send(protocol.reply(rid, watching=True, job=job.to_dict()))
-                if job.state.terminal:
-                    await send(protocol.end(rid))
-                    return
+                await send(protocol.reply(rid, watching=True, seq=seq, job=job.to_dict()))
             else:
-                await send(protocol.reply(rid, watching=True))
+                await send(protocol.reply(rid, watching=True, seq=seq))
+            last = since
+            while last is not None:  # catch up, a page at a time
+                missed = await self._store.events_since(
+                    last, job_id=job_id, peer_uid=peer_uid, limit=protocol.MAX_PAGE
+                )
+                for event in missed:
+                    await send(protocol.reply(rid, event=event.to_dict()))
+                    if job_id is not None and event.to_state.terminal:
+                        await send(protocol.end(rid))
+                        return
+                if missed:
+                    last = missed[-1].seq
+                if len(missed) < protocol.MAX_PAGE:
+                    break
+            if job is not None and job.state.terminal:
+                await send(protocol.end(rid))
+                return
             try:
                 while True:
                     event = await sub.get()
+                    if last is not None and event.seq <= last:
+                        continue  # sent while catching up
                     await send(protocol.reply(rid, event=event.to_dict()))
                     if job_id is not None and event.to_state.terminal:
                         await send(protocol.end(rid))
@@ -341,8 +410,19 @@ class Api:
                 raise errors.Overloaded("watcher fell too far behind and was dropped") from None
 
     async def logs(
-        self, rid: protocol.RequestId, job_id: str, peer: models.Peer, follow: bool, send: Send
+        self,
+        rid: protocol.RequestId,
+        job_id: str,
+        peer: models.Peer,
+        follow: bool,
+        send: Send,
+        *,
+        resume: tuple[int, object] | None = None,
     ) -> None:
+        """The job's output, a page at a time (following it with `follow`). The last line of
+        each page carries where the page ends (`cursor`) and its `attempt`: sent back as
+        `resume`, reading goes on from there — if that attempt is still the job's, else from
+        the start of the job's current attempt."""
         # Subscribed before the first read, so that a change of the job's state (a new attempt,
         # the end) wakes a follower at once. Nothing signals new output (a local job writes its
         # own files; CloudWatch is only asked) nor `observe`/`relocate` (a Batch log stream, a
@@ -355,12 +435,16 @@ class Api:
                 raise errors.BackendUnavailable(job.backend)
             cursor: object = None
             attempt = job.attempt
+            if resume is not None and resume[0] == attempt:
+                cursor = resume[1]
             interval_s = _LOG_FOLLOW_MIN_S
             while True:
                 page = await backend.read_logs(job, cursor)
                 cursor = page.cursor
-                for chunk in page.chunks:
-                    await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
+                last = len(page.chunks) - 1
+                for i, chunk in enumerate(page.chunks):
+                    where = {"cursor": cursor, "attempt": attempt} if i == last else {}
+                    await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data, **where))
                 if page.chunks:
                     interval_s = _LOG_FOLLOW_MIN_S
                     continue  # more may be waiting right behind

@@ -10,12 +10,15 @@ the CLI and will split it by command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
+import math
 import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
@@ -24,6 +27,8 @@ import click
 import orjson
 
 from orchestrator import __version__, errors, logs, settings
+from orchestrator.client import RECONNECT_S
+from orchestrator.escaping import safe as _safe
 
 T = TypeVar("T")
 
@@ -31,6 +36,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+# `wait` and `submit --wait` exit with the job's own code; their own failures (the daemon not
+# reachable within --reconnect-s, the job unknown, a refused submit) with this one, as ssh does.
+EXIT_OUTCOME_UNKNOWN = 255
 
 _LOG_FLUSH_S = 2.0  # at exit, how long `serve` waits for queued log lines to reach stdout
 
@@ -48,14 +56,56 @@ _STATES = [
     "LOST",
 ]
 
-socket_option = click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar=_SOCKET_ENV,
-    help=f"The daemon's socket (default: ${_SOCKET_ENV}, else the per-user default).",
-)
+
+def socket_option(command: Callable[..., T]) -> Callable[..., T]:
+    """`--socket` and `--config` of a client command, resolved into its `socket_path`: the
+    socket given, else $ORCHESTRATOR__SERVER__SOCKET_PATH, else the one the configuration
+    (`--config`, else $ORCHESTRATOR_CONFIG) sets for its daemon, else the per-user default."""
+
+    @functools.wraps(command)
+    def resolved(*args: Any, socket_path: Path | None, config_path: Path | None, **kw: Any) -> T:
+        return command(*args, socket_path=_socket_of(socket_path, config_path), **kw)
+
+    with_socket = click.option(
+        "--socket",
+        "socket_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar=_SOCKET_ENV,
+        help=f"The daemon's socket (default: ${_SOCKET_ENV}, else the one --config sets, "
+        "else the per-user default).",
+    )
+    with_config = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help=f"The daemon's TOML config, for its socket (default: ${settings.CONFIG_ENV}).",
+    )
+    return with_socket(with_config(resolved))
+
+
+def _socket_of(socket_path: Path | None, config_path: Path | None) -> Path | None:
+    if socket_path is not None:
+        return socket_path
+    path = settings.config_path_from(config_path, os.environ)
+    if path is None:
+        return None
+    try:
+        loaded = settings.load(path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    if loaded.source_of("server.socket_path") == "default":
+        return None  # the per-user default, with its directory check
+    return loaded.settings.server.socket_path
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+reconnect_option = click.option(
+    "--reconnect-s",
+    type=click.FloatRange(min=0),
+    default=RECONNECT_S,
+    show_default=True,
+    help="If the daemon goes away (a restart), wait this long for it and go on; 0: give up.",
+)
 config_option = click.option(
     "--config",
     "config_path",
@@ -69,57 +119,31 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.exit(code)
 
 
-# What a string from the daemon (a job's name, command or reason, a vendor's status, an error
-# message) could use to forge output: C0 controls (newline, carriage return, ESC…), DEL, C1
-# controls, Unicode line separators and bidirectional overrides. Human output shows them
-# escaped, as Python writes them (`\n`, `\x1b`, `\u202e`); JSON output escapes by its own rules.
-_UNSAFE_CHARS = [
-    *range(0x20),
-    *range(0x7F, 0xA0),
-    0x061C,
-    0x200E,
-    0x200F,
-    0x2028,
-    0x2029,
-    *range(0x202A, 0x202F),
-    *range(0x2066, 0x206A),
-]
-
-
-def _escaped(code: int) -> str:
-    short = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
-    return short or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-_ESCAPES = str.maketrans({code: _escaped(code) for code in _UNSAFE_CHARS})
-
-
-def _safe(text: str) -> str:
-    """`text` with every character that could move the cursor or start a line escaped."""
-    return text.translate(_ESCAPES)
-
-
 def _echo(text: str, *, err: bool = False) -> None:
     """One line of human output: whatever came from the daemon in it cannot forge another."""
     click.echo(_safe(text), err=err)
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a client coroutine, mapping errors to one line on stderr and an exit code."""
+def _run(coro_fn: Callable[[], Awaitable[T]], *, outcome: bool = False) -> T:
+    """Run a client coroutine, mapping errors to one line on stderr and an exit code — with
+    `outcome` (the command exits with a job's code), always `EXIT_OUTCOME_UNKNOWN`."""
 
     async def main() -> T:
         return await coro_fn()
 
+    def code(usual: int) -> int:
+        return EXIT_OUTCOME_UNKNOWN if outcome else usual
+
     try:
         return asyncio.run(main())
     except errors.DaemonUnreachable as exc:
-        _fail(exc.message, EXIT_UNREACHABLE)
+        _fail(exc.message, code(EXIT_UNREACHABLE))
     except errors.UnsafeSocketDirectory as exc:  # nothing was sent; fix the directory or path
-        _fail(_safe(exc.message), EXIT_USAGE)  # a squatter's symlink may point anywhere
+        _fail(_safe(exc.message), code(EXIT_USAGE))  # a squatter's symlink may point anywhere
     except errors.RemoteError as exc:  # the daemon's words, which may quote a job's
-        _fail(_safe(exc.message))
+        _fail(_safe(exc.message), code(EXIT_FAILURE))
     except errors.OrchestratorError as exc:
-        _fail(exc.message)
+        _fail(exc.message, code(EXIT_FAILURE))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -130,14 +154,37 @@ def _client(socket_path: Path | None) -> Any:
     return Client(socket_path)
 
 
+def _following_notice(exc: BaseException, within_s: float) -> None:
+    why = exc.message if isinstance(exc, errors.OrchestratorError) else str(exc)
+    _echo(f"orchestrator: {why}; trying again for up to {within_s:g} s", err=True)
+
+
+@contextlib.asynccontextmanager
+async def _following(socket_path: Path | None) -> AsyncIterator[Any]:
+    """A client for a command that outlives the daemon (`wait`, `watch`, `logs -f`): it
+    connects on its first request, and says on stderr when it has lost the daemon and waits
+    for it (`--reconnect-s`)."""
+
+    client = _client(socket_path)
+    client.on_lost = _following_notice
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 def _print_json(obj: Any, out: IO[str] | None = None) -> None:
     click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode(), file=out)
 
 
 def _job_exit_code(job: dict[str, Any]) -> int:
-    if job.get("exit_code") is not None:
-        return int(job["exit_code"])
-    return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_FAILURE
+    """What `wait` exits with: 0 for a job that SUCCEEDED; else its own non-zero exit code,
+    and 1 for one that failed without one (never ran, timed out, cancelled, lost — a job
+    stopped by us may well have exited 0 on its SIGTERM: it did not succeed)."""
+    if job["state"] == "SUCCEEDED":
+        return EXIT_OK
+    code = job.get("exit_code")
+    return int(code) if isinstance(code, int) and 0 < code < EXIT_OUTCOME_UNKNOWN else EXIT_FAILURE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -280,6 +327,37 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
 @click.option(
     "--wait-s",
     type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="How long to wait for the daemon to be gone.",
+)
+def shutdown(socket_path: Path | None, wait_s: float) -> None:
+    """Stop the daemon serving this socket (as SIGTERM does; admins only) and wait until it
+    is gone. Running local jobs keep running and are adopted by the next start."""
+
+    async def go() -> int:
+        async with _client(socket_path) as client:
+            reply = await client.call("shutdown")
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:  # until the daemon closes our connection
+                try:
+                    await client.call("ping")
+                except errors.DaemonUnreachable:
+                    return int(reply["pid"])
+                except errors.RemoteError:  # shutting down: not gone yet
+                    await client.close()
+                await asyncio.sleep(0.1)
+            _fail(f"the daemon (pid {reply['pid']}) is still up after {wait_s:g} s")
+
+    pid = _run(go)
+    _echo(f"orchestrator: stopped (pid {pid})", err=True)
+
+
+@main.command()
+@socket_option
+@click.option(
+    "--wait-s",
+    type=click.FloatRange(min=0),
     default=0.0,
     help="Keep trying this long while the daemon is not up yet (scripts, healthchecks).",
 )
@@ -319,6 +397,23 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
         _echo(f"orchestrator: degraded: {problem['message']}", err=True)
 
 
+@main.command()
+@socket_option
+def top(socket_path: Path | None) -> None:
+    """A full-screen live view: jobs by state, the unfinished jobs, the last failures, AWS
+    calls, health. Keys: q quits, s and b cycle the state and backend filters, a clears them.
+
+    Needs a terminal; from a script, follow jobs with `orchestrator watch --json`. With --config
+    (and no --socket), the socket is the one that configuration's daemon listens on.
+    """
+    from orchestrator import top as live_view
+
+    try:
+        sys.exit(live_view.run(socket_path))
+    except errors.UnsafeSocketDirectory as exc:  # nothing was sent; fix the directory or path
+        _fail(_safe(exc.message), EXIT_USAGE)
+
+
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     env = {}
     for item in values:
@@ -329,22 +424,57 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+class _Duration(click.ParamType[float]):
+    """Seconds: a positive, finite number ("-1", "0", "nan" and "inf" are usage errors)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
+
+
+def _override(value: str) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--override") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--override")
+    return parsed
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @socket_option
 @click.option("--backend", type=click.Choice(["local", "ecs", "batch"]), help="Where to run.")
 @click.option("--name", help="A name for the job (letters, digits, . _ -).")
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Set an env variable.")
 @click.option("--cwd", type=click.Path(path_type=Path), help="Working directory (local).")
-@click.option("--timeout-s", type=float, help="Fail the job after it has run this long.")
-@click.option("--queue-timeout-s", type=float, help="Fail the job if not running by then.")
+@click.option("--timeout-s", type=_Duration(), help="Fail the job after it has run this long.")
+@click.option("--queue-timeout-s", type=_Duration(), help="Fail the job if not running by then.")
 @click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option(
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="JSON",
+    help="A JSON object merged into the job's ECS/Batch API arguments (repeatable, in order).",
+)
 @click.option(
     "--file",
     "spec_file",
     type=click.File("r"),
-    help="Submit one JSON job spec per line from FILE ('-' for stdin).",
+    help="Submit one JSON job spec per line from FILE ('-' for stdin); --backend, --env, "
+    "--cwd, --timeout-s, --queue-timeout-s and --override apply to every line that does not "
+    "set its own.",
 )
 @click.option("--wait", is_flag=True, help="Wait for the job and exit with its exit code.")
+@reconnect_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def submit(
@@ -356,45 +486,72 @@ def submit(
     timeout_s: float | None,
     queue_timeout_s: float | None,
     idempotency_key: str | None,
+    overrides: tuple[str, ...],
     spec_file: IO[str] | None,
     wait: bool,
+    reconnect_s: float,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Submit a job: `orchestrator submit [OPTIONS] -- CMD [ARGS...]`."""
+    """Submit a job: `orchestrator submit [OPTIONS] -- CMD [ARGS...]`. With --wait, the job's id
+    is printed on stdout at once, its outcome on stderr when it ends, and the exit code is the
+    job's (255: its outcome could not be learned)."""
+    defaults: dict[str, Any] = {"env": _parse_env(env)}
+    if overrides:
+        merged: dict[str, Any] = {}
+        for text in overrides:
+            merged = settings.deep_merge(merged, _override(text))
+        defaults["overrides"] = merged
+    given: tuple[tuple[str, object], ...] = (
+        ("backend", backend),
+        ("timeout_s", timeout_s),
+        ("queue_timeout_s", queue_timeout_s),
+        ("cwd", None if cwd is None else str(cwd.absolute())),
+    )
+    for key, value in given:
+        if value is not None:
+            defaults[key] = value
+    # The caller's directory: where a local job that names no cwd runs (not part of the job's
+    # identity: resubmitting its idempotency key from elsewhere is the same job).
+    defaults["default_cwd"] = str(Path.cwd())
     if spec_file is not None:
-        if command:
-            raise click.UsageError("give either --file or a command, not both")
-        _submit_file(socket_path, spec_file, as_json)
+        clash = [
+            flag
+            for flag, set_ in (
+                ("a command", bool(command)),
+                ("--name", name is not None),
+                ("--idempotency-key", idempotency_key is not None),
+                ("--wait", wait),
+            )
+            if set_
+        ]
+        if clash:
+            raise click.UsageError(
+                "--file takes each job's own spec from its line; it cannot go with "
+                f"{', '.join(clash)}"
+            )
+        _submit_file(socket_path, spec_file, as_json, defaults)
         return
     if not command:
         raise click.UsageError("no command given: orchestrator submit -- CMD [ARGS...]")
-    spec: dict[str, Any] = {
-        "command": list(command),
-        "env": _parse_env(env),
-        "cwd": str((cwd or Path.cwd()).absolute()),
-    }
-    for key, value in (
-        ("backend", backend),
-        ("name", name),
-        ("timeout_s", timeout_s),
-        ("queue_timeout_s", queue_timeout_s),
-        ("idempotency_key", idempotency_key),
-    ):
-        if value is not None:
-            spec[key] = value
+    spec: dict[str, Any] = {"command": list(command), **defaults}
+    for key, one in (("name", name), ("idempotency_key", idempotency_key)):
+        if one is not None:
+            spec[key] = one
 
     async def go() -> dict[str, Any]:
         async with _client(socket_path) as client:
             job: dict[str, Any] = await client.submit(spec)
             if not wait:
                 return job
-            if not as_json:
-                _echo(job["id"], err=True)
-            final: dict[str, Any] = await client.wait(job["id"])
+            if not as_json:  # at once, on stdout: `ID=$(orchestrator submit --wait …)`
+                _echo(job["id"])
+                sys.stdout.flush()
+            client.on_lost = _following_notice
+            final: dict[str, Any] = await client.wait(job["id"], reconnect_s=reconnect_s)
             return final
 
-    job = _run(go)
+    job = _run(go, outcome=wait)
     if as_json:
         _print_json(job)
     elif not wait:
@@ -405,17 +562,32 @@ def submit(
         sys.exit(_job_exit_code(job))
 
 
+def _with_defaults(spec: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec read from a --file line, with the command line's options under what it sets: its
+    own keys win, its `env` and `overrides` are merged over theirs."""
+    out = {**defaults, **spec}
+    for key in ("env", "overrides"):
+        if isinstance(spec.get(key), dict) and isinstance(defaults.get(key), dict):
+            out[key] = settings.deep_merge(defaults[key], spec[key])
+    if not out.get("env"):
+        out.pop("env", None)
+    return out
+
+
 def _echo_outcome(job: dict[str, Any]) -> None:
     reason = f" ({job['reason']})" if job.get("reason") else ""
     failure = f" failure={job['failure']}" if job.get("failure") else ""
     attempt = f" attempt={_attempt(job)}" if job.get("attempt", 0) > 1 else ""
+    code = "" if job.get("exit_code") is None else f" exit_code={job['exit_code']}"
     _echo(
-        f"{job['id']} {job['state']} exit_code={job['exit_code']}{failure}{attempt}{reason}",
+        f"{job['id']} {job['state']}{code}{failure}{attempt}{reason}",
         err=True,
     )
 
 
-def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) -> None:
+def _submit_file(
+    socket_path: Path | None, spec_file: IO[str], as_json: bool, defaults: Mapping[str, Any]
+) -> None:
     failures = 0
     numbers: list[int] = []  # the line number of each spec sent, in order
 
@@ -435,7 +607,7 @@ def _submit_file(socket_path: Path | None, spec_file: IO[str], as_json: bool) ->
                 click.echo(f"orchestrator: line {number}: not a JSON object", err=True)
                 continue
             numbers.append(number)
-            yield spec
+            yield _with_defaults(spec, defaults)
 
     async def go() -> None:
         nonlocal failures
@@ -484,6 +656,8 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     ):
         _echo(f"{key + ':':<15}{_show(job.get(key))}")
     _echo(f"{'command:':<15}{' '.join(job['command'])}")
+    if job.get("cwd"):
+        _echo(f"{'cwd:':<15}{job['cwd']}")
     _echo(f"{'attempt:':<15}{_attempt(job)} {_show(job.get('external_id'))}")
     previous = ((job.get("info") or {}).get("retry") or {}).get("previous")
     if isinstance(previous, dict):
@@ -568,8 +742,12 @@ def cancel(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     job = reply["job"]
     if as_json:
         _print_json(job)
+    elif reply.get("already_ended"):
+        _echo(f"orchestrator: {job['id']} had already ended ({job['state']})", err=True)
     else:
         _echo(f"{job['id']} {job['state']} (cancel requested)")
+    if reply.get("already_ended"):
+        sys.exit(EXIT_FAILURE)
     if reply.get("recorded") is False:
         click.echo(
             "orchestrator: the store cannot write now: the job was signalled and will not be "
@@ -580,17 +758,19 @@ def cancel(socket_path: Path | None, as_json: bool, job_id: str) -> None:
 
 @main.command()
 @socket_option
+@reconnect_option
 @json_option
 @click.argument("job_id")
-def wait(socket_path: Path | None, as_json: bool, job_id: str) -> None:
-    """Wait for a job to end; exit with its exit code."""
+def wait(socket_path: Path | None, reconnect_s: float, as_json: bool, job_id: str) -> None:
+    """Wait for a job to end; exit with its exit code (255: its outcome could not be
+    learned)."""
 
     async def go() -> dict[str, Any]:
-        async with _client(socket_path) as client:
-            job: dict[str, Any] = await client.wait(job_id)
+        async with _following(socket_path) as client:
+            job: dict[str, Any] = await client.wait(job_id, reconnect_s=reconnect_s)
             return job
 
-    job = _run(go)
+    job = _run(go, outcome=True)
     if as_json:
         _print_json(job)
     else:
@@ -601,13 +781,14 @@ def wait(socket_path: Path | None, as_json: bool, job_id: str) -> None:
 @main.command("logs")
 @socket_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@reconnect_option
 @click.argument("job_id")
-def show_logs(socket_path: Path | None, follow: bool, job_id: str) -> None:
+def show_logs(socket_path: Path | None, follow: bool, reconnect_s: float, job_id: str) -> None:
     """Print a job's own output (stdout to stdout, stderr to stderr)."""
 
     async def go() -> None:
-        async with _client(socket_path) as client:
-            async for reply in client.logs(job_id, follow=follow):
+        async with _following(socket_path) as client:
+            async for reply in client.logs(job_id, follow=follow, reconnect_s=reconnect_s):
                 if "data" in reply:
                     out = sys.stderr if reply["stream"] == "stderr" else sys.stdout
                     out.write(reply["data"])
@@ -618,14 +799,26 @@ def show_logs(socket_path: Path | None, follow: bool, job_id: str) -> None:
 
 @main.command()
 @socket_option
+@reconnect_option
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    help="First the changes after this one (an event's seq, as --json prints it).",
+)
 @json_option
 @click.argument("job_id", required=False)
-def watch(socket_path: Path | None, as_json: bool, job_id: str | None) -> None:
+def watch(
+    socket_path: Path | None,
+    reconnect_s: float,
+    since: int | None,
+    as_json: bool,
+    job_id: str | None,
+) -> None:
     """Stream state changes as they happen (of one job, or of all)."""
 
     async def go() -> None:
-        async with _client(socket_path) as client:
-            async for reply in client.watch(job_id):
+        async with _following(socket_path) as client:
+            async for reply in client.watch(job_id, since=since, reconnect_s=reconnect_s):
                 event = reply.get("event")
                 if event is None:
                     continue

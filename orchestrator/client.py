@@ -15,7 +15,8 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -24,6 +25,47 @@ from orchestrator import errors, protocol, settings, socketdir
 
 T = TypeVar("T")
 _Route = asyncio.Queue[dict[str, Any] | BaseException]
+
+# How long `wait`, `watch` and `logs` try to reach a daemon that went away (stopped, restarted,
+# upgraded) before they give up, by default; 0: not at all.
+RECONNECT_S = 120.0
+
+
+def _resumable(exc: BaseException) -> bool:
+    """A connection lost to the daemon going away, which a new one can take up where it was."""
+    if isinstance(exc, errors.DaemonUnreachable):
+        return True
+    return isinstance(exc, errors.RemoteError) and exc.remote_code == "shutting_down"
+
+
+class _Reconnect:
+    """When to try again after losing the daemon: after 0.1 s, doubling to 2 s, for at most
+    `within_s` from the first loss (counted afresh once a reply comes through again)."""
+
+    def __init__(self, within_s: float) -> None:
+        self.within_s = within_s
+        self._since: float | None = None
+        self._delay_s = 0.1
+
+    def ok(self) -> None:
+        self._since, self._delay_s = None, 0.1
+
+    @property
+    def lost(self) -> bool:
+        """Whether the daemon is being waited for now."""
+        return self._since is not None
+
+    def delay(self, exc: BaseException) -> float | None:
+        """How long to wait before trying again, or None: give up (raise `exc`)."""
+        if self.within_s <= 0 or not _resumable(exc):
+            return None
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self.within_s:
+            return None
+        delay_s, self._delay_s = self._delay_s, min(2.0, self._delay_s * 2)
+        return min(delay_s, self._since + self.within_s - now)
 
 
 def default_socket_path() -> Path:
@@ -55,6 +97,17 @@ def _check(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+def _top_params(
+    state: Sequence[str] | None, backend: str | None, limit: int, failures: int
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit, "failures": failures}
+    if state:
+        params["state"] = list(state)
+    if backend:
+        params["backend"] = backend
+    return params
+
+
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """`itertools.batched` (Python 3.12) for 3.11."""
     iterator = iter(items)
@@ -74,6 +127,9 @@ class Client:
         self._routes: dict[int, _Route] = {}
         self._ids = itertools.count(1)
         self._pump: asyncio.Task[None] | None = None
+        # Called once each time `wait`, `watch` or `logs` lose the daemon and wait for it
+        # (the error, how long they will wait at most): the CLI says so on stderr.
+        self.on_lost: Callable[[BaseException, float], None] | None = None
 
     async def connect(self) -> Self:
         if self._check_directory:
@@ -263,19 +319,104 @@ class Client:
         job: dict[str, Any] = (await self.call("cancel", job_id=job_id))["job"]
         return job
 
-    async def wait(self, job_id: str) -> dict[str, Any]:
-        async for reply in self.stream("wait", job_id=job_id):
-            if "job" in reply:
-                job: dict[str, Any] = reply["job"]
-                return job
-        raise errors.ProtocolError("wait ended without the job")
+    async def top(
+        self,
+        state: Sequence[str] | None = None,
+        backend: str | None = None,
+        *,
+        limit: int = 50,
+        failures: int = 10,
+    ) -> dict[str, Any]:
+        """A snapshot of the daemon, as `orchestrator top` shows it: `jobs_by_state`, the jobs
+        in `state` (default: the unfinished ones), the last `failures`, `lanes`, `aws`, health."""
+        return await self.call("top", **_top_params(state, backend, limit, failures))
 
-    def watch(self, job_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        params = {} if job_id is None else {"job_id": job_id}
-        return self.stream("watch", **params)
+    async def _lost(self, reconnect: _Reconnect, exc: BaseException) -> None:
+        """The daemon went away under a request: drop the connection and wait before the next
+        try, or raise `exc` once `reconnect` gives up."""
+        first = not reconnect.lost
+        delay_s = reconnect.delay(exc)
+        if delay_s is None:
+            raise exc
+        if first and self.on_lost is not None:
+            self.on_lost(exc, reconnect.within_s)
+        await self.close()
+        await asyncio.sleep(delay_s)
 
-    def logs(self, job_id: str, *, follow: bool = False) -> AsyncIterator[dict[str, Any]]:
-        return self.stream("logs", job_id=job_id, follow=follow)
+    async def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> dict[str, Any]:
+        """The job once it has ended. A daemon that goes away meanwhile (a restart) is waited
+        for, up to `reconnect_s` (0: not at all)."""
+        reconnect = _Reconnect(reconnect_s)
+        while True:
+            try:
+                async for reply in self.stream("wait", job_id=job_id):
+                    if "job" in reply:
+                        job: dict[str, Any] = reply["job"]
+                        return job
+                raise errors.ProtocolError("wait ended without the job")
+            except errors.OrchestratorError as exc:
+                await self._lost(reconnect, exc)
+
+    async def watch(
+        self,
+        job_id: str | None = None,
+        *,
+        since: int | None = None,
+        reconnect_s: float = RECONNECT_S,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The replies of a `watch`: `watching` (with the job, for one job), then each event.
+        With `since` (an event's `seq`), the events committed after it first. A daemon that
+        goes away meanwhile is waited for, up to `reconnect_s`, and the watch resumes after
+        the last event seen: none is missed, none is repeated, `watching` comes once."""
+        reconnect = _Reconnect(reconnect_s)
+        last, said = since, False
+        while True:
+            params: dict[str, Any] = {} if job_id is None else {"job_id": job_id}
+            if last is not None:
+                params["since"] = last
+            try:
+                async for reply in self.stream("watch", **params):
+                    reconnect.ok()
+                    if reply.get("watching"):
+                        if last is None:  # resume from where the daemon was when we began
+                            last = reply.get("seq")
+                        if said:
+                            continue
+                        said = True
+                    if isinstance(event := reply.get("event"), dict):
+                        last = event.get("seq", last)
+                    yield reply
+                return
+            except errors.OrchestratorError as exc:
+                await self._lost(reconnect, exc)
+
+    async def logs(
+        self, job_id: str, *, follow: bool = False, reconnect_s: float = RECONNECT_S
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The job's output (`stream`, `data`), then `end`. Lines come a page at a time: a page
+        is handed on once whole, so that a daemon that goes away meanwhile (waited for, up to
+        `reconnect_s`) is asked to go on after the last whole page: nothing is repeated."""
+        reconnect = _Reconnect(reconnect_s)
+        where: dict[str, Any] = {}  # cursor and attempt of the last whole page
+        while True:
+            page: list[dict[str, Any]] = []
+            try:
+                async for reply in self.stream("logs", job_id=job_id, follow=follow, **where):
+                    reconnect.ok()
+                    if reply.get("end"):
+                        for line in page:
+                            yield line
+                        yield reply
+                        return
+                    page.append(reply)
+                    if "cursor" in reply:
+                        where = {"cursor": reply["cursor"], "attempt": reply["attempt"]}
+                        for line in page:
+                            yield line
+                        page = []
+                return
+            except errors.OrchestratorError as exc:
+                await self._lost(reconnect, exc)
 
 
 class SyncClient:
@@ -356,9 +497,31 @@ class SyncClient:
         result: dict[str, Any] = self.call("cancel", job_id=job_id)["job"]
         return result
 
-    def wait(self, job_id: str) -> dict[str, Any]:
-        for reply in self.stream("wait", job_id=job_id):
-            if "job" in reply:
-                result: dict[str, Any] = reply["job"]
-                return result
-        raise errors.ProtocolError("wait ended without the job")
+    def top(
+        self,
+        state: Sequence[str] | None = None,
+        backend: str | None = None,
+        *,
+        limit: int = 50,
+        failures: int = 10,
+    ) -> dict[str, Any]:
+        """A snapshot of the daemon, as `orchestrator top` shows it (see `Client.top`)."""
+        return self.call("top", **_top_params(state, backend, limit, failures))
+
+    def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> dict[str, Any]:
+        """The job once it has ended; a daemon that goes away meanwhile is waited for, up to
+        `reconnect_s` (0: not at all)."""
+        reconnect = _Reconnect(reconnect_s)
+        while True:
+            try:
+                for reply in self.stream("wait", job_id=job_id):
+                    if "job" in reply:
+                        result: dict[str, Any] = reply["job"]
+                        return result
+                raise errors.ProtocolError("wait ended without the job")
+            except errors.OrchestratorError as exc:
+                delay_s = reconnect.delay(exc)
+                if delay_s is None:
+                    raise
+                self.close()
+                time.sleep(delay_s)

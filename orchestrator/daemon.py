@@ -108,6 +108,7 @@ class Daemon:
             crash=self.faults,
             health=self.health,
         )
+        self.api.on_shutdown = self.request_stop
         self.server = Server(settings.server, self.api)
         self.metrics.add_collector(
             metrics.Sampled(

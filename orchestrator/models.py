@@ -75,8 +75,37 @@ def is_regression(old: JobState, new: JobState) -> bool:
     return old not in TERMINAL and new not in TERMINAL and _RANK[new] < _RANK[old]
 
 
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
-_KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def _matching(pattern: re.Pattern[str], kind: str, allowed: str) -> Any:
+    """A str validated against `pattern`, refused with `allowed` in words (not the regex)."""
+
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise PydanticCustomError(kind, allowed)
+        return value
+
+    return pydantic.AfterValidator(check)
+
+
+_Name = Annotated[
+    str,
+    _matching(
+        _NAME_PATTERN,
+        "job_name",
+        "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
+]
+_Key = Annotated[
+    str,
+    _matching(
+        _KEY_PATTERN,
+        "idempotency_key",
+        "must be 1 to 128 printable ASCII characters, without spaces",
+    ),
+]
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:=[A-Za-z_][A-Za-z0-9_]*)*")  # joined by "="
 
@@ -144,6 +173,8 @@ def _launch_problems(spec: JobSpec) -> list[InitErrorDetails]:
             )
     if spec.cwd is not None:
         argument(("cwd",), spec.cwd)
+    if spec.default_cwd is not None:
+        argument(("default_cwd",), spec.default_cwd)
     return problems
 
 
@@ -245,13 +276,17 @@ class JobSpec(pydantic.BaseModel):
         list[Annotated[str, pydantic.Field(max_length=65536)]],
         pydantic.Field(min_length=1, max_length=4096),
     ]
-    name: Annotated[str, pydantic.Field(pattern=_NAME_PATTERN)] | None = None
+    name: _Name | None = None
     backend: BackendName | None = None
     env: dict[str, str] = pydantic.Field(default_factory=dict)
     cwd: Annotated[str, pydantic.Field(min_length=1, max_length=4096)] | None = None
+    # Where a local job that names no `cwd` runs (the CLI sends the caller's directory). Not
+    # part of what the job is: the same idempotency key from another directory is the same
+    # job. Other backends ignore it.
+    default_cwd: Annotated[str, pydantic.Field(min_length=1, max_length=4096)] | None = None
     timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
     queue_timeout_s: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
-    idempotency_key: Annotated[str, pydantic.Field(pattern=_KEY_PATTERN)] | None = None
+    idempotency_key: _Key | None = None
     overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
     retry: Retry | None = None  # filled in with the daemon's defaults when accepted
 
@@ -266,13 +301,15 @@ class JobSpec(pydantic.BaseModel):
         execve fails with E2BIG) is refused now, not at launch, on every backend. Each field's
         strings are looked at together first (this runs for every spec submitted or read back);
         only a suspect spec is searched string by string, every culprit at its own location."""
-        command, env, cwd = self.command, self.env, self.cwd or ""
+        command, env = self.command, self.env
+        cwd = self.cwd or self.default_cwd or ""  # the one a launch uses
         args, names, values = "".join(command), "=".join(env), "".join(env.values())
         args_size, values_size = _utf8_size(args), _utf8_size(values)
         if (
             "\x00" in args
             or "\x00" in values
             or "\x00" in cwd
+            or "\x00" in (self.default_cwd or "")
             or (env and not _ENV_NAMES.fullmatch(names))
             or names.count("=") > max(len(env) - 1, 0)  # a name holding "=" reads as two
             or args_size >= MAX_ARG_STRLEN
@@ -282,7 +319,7 @@ class JobSpec(pydantic.BaseModel):
         size = args_size + 9 * len(command)  # each string: its bytes, a NUL, an 8-byte pointer
         if env:  # NAME=value: the names joined by "=" hold all but one of the "="
             size += len(names) + 1 + values_size + 9 * len(env)
-        if self.cwd is not None:
+        if cwd:
             size += _utf8_size(cwd) + 9
         budget = launch_limit_bytes() - LAUNCH_RESERVE_BYTES
         if size > budget:
@@ -363,6 +400,9 @@ class Job:
             "stop_reason": self.stop_reason,
             "idempotency_key": self.spec.idempotency_key,
             "command": self.spec.command,
+            # Where it runs (local): its own cwd, else the directory it was submitted from.
+            "cwd": self.spec.cwd
+            or (self.spec.default_cwd if self.backend == "local" else None),
             "timeout_s": self.spec.timeout_s,
             "queue_timeout_s": self.spec.queue_timeout_s,
             "retry": None if self.spec.retry is None else self.spec.retry.model_dump(),

@@ -9,10 +9,11 @@ that has `"end": true`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import pydantic
+from pydantic_core import PydanticCustomError
 
 from orchestrator import errors, models
 
@@ -27,6 +28,10 @@ class Params(pydantic.BaseModel):
 
 class Ping(Params):
     pass
+
+
+class Shutdown(Params):
+    """Stop the daemon serving this socket, as SIGTERM does (admins only)."""
 
 
 class Submit(Params):
@@ -82,15 +87,62 @@ class Wait(Params):
 
 class Watch(Params):
     job_id: _JobId | None = None
+    # Resume: the events committed after the one numbered so (an event's `seq`) are sent
+    # first, from the store, then the live ones (a client that lost its connection).
+    since: Annotated[int, pydantic.Field(ge=0)] | None = None
+
+
+# Where a reader of a job's logs is (a `cursor` reply field, sent back to read on): the local
+# backend's byte offsets per stream, or a CloudWatch forward token.
+_LogCursor = (
+    dict[Literal["stdout", "stderr"], Annotated[int, pydantic.Field(ge=0)]]
+    | Annotated[str, pydantic.Field(min_length=1, max_length=4096)]
+)
 
 
 class Logs(Params):
     job_id: _JobId
     follow: bool = False
+    # Resume after the last page read: its `cursor`, of the attempt it belongs to.
+    cursor: _LogCursor | None = None
+    attempt: Annotated[int, pydantic.Field(ge=0)] | None = pydantic.Field(
+        default=None, validate_default=True
+    )
+
+    @pydantic.field_validator("cursor")
+    @classmethod
+    def _both_streams(cls, cursor: object) -> object:
+        if isinstance(cursor, dict) and set(cursor) != {"stdout", "stderr"}:
+            raise PydanticCustomError("cursor", "a local cursor has both stdout and stderr")
+        return cursor
+
+    @pydantic.field_validator("attempt")
+    @classmethod
+    def _with_its_cursor(cls, attempt: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if "cursor" in info.data and (info.data["cursor"] is None) != (attempt is None):
+            raise PydanticCustomError("attempt", "goes with cursor: both or neither")
+        return attempt
+
+
+class Top(Params):
+    """A snapshot of the daemon for `orchestrator top`: counts, the unfinished jobs (or those
+    in `state`), the last failures, AWS calls and buckets, health. `backend` narrows the job
+    lists; `limit` caps the jobs, `failures` the failed ones."""
+
+    state: list[models.JobState] | None = None
+    backend: str | None = None
+    limit: Annotated[int, pydantic.Field(ge=1, le=500)] = 50
+    failures: Annotated[int, pydantic.Field(ge=0, le=100)] = 10
+
+    @pydantic.field_validator("state", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return ListJobs._one_or_many(value)
 
 
 OPS: dict[str, type[Params]] = {
     "ping": Ping,
+    "shutdown": Shutdown,
     "submit": Submit,
     "submit_many": SubmitMany,
     "get": Get,
@@ -99,6 +151,7 @@ OPS: dict[str, type[Params]] = {
     "wait": Wait,
     "watch": Watch,
     "logs": Logs,
+    "top": Top,
 }
 STREAMING = frozenset({"wait", "watch", "logs"})
 MAX_PAGE = 1000  # jobs in one `list` reply: a reply is built whole, so its size is capped

@@ -256,7 +256,7 @@ class LocalBackend:
         env.update(spec.env)
         env.update(ORCHESTRATOR_JOB_ID=job_id, ORCHESTRATOR_ATTEMPT=str(attempt))
         default_cwd = str(attempt_dir) if user is None else user.default_cwd
-        return env, spec.cwd or default_cwd
+        return env, spec.cwd or spec.default_cwd or default_cwd
 
     def partition(self, job: models.Job) -> str:
         return self.name

@@ -121,16 +121,21 @@ def _retried(job: models.Job) -> str | None:
 def check_same_spec(existing: models.Job, spec: models.JobSpec, backend: str) -> None:
     """Raise `IdempotencyConflict` unless `spec` (for `backend`) is what `existing`, the job
     its idempotency key names, was accepted with."""
-    # The backend is compared as stored beside the spec; inside the spec it is optional.
-    if existing.backend != backend or _without_backend(existing.spec) != _without_backend(spec):
+    # The backend is compared as stored beside the spec; inside the spec it is optional. The
+    # directory a job was submitted from is not part of what it is.
+    differ = [] if existing.backend == backend else ["backend"]
+    there, here = _identity(existing.spec), _identity(spec)
+    differ += [field for field in there if there[field] != here[field]]
+    if differ:
+        verb = "differs" if len(differ) == 1 else "differ"
         raise errors.IdempotencyConflict(
-            f"idempotency key {spec.idempotency_key!r} already names job "
-            f"{existing.id} with a different spec"
+            f"idempotency key {spec.idempotency_key!r} already names job {existing.id} with "
+            f"a different spec: {', '.join(differ)} {verb}"
         )
 
 
-def _without_backend(spec: models.JobSpec) -> dict[str, Any]:
-    return spec.model_dump(exclude={"backend"})
+def _identity(spec: models.JobSpec) -> dict[str, Any]:
+    return spec.model_dump(exclude={"backend", "default_cwd"})
 
 
 class Store(Protocol):

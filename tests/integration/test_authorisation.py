@@ -286,3 +286,15 @@ async def test_a_key_stored_before_keys_were_scoped_still_names_its_job(short_tm
     assert (again.id, created_again) == (job.id, False)
     assert created_other is True
     assert other.id != job.id
+
+
+@needs_root
+async def test_only_an_admin_may_stop_the_daemon(
+    daemon_for_peers: tuple[Path, FakeBackend],
+) -> None:
+    path, _ = daemon_for_peers
+    async with PeerClient(A, path) as a:
+        refused = await a.call("shutdown")
+        assert (refused["ok"], refused["code"]) == (False, "forbidden")
+        assert "may not stop the daemon" in refused["message"]
+        assert (await a.call("ping"))["pong"] is True  # it goes on serving

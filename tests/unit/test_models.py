@@ -118,6 +118,7 @@ def test_minimal_spec_and_its_defaults() -> None:
         "backend": None,
         "env": {},
         "cwd": None,
+        "default_cwd": None,
         "timeout_s": None,
         "queue_timeout_s": None,
         "idempotency_key": None,
@@ -133,6 +134,7 @@ def test_full_spec_is_accepted() -> None:
         "backend": "ecs",
         "env": {"A": "1", "_B2": ""},
         "cwd": "/srv",
+        "default_cwd": "/home/me",
         "timeout_s": 1.5,
         "queue_timeout_s": 60.0,
         "idempotency_key": "report:2024-05-06",
@@ -233,9 +235,17 @@ def test_good_names(name: str) -> None:
     "name", ["", "-job", ".job", "_job", "a b", "a/b", "job\n", "tâche", "A" * 129]
 )
 def test_bad_names(name: str) -> None:
-    assert _validation_errors({"command": ["x"], "name": name}) == [
-        ("string_pattern_mismatch", ("name",))
-    ]
+    assert _validation_errors({"command": ["x"], "name": name}) == [("job_name", ("name",))]
+
+
+def test_a_bad_name_or_key_is_explained_in_words_not_a_pattern() -> None:
+    with pytest.raises(pydantic.ValidationError) as bad:
+        models.JobSpec(command=["x"], name="-x", idempotency_key="a b")
+    text = str(bad.value)
+    assert "letters, digits, '.', '_' or '-', starting with a letter or digit" in text
+    assert "printable ASCII characters, without spaces" in text
+    assert "[A-Za-z" not in text
+    assert "pattern" not in text
 
 
 # --- Job.to_dict -----------------------------------------------------------------------------
@@ -290,6 +300,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "stop_reason": None,
         "idempotency_key": None,
         "command": ["sleep", "1"],
+        "cwd": None,
         "timeout_s": 30.0,
         "queue_timeout_s": None,
         "retry": None,

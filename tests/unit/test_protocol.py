@@ -75,7 +75,30 @@ VALID_CASES: list[tuple[dict[str, Any], protocol.Request]] = [
         {"id": 9, "op": "logs", "job_id": "j1", "follow": True},
         protocol.Request(9, "logs", protocol.Logs(job_id="j1", follow=True)),
     ),
+    (
+        {"id": 10, "op": "watch", "since": 41},
+        protocol.Request(10, "watch", protocol.Watch(since=41)),
+    ),
+    (
+        {"id": 11, "op": "logs", "job_id": "j", "cursor": {"stdout": 3, "stderr": 0}, "attempt": 2},
+        protocol.Request(
+            11,
+            "logs",
+            protocol.Logs(job_id="j", cursor={"stdout": 3, "stderr": 0}, attempt=2),
+        ),
+    ),
+    (
+        {"id": 12, "op": "logs", "job_id": "j", "cursor": "f/3849/s", "attempt": 1},
+        protocol.Request(12, "logs", protocol.Logs(job_id="j", cursor="f/3849/s", attempt=1)),
+    ),
     ({"op": "ping"}, protocol.Request(None, "ping", protocol.Ping())),
+    ({"id": 3, "op": "shutdown"}, protocol.Request(3, "shutdown", protocol.Shutdown())),
+    (
+        {"id": 20, "op": "top", "state": "RUNNING", "backend": "ecs", "limit": 5, "failures": 0},
+        protocol.Request(
+            20, "top", protocol.Top(state=[S.RUNNING], backend="ecs", limit=5, failures=0)
+        ),
+    ),
 ]
 
 
@@ -237,6 +260,14 @@ def test_unknown_op(op: str) -> None:
         ({"op": "list", "limit": "5"}, "limit: "),
         ({"op": "ping", "extra": 1}, "extra: unknown field"),
         ({"op": "logs", "job_id": "j", "follow": 1}, "follow: "),
+        ({"op": "watch", "since": -1}, "since: "),
+        ({"op": "logs", "job_id": "j", "cursor": "x"}, "attempt: goes with cursor"),
+        ({"op": "logs", "job_id": "j", "attempt": 2}, "attempt: goes with cursor"),
+        ({"op": "logs", "job_id": "j", "cursor": {"stdout": 1}, "attempt": 1}, "cursor: a local"),
+        (
+            {"op": "logs", "job_id": "j", "cursor": {"stdout": -1, "stderr": 0}, "attempt": 1},
+            "cursor",
+        ),
     ],
 )
 def test_invalid_params_name_the_field(request_obj: dict[str, Any], message: str) -> None:
@@ -322,6 +353,7 @@ flags = _or_junk(st.booleans())
 states = st.sampled_from([state.value for state in S])
 PARAMS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "ping": {},
+    "shutdown": {},
     "submit": {"job": _or_junk(job_specs)},
     "submit_many": {"jobs": _or_junk(st.lists(_or_junk(job_specs), min_size=1, max_size=3))},
     "get": {"job_id": job_ids, "history": flags},
@@ -332,8 +364,22 @@ PARAMS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     },
     "cancel": {"job_id": job_ids},
     "wait": {"job_id": job_ids},
-    "watch": {"job_id": job_ids},
-    "logs": {"job_id": job_ids, "follow": flags},
+    "watch": {"job_id": job_ids, "since": st.integers(min_value=-2, max_value=2**70)},
+    "logs": {
+        "job_id": job_ids,
+        "follow": flags,
+        "cursor": st.one_of(
+            st.text(max_size=8),
+            st.fixed_dictionaries({"stdout": st.integers(), "stderr": st.integers()}),
+        ),
+        "attempt": st.integers(min_value=-1, max_value=3),
+    },
+    "top": {
+        "state": _or_junk(states | st.lists(states, max_size=3)),
+        "backend": _or_junk(st.text(max_size=5)),
+        "limit": _or_junk(st.integers()),
+        "failures": _or_junk(st.integers()),
+    },
 }
 REQUIRED = {"job", "jobs", "job_id"}  # mostly present; their absence is tested above
 
