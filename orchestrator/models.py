@@ -401,8 +401,7 @@ class Job:
             "idempotency_key": self.spec.idempotency_key,
             "command": self.spec.command,
             # Where it runs (local): its own cwd, else the directory it was submitted from.
-            "cwd": self.spec.cwd
-            or (self.spec.default_cwd if self.backend == "local" else None),
+            "cwd": self.spec.cwd or (self.spec.default_cwd if self.backend == "local" else None),
             "timeout_s": self.spec.timeout_s,
             "queue_timeout_s": self.spec.queue_timeout_s,
             "retry": None if self.spec.retry is None else self.spec.retry.model_dump(),
