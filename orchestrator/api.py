@@ -78,12 +78,13 @@ class Api:
                     return protocol.reply(rid, job=job.to_dict(), created=created)
                 case protocol.SubmitMany(jobs=raw):
                     return protocol.reply(rid, results=await self.submit_many(raw, peer))
-                case protocol.Get(job_id=job_id, history=history):
+                case protocol.Get(job_id=ref, history=history):
+                    job_id = await self.resolve(ref, peer)
                     return protocol.reply(rid, job=await self.get(job_id, peer, history=history))
-                case protocol.ListJobs(state=states, backend=backend, limit=limit, cursor=cursor):
-                    return await self._list(rid, peer, states, backend, limit, cursor)
-                case protocol.Cancel(job_id=job_id):
-                    job, recorded = await self.cancel(job_id, peer)
+                case protocol.ListJobs() as listing:
+                    return await self._list(rid, peer, listing)
+                case protocol.Cancel(job_id=ref):
+                    job, recorded = await self.cancel(await self.resolve(ref, peer), peer)
                     # Ended otherwise than by a cancel (this one or an earlier one).
                     ended = job.state.terminal and job.state != models.JobState.CANCELLED
                     return protocol.reply(
@@ -103,12 +104,15 @@ class Api:
         rid = request.id
         try:
             match request.params:
-                case protocol.Wait(job_id=job_id):
+                case protocol.Wait(job_id=ref):
+                    job_id = await self.resolve(ref, peer)
                     await send(protocol.end(rid, job=(await self.wait(job_id, peer)).to_dict()))
-                case protocol.Watch(job_id=job_id, since=since):
-                    await self.watch(rid, job_id, peer, send, since=since)
-                case protocol.Logs(job_id=job_id, follow=follow, cursor=cursor, attempt=attempt):
+                case protocol.Watch(job_id=ref, since=since):
+                    one = None if ref is None else await self.resolve(ref, peer)
+                    await self.watch(rid, one, peer, send, since=since)
+                case protocol.Logs(job_id=ref, follow=follow, cursor=cursor, attempt=attempt):
                     resume = None if attempt is None else (attempt, cursor)
+                    job_id = await self.resolve(ref, peer)
                     await self.logs(rid, job_id, peer, follow, send, resume=resume)
                 case _:
                     raise errors.UnknownOperation(request.op)
@@ -116,20 +120,21 @@ class Api:
             await send(protocol.error(rid, exc.code, exc.message))
 
     async def _list(
-        self,
-        rid: protocol.RequestId,
-        peer: models.Peer,
-        states: list[models.JobState] | None,
-        backend: str | None,
-        limit: int,
-        cursor: str | None,
+        self, rid: protocol.RequestId, peer: models.Peer, query: protocol.ListJobs
     ) -> bytes:
         """One page of at most `protocol.MAX_PAGE` jobs; `next_cursor` says whether (and
         where) the listing goes on. A peer lists the jobs it may see, and only those: the store
-        filters them, so every page but the last is full and the cursor skips none."""
-        page = min(limit, protocol.MAX_PAGE)
+        filters them (and by state, backend, name glob, acceptance time), so every page but
+        the last is full and the cursor skips none."""
+        page = min(query.limit, protocol.MAX_PAGE)
         jobs = await self._store.list_jobs(
-            states, backend, page + 1, before=cursor, peer_uid=self._policy.owner(peer)
+            query.state,
+            query.backend,
+            page + 1,
+            before=query.cursor,
+            peer_uid=self._policy.owner(peer),
+            name=query.name,
+            since=query.since,
         )
         more = len(jobs) > page
         del jobs[page:]
@@ -302,6 +307,32 @@ class Api:
             )
             self._dispatcher.enqueue(job)
         return outcomes
+
+    async def resolve(self, ref: str, peer: models.Peer) -> str:
+        """The id of the job `ref` names for `peer`, as git and docker allow: its id, else a
+        prefix of one id (4 characters at least), else the name of one job — among the jobs
+        `peer` may see. `AmbiguousJob` when a prefix or name fits several, `JobNotFound` when
+        none."""
+        owner = self._policy.owner(peer)
+        with contextlib.suppress(errors.JobNotFound):
+            return (await self._job(ref, peer)).id
+        if len(ref) >= _MIN_PREFIX:
+            by_id = await self._store.list_jobs(limit=3, peer_uid=owner, id_prefix=ref.lower())
+            if len(by_id) == 1:
+                return by_id[0].id
+            if by_id:
+                raise errors.AmbiguousJob(
+                    f"{ref!r} starts the ids of several jobs ({_some(by_id)}): give more of it"
+                )
+        if not any(char in ref for char in "*?["):  # a name, not a glob
+            named = await self._store.list_jobs(limit=3, peer_uid=owner, name=ref)
+            if len(named) == 1:
+                return named[0].id
+            if named:
+                raise errors.AmbiguousJob(
+                    f"several jobs are named {ref!r} ({_some(named)}): name one by its id"
+                )
+        raise errors.JobNotFound(ref)
 
     async def _job(self, job_id: str, peer: models.Peer) -> models.Job:
         """The job, if `peer` may see it; to anyone else it does not exist (`not_found`)."""
@@ -478,3 +509,12 @@ async def _changed(changes: events.Subscription, timeout_s: float) -> bool:
         while changes.get_nowait() is not None:
             pass
     return True
+
+
+_MIN_PREFIX = 4  # characters of an id that may name its job (git's shortest)
+
+
+def _some(jobs: list[models.Job]) -> str:
+    """A few of `jobs`' ids, for a message (more than two: "…, and more")."""
+    shown = ", ".join(job.id for job in jobs[:2])
+    return shown + (", and more" if len(jobs) > 2 else "")

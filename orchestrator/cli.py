@@ -26,7 +26,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import orjson
 
-from orchestrator import __version__, errors, logs, settings
+from orchestrator import __version__, errors, logs, protocol, settings
 from orchestrator.client import RECONNECT_S
 from orchestrator.escaping import safe as _safe
 
@@ -686,40 +686,88 @@ def _age(iso: str) -> str:
     return f"{seconds:.0f}s"
 
 
+def _since(text: str | None) -> float | None:
+    """`--since`: an age (`90s`, `15m`, `2h`, `3d`) or an RFC 3339 time, as Unix time."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an age (90s, 15m, 2h, 3d) nor a time (2026-11-29T10:00:00Z)",
+            param_hint="--since",
+        ) from None
+    return (when if when.tzinfo else when.astimezone()).timestamp()
+
+
 @main.command("ls")
 @socket_option
 @click.option("--state", "states", multiple=True, type=click.Choice(_STATES, case_sensitive=False))
 @click.option("--backend", type=click.Choice(["local", "ecs", "batch"]))
+@click.option(
+    "--name", "name_glob", metavar="GLOB", help="Only jobs whose name matches (*, ?, […])."
+)
+@click.option(
+    "--since", "since_text", metavar="AGE|TIME", help="Only jobs accepted since (2h, or a time)."
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--all", "everything", is_flag=True, help="Every matching job (no --limit).")
+@click.option("--cursor", metavar="ID", help="Go on after this job (the cursor `ls` printed).")
 @json_option
 def list_jobs(
     socket_path: Path | None,
     states: tuple[str, ...],
     backend: str | None,
+    name_glob: str | None,
+    since_text: str | None,
     limit: int,
+    everything: bool,
+    cursor: str | None,
     as_json: bool,
 ) -> None:
-    """List jobs, newest first (printed a page at a time as they arrive)."""
+    """List jobs, newest first (printed a page at a time as they arrive); filtered by the
+    daemon. When there are more than --limit, says so on stderr with the cursor to go on."""
+    since = _since(since_text)
+    wanted = [s.upper() for s in states]
 
-    async def go() -> None:
-        first = True
+    async def go() -> str | None:
+        first, left, at = True, None if everything else limit, cursor
         if not as_json:
             click.echo(f"{'ID':<26}  {'STATE':<9}  {'BACKEND':<7}  {'EXIT':>4}  {'AGE':>4}  NAME")
         async with _client(socket_path) as client:
-            async for job in client.iter_jobs([s.upper() for s in states] or None, backend, limit):
-                if as_json:  # one JSON array, written as it streams
-                    text = orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
-                    click.echo(("[\n" if first else ",\n") + _indent(text), nl=False)
-                else:
-                    _echo(
-                        f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
-                        f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  {job['name']}"
-                    )
-                first = False
+            while left is None or left > 0:
+                size = protocol.MAX_PAGE if left is None else left
+                jobs, at = await client.list_page(
+                    wanted, backend, size, cursor=at, name=name_glob, since=since
+                )
+                for job in jobs:
+                    if as_json:  # one JSON array, written as it streams
+                        text = orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
+                        click.echo(("[\n" if first else ",\n") + _indent(text), nl=False)
+                    else:
+                        _echo(
+                            f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
+                            f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  "
+                            f"{job['name']}"
+                        )
+                    first = False
+                if left is not None:
+                    left -= len(jobs)
+                if at is None:
+                    break
         if as_json:
             click.echo("[]" if first else "\n]")
+        return at
 
-    _run(go)
+    more = _run(go)
+    if more is not None:
+        _echo(
+            f"orchestrator: more jobs match: --limit N, --all, or --cursor {more} to go on",
+            err=True,
+        )
 
 
 def _indent(text: str) -> str:

@@ -11,6 +11,7 @@ The CLI uses it; import it to submit from your own Python code:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import itertools
 import os
@@ -19,9 +20,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
-from orchestrator import errors, protocol, settings, socketdir
+from orchestrator import errors, protocol, settings, socketdir, views
 
 T = TypeVar("T")
 _Route = asyncio.Queue[dict[str, Any] | BaseException]
@@ -91,9 +92,88 @@ def _check_default_directory(socket_path: Path) -> None:
         raise errors.DaemonUnreachable(str(socket_path), "no such directory") from exc
 
 
+# -- what an error reply raises: one class per code --------------------------------------------
+
+
+class NotFound(errors.RemoteError):
+    """`not_found`: no such job, or one this peer may not see."""
+
+
+class InvalidRequest(errors.RemoteError):
+    """`invalid_request`, `invalid_json`, `line_too_long`, `unknown_op`,
+    `unsupported_version`: the request itself was wrong (the message names what)."""
+
+
+class InvalidJob(errors.RemoteError):
+    """`invalid_job`: the backend cannot run this spec (the message names the field)."""
+
+
+class AmbiguousJob(errors.RemoteError):
+    """`ambiguous_job`: an id prefix or a name that several jobs have (the message lists
+    some)."""
+
+
+class IdempotencyConflict(errors.RemoteError):
+    """`idempotency_conflict`: the key names another job with a different spec."""
+
+
+class Forbidden(errors.RemoteError):
+    """`forbidden`: this peer may not do that."""
+
+
+class BackendUnavailable(errors.RemoteError):
+    """`backend_unavailable`: the daemon does not run that backend."""
+
+
+class Overloaded(errors.RemoteError):
+    """`overloaded`, `slow_reader`, `idle_timeout`, `timeout`: the daemon shed this
+    connection or request; try again."""
+
+
+class ShuttingDown(errors.RemoteError):
+    """`shutting_down`: the daemon is stopping (`wait`, `watch` and `logs` wait for it)."""
+
+
+class StoreUnavailable(errors.RemoteError):
+    """`store_error`, `store_full`: the daemon could not record the request; nothing of it
+    was."""
+
+
+class LogsUnavailable(errors.RemoteError):
+    """`logs_unavailable`: the job's output cannot be read right now; ask again."""
+
+
+REMOTE_ERRORS: dict[str, type[errors.RemoteError]] = {
+    "not_found": NotFound,
+    "invalid_request": InvalidRequest,
+    "invalid_json": InvalidRequest,
+    "line_too_long": InvalidRequest,
+    "unknown_op": InvalidRequest,
+    "unsupported_version": InvalidRequest,
+    "invalid_job": InvalidJob,
+    "idempotency_conflict": IdempotencyConflict,
+    "ambiguous_job": AmbiguousJob,
+    "forbidden": Forbidden,
+    "backend_unavailable": BackendUnavailable,
+    "overloaded": Overloaded,
+    "slow_reader": Overloaded,
+    "idle_timeout": Overloaded,
+    "timeout": Overloaded,
+    "shutting_down": ShuttingDown,
+    "store_error": StoreUnavailable,
+    "store_full": StoreUnavailable,
+    "logs_unavailable": LogsUnavailable,
+}
+
+
+def remote_error(code: str, message: str) -> errors.RemoteError:
+    """The exception of an error reply: the class of its code (`RemoteError` for others)."""
+    return REMOTE_ERRORS.get(code, errors.RemoteError)(code, message)
+
+
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
     if not reply.get("ok"):
-        raise errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
+        raise remote_error(str(reply.get("code")), str(reply.get("message")))
     return reply
 
 
@@ -183,7 +263,7 @@ class Client:
                 elif request_id is None and not reply.get("ok"):
                     # An error not tied to a request (forbidden, idle_timeout): it ends the
                     # connection, and every request still waiting on it.
-                    failure = errors.RemoteError(str(reply.get("code")), str(reply.get("message")))
+                    failure = remote_error(str(reply.get("code")), str(reply.get("message")))
                     break
                 # Else a line for a request that is already answered: a protocol error of
                 # that request alone, which has its outcome; the other requests go on.
@@ -237,20 +317,20 @@ class Client:
 
     # -- conveniences ----------------------------------------------------------------------
 
-    async def ping(self) -> dict[str, Any]:
-        return await self.call("ping")
+    async def ping(self) -> views.Ping:
+        return cast(views.Ping, await self.call("ping"))
 
-    async def submit(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        reply = await self.call("submit", job=job)
-        job_out: dict[str, Any] = reply["job"]
-        return job_out
+    async def submit(self, job: Mapping[str, Any]) -> views.Job:
+        return cast(views.Job, (await self.call("submit", job=job))["job"])
 
     async def submit_many(
         self, jobs: Iterable[Mapping[str, Any]], batch: int = 500, window: int = 4
-    ) -> AsyncIterator[dict[str, Any] | errors.RemoteError]:
+    ) -> AsyncIterator[views.Submitted | errors.RemoteError]:
         """Submit many jobs: `batch` per `submit_many` request, `window` requests in flight.
         Yields each job's result in input order: a compact job (`id`, `name`, `state`,
-        `created`) or the `RemoteError` that names what was wrong with that one spec."""
+        `created`) or the `RemoteError` that names what was wrong with that one spec. A
+        caller that stops early stops the sending: no more batches go out (those already
+        sent are accepted)."""
         pending: asyncio.Queue[tuple[asyncio.Task[dict[str, Any]], int] | None] = asyncio.Queue(
             window
         )
@@ -273,51 +353,76 @@ class Client:
                     continue
                 for result in reply["results"]:
                     if result["ok"]:
-                        yield result
+                        yield cast(views.Submitted, result)
                     else:
-                        yield errors.RemoteError(result["code"], result["message"])
+                        yield remote_error(result["code"], result["message"])
             await feeder
         finally:
+            # The caller stopped early (or failed): no more batches go out, and the requests
+            # in flight are let go (what the daemon got of them it has accepted).
             feeder.cancel()
+            unanswered: list[asyncio.Task[Any]] = [feeder]
+            while not pending.empty():
+                if (left := pending.get_nowait()) is not None:
+                    left[0].cancel()
+                    unanswered.append(left[0])
+            await asyncio.gather(*unanswered, return_exceptions=True)
 
-    async def get(self, job_id: str, *, history: bool = False) -> dict[str, Any]:
-        reply = await self.call("get", job_id=job_id, history=history)
-        job: dict[str, Any] = reply["job"]
-        return job
+    async def get(self, job_id: str, *, history: bool = False) -> views.Job:
+        """The job; with `history`, its `history` and `attempts` too."""
+        return cast(views.Job, (await self.call("get", job_id=job_id, history=history))["job"])
 
     async def list(
         self, state: list[str] | None = None, backend: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    ) -> list[views.Job]:
         """Up to `limit` jobs, newest first (fetched a page at a time)."""
         return [job async for job in self.iter_jobs(state, backend, limit)]
+
+    async def list_page(
+        self,
+        state: Sequence[str] | None = None,
+        backend: str | None = None,
+        limit: int = protocol.MAX_PAGE,
+        *,
+        cursor: str | None = None,
+        name: str | None = None,
+        since: float | None = None,
+    ) -> tuple[builtins.list[views.Job], str | None]:
+        """One page of jobs, newest first (at most `protocol.MAX_PAGE`), after `cursor` (a
+        job id), by state, backend, name glob and acceptance time (Unix); and the cursor of
+        the next page (None: this is the last)."""
+        given: dict[str, object] = {"state": [*(state or ())], "backend": backend}
+        given |= {"cursor": cursor, "name": name, "since": since}
+        params = {key: value for key, value in given.items() if value not in (None, [])}
+        reply = await self.call("list", limit=min(limit, protocol.MAX_PAGE), **params)
+        return cast(builtins.list[views.Job], reply["jobs"]), reply.get("next_cursor")
 
     async def iter_jobs(
         self,
         state: Sequence[str] | None = None,
         backend: str | None = None,
         limit: int | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+        *,
+        cursor: str | None = None,
+        name: str | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[views.Job]:
         """Jobs, newest first, a page at a time (all of them with `limit=None`)."""
-        params: dict[str, Any] = {}
-        if state:
-            params["state"] = list(state)
-        if backend:
-            params["backend"] = backend
         left = limit
         while left is None or left > 0:
-            page_size = protocol.MAX_PAGE if left is None else min(left, protocol.MAX_PAGE)
-            reply = await self.call("list", limit=page_size, **params)
-            for job in reply["jobs"]:
+            size = protocol.MAX_PAGE if left is None else left
+            jobs, cursor = await self.list_page(
+                state, backend, size, cursor=cursor, name=name, since=since
+            )
+            for job in jobs:
                 yield job
             if left is not None:
-                left -= len(reply["jobs"])
-            if reply.get("next_cursor") is None:
+                left -= len(jobs)
+            if cursor is None:
                 return
-            params["cursor"] = reply["next_cursor"]
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = (await self.call("cancel", job_id=job_id))["job"]
-        return job
+    async def cancel(self, job_id: str) -> views.Job:
+        return cast(views.Job, (await self.call("cancel", job_id=job_id))["job"])
 
     async def top(
         self,
@@ -343,7 +448,7 @@ class Client:
         await self.close()
         await asyncio.sleep(delay_s)
 
-    async def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> dict[str, Any]:
+    async def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> views.Job:
         """The job once it has ended. A daemon that goes away meanwhile (a restart) is waited
         for, up to `reconnect_s` (0: not at all)."""
         reconnect = _Reconnect(reconnect_s)
@@ -351,8 +456,7 @@ class Client:
             try:
                 async for reply in self.stream("wait", job_id=job_id):
                     if "job" in reply:
-                        job: dict[str, Any] = reply["job"]
-                        return job
+                        return cast(views.Job, reply["job"])
                 raise errors.ProtocolError("wait ended without the job")
             except errors.OrchestratorError as exc:
                 await self._lost(reconnect, exc)
@@ -485,17 +589,17 @@ class SyncClient:
     def call(self, op: str, **params: Any) -> dict[str, Any]:
         return next(iter(self.stream(op, **params)))
 
-    def submit(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("submit", job=job)["job"]
-        return result
+    def ping(self) -> views.Ping:
+        return cast(views.Ping, self.call("ping"))
 
-    def get(self, job_id: str, *, history: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("get", job_id=job_id, history=history)["job"]
-        return result
+    def submit(self, job: Mapping[str, Any]) -> views.Job:
+        return cast(views.Job, self.call("submit", job=job)["job"])
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("cancel", job_id=job_id)["job"]
-        return result
+    def get(self, job_id: str, *, history: bool = False) -> views.Job:
+        return cast(views.Job, self.call("get", job_id=job_id, history=history)["job"])
+
+    def cancel(self, job_id: str) -> views.Job:
+        return cast(views.Job, self.call("cancel", job_id=job_id)["job"])
 
     def top(
         self,
@@ -508,7 +612,7 @@ class SyncClient:
         """A snapshot of the daemon, as `orchestrator top` shows it (see `Client.top`)."""
         return self.call("top", **_top_params(state, backend, limit, failures))
 
-    def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> dict[str, Any]:
+    def wait(self, job_id: str, *, reconnect_s: float = RECONNECT_S) -> views.Job:
         """The job once it has ended; a daemon that goes away meanwhile is waited for, up to
         `reconnect_s` (0: not at all)."""
         reconnect = _Reconnect(reconnect_s)
@@ -516,8 +620,7 @@ class SyncClient:
             try:
                 for reply in self.stream("wait", job_id=job_id):
                     if "job" in reply:
-                        result: dict[str, Any] = reply["job"]
-                        return result
+                        return cast(views.Job, reply["job"])
                 raise errors.ProtocolError("wait ended without the job")
             except errors.OrchestratorError as exc:
                 delay_s = reconnect.delay(exc)

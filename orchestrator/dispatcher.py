@@ -68,6 +68,9 @@ class Dispatcher:
         )
         self._rng = rng or backoff.default_rng()
         self._clock = clock
+        # Why each unsettled attempt's outcome is unknown (the last call's error): said in the
+        # reason of a job that ends LOST for it.
+        self._unknown: dict[str, str] = {}
         hub.listen(self._on_event)
         poller.set_requeue(self.requeue)
 
@@ -196,6 +199,7 @@ class Dispatcher:
             return
         except errors.OutcomeUnknown as exc:
             log.warning("job.start_unknown", job_id=job.id, attempt=job.attempt, error=exc.message)
+            self._unknown[job.id] = exc.message
             lane.settle_at(job.id, self._clock() + self._retry.delay(0, self._rng))
             return
         except errors.StartDeferred as exc:
@@ -345,6 +349,8 @@ class Dispatcher:
             since_attempt_s=self._clock() - _attempt_started(job),
             budget_s=lane.budget_s,
         )
+        looking = settlement is starts.Settlement.LOOK_AGAIN
+        why = None if looking else self._unknown.pop(job.id, None)
         if settlement in (starts.Settlement.ADOPT, starts.Settlement.REQUEUE):
             lane.settled(job.id)
         if settlement is starts.Settlement.ADOPT:
@@ -372,6 +378,8 @@ class Dispatcher:
         else:
             lane.settled(job.id)
             reason = f"cannot establish whether attempt {job.attempt} launched"
+            if why is not None:
+                reason += f" (its start call ended so: {why})"
             await self._store.transition(
                 job.id, job.state, models.JobState.LOST, reason=reason, info={"failure": "lost"}
             )

@@ -88,7 +88,13 @@ class JobNotFound(OrchestratorError):
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        super().__init__(f"no job with id {job_id!r}")
+        super().__init__(f"no job with id, id prefix or name {job_id!r}")
+
+
+class AmbiguousJob(OrchestratorError):
+    """A job was named by an id prefix or a name that more than one job has."""
+
+    code = "ambiguous_job"
 
 
 class StaleState(OrchestratorError):
@@ -279,10 +285,14 @@ class DaemonUnreachable(OrchestratorError):
 
 
 class RemoteError(OrchestratorError):
-    """The daemon answered a request with an error (client side)."""
+    """The daemon answered a request with an error (client side): `code` is the daemon's
+    (`not_found`, `invalid_job`, …), `detail` its message. `orchestrator.client` raises the
+    subclass of the code where there is one (`client.NotFound`, `client.InvalidJob`, …)."""
 
     def __init__(self, code: str, message: str) -> None:
-        self.remote_code = code
+        self.code = code  # type: ignore[misc]  # the daemon's, per instance
+        self.remote_code = code  # its older name
+        self.detail = message
         super().__init__(f"{code}: {message}")
 
 

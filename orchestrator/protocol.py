@@ -58,6 +58,13 @@ class ListJobs(Params):
     backend: str | None = None
     limit: Annotated[int, pydantic.Field(ge=1, le=100_000)] = 100
     cursor: _JobId | None = None
+    name: Annotated[str, pydantic.Field(min_length=1, max_length=256)] | None = None  # a glob
+    since: Annotated[float, pydantic.Field(allow_inf_nan=False)] | None = None  # Unix time
+
+    @pydantic.field_validator("since", mode="before")
+    @classmethod
+    def _int_is_a_time_too(cls, value: object) -> object:
+        return models._whole_seconds(value)
 
     @pydantic.field_validator("state", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fnmatch
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -552,6 +553,10 @@ class InMemoryStore(store.Store):
         limit: int = 100,
         before: str | None = None,
         peer_uid: int | None = None,
+        *,
+        name: str | None = None,
+        since: float | None = None,
+        id_prefix: str | None = None,
     ) -> list[models.Job]:
         wanted = None if states is None else frozenset(states)
         found = []
@@ -562,6 +567,9 @@ class InMemoryStore(store.Store):
                 and (peer_uid is None or (job.peer is not None and job.peer.uid == peer_uid))
                 and (wanted is None or job.state in wanted)
                 and (backend is None or job.backend == backend)
+                and (name is None or fnmatch.fnmatchcase(job.name, name))
+                and (since is None or job.created_at >= since)
+                and (id_prefix is None or job.id.startswith(id_prefix))
             ):
                 found.append(job)
                 if len(found) >= limit:

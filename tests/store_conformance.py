@@ -331,6 +331,36 @@ async def jobs_are_listed_newest_first_and_filtered(h: Harness) -> None:
 
 
 @case
+async def jobs_are_found_by_name_glob_acceptance_time_and_id_prefix(h: Harness) -> None:
+    nightly = await h.accept(_spec(name="nightly-report"))
+    h.clock.advance(100)
+    cutoff = h.clock.now
+    weekly = await h.accept(_spec(name="weekly-report"))
+    unnamed = await h.accept()
+
+    async def ids(**filters: Any) -> list[str]:
+        return [job.id for job in await h.store.list_jobs(**filters)]
+
+    assert await ids(name="nightly-report") == [nightly.id]
+    assert await ids(name="*-report") == [weekly.id, nightly.id]
+    assert await ids(name="?eekly-*") == [weekly.id]
+    assert await ids(name="[nw]*") == [weekly.id, nightly.id]
+    assert await ids(name="Nightly-report") == []  # case-sensitive
+    assert await ids(name=unnamed.id) == [unnamed.id]  # a job with no name: its id
+    assert await ids(name="*") == [unnamed.id, weekly.id, nightly.id]
+    assert await ids(since=cutoff) == [unnamed.id, weekly.id]
+    assert await ids(since=h.clock.now + 1) == []
+    assert await ids(id_prefix=nightly.id[:20]) == [nightly.id]
+    assert await ids(id_prefix=nightly.id) == [nightly.id]
+    assert await ids(id_prefix=nightly.id + "0") == []
+    assert await ids(id_prefix="") == [unnamed.id, weekly.id, nightly.id]
+    assert await ids(name="*-report", since=cutoff, peer_uid=PEER_A.uid) == [weekly.id]
+    assert await ids(name="*-report", peer_uid=PEER_B.uid) == []
+    await h.restart()
+    assert await ids(name="*-report") == [weekly.id, nightly.id]
+
+
+@case
 async def cursor_pages_cover_every_job_once(h: Harness) -> None:
     # Batches share an instant: their ids sort by their random part, not their order.
     for round_ in range(4):

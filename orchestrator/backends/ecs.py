@@ -130,7 +130,9 @@ class EcsBackend(AwsBackendBase):
             if exc.aws_code not in ("InvalidParameterException", "ClientException"):
                 raise errors.HealthCheckFailed(f"ecs: StopTask probe refused: {exc}") from exc
         except (errors.AwsServerFault, errors.AwsThrottled) as exc:
-            log.warning("ecs.health_inconclusive", error=str(exc))
+            # The cluster is there; whether we may stop tasks in it, AWS could not say now.
+            log.warning("ecs.health_inconclusive", cluster=cluster, error=str(exc))
+            return
         except errors.AwsError as exc:
             raise errors.HealthCheckFailed(f"ecs: StopTask probe failed: {exc}") from exc
         log.info("ecs.healthy", cluster=cluster)

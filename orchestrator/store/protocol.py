@@ -286,10 +286,17 @@ class Store(Protocol):
         limit: int = 100,
         before: str | None = None,
         peer_uid: int | None = None,
+        *,
+        name: str | None = None,
+        since: float | None = None,
+        id_prefix: str | None = None,
     ) -> list[models.Job]:
         """At most `limit` jobs, newest first (by id); with `before` (a job id: the cursor),
         only the jobs older than that one; with `peer_uid`, only the jobs that uid submitted
-        (a job with no recorded submitter is nobody's)."""
+        (a job with no recorded submitter is nobody's); with `name`, only those whose name
+        matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its
+        id); with `since` (Unix time), only those accepted then or later; with `id_prefix`,
+        only those whose id starts so."""
         ...
 
     async def unfinished(self) -> list[models.Job]:

@@ -22,11 +22,16 @@ from orchestrator.settings import StoreSettings
 
 log = structlog.get_logger("orchestrator.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+_NAME_SQL = "json_extract(CAST(spec AS TEXT), '$.name')"  # a job's name (NULL: none given)
 # What each version added, applied in order to a store written by an older one (in one
 # transaction, after the integrity check): version → its statements.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE events ADD COLUMN failure TEXT",),  # an event's failure class
+    3: (  # a job's name, found by an index (`ls --name`, naming a job by its name)
+        f"ALTER TABLE jobs ADD COLUMN name TEXT GENERATED ALWAYS AS ({_NAME_SQL}) VIRTUAL",
+        "CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name)",
+    ),
 }
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
@@ -52,8 +57,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     state_times BLOB NOT NULL,
-    info BLOB NOT NULL
+    info BLOB NOT NULL,
+    name TEXT GENERATED ALWAYS AS ({_NAME_SQL}) VIRTUAL
 ) STRICT;
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state NOT IN ({TERMINAL_SQL});
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ({TERMINAL_SQL});
 CREATE INDEX IF NOT EXISTS jobs_peer ON jobs(peer_uid, id);

@@ -371,9 +371,24 @@ class SqliteStore(Store):
         limit: int = 100,
         before: str | None = None,
         peer_uid: int | None = None,
+        *,
+        name: str | None = None,
+        since: float | None = None,
+        id_prefix: str | None = None,
     ) -> list[models.Job]:
         clauses: list[str] = []
         args: list[object] = []
+        if name is not None:
+            # A name never holds a glob's special characters: a plain one matches itself (by
+            # the index); a job with no name is named by its id.
+            clauses.append("(name GLOB ? OR (name IS NULL AND id GLOB ?))")
+            args += [name, name]
+        if since is not None:
+            clauses.append("created_at >= ?")
+            args.append(since)
+        if id_prefix is not None:
+            clauses.append("id >= ? AND id < ?")  # the primary key's range
+            args += [id_prefix, id_prefix + "\U0010ffff"]
         if before is not None:
             clauses.append("id < ?")
             args.append(before)

@@ -10,7 +10,7 @@ from orchestrator.settings import StoreSettings
 from orchestrator.store import SCHEMA_VERSION, SqliteStore
 
 
-async def test_a_version_1_store_gains_event_failures_and_keeps_its_jobs(tmp_path: Path) -> None:
+async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_path: Path) -> None:
     settings = StoreSettings(path=tmp_path / "store.db", synchronous="NORMAL", min_free_bytes=0)
     store = SqliteStore(settings, events.Hub())
     await store.open()
@@ -20,6 +20,8 @@ async def test_a_version_1_store_gains_event_failures_and_keeps_its_jobs(tmp_pat
     await store.close()
     with sqlite3.connect(settings.path) as conn:  # as version 1 wrote it
         conn.execute("ALTER TABLE events DROP COLUMN failure")
+        conn.execute("DROP INDEX jobs_name")
+        conn.execute("ALTER TABLE jobs DROP COLUMN name")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
 
@@ -36,9 +38,10 @@ async def test_a_version_1_store_gains_event_failures_and_keeps_its_jobs(tmp_pat
             job.id, models.JobState.RUNNING, models.JobState.FAILED, info={"failure": "user"}
         )
         assert (await store.events_since(0))[-1].failure == "user"
+        assert [j.id for j in await store.list_jobs(name=job.id)] == [job.id]  # the name index
     finally:
         await store.close()
     with sqlite3.connect(settings.path) as conn:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     conn.close()
-    assert int(version) == SCHEMA_VERSION == 2
+    assert int(version) == SCHEMA_VERSION == 3
