@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,9 @@ async def test_a_peer_sees_and_controls_only_the_jobs_it_submitted(
             refused = await b.request(op, job_id=job_id, **params)
             absent = await b.request(op, job_id=never, **params)
             assert _answer(refused, job_id) == _answer(absent, never), op
-            assert _answer(refused, job_id) == [(False, "not_found", "no job with id '<id>'")]
+            assert _answer(refused, job_id) == [
+                (False, "not_found", "no job with id, id prefix or name '<id>'")
+            ]
         assert [j["id"] for j in (await b.call("list"))["jobs"]] == [theirs["id"]]
         assert sum((await b.call("ping"))["jobs"].values()) == 1
         assert fake.stops == []  # B's cancel did nothing
@@ -101,7 +103,9 @@ async def test_a_peer_sees_and_controls_only_the_jobs_it_submitted(
         # The admin (root, the daemon's own uid) sees and controls every job.
         assert {j["id"] for j in await admin.list()} == {job_id, theirs["id"]}
         assert sum((await admin.ping())["jobs"].values()) == 2
-        assert (await admin.get(job_id))["peer"]["uid"] == A
+        peer = (await admin.get(job_id))["peer"]
+        assert peer is not None
+        assert peer["uid"] == A
         cancelled = await admin.cancel(job_id)
         assert cancelled["stop_reason"] == "cancel"
         waited = await a.request("wait", job_id=job_id)  # A sees its job to the end
@@ -137,6 +141,7 @@ async def test_watching_all_jobs_shows_a_peer_only_its_own_jobs(
             while (event := (await anext(admin_watch))["event"])["job_id"] != b_job["id"]:
                 seen_by_admin.add(event["job_id"])
         assert seen_by_admin == {a_job["id"]}
+        assert isinstance(admin_watch, AsyncGenerator)  # `watch` is an async generator
         await admin_watch.aclose()
 
 

@@ -20,7 +20,7 @@ from orchestrator.daemon import Daemon
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.settings import EcsSettings
 from orchestrator.testing import make_settings
-from tests.support.daemon import running, until_state
+from tests.support.daemon import accepted, running, until_state
 from tests.support.faultproxy import Reply, Request, Rule
 from tests.support.moto import BatchEnv, EcsEnv, MotoServer
 
@@ -113,6 +113,7 @@ async def test_ecs_job_runs_to_success_with_the_task_identity(
         final = await client.wait(job["id"])
         history = [h["to"] for h in (await client.get(job["id"], history=True))["history"]]
     assert (final["state"], final["exit_code"], final["backend"]) == ("SUCCEEDED", 0, "ecs")
+    assert final["external_id"] is not None
     assert final["external_id"].startswith("arn:aws:ecs:")
     assert (history[0], history[-1]) == ("QUEUED", "SUCCEEDED")
     (run_task,) = fault_proxy.requests("ecs", "RunTask")
@@ -135,6 +136,7 @@ async def test_ecs_nonzero_container_exit_fails_the_job_with_that_code(
     async with client_of(ecs_daemon) as client:
         final = await client.wait((await client.submit({"command": ["false"]}))["id"])
     assert (final["state"], final["exit_code"]) == ("FAILED", 3)
+    assert final["reason"] is not None
     assert "EssentialContainerExited" in final["reason"]
     assert final["failure"] == "user"
 
@@ -198,6 +200,7 @@ async def test_ecs_logs_come_from_cloudwatch(
     async with client_of(ecs_daemon) as client:
         job = await client.submit({"command": ["echo", "hi"]})
         done = await client.wait(job["id"])
+        assert done["external_id"] is not None
         stream = ecs_env.log_stream(done["external_id"])
         with moto.client("logs") as logs:
             logs.create_log_stream(logGroupName=ecs_env.log_group, logStreamName=stream)
@@ -222,7 +225,10 @@ async def test_ecs_300_concurrent_jobs_are_described_in_batches(
         poller={"base_s": 0.5, "cap_s": 1.0},
     )
     async with running(settings) as daemon, client_of(daemon) as client:
-        ids = [j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(320))]
+        ids = [
+            accepted(j)["id"]
+            async for j in client.submit_many({"command": ["true"]} for _ in range(320))
+        ]
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
     assert [j["state"] for j in finals].count("SUCCEEDED") == 320
     describes = fault_proxy.requests("ecs", "DescribeTasks")
@@ -242,7 +248,10 @@ async def test_ecs_throttling_bursts_on_every_api_fail_no_job(
     fault_proxy.ecs_rate_exceeded("RunTask", times=3)
     settings = make_settings(short_tmp, ecs=ecs_section(ecs_env), jobs={"backend": "ecs"})
     async with running(settings) as daemon, client_of(daemon) as client:
-        ids = [j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(12))]
+        ids = [
+            accepted(j)["id"]
+            async for j in client.submit_many({"command": ["true"]} for _ in range(12))
+        ]
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
         throttles = daemon.backends["ecs"].api.throttles  # type: ignore[attr-defined]
         exported = daemon.metrics.render().decode()
@@ -373,7 +382,10 @@ async def test_batch_throttled_submits_are_retried_and_no_job_fails(
     fault_proxy.throttle("batch", "DescribeJobs", times=5)
     settings = make_settings(short_tmp, batch=batch_section(batch_env), jobs={"backend": "batch"})
     async with running(settings) as daemon, client_of(daemon) as client:
-        ids = [j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(12))]
+        ids = [
+            accepted(j)["id"]
+            async for j in client.submit_many({"command": ["true"]} for _ in range(12))
+        ]
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
     assert [j["state"] for j in finals] == ["SUCCEEDED"] * 12
     assert fault_proxy.forwarded[("batch", "SubmitJob")] == 12  # no duplicate submissions

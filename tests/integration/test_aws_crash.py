@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import errors, faults, models
+from orchestrator import errors, faults, models, views
 from orchestrator.backends import aws_kwargs
 from orchestrator.backends.ecs import EcsBackend
 from orchestrator.client import SyncClient
@@ -134,8 +134,7 @@ def submit_maybe_unanswered(daemon: DaemonProcess, spec: Mapping[str, Any]) -> s
     """Submit to a daemon that may die before it answers: the job id, or None if no reply."""
     try:
         with SyncClient(daemon.socket_path, timeout_s=WAIT_S) as client:
-            job: dict[str, Any] = client.submit(spec)
-            return str(job["id"])
+            return client.submit(spec)["id"]
     except (errors.DaemonUnreachable, ConnectionError):
         return None
 
@@ -146,17 +145,15 @@ def resubmit(daemon: DaemonProcess, spec: Mapping[str, Any]) -> dict[str, Any]:
         return client.call("submit", job=spec)
 
 
-def wait_terminal(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+def wait_terminal(daemon: DaemonProcess, job_id: str) -> views.Job:
     with SyncClient(daemon.socket_path, timeout_s=WAIT_S) as client:
         client.wait(job_id)
-        job: dict[str, Any] = client.get(job_id, history=True)
-    return job
+        return client.get(job_id, history=True)
 
 
-def get_job(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+def get_job(daemon: DaemonProcess, job_id: str) -> views.Job:
     with daemon.client() as client:
-        job: dict[str, Any] = client.get(job_id, history=True)
-    return job
+        return client.get(job_id, history=True)
 
 
 def reconciled(daemon: DaemonProcess, job_id: str) -> list[str]:
@@ -222,7 +219,7 @@ BATCH_RECONCILED = {
 
 def crash_and_restart(
     daemon: DaemonProcess, point: str, spec: Mapping[str, Any]
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[str, views.Job]:
     """Start with the crash point armed, submit, see the daemon die at it, restart unarmed and
     submit again as a client with no answer would. Returns (job id, final job)."""
     daemon.start(extra_env={faults.ENV: point})
@@ -385,6 +382,7 @@ def test_ecs_queue_timeout_stops_a_task_stuck_provisioning(
     final = wait_terminal(daemon, job_id)
 
     assert (final["state"], final["stop_reason"]) == ("FAILED", "queue_timeout"), final
+    assert final["reason"] is not None
     assert final["reason"].startswith("queue_timeout"), final["reason"]
     assert "PROVISIONING" in final["reason"]
     assert "RUNNING" not in final["state_times"]
@@ -408,6 +406,7 @@ def test_ecs_timeout_stops_a_task_that_runs_too_long_even_across_a_kill(
     final = wait_terminal(daemon, job_id)
 
     assert (final["state"], final["stop_reason"]) == ("FAILED", "timeout"), final
+    assert final["reason"] is not None
     assert final["reason"].startswith("timeout"), final["reason"]
     assert "RUNNING" in final["reason"]
     stops = [r.json() for r in fault_proxy.requests("ecs", "StopTask")]
@@ -459,6 +458,7 @@ def test_batch_timeout_terminates_a_job_that_runs_too_long(
     final = wait_terminal(daemon, job_id)
 
     assert (final["state"], final["stop_reason"]) == ("FAILED", "timeout"), final
+    assert final["reason"] is not None
     assert final["reason"].startswith("timeout"), final["reason"]
     assert "RUNNING" in final["reason"]
     terminations = [r.json() for r in fault_proxy.requests("batch", "TerminateJob")]
@@ -509,6 +509,25 @@ def test_ecs_run_task_5xx_is_settled_under_the_same_token(
         if e.get("job_id") == job_id and e.get("event") in ("job.start_unknown", "job.reconciled")
     ]
     assert events == [("job.start_unknown", None), ("job.reconciled", "resubmitted")]
+
+
+def test_ecs_run_task_5xx_that_never_ends_makes_the_job_lost_saying_why(
+    make_daemon: DaemonFactory, ecs_env: EcsEnv, fault_proxy: FaultProxy
+) -> None:
+    """RunTask answers 503 to every try, and ListTasks finds nothing: the daemon cannot tell
+    whether a task started, so after its looks the job is LOST — and its reason says what the
+    start call got, so that a user can see the cause."""
+    fault_proxy.honour_client_token = True
+    fault_proxy.http_5xx("ecs", "RunTask", times=None)
+    daemon = make_daemon(ecs_settings(ecs_env, max_run_task_attempts=2))
+    daemon.start()
+    with daemon.client() as client:
+        job_id = client.submit({"command": ["echo", "once"]})["id"]
+    final = wait_terminal(daemon, job_id)
+    assert (final["state"], final["failure"]) == ("LOST", "lost"), final
+    assert final["reason"].startswith("cannot establish whether attempt 1 launched (")
+    assert "503" in final["reason"] or "ServiceUnavailable" in final["reason"], final["reason"]
+    assert fault_proxy.forwarded[("ecs", "RunTask")] == 0  # nothing reached ECS
 
 
 @pytest.mark.usefixtures("proxied_aws_env")

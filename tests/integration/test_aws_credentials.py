@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from orchestrator import views
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
-from tests.support.daemon import running
+from tests.support.daemon import accepted, running
 from tests.support.moto import BatchEnv, EcsEnv, MotoServer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("proxied_aws_env")]
@@ -49,9 +50,9 @@ def settings_for(backend: str, short_tmp: Path, moto: MotoServer) -> Any:
     )
 
 
-async def degraded(client: Client) -> list[dict[str, Any]]:
+async def degraded(client: Client) -> list[views.Problem]:
     ping = await client.ping()
-    problems: list[dict[str, Any]] = ping["problems"]
+    problems = ping["problems"]
     return [p for p in problems if p["reason"] == "backend_credentials"]
 
 
@@ -78,7 +79,8 @@ async def test_refused_credentials_on_the_launch_call_fail_no_job(
     refusal = fault_proxy.error(service, launch, status, code, message, times=None)
     async with running(settings), Client(settings.server.socket_path) as client:
         ids = [
-            j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(JOBS))
+            accepted(j)["id"]
+            async for j in client.submit_many({"command": ["true"]} for _ in range(JOBS))
         ]
         await until_degraded(client, True)
         (problem,) = await degraded(client)
@@ -107,7 +109,8 @@ async def test_refused_credentials_on_the_describe_call_fail_no_job(
     refusal = fault_proxy.error(service, describe, status, code, message, times=None)
     async with running(settings), Client(settings.server.socket_path) as client:
         ids = [
-            j["id"] async for j in client.submit_many({"command": ["true"]} for _ in range(JOBS))
+            accepted(j)["id"]
+            async for j in client.submit_many({"command": ["true"]} for _ in range(JOBS))
         ]
         await until_degraded(client, True)
         during = [await client.get(i) for i in ids]

@@ -18,11 +18,11 @@ from typing import Any
 import orjson
 import pytest
 
-from orchestrator import errors, models, protocol
+from orchestrator import errors, models, protocol, views
 from orchestrator.client import Client, SyncClient
 from orchestrator.daemon import Daemon
 from orchestrator.testing import FakeBackend, Script, make_settings
-from tests.support.daemon import DaemonProcess, running
+from tests.support.daemon import DaemonProcess, accepted, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,7 +37,7 @@ async def _open(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]
     return await asyncio.open_unix_connection(str(path), limit=64 * 1024 * 1024)
 
 
-async def _ping_until_admitted(path: Path, within_s: float = 10.0) -> dict[str, Any]:
+async def _ping_until_admitted(path: Path, within_s: float = 10.0) -> views.Ping:
     """Ping on a new connection until it is admitted (not `overloaded`), within a bound."""
     deadline = time.monotonic() + within_s
     while True:
@@ -197,7 +197,8 @@ async def test_list_pages_with_a_cursor_and_the_client_follows_them(short_tmp: P
         Client(settings.server.socket_path) as client,
     ):
         ids = [
-            r["id"] async for r in client.submit_many({"command": ["true"]} for _ in range(2500))
+            accepted(r)["id"]
+            async for r in client.submit_many({"command": ["true"]} for _ in range(2500))
         ]
         first = await client.call("list", limit=100_000)
         assert len(first["jobs"]) == protocol.MAX_PAGE

@@ -60,18 +60,24 @@ def restart(daemon: DaemonProcess, how: int = signal.SIGTERM, down_s: float = 1.
     daemon.start()
 
 
-def gate(root: Path) -> tuple[Path, str]:
-    """A file the test creates to let a job go on, and the shell that waits for it."""
-    path = root / "go"
-    return path, f'while [ ! -e "{path}" ]; do sleep 0.05; done'
+@pytest.fixture
+def gate(short_tmp: Path) -> Iterator[tuple[Path, str]]:
+    """A file the test creates to let a job go on, and the shell that waits for it (created
+    at the end whatever happened, so that no job is left waiting)."""
+    path = short_tmp / "go"
+    yield path, f'while [ ! -e "{path}" ]; do sleep 0.05; done'
+    path.touch()
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
 def test_wait_outlives_a_restart_and_exits_with_the_jobs_code(
-    daemon: DaemonProcess, short_tmp: Path, how: int
+    daemon: DaemonProcess,
+    short_tmp: Path,
+    how: int,
+    gate: tuple[Path, str],
 ) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     with daemon.client() as client:
         job = client.submit({"command": ["sh", "-c", f"{blocked}; exit 7"]})
     waiter = cli(daemon, "wait", job["id"])
@@ -85,10 +91,12 @@ def test_wait_outlives_a_restart_and_exits_with_the_jobs_code(
 
 
 def test_submit_wait_prints_the_id_on_stdout_at_once_and_outlives_a_restart(
-    daemon: DaemonProcess, short_tmp: Path
+    daemon: DaemonProcess,
+    short_tmp: Path,
+    gate: tuple[Path, str],
 ) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     submitter = cli(daemon, "submit", "--wait", "--", "sh", "-c", f"{blocked}; exit 3")
     assert submitter.stdout is not None
     job_id = submitter.stdout.readline().decode().strip()  # before the job ends
@@ -116,9 +124,11 @@ def read_until(proc: subprocess.Popen[bytes], *texts: bytes, timeout_s: float = 
     return out
 
 
-def test_watch_resumes_after_the_last_change_it_saw(daemon: DaemonProcess, short_tmp: Path) -> None:
+def test_watch_resumes_after_the_last_change_it_saw(
+    daemon: DaemonProcess, short_tmp: Path, gate: tuple[Path, str]
+) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     every = cli(daemon, "watch", "--json", "--since", "0")
     with daemon.client() as client:
         job = client.submit({"command": ["sh", "-c", f"{blocked}; exit 0"]})
@@ -157,10 +167,12 @@ def test_watch_resumes_after_the_last_change_it_saw(daemon: DaemonProcess, short
 
 
 def test_logs_follow_resumes_after_the_last_whole_page(
-    daemon: DaemonProcess, short_tmp: Path
+    daemon: DaemonProcess,
+    short_tmp: Path,
+    gate: tuple[Path, str],
 ) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     script = (
         f"for i in 1 2 3; do echo line $i; done; {blocked}; for i in 4 5 6; do echo line $i; done"
     )
@@ -198,10 +210,12 @@ def test_watch_since_replays_what_came_before(daemon: DaemonProcess) -> None:
 
 
 def test_without_reconnecting_a_restart_ends_wait_with_255_not_the_jobs_code(
-    daemon: DaemonProcess, short_tmp: Path
+    daemon: DaemonProcess,
+    short_tmp: Path,
+    gate: tuple[Path, str],
 ) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     with daemon.client() as client:
         job = client.submit({"command": ["sh", "-c", f"{blocked}; exit 1"]})
     waiter = cli(daemon, "wait", "--reconnect-s", "0", job["id"])
@@ -214,10 +228,12 @@ def test_without_reconnecting_a_restart_ends_wait_with_255_not_the_jobs_code(
 
 
 def test_a_daemon_that_does_not_come_back_ends_wait_with_255_after_reconnect_s(
-    daemon: DaemonProcess, short_tmp: Path
+    daemon: DaemonProcess,
+    short_tmp: Path,
+    gate: tuple[Path, str],
 ) -> None:
     daemon.start()
-    go, blocked = gate(short_tmp)
+    go, blocked = gate
     with daemon.client() as client:
         job = client.submit({"command": ["sh", "-c", blocked]})
     waiter = cli(daemon, "wait", "--reconnect-s", "2", job["id"])

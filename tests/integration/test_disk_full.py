@@ -259,6 +259,7 @@ def test_a_timeout_that_expires_with_the_disk_full_still_stops_the_job(
         filler.unlink()
         final = client.wait(job_id)
     assert final["state"] == "FAILED"
+    assert final["reason"] is not None
     assert final["reason"].startswith("timeout: ran longer than timeout_s=3")
     unrecorded = [e for e in daemon.log_events() if e.get("event") == "job.stop_unrecorded"]
     assert [(e["job_id"], e["kind"]) for e in unrecorded] == [(job_id, "timeout")]

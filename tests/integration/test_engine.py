@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from orchestrator.backends.base import Observation
 from orchestrator.client import Client
 from orchestrator.models import JobState as S
 from orchestrator.testing import FakeBackend, Script, make_settings
-from tests.support.daemon import running, until_state
+from tests.support.daemon import accepted, running, until_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +31,10 @@ async def test_many_jobs_are_described_in_batches_of_at_most_100(short_tmp: Path
         running(settings, backends={"local": fake}),
         Client(settings.server.socket_path) as c,
     ):
-        ids = [job["id"] async for job in c.submit_many({"command": ["x"]} for _ in range(350))]
+        ids = [
+            accepted(job)["id"]
+            async for job in c.submit_many({"command": ["x"]} for _ in range(350))
+        ]
         finals = await asyncio.gather(*(c.wait(i) for i in ids))
         history = (await c.get(ids[0], history=True))["history"]
     assert {job["state"] for job in finals} == {"SUCCEEDED"}
@@ -49,7 +53,9 @@ async def test_jobs_in_different_partitions_are_never_described_together(short_t
         running(settings, backends={"local": fake}),
         Client(settings.server.socket_path) as c,
     ):
-        specs = [{"command": ["x"], "overrides": {"partition": p}} for p in "abababab"]
+        specs: list[dict[str, Any]] = [
+            {"command": ["x"], "overrides": {"partition": p}} for p in "abababab"
+        ]
         jobs = [await c.submit(spec) for spec in specs]
         finals = await asyncio.gather(*(c.wait(job["id"]) for job in jobs))
     partition_of = {
@@ -125,9 +131,11 @@ async def test_a_job_the_backend_forgets_becomes_lost_after_the_grace_period(
         job = await c.submit({"command": ["x"]})
         await until_state(c, job["id"], "RUNNING")
         running_job = await c.get(job["id"])
+        assert running_job["external_id"] is not None
         fake.forget(running_job["external_id"])
         final = await c.wait(job["id"])
     assert final["state"] == "LOST"
+    assert final["reason"] is not None
     assert "cannot be found again" in final["reason"]
 
 
@@ -249,6 +257,7 @@ async def test_a_queue_timeout_names_only_jobs_that_had_not_started(
         async with asyncio.timeout(30):
             final = await c.wait(job["id"])
     assert final["state"] == "FAILED"
+    assert final["reason"] is not None
     assert final["reason"].startswith(reason_starts), final["reason"]
     assert fake.stops == [job["id"]]
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator import errors
+from orchestrator import errors, views
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
 from tests.support import fds
@@ -19,7 +20,7 @@ from tests.support.daemon import running, until_state
 pytestmark = pytest.mark.timeout(60)
 
 
-async def submit_and_wait(client: Client, **spec: Any) -> dict[str, Any]:
+async def submit_and_wait(client: Client, **spec: Any) -> views.Job:
     job = await client.submit(spec)
     return await client.wait(job["id"])
 
@@ -56,6 +57,7 @@ async def test_missing_command_fails_with_127_and_says_why(short_tmp: Path) -> N
         assert job["state"] == "FAILED"
         assert job["failure"] == "rejected"  # it cannot run here: no retry would fare better
         assert job["exit_code"] == 127
+        assert job["reason"] is not None
         assert "no-such-command-xyz" in job["reason"]
 
 
@@ -63,6 +65,7 @@ async def test_missing_working_directory_fails_the_job(short_tmp: Path) -> None:
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await submit_and_wait(client, command=["true"], cwd=str(short_tmp / "nope"))
         assert job["state"] == "FAILED"
+        assert job["reason"] is not None
         assert "working directory" in job["reason"]
 
 
@@ -157,6 +160,7 @@ async def test_timeout_fails_the_job_with_reason_timeout(short_tmp: Path) -> Non
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         job = await submit_and_wait(client, command=["sleep", "30"], timeout_s=0.5)
         assert job["state"] == "FAILED"
+        assert job["reason"] is not None
         assert job["reason"].startswith("timeout")
         assert job["stop_reason"] == "timeout"
 
@@ -167,6 +171,7 @@ async def test_queue_timeout_fails_a_job_that_never_got_a_slot(short_tmp: Path) 
         blocker = await client.submit({"command": ["sleep", "30"]})
         starved = await submit_and_wait(client, command=["true"], queue_timeout_s=0.3)
         assert starved["state"] == "FAILED"
+        assert starved["reason"] is not None
         assert starved["reason"].startswith("queue_timeout")
         await client.cancel(blocker["id"])
         # Ended and recorded before the daemon stops: else its keeper, which outlives the
@@ -244,6 +249,7 @@ async def test_watch_streams_every_transition(short_tmp: Path) -> None:
             seen.append((event["from"], event["to"]))
             if event["to"] == "SUCCEEDED":
                 break
+        assert isinstance(stream, AsyncGenerator)  # `watch` is an async generator
         await stream.aclose()
         assert seen == [(None, "QUEUED"), ("QUEUED", "RUNNING"), ("RUNNING", "SUCCEEDED")]
 

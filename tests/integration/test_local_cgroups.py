@@ -18,13 +18,14 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator import views
 from orchestrator.backends import cgroups
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
-from tests.support.cgroup import FOUND, scratch, wait_for
+from tests.support.cgroup import FOUND, scratch
 from tests.support.daemon import DaemonProcess, running, until_state
 from tests.support.keeper import keeper_pids
-from tests.support.waits import until
+from tests.support.waits import until, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -78,7 +79,7 @@ def pidfile(short_tmp: Path) -> Iterator[Path]:
                 os.killpg(os.getpgid(int(proc.name)), signal.SIGKILL)
 
 
-def assert_ended_whole(job: dict[str, Any], grandchild: int) -> None:
+def assert_ended_whole(job: views.Job, grandchild: int) -> None:
     """At the moment the job is reported terminal, nothing of it runs: its grandchild has
     ended and its cgroup is gone (removed once empty). The grandchild's pid is then released
     (collected by init) within a bounded wait."""
@@ -122,6 +123,7 @@ async def test_timeout_kills_every_process_of_a_double_forking_job(
         assert grandchild is not None
         final = await client.wait(job["id"])
     assert final["state"] == "FAILED"
+    assert final["reason"] is not None
     assert final["reason"].startswith("timeout"), final["reason"]
     assert_ended_whole(final, grandchild)
 
@@ -169,10 +171,10 @@ def kill_daemon_and_keeper(daemon: DaemonProcess) -> None:
     wait_for(lambda: not running_pid(keeper), "the keeper to die")
 
 
-def until_seen_after_restart(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+def until_seen_after_restart(daemon: DaemonProcess, job_id: str) -> views.Job:
     """The job once the restarted daemon has looked at it: re-adopted (`orphaned`) or ended."""
     with daemon.client() as client:
-        job: dict[str, Any] = {}
+        job: views.Job | None = None
 
         def seen() -> bool:
             nonlocal job
@@ -180,6 +182,7 @@ def until_seen_after_restart(daemon: DaemonProcess, job_id: str) -> dict[str, An
             return bool(job["vendor_status"] == "orphaned" or job["state"] != "RUNNING")
 
         wait_for(seen, "the restarted daemon to look at the job")
+    assert job is not None
     return job
 
 
@@ -226,6 +229,7 @@ def test_a_readopted_job_whose_processes_end_is_lost_saying_so(
     with daemon.client() as client:
         final = client.wait(job["id"])
     assert final["state"] == "LOST"
+    assert final["reason"] is not None
     assert "without telling its exit status" in final["reason"], final["reason"]
     assert "ran on" in final["reason"], final["reason"]
     assert_ended_whole(final, grandchild)
@@ -329,6 +333,7 @@ def test_without_a_usable_cgroup_the_daemon_says_so_and_uses_process_groups(
     assert "process groups" in warnings[0]["fallback"]
     assert (final["state"], final["exit_code"]) == ("FAILED", 3)
     assert "cgroup" not in final["info"]
+    assert final["external_id"] is not None
     assert final["external_id"].count(":") == 1  # PID:START_TIME, no cgroup
     assert list(not_a_cgroup.iterdir()) == []
     found = check(short_tmp, **env)
@@ -348,6 +353,7 @@ def test_with_cgroups_off_jobs_run_in_process_groups_without_a_warning(short_tmp
     finally:
         daemon.close()
     assert final["state"] == "SUCCEEDED"
+    assert final["external_id"] is not None
     assert final["external_id"].count(":") == 1
     assert "local.cgroup_unavailable" not in events
     assert "local.cgroups" not in events

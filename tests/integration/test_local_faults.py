@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import errors, events, models, settings
+from orchestrator import errors, events, models, settings, views
 from orchestrator.backends import _runner, base
 from orchestrator.backends.local import LocalBackend
 from orchestrator.client import Client
@@ -415,7 +415,7 @@ def test_a_descriptor_inherited_above_the_fd_limit_is_not_passed_to_jobs(short_t
 # -- the keeper killed under running jobs ---------------------------------------------------
 
 
-async def until_orphaned(client: Client, job_id: str) -> dict[str, Any]:
+async def until_orphaned(client: Client, job_id: str) -> views.Job:
     """The job once the daemon, connected to a new keeper that does not know it, has found its
     process running on without one: RUNNING, `orphaned`."""
     deadline = time.monotonic() + 20
@@ -463,6 +463,7 @@ async def test_a_job_whose_keeper_was_killed_is_lost_once_its_process_ends(
             after = await client.wait(after["id"])
             assert keeper_pids(work_dir) == [new_keeper]
     assert (final["state"], final["exit_code"]) == ("LOST", None)
+    assert final["reason"] is not None
     assert "the keeper that ran the job ended" in final["reason"], final["reason"]
     assert "without telling its exit status" in final["reason"], final["reason"]
     assert (after["state"], after["exit_code"]) == ("FAILED", 7)
@@ -512,6 +513,7 @@ async def test_a_job_whose_keeper_was_killed_runs_on_in_its_cgroup_until_its_las
                 (await client.submit({"command": ["sh", "-c", "exit 7"]}))["id"]
             )
     assert (final["state"], final["exit_code"]) == ("LOST", None)
+    assert final["reason"] is not None
     assert "the keeper that ran the job ended" in final["reason"], final["reason"]
     assert "its processes ran on" in final["reason"], final["reason"]
     assert (after["state"], after["exit_code"]) == ("FAILED", 7)
@@ -697,6 +699,7 @@ async def test_a_stored_spec_that_cannot_be_launched_fails_at_once_saying_why(
             job = await client.wait(poisoned)
             assert (await client.wait(healthy["id"]))["exit_code"] == 4
         assert (job["state"], job["exit_code"]) == ("FAILED", 126)
+        assert job["reason"] is not None
         assert "null byte" in job["reason"]
         assert job["attempt"] == 1  # not retried: the same launch would fail the same way
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import views
 from orchestrator.backends import cgroups
 from orchestrator.client import Client
 from orchestrator.testing import make_settings
@@ -41,7 +42,7 @@ ONE_ATTEMPT: dict[str, Any] = {"retry": {"attempts": 1}}
 OOM_REASON = "the kernel OOM-killed a process of the job"
 
 
-def limit_memory(job: dict[str, Any]) -> Path:
+def limit_memory(job: views.Job) -> Path:
     """Put the limit on the attempt's memory cgroup (v1, else v2) and return that cgroup."""
     info = job["info"]
     if "memory_cgroup" in info:
@@ -71,7 +72,7 @@ def without_v2(short_tmp: Path) -> dict[str, Any]:
 
 async def run_until_limited(
     short_tmp: Path, script: str, local: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[views.Job, Path]:
     """Run `script` (given `$GO`, a file to wait for) with the memory limit on its attempt:
     its end, and the cgroup the limit was put on."""
     go = short_tmp / "go"

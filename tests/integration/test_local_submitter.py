@@ -27,7 +27,7 @@ from orchestrator.client import Client
 from orchestrator.daemon import Daemon
 from orchestrator.settings import Settings
 from orchestrator.testing import make_settings
-from tests.support.cgroup import FOUND, scratch, wait_for
+from tests.support.cgroup import FOUND, scratch
 from tests.support.daemon import DaemonProcess, running
 from tests.support.peers import PeerClient, open_to_others
 from tests.support.probes import (
@@ -46,6 +46,7 @@ from tests.support.service import (
     service_python,
     service_root,
 )
+from tests.support.waits import wait_for
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -286,6 +287,7 @@ async def test_a_job_with_no_recorded_submitter_is_not_run(daemon: Daemon, short
         final = await admin.wait(job.id)
         attempts = (await admin.get(job.id, history=True))["attempts"]
     assert final["state"] == "FAILED"
+    assert final["reason"] is not None
     assert "no recorded submitter" in final["reason"], final["reason"]
     assert len(attempts) == 1  # not retried
     assert not marker.exists()
@@ -323,7 +325,7 @@ def test_check_says_whether_this_process_can_run_jobs_as_their_submitters(
     root = service_root(short_tmp)
     python, python_env = service_python()
     env = {**os.environ, **python_env, "ORCHESTRATOR__LOCAL__RUN_AS": "submitter"}
-    found = {}
+    found: dict[str, tuple[int, bool]] = {}
     for who, wrapper in (("root", []), ("service user", [*as_service(), *python])):
         store = root / f"state-{len(found)}" / "o.db"  # writable by each: only run_as may fail
         result = subprocess.run(

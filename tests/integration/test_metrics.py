@@ -7,6 +7,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,10 @@ async def test_metrics_endpoint_reports_jobs_latencies_and_rejections(short_tmp:
         assert daemon.metrics_address is not None
         for command in (["true"], ["true"], ["false"]):
             await client.wait((await client.submit({"command": command}))["id"])
-        retried = {"command": ["sh", "-c", "exit 75"], "retry": {"exit_codes": [75]}}
+        retried: dict[str, Any] = {
+            "command": ["sh", "-c", "exit 75"],
+            "retry": {"exit_codes": [75]},
+        }
         retried["retry"] |= {"attempts": 2, "backoff_s": 0}
         await client.wait((await client.submit(retried))["id"])
         text = await asyncio.to_thread(scrape, daemon.metrics_address)

@@ -135,6 +135,7 @@ def test_job_whose_keeper_died_with_the_host_becomes_lost_with_a_reason(
         later = client.submit({"command": ["sh", "-c", "exit 4"]})
         after = client.wait(later["id"])
     assert final["state"] == "LOST"
+    assert final["reason"] is not None
     assert "keeper that ran the job ended" in final["reason"]
     assert (after["state"], after["exit_code"]) == ("FAILED", 4)  # a new keeper runs the next
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from orchestrator import views
 from orchestrator.client import Client
+from orchestrator.store.protocol import AttemptEntry, HistoryEntry
 from orchestrator.testing import make_settings
 from tests.integration.test_aws import batch_section, ecs_section, stopped_with
-from tests.support.daemon import running, until_state
+from tests.support.daemon import accepted, running, until_state
 from tests.support.faultproxy import Reply, Request, Rule
 from tests.support.moto import BatchEnv, EcsEnv, MotoServer
 
@@ -33,7 +35,9 @@ def runs_of(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-async def outcome(client: Client, job_id: str) -> tuple[dict[str, Any], list[Any], list[Any]]:
+async def outcome(
+    client: Client, job_id: str
+) -> tuple[views.Job, list[HistoryEntry], list[AttemptEntry]]:
     """The job once it has ended, its history and its attempts."""
     await client.wait(job_id)
     full = await client.get(job_id, history=True)
@@ -171,6 +175,7 @@ async def test_a_job_waiting_for_its_retry_is_cancelled_at_once_and_never_runs_a
                 break
         waiting = await client.get(job["id"])
         assert (waiting["state"], waiting["attempt"]) == ("QUEUED", 1)
+        assert waiting["reason"] is not None
         assert waiting["reason"].startswith("attempt 1 failed (user: exit code 75); attempt 2 of 3")
         await client.cancel(job["id"])
         final = await client.wait(job["id"])
@@ -217,7 +222,7 @@ async def test_a_bad_retry_policy_is_refused_naming_the_field(short_tmp: Path) -
                 await client.submit({"command": ["true"], "retry": retry})
             assert "retry" in str(refused.value), (retry, str(refused.value))
             assert words in str(refused.value), (retry, str(refused.value))
-        assert (await client.ping())["ok"] is True  # and it keeps serving
+        assert (await client.ping())["pong"] is True  # and it keeps serving
 
 
 # -- ECS ---------------------------------------------------------------------------------------
@@ -258,9 +263,11 @@ async def test_ecs_a_task_that_failed_to_start_is_retried_and_attempt_2_succeeds
     assert (final["state"], final["attempt"], final["exit_code"]) == ("SUCCEEDED", 2, 0)
     tokens = [r.json()["clientToken"] for r in fault_proxy.requests("ecs", "RunTask")]
     assert tokens == [f"{job['id']}-1", f"{job['id']}-2"]  # one RunTask per attempt
+    assert attempts[0]["outcome"] is not None
     assert attempts[0]["outcome"].startswith("failed (start): ")
     assert "CannotPullContainerError" in attempts[0]["outcome"]
     retry = next(h for h in history if h["from"] and h["to"] == "QUEUED")
+    assert retry["reason"] is not None
     assert retry["reason"].startswith("attempt 1 failed (start: ")
 
 
@@ -276,9 +283,10 @@ async def test_ecs_spot_interruptions_are_retried_within_attempts_then_fail_infr
         job = await client.submit({"command": ["sleep", "1"]})
         final, _, attempts = await outcome(client, job["id"])
     assert (final["state"], final["failure"], final["attempt"]) == ("FAILED", "infrastructure", 2)
+    assert final["reason"] is not None
     assert "SpotInterruption" in final["reason"]
     assert len(fault_proxy.requests("ecs", "RunTask")) == 2
-    assert [a["outcome"].split(":")[0] for a in attempts] == [
+    assert [str(a["outcome"]).split(":")[0] for a in attempts] == [
         "failed (infrastructure)",
         "submitted",
     ]
@@ -390,7 +398,7 @@ async def test_many_jobs_failing_together_are_each_retried_once_per_attempt(
         "retry": {"exit_codes": [75], "backoff_s": 0.2},
     }
     async with running(settings), Client(short_tmp / "o.sock") as client:
-        ids = [j["id"] async for j in client.submit_many(make(i) for i in range(50))]
+        ids = [accepted(j)["id"] async for j in client.submit_many(make(i) for i in range(50))]
         finals = await asyncio.gather(*(client.wait(i) for i in ids))
     assert [(f["state"], f["attempt"]) for f in finals] == [("SUCCEEDED", 2)] * 50
     assert [runs_of(root / str(i)) for i in range(50)] == [2] * 50

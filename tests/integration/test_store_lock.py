@@ -10,11 +10,10 @@ import signal
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from orchestrator import store
+from orchestrator import store, views
 from tests.support.daemon import DaemonProcess
 from tests.support.waits import wait_for
 
@@ -38,7 +37,7 @@ def daemons(short_tmp: Path) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.close()
 
 
-def running_job(daemon: DaemonProcess) -> dict[str, Any]:
+def running_job(daemon: DaemonProcess) -> views.Job:
     with daemon.client() as client:
         job_id = client.submit(SLEEPER)["id"]
         wait_for(lambda: client.get(job_id)["state"] == "RUNNING", "the job to run", timeout_s=15.0)
@@ -57,7 +56,7 @@ def lock_path(daemon: DaemonProcess) -> Path:
     return daemon.store_path.with_name(daemon.store_path.name + ".lock")
 
 
-def cancel_and_wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+def cancel_and_wait(daemon: DaemonProcess, job_id: str) -> views.Job:
     with daemon.client() as client:
         client.cancel(job_id)
         return client.wait(job_id)

@@ -217,10 +217,11 @@ async def _store_with_two_users() -> tuple[InMemoryStore, dict[str, str]]:
     ids = {}
     for name, uid in (("a-old", A), ("b-run", B), ("a-run", A), ("a-fail", A), ("b-fail", B)):
         peer = models.Peer(uid=uid, gid=uid, pid=1)
-        ((job, _),) = await store.accept_many(
+        (outcome,) = await store.accept_many(
             [(models.JobSpec(command=["x"], name=name), "local")], peer
-        )  # type: ignore[misc]
-        ids[name] = job.id
+        )
+        assert isinstance(outcome, tuple), outcome
+        ids[name] = outcome[0].id
     await store.transition(ids["b-run"], S.QUEUED, S.RUNNING)
     await store.transition(ids["a-run"], S.QUEUED, S.RUNNING)
     for name in ("b-fail", "a-fail", "a-old"):  # ended in this order: a-old last

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from orchestrator import errors
+from orchestrator import errors, views
 from orchestrator.client import Client, SyncClient
 from orchestrator.daemon import Daemon
 from orchestrator.settings import Settings
@@ -180,3 +180,9 @@ async def until_state(client: Client, job_id: str, state: str) -> None:
         if current == state:
             return
     raise AssertionError(f"job {job_id} ended without reaching {state}")
+
+
+def accepted(result: views.Submitted | errors.RemoteError) -> views.Submitted:
+    """One result of `Client.submit_many` that must be an accepted job, not a refusal."""
+    assert not isinstance(result, errors.RemoteError), result
+    return result

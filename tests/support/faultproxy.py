@@ -39,8 +39,8 @@ from xml.sax.saxutils import escape
 import aiohttp
 import yarl
 from aiohttp import web
-from botocore import exceptions as botocore_errors  # type: ignore[import-untyped, unused-ignore]
-from botocore import loaders  # type: ignore[import-untyped, unused-ignore]
+from botocore import exceptions as botocore_errors
+from botocore import loaders
 from multidict import CIMultiDict
 
 OperationKey = tuple[str, str]

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import IO, Any, Literal, Self
 
-import boto3  # type: ignore[import-untyped, unused-ignore]
+import boto3
 import pytest
 
 from . import faultproxy

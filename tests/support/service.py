@@ -56,7 +56,10 @@ def service_python() -> tuple[list[str], dict[str, str]]:
     with it); else the system's python3 of the same version with this environment's packages
     on PYTHONPATH (an interpreter under /root, say, is out of other users' reach). Skips the
     test when neither works."""
-    candidates = [([], {}), (["sh", "-c", 'shift; exec /usr/bin/python3 "$@"', "sh"], {})]
+    candidates: list[tuple[list[str], dict[str, str]]] = [
+        ([], {}),
+        (["sh", "-c", 'shift; exec /usr/bin/python3 "$@"', "sh"], {}),
+    ]
     paths = [str(REPO), sysconfig.get_paths()["purelib"]]
     candidates[1][1]["PYTHONPATH"] = os.pathsep.join(paths)
     why = ""

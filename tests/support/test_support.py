@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
-import aioboto3  # type: ignore[import-untyped, unused-ignore]
-import boto3  # type: ignore[import-untyped, unused-ignore]
+import aioboto3
+import boto3
 import pytest
 import pytest_asyncio
-from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
-from botocore.exceptions import ClientError  # type: ignore[import-untyped, unused-ignore]
+from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from tests.support import faultproxy
 

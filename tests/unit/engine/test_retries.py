@@ -17,7 +17,7 @@ DEFAULTS = models.Retry(attempts=3, on=["start", "infrastructure"], exit_codes=[
 
 def policy(**given: object) -> retries.Policy:
     job = dataclasses.replace(
-        make_job(), spec=models.JobSpec(command=["true"], retry=models.Retry(**given))
+        make_job(), spec=models.JobSpec(command=["true"], retry=models.Retry.model_validate(given))
     )
     return retries.policy_of(job, DEFAULTS)
 
