@@ -135,6 +135,7 @@ class Api:
             peer_uid=self._policy.owner(peer),
             name=query.name,
             since=query.since,
+            labels=query.labels,
         )
         more = len(jobs) > page
         del jobs[page:]

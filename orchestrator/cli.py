@@ -414,6 +414,16 @@ def top(socket_path: Path | None) -> None:
         _fail(_safe(exc.message), EXIT_USAGE)
 
 
+def _parse_labels(values: tuple[str, ...], hint: str = "--label") -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=hint)
+        labels[key] = value
+    return labels
+
+
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     env = {}
     for item in values:
@@ -459,6 +469,12 @@ def _override(value: str) -> dict[str, Any]:
 @click.option("--queue-timeout-s", type=_Duration(), help="Fail the job if not running by then.")
 @click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
 @click.option(
+    "--priority",
+    type=click.IntRange(-1000, 1000),
+    help="Higher first (default 0); waiting long enough beats any priority.",
+)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the job.")
+@click.option(
     "--override",
     "overrides",
     multiple=True,
@@ -486,6 +502,8 @@ def submit(
     timeout_s: float | None,
     queue_timeout_s: float | None,
     idempotency_key: str | None,
+    priority: int | None,
+    labels: tuple[str, ...],
     overrides: tuple[str, ...],
     spec_file: IO[str] | None,
     wait: bool,
@@ -497,6 +515,8 @@ def submit(
     is printed on stdout at once, its outcome on stderr when it ends, and the exit code is the
     job's (255: its outcome could not be learned)."""
     defaults: dict[str, Any] = {"env": _parse_env(env)}
+    if labels:
+        defaults["labels"] = _parse_labels(labels)
     if overrides:
         merged: dict[str, Any] = {}
         for text in overrides:
@@ -507,6 +527,7 @@ def submit(
         ("timeout_s", timeout_s),
         ("queue_timeout_s", queue_timeout_s),
         ("cwd", None if cwd is None else str(cwd.absolute())),
+        ("priority", priority),
     )
     for key, value in given:
         if value is not None:
@@ -566,7 +587,7 @@ def _with_defaults(spec: dict[str, Any], defaults: Mapping[str, Any]) -> dict[st
     """A spec read from a --file line, with the command line's options under what it sets: its
     own keys win, its `env` and `overrides` are merged over theirs."""
     out = {**defaults, **spec}
-    for key in ("env", "overrides"):
+    for key in ("env", "overrides", "labels"):
         if isinstance(spec.get(key), dict) and isinstance(defaults.get(key), dict):
             out[key] = settings.deep_merge(defaults[key], spec[key])
     if not out.get("env"):
@@ -713,6 +734,9 @@ def _since(text: str | None) -> float | None:
 @click.option(
     "--since", "since_text", metavar="AGE|TIME", help="Only jobs accepted since (2h, or a time)."
 )
+@click.option(
+    "--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="Only jobs so labelled."
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--all", "everything", is_flag=True, help="Every matching job (no --limit).")
 @click.option("--cursor", metavar="ID", help="Go on after this job (the cursor `ls` printed).")
@@ -723,6 +747,7 @@ def list_jobs(
     backend: str | None,
     name_glob: str | None,
     since_text: str | None,
+    label_pairs: tuple[str, ...],
     limit: int,
     everything: bool,
     cursor: str | None,
@@ -732,6 +757,7 @@ def list_jobs(
     daemon. When there are more than --limit, says so on stderr with the cursor to go on."""
     since = _since(since_text)
     wanted = [s.upper() for s in states]
+    labels = _parse_labels(label_pairs) or None
 
     async def go() -> str | None:
         first, left, at = True, None if everything else limit, cursor
@@ -741,7 +767,7 @@ def list_jobs(
             while left is None or left > 0:
                 size = protocol.MAX_PAGE if left is None else left
                 jobs, at = await client.list_page(
-                    wanted, backend, size, cursor=at, name=name_glob, since=since
+                    wanted, backend, size, cursor=at, name=name_glob, since=since, labels=labels
                 )
                 for job in jobs:
                     if as_json:  # one JSON array, written as it streams

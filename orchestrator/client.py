@@ -387,12 +387,14 @@ class Client:
         cursor: str | None = None,
         name: str | None = None,
         since: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[builtins.list[views.Job], str | None]:
         """One page of jobs, newest first (at most `protocol.MAX_PAGE`), after `cursor` (a
         job id), by state, backend, name glob and acceptance time (Unix); and the cursor of
         the next page (None: this is the last)."""
         given: dict[str, object] = {"state": [*(state or ())], "backend": backend}
         given |= {"cursor": cursor, "name": name, "since": since}
+        given |= {"labels": dict(labels) if labels else None}
         params = {key: value for key, value in given.items() if value not in (None, [])}
         reply = await self.call("list", limit=min(limit, protocol.MAX_PAGE), **params)
         return cast(builtins.list[views.Job], reply["jobs"]), reply.get("next_cursor")
@@ -406,13 +408,14 @@ class Client:
         cursor: str | None = None,
         name: str | None = None,
         since: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> AsyncIterator[views.Job]:
         """Jobs, newest first, a page at a time (all of them with `limit=None`)."""
         left = limit
         while left is None or left > 0:
             size = protocol.MAX_PAGE if left is None else left
             jobs, cursor = await self.list_page(
-                state, backend, size, cursor=cursor, name=name, since=since
+                state, backend, size, cursor=cursor, name=name, since=since, labels=labels
             )
             for job in jobs:
                 yield job

@@ -93,12 +93,22 @@ class Dispatcher:
         if isinstance(due, int | float) and due > self._clock() and job.attempt > 0:
             self.requeue(job, float(due))
         else:
-            self._lanes[job.backend].lane.enqueue(job.id, tracking.queue_deadline(job))
+            lane = self._lanes[job.backend].lane
+            lane.enqueue(job.id, tracking.queue_deadline(job), self._key(job))
 
     def requeue(self, job: models.Job, at: float) -> None:
         """The job's attempt failed and its retry policy retries it (`Store.retry` recorded
         that): its next attempt is launched at `at`."""
-        self._lanes[job.backend].lane.requeue_at(job.id, at, tracking.queue_deadline(job))
+        lane = self._lanes[job.backend].lane
+        lane.requeue_at(job.id, at, tracking.queue_deadline(job), self._key(job))
+
+    def _key(self, job: models.Job) -> float:
+        """The job's place in its lane (`lanes`): since when it has waited, less what its
+        priority is worth in waiting."""
+        retry = job.info.get("retry")
+        due = retry.get("at") if isinstance(retry, dict) else None
+        since = float(due) if isinstance(due, int | float) else job.created_at
+        return since - job.spec.priority * self._settings.priority_aging_s
 
     def adopt(self, job: models.Job) -> None:
         """Count a job recovered at start-up, already past dispatch, against its lane's cap."""

@@ -75,6 +75,13 @@ def is_regression(old: JobState, new: JobState) -> bool:
     return old not in TERMINAL and new not in TERMINAL and _RANK[new] < _RANK[old]
 
 
+# A label's key and value, as AWS tags allow them (letters, digits, spaces and _ . : / = + - @);
+# `orchestrator:` keys are the daemon's own.
+_LABEL_KEY = re.compile(r"[\w.:/=+\-@ ]{1,128}")
+_LABEL_VALUE = re.compile(r"[\w.:/=+\-@ ]{0,256}")
+MAX_LABELS = 40  # AWS takes 50 tags a resource: 10 kept for the daemon's and the settings'
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -289,6 +296,28 @@ class JobSpec(pydantic.BaseModel):
     idempotency_key: _Key | None = None
     overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
     retry: Retry | None = None  # filled in with the daemon's defaults when accepted
+    # Higher first; within a priority, first come first served; a job's wait counts too
+    # (`dispatcher.priority_aging_s`), so nothing waits for ever.
+    priority: Annotated[int, pydantic.Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = 0
+    # Kept with the job (`ls --label`), and sent as ECS/Batch tags beside the daemon's own.
+    labels: dict[str, str] = pydantic.Field(default_factory=dict, max_length=MAX_LABELS)
+
+    @pydantic.field_validator("labels")
+    @classmethod
+    def _labels_as_tags(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.fullmatch(key):
+                raise ValueError(
+                    f"label {key!r}: a key is 1 to 128 letters, digits, spaces or _ . : / = + - @"
+                )
+            if key.lower().startswith("orchestrator:") or key.lower().startswith("aws:"):
+                raise ValueError(f"label {key!r}: keys starting orchestrator: or aws: are reserved")
+            if not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"label {key!r}: a value is at most 256 letters, digits, spaces or "
+                    "_ . : / = + - @"
+                )
+        return labels
 
     @pydantic.field_validator("timeout_s", "queue_timeout_s", mode="before")
     @classmethod
@@ -405,6 +434,8 @@ class Job:
             "timeout_s": self.spec.timeout_s,
             "queue_timeout_s": self.spec.queue_timeout_s,
             "retry": None if self.spec.retry is None else self.spec.retry.model_dump(),
+            "priority": self.spec.priority,
+            "labels": dict(self.spec.labels),
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

@@ -155,6 +155,9 @@ class DispatcherSettings(_Section):
     start_budget_s: _Seconds = 900.0  # wall-clock budget for retrying a start
     retry_base_s: _Seconds = 2.0
     retry_cap_s: _Seconds = 60.0
+    # What one step of `priority` is worth in waiting: a job of priority p goes before the
+    # jobs of priority 0 that came up to p * this many seconds before it, and no later.
+    priority_aging_s: _Seconds = 60.0
 
 
 class PollerSettings(_Section):

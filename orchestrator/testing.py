@@ -557,6 +557,7 @@ class InMemoryStore(store.Store):
         name: str | None = None,
         since: float | None = None,
         id_prefix: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> list[models.Job]:
         wanted = None if states is None else frozenset(states)
         found = []
@@ -570,6 +571,7 @@ class InMemoryStore(store.Store):
                 and (name is None or fnmatch.fnmatchcase(job.name, name))
                 and (since is None or job.created_at >= since)
                 and (id_prefix is None or job.id.startswith(id_prefix))
+                and all(job.spec.labels.get(k) == v for k, v in (labels or {}).items())
             ):
                 found.append(job)
                 if len(found) >= limit:

@@ -52,6 +52,8 @@ class Job(TypedDict):
     timeout_s: float | None
     queue_timeout_s: float | None
     retry: dict[str, Any] | None
+    priority: int
+    labels: dict[str, str]
     peer: PeerView | None
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`

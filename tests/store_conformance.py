@@ -355,9 +355,17 @@ async def jobs_are_found_by_name_glob_acceptance_time_and_id_prefix(h: Harness) 
     assert await ids(id_prefix=nightly.id + "0") == []
     assert await ids(id_prefix="") == [unnamed.id, weekly.id, nightly.id]
     assert await ids(name="*-report", since=cutoff, peer_uid=PEER_A.uid) == [weekly.id]
+    ml = await h.accept(_spec(labels={"team": "ml", "cost center": "a.b"}))
+    await h.accept(_spec(labels={"team": "web"}))
+    assert await ids(labels={"team": "ml"}) == [ml.id]
+    assert await ids(labels={"team": "ml", "cost center": "a.b"}) == [ml.id]
+    assert await ids(labels={"team": "ml", "cost center": "x"}) == []
+    assert await ids(labels={"nobody": "has it"}) == []
+    assert len(await ids(labels={})) == 5
     assert await ids(name="*-report", peer_uid=PEER_B.uid) == []
     await h.restart()
     assert await ids(name="*-report") == [weekly.id, nightly.id]
+    assert await ids(labels={"team": "ml"}) == [ml.id]
 
 
 @case

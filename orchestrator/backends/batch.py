@@ -202,6 +202,7 @@ class BatchBackend(AwsBackendBase):
         tags = {
             k: v for k, v in (kwargs.get("tags") or {}).items() if not k.startswith("orchestrator:")
         }
+        tags.update(job.spec.labels)
         tags.update({"orchestrator:job-id": job.id, "orchestrator:attempt": str(job.attempt)})
         kwargs.update(jobName=job_name(job), tags=tags)
         aws_kwargs.validate(kwargs, operation)

@@ -240,10 +240,11 @@ class EcsBackend(AwsBackendBase):
         kwargs = aws_kwargs.ecs_defaults(kwargs, self._settings.platform_version)
         aws_kwargs.refuse_run_task_conflicts(kwargs, overrides, self._settings, shape)
         token = job.token or f"{job.id}-{job.attempt}"
-        tags = [
+        labels = job.spec.labels
+        tags = [  # the settings' and overrides' own, but where a label or the daemon says
             t
             for t in kwargs.get("tags", [])
-            if not str(t.get("key", "")).startswith("orchestrator:")
+            if not str(t.get("key", "")).startswith("orchestrator:") and t.get("key") not in labels
         ]
         kwargs.update(
             clientToken=token,
@@ -251,6 +252,7 @@ class EcsBackend(AwsBackendBase):
             count=1,
             tags=[
                 *tags,
+                *({"key": key, "value": value} for key, value in labels.items()),
                 {"key": "orchestrator:job-id", "value": job.id},
                 {"key": "orchestrator:attempt", "value": str(job.attempt)},
             ],

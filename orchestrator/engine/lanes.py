@@ -8,13 +8,18 @@ many as the cap on jobs in flight allows, attempts to settle, jobs to expire.
 
 Whatever frees a slot or adds work calls `wake` (the shell's event): the lane's loop never sleeps
 while something is due.
+
+Which ready job goes first: the one with the lowest key, then the one enqueued first. The
+dispatcher gives each job the key `queued_at - priority * aging_s`: a job of priority p is
+launched before the jobs of priority 0 that came up to p * aging_s before it and after those
+that came earlier — so priority orders the queue, and waiting long enough beats any priority
+(no job starves). With every key equal, the lane is first come, first served.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -69,7 +74,8 @@ class Lane:
         self.max_attempts = max_attempts  # attempts at starting a job
         self.budget_s = budget_s  # wall-clock budget for them
         self._wake = wake
-        self._ready: deque[str] = deque()
+        self._ready: list[tuple[float, int, str]] = []  # a heap: (key, seq, job id)
+        self._keys: dict[str, float] = {}  # the order key of each job the lane holds
         self._queued: set[str] = set()
         self._in_flight: set[str] = set()
         self._timers: list[tuple[float, int, str, _Kind]] = []
@@ -104,12 +110,14 @@ class Lane:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def enqueue(self, job_id: str, queue_deadline: float | None = None) -> None:
-        """A QUEUED job is ready for its (next) attempt; a no-op if the lane has it already."""
+    def enqueue(self, job_id: str, queue_deadline: float | None = None, key: float = 0.0) -> None:
+        """A QUEUED job is ready for its (next) attempt, launched in the order of `key` (then
+        of enqueueing); a no-op if the lane has it already."""
         if job_id in self._queued or job_id in self._in_flight:
             return
         self._queued.add(job_id)
-        self._ready.append(job_id)
+        self._keys[job_id] = key
+        self._make_ready(job_id)
         if queue_deadline is not None:
             self._deadlines[job_id] = queue_deadline
             self._push(queue_deadline, job_id, "expire")
@@ -128,6 +136,7 @@ class Lane:
     def ended(self, job_id: str) -> None:
         """The job is terminal: out of the queue and out of flight."""
         self._queued.discard(job_id)
+        self._keys.pop(job_id, None)
         self._settle_tries.pop(job_id, None)
         self._deadlines.pop(job_id, None)
         self.release(job_id)
@@ -140,10 +149,14 @@ class Lane:
         self._push(at, job_id, "dispatch")
         self._wake()
 
-    def requeue_at(self, job_id: str, at: float, queue_deadline: float | None = None) -> None:
+    def requeue_at(
+        self, job_id: str, at: float, queue_deadline: float | None = None, key: float = 0.0
+    ) -> None:
         """The job's attempt ended in a failure its retry policy retries: out of flight, its
-        next attempt is launched at `at` — unless its new queue deadline passes first."""
+        next attempt is launched at `at` (in the order of `key` then) — unless its new queue
+        deadline passes first."""
         self.ended(job_id)
+        self._keys[job_id] = key
         if queue_deadline is not None:
             self._deadlines[job_id] = queue_deadline
             self._push(queue_deadline, job_id, "expire")
@@ -190,7 +203,7 @@ class Lane:
         while self._timers and self._timers[0][0] <= now:
             _, _, job_id, kind = heapq.heappop(self._timers)
             if kind == "dispatch":
-                self._ready.append(job_id)
+                self._make_ready(job_id)
             elif kind == "settle":
                 actions.append(Settle(job_id))
             elif kind == "resubmit":
@@ -200,7 +213,7 @@ class Lane:
             # An expiry while the job is in flight: its launch goes on (the poller stops a job
             # that launched and is not running by its deadline); a retry is expired above.
         while self._ready and len(self._in_flight) < self.cap and not self._paused:
-            job_id = self._ready.popleft()
+            _, _, job_id = heapq.heappop(self._ready)
             if job_id not in self._queued:
                 continue  # ended or expired while it waited
             deadline = self._deadlines.get(job_id)
@@ -216,7 +229,11 @@ class Lane:
         """Out of the queue for good: it is to be stopped, not launched."""
         self._queued.discard(job_id)
         self._deadlines.pop(job_id, None)
+        self._keys.pop(job_id, None)
         return Expire(job_id)
+
+    def _make_ready(self, job_id: str) -> None:
+        heapq.heappush(self._ready, (self._keys.get(job_id, 0.0), next(self._seq), job_id))
 
     def _push(self, at: float, job_id: str, kind: _Kind) -> None:
         heapq.heappush(self._timers, (at, next(self._seq), job_id, kind))

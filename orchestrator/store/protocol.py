@@ -43,7 +43,7 @@ Shared by the implementations, so that they agree: `job_event` (the event of a c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict
 
@@ -290,13 +290,15 @@ class Store(Protocol):
         name: str | None = None,
         since: float | None = None,
         id_prefix: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> list[models.Job]:
         """At most `limit` jobs, newest first (by id); with `before` (a job id: the cursor),
         only the jobs older than that one; with `peer_uid`, only the jobs that uid submitted
         (a job with no recorded submitter is nobody's); with `name`, only those whose name
         matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its
         id); with `since` (Unix time), only those accepted then or later; with `id_prefix`,
-        only those whose id starts so."""
+        only those whose id starts so; with `labels`, only those that have every one of
+        them (key and value)."""
         ...
 
     async def unfinished(self) -> list[models.Job]:

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,9 +375,13 @@ class SqliteStore(Store):
         name: str | None = None,
         since: float | None = None,
         id_prefix: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> list[models.Job]:
         clauses: list[str] = []
         args: list[object] = []
+        for key, value in (labels or {}).items():
+            clauses.append("json_extract(CAST(spec AS TEXT), '$.labels.' || json_quote(?)) = ?")
+            args += [key, value]
         if name is not None:
             # A name never holds a glob's special characters: a plain one matches itself (by
             # the index); a job with no name is named by its id.

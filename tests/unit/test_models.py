@@ -124,6 +124,8 @@ def test_minimal_spec_and_its_defaults() -> None:
         "idempotency_key": None,
         "overrides": {},
         "retry": None,
+        "priority": 0,
+        "labels": {},
     }
 
 
@@ -140,6 +142,8 @@ def test_full_spec_is_accepted() -> None:
         "idempotency_key": "report:2024-05-06",
         "overrides": {"containerOverrides": [{"cpu": 256}]},
         "retry": {"attempts": 4, "on": ["start"], "exit_codes": [3, 75], "backoff_s": 0.5},
+        "priority": -3,
+        "labels": {"team": "ml", "cost center": "a/b"},
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
@@ -304,6 +308,8 @@ def test_job_to_dict_is_the_client_view() -> None:
         "timeout_s": 30.0,
         "queue_timeout_s": None,
         "retry": None,
+        "priority": 0,
+        "labels": {},
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from orchestrator.engine import lanes
 from orchestrator.engine.lanes import Expire, Lane, Launch, Resubmit, Settle
 from tests.unit.engine.support import WakeCounter
 
@@ -382,3 +383,43 @@ def test_queue_deadlines_still_expire_jobs_while_launches_are_paused() -> None:
     lane.enqueue("b", queue_deadline=3.0)
     lane.resubmit_at("a", 10.0)
     assert lane.due(3.0) == [Expire("b")]
+
+
+# -- priority ------------------------------------------------------------------------------------
+
+
+def _launch_order(lane: lanes.Lane, now: float = 0.0) -> list[str]:
+    order = []
+    while launched := [a.job_id for a in lane.due(now) if isinstance(a, lanes.Launch)]:
+        order += launched
+        for job_id in launched:
+            lane.ended(job_id)
+    return order
+
+
+def test_a_lower_key_goes_first_and_equal_keys_go_in_order() -> None:
+    lane = lanes.Lane("local", 1, max_attempts=5, budget_s=60.0)
+    # keys as the dispatcher makes them: queued_at - priority * aging_s (aging 60 s)
+    lane.enqueue("low-1", key=100.0)
+    lane.enqueue("low-2", key=100.0)
+    lane.enqueue("high", key=101.0 - 5 * 60.0)
+    lane.enqueue("low-3", key=100.0)
+    assert _launch_order(lane) == ["high", "low-1", "low-2", "low-3"]
+
+
+def test_waiting_long_enough_beats_any_priority() -> None:
+    lane = lanes.Lane("local", 1, max_attempts=5, budget_s=60.0)
+    lane.enqueue("old", key=0.0)  # priority 0, queued at 0
+    lane.enqueue("urgent", key=700.0 - 10 * 60.0)  # priority 10, queued 700 s later
+    assert _launch_order(lane) == ["old", "urgent"]
+
+
+def test_a_start_retried_later_keeps_its_place_by_key() -> None:
+    lane = lanes.Lane("local", 1, max_attempts=5, budget_s=60.0)
+    lane.enqueue("first", key=-100.0)
+    assert [a.job_id for a in lane.due(0.0)] == ["first"]
+    lane.retry_at("first", 5.0)  # its start failed: back in the queue at 5
+    lane.enqueue("second", key=0.0)
+    assert [a.job_id for a in lane.due(1.0)] == ["second"]
+    lane.ended("second")
+    assert [a.job_id for a in lane.due(5.0)] == ["first"]
