@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class Ledger:
             if (key := spec.get("idempotency_key")) is not None:
                 self.key_specs.setdefault(key, spec)
 
-    def acknowledged(self, spec: Spec, job: dict[str, Any]) -> None:
+    def acknowledged(self, spec: Spec, job: Mapping[str, Any]) -> None:
         with self.lock:
             self.acked[job["id"]] = spec
             if job["command"] != spec["command"]:

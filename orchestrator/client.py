@@ -17,7 +17,15 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
@@ -470,7 +478,7 @@ class Client:
         *,
         since: int | None = None,
         reconnect_s: float = RECONNECT_S,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The replies of a `watch`: `watching` (with the job, for one job), then each event.
         With `since` (an event's `seq`), the events committed after it first. A daemon that
         goes away meanwhile is waited for, up to `reconnect_s`, and the watch resumes after
@@ -499,7 +507,7 @@ class Client:
 
     async def logs(
         self, job_id: str, *, follow: bool = False, reconnect_s: float = RECONNECT_S
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The job's output (`stream`, `data`), then `end`. Lines come a page at a time: a page
         is handed on once whole, so that a daemon that goes away meanwhile (waited for, up to
         `reconnect_s`) is asked to go on after the last whole page: nothing is repeated."""

@@ -415,7 +415,9 @@ async def jobs_are_counted_by_state(h: Harness) -> None:
 async def a_restart_finds_every_unfinished_job_as_it_was(h: Harness) -> None:
     jobs = {state: await h.job_in(state) for state in models.JobState}
     launching = await h.accept()
-    launching = await h.store.begin_attempt(launching.id)
+    begun = await h.store.begin_attempt(launching.id)
+    assert begun is not None
+    launching = begun
     assert launching is not None
     stopping = await h.store.request_stop(jobs[S.RUNNING].id, "timeout")
     retried = await h.accept()
@@ -679,7 +681,9 @@ async def a_stop_ends_a_job_no_backend_has_seen_at_once(h: Harness) -> None:
 @case
 async def a_stop_of_a_job_a_backend_has_keeps_its_state_and_first_reason(h: Harness) -> None:
     launching = await h.accept()
-    launching = await h.store.begin_attempt(launching.id)
+    begun = await h.store.begin_attempt(launching.id)
+    assert begun is not None
+    launching = begun
     assert launching is not None
     jobs = [launching, *[await h.job_in(state) for state in ACTIVE_BUT_QUEUED]]
     h.published.clear()
@@ -778,7 +782,9 @@ async def a_retry_comes_from_any_launched_unfinished_state_only(h: Harness) -> N
             await h.store.retry(job.id, state, reason="again", outcome="failed")
         assert await h.store.get(job.id) == job
     launching = await h.accept()
-    launching = await h.store.begin_attempt(launching.id)
+    begun = await h.store.begin_attempt(launching.id)
+    assert begun is not None
+    launching = begun
     assert launching is not None
     with pytest.raises(errors.IllegalTransition):
         await h.store.retry(launching.id, S.QUEUED, reason="again", outcome="failed")

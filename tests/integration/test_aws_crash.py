@@ -525,6 +525,7 @@ def test_ecs_run_task_5xx_that_never_ends_makes_the_job_lost_saying_why(
         job_id = client.submit({"command": ["echo", "once"]})["id"]
     final = wait_terminal(daemon, job_id)
     assert (final["state"], final["failure"]) == ("LOST", "lost"), final
+    assert final["reason"] is not None
     assert final["reason"].startswith("cannot establish whether attempt 1 launched (")
     assert "503" in final["reason"] or "ServiceUnavailable" in final["reason"], final["reason"]
     assert fault_proxy.forwarded[("ecs", "RunTask")] == 0  # nothing reached ECS
