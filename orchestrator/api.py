@@ -49,6 +49,8 @@ class Api:
         self._health = health or Health(store)
         self._defaults = defaults
         self._retry = defaults.retry.policy()
+        # What a job that gives no policy stores (None: the built-in one, `DEFAULT_RETRY`).
+        self._stored_retry = None if self._retry == models.DEFAULT_RETRY else self._retry
         self._policy = policy
         self._store = store
         self._dispatcher = dispatcher
@@ -242,13 +244,19 @@ class Api:
             self._policy.check_local(peer)
         # The daemon's default timeouts and retry policy become the job's own, to survive a
         # restart with other defaults. (The backend is stored beside the spec, not in it.)
-        spec = spec.model_copy(
-            update={
-                "timeout_s": spec.timeout_s or self._defaults.timeout_s,
-                "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
-                "retry": self._retry if spec.retry is None else spec.retry.over(self._retry),
-            }
-        )
+        # A policy equal to the built-in one is stored as None (`models.DEFAULT_RETRY`).
+        if spec.retry is None:
+            retry = self._stored_retry  # the common case: nothing to merge or compare
+        else:
+            merged = spec.retry.over(self._retry)
+            retry = None if merged == models.DEFAULT_RETRY else merged
+        own: dict[str, object] = {
+            "timeout_s": spec.timeout_s or self._defaults.timeout_s,
+            "queue_timeout_s": spec.queue_timeout_s or self._defaults.queue_timeout_s,
+            "retry": retry,
+        }
+        if any(getattr(spec, key) != value for key, value in own.items()):
+            spec = spec.model_copy(update=own)
         backend.validate(spec)
         return spec, name
 

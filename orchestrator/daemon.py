@@ -82,7 +82,6 @@ class Daemon:
             on_detected=self.metrics.detected,
             crash=self.faults,
             health=self.health,
-            retry=settings.jobs.retry.policy(),
         )
         self.dispatcher = Dispatcher(
             settings.dispatcher,

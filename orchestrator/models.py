@@ -274,6 +274,13 @@ class Retry(pydantic.BaseModel):
         return defaults.model_copy(update=given) if given else defaults
 
 
+# The built-in policy (`[jobs.retry]`'s defaults). A stored spec whose `retry` is None has this
+# one: the daemon stores a policy with a job only when it differs (the common case costs
+# nothing), and so a job accepted before policies existed has it too.
+DEFAULT_RETRY = Retry(attempts=3, on=list(RETRIED_CLASSES), exit_codes=[], backoff_s=10.0)
+_DEFAULT_RETRY_DUMP = DEFAULT_RETRY.model_dump()
+
+
 class JobSpec(pydantic.BaseModel):
     """What a client asks for. Unknown fields are an error, never a silent drop."""
 
@@ -433,7 +440,11 @@ class Job:
             "cwd": self.spec.cwd or (self.spec.default_cwd if self.backend == "local" else None),
             "timeout_s": self.spec.timeout_s,
             "queue_timeout_s": self.spec.queue_timeout_s,
-            "retry": None if self.spec.retry is None else self.spec.retry.model_dump(),
+            "retry": (
+                dict(_DEFAULT_RETRY_DUMP)
+                if self.spec.retry is None
+                else self.spec.retry.model_dump()
+            ),
             "priority": self.spec.priority,
             "labels": dict(self.spec.labels),
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},

@@ -22,7 +22,7 @@ from orchestrator import backoff, errors, faults, models, store
 from orchestrator.backends.base import Backend, Observation
 from orchestrator.engine import retries, tracking
 from orchestrator.health import Health
-from orchestrator.settings import JobDefaults, PollerSettings
+from orchestrator.settings import PollerSettings
 
 log = structlog.get_logger("orchestrator.poller")
 
@@ -39,11 +39,8 @@ class Poller:
         on_detected: Callable[[str, float], None] | None = None,
         crash: faults.Faults | None = None,
         health: Health | None = None,
-        retry: models.Retry | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
-        # The daemon's retry policy: what a job's own leaves out (`[jobs.retry]`).
-        self._retry = retry or JobDefaults().retry.policy()
         self._requeue: Callable[[models.Job, float], None] = lambda job, at: None
         self._rng = rng or backoff.default_rng()
         self._health = health or Health(store)
@@ -237,7 +234,7 @@ class Poller:
             return False
         if job.info.get("vendor_attempts") or obs.info.get("vendor_attempts"):
             return False  # retried by the backend itself (Batch's retryStrategy): not twice
-        policy = retries.policy_of(job, self._retry)
+        policy = retries.policy_of(job)
         failure, exit_code = judgement.failure, obs.exit_code
         if not retries.retried(policy, failure=failure, exit_code=exit_code, attempt=job.attempt):
             return False

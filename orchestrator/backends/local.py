@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -248,7 +249,7 @@ class LocalBackend:
         """The job's environment and working directory: run as `user` if given, with its HOME,
         USER, LOGNAME and SHELL instead of the daemon's (unless the job's own `env` sets them),
         in its home directory unless the job names a `cwd`."""
-        env = {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
+        env = dict(self._inherited)
         if user is not None:
             for name in users.PASSWD_VARIABLES:
                 env.pop(name, None)
@@ -257,6 +258,13 @@ class LocalBackend:
         env.update(ORCHESTRATOR_JOB_ID=job_id, ORCHESTRATOR_ATTEMPT=str(attempt))
         default_cwd = str(attempt_dir) if user is None else user.default_cwd
         return env, spec.cwd or spec.default_cwd or default_cwd
+
+    @functools.cached_property
+    def _inherited(self) -> dict[str, str]:
+        """What a job gets of the daemon's environment (`local.inherit_env`): read once, as the
+        daemon's environment does not change while it runs (every launch and every submit's
+        check used to read it again)."""
+        return {k: os.environ[k] for k in self._settings.inherit_env if k in os.environ}
 
     def partition(self, job: models.Job) -> str:
         return self.name

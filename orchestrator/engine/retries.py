@@ -46,11 +46,11 @@ class Policy:
     backoff_s: float
 
 
-def policy_of(job: models.Job, defaults: models.Retry) -> Policy:
-    """The job's own policy, completed from the daemon's `defaults` (all of it for a job
-    accepted before jobs carried a policy)."""
+def policy_of(job: models.Job) -> Policy:
+    """The job's policy: its own (the daemon's defaults were filled in when it was accepted),
+    or the built-in one (`models.DEFAULT_RETRY`) stored as None."""
     own = job.spec.retry
-    merged = defaults if own is None else own.over(defaults)
+    merged = models.DEFAULT_RETRY if own is None else own.over(models.DEFAULT_RETRY)
     assert merged.attempts is not None, "the daemon's defaults are complete"
     assert merged.on is not None
     assert merged.exit_codes is not None

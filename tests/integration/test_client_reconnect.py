@@ -65,7 +65,8 @@ def gate(short_tmp: Path) -> Iterator[tuple[Path, str]]:
     """A file the test creates to let a job go on, and the shell that waits for it (created
     at the end whatever happened, so that no job is left waiting)."""
     path = short_tmp / "go"
-    yield path, f'while [ ! -e "{path}" ]; do sleep 0.05; done'
+    # It also stops when the test's directory goes, so a job can never outlive its test.
+    yield path, f'while [ ! -e "{path}" ] && [ -d "{short_tmp}" ]; do sleep 0.05; done'
     path.touch()
 
 

@@ -30,7 +30,13 @@ async def test_with_one_slot_higher_priority_runs_first_and_fifo_within_a_priori
     settings = make_settings(short_tmp, local={"max_concurrency": 1})
     async with running(settings), Client(short_tmp / "o.sock") as client:
         blocker = await client.submit(
-            {"command": ["sh", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.02; done']}
+            {
+                "command": [
+                    "sh",
+                    "-c",
+                    f'while [ ! -e "{gate}" ] && [ -d "{short_tmp}" ]; do sleep 0.02; done',
+                ]
+            }
         )
         await until_state(client, blocker["id"], "RUNNING")  # the one slot is taken
         ids = []
@@ -54,7 +60,13 @@ async def test_a_job_that_waited_long_enough_goes_before_a_higher_priority(
     )
     async with running(settings), Client(short_tmp / "o.sock") as client:
         blocker = await client.submit(
-            {"command": ["sh", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.02; done']}
+            {
+                "command": [
+                    "sh",
+                    "-c",
+                    f'while [ ! -e "{gate}" ] && [ -d "{short_tmp}" ]; do sleep 0.02; done',
+                ]
+            }
         )
         await until_state(client, blocker["id"], "RUNNING")
         old = await client.submit({"command": recorder(log, "old")})

@@ -307,7 +307,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "cwd": None,
         "timeout_s": 30.0,
         "queue_timeout_s": None,
-        "retry": None,
+        "retry": models.DEFAULT_RETRY.model_dump(),  # stored as None: the built-in one
         "priority": 0,
         "labels": {},
         "peer": {"uid": 1000, "pid": 77},

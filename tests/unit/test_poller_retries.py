@@ -25,7 +25,8 @@ class StopsFirst(InMemoryStore):
 
 
 async def launched(store: InMemoryStore, fake: FakeBackend) -> models.Job:
-    (outcome,) = await store.accept_many([(models.JobSpec(command=["x"]), "local")], None)
+    spec = models.JobSpec(command=["x"], retry=POLICY)  # as the daemon stores it
+    (outcome,) = await store.accept_many([(spec, "local")], None)
     assert isinstance(outcome, tuple)
     job = await store.begin_attempt(outcome[0].id)
     assert job is not None
@@ -47,7 +48,7 @@ async def test_a_stop_recorded_before_the_retry_ends_the_job_as_stopped() -> Non
     await store.open()
     fake = FakeBackend(default_script=Script(states=(S.FAILED,), exit_code=75))
     requeued: list[tuple[str, float]] = []
-    poller = Poller(FAST, store, {"local": fake}, retry=POLICY)
+    poller = Poller(FAST, store, {"local": fake})
     poller.set_requeue(lambda job, at: requeued.append((job.id, at)))
     job = await launched(store, fake)
     poller.track(job)
@@ -77,7 +78,7 @@ async def test_a_retried_attempt_is_handed_back_once_and_settled() -> None:
         requeued.append((job.id, at))
         handed_back.set()
 
-    poller = Poller(FAST, store, {"local": fake}, retry=POLICY)
+    poller = Poller(FAST, store, {"local": fake})
     poller.set_requeue(requeue)
     job = await launched(store, fake)
     poller.track(job)

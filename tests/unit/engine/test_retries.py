@@ -8,18 +8,16 @@ import random
 
 import pytest
 
-from orchestrator import models
+from orchestrator import models, settings
 from orchestrator.engine import lanes, retries, tracking
 from tests.unit.engine.support import CREATED_AT, S, make_job
-
-DEFAULTS = models.Retry(attempts=3, on=["start", "infrastructure"], exit_codes=[], backoff_s=10.0)
 
 
 def policy(**given: object) -> retries.Policy:
     job = dataclasses.replace(
         make_job(), spec=models.JobSpec(command=["true"], retry=models.Retry.model_validate(given))
     )
-    return retries.policy_of(job, DEFAULTS)
+    return retries.policy_of(job)
 
 
 class Fixed:
@@ -35,8 +33,9 @@ class Fixed:
 # -- the policy of a job -------------------------------------------------------------------------
 
 
-def test_a_job_without_a_policy_gets_the_daemons_and_a_partial_one_is_completed() -> None:
-    assert retries.policy_of(make_job(), DEFAULTS) == retries.Policy(
+def test_a_job_without_a_policy_has_the_built_in_one_and_a_partial_one_is_completed() -> None:
+    assert settings.RetrySettings().policy() == models.DEFAULT_RETRY  # one default, one place
+    assert retries.policy_of(make_job()) == retries.Policy(
         3, frozenset({"start", "infrastructure"}), frozenset(), 10.0
     )
     assert policy(attempts=5, exit_codes=[75, 3]) == retries.Policy(
