@@ -26,7 +26,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import orjson
 
-from orchestrator import __version__, errors, logs, protocol, settings
+from orchestrator import __version__, errors, logs, models, protocol, settings
 from orchestrator.client import RECONNECT_S
 from orchestrator.escaping import safe as _safe
 
@@ -43,18 +43,7 @@ EXIT_OUTCOME_UNKNOWN = 255
 _LOG_FLUSH_S = 2.0  # at exit, how long `serve` waits for queued log lines to reach stdout
 
 _SOCKET_ENV = f"{settings.ENV_PREFIX}SERVER__SOCKET_PATH"
-_STATES = [
-    "QUEUED",
-    "SUBMITTED",
-    "PENDING",
-    "RUNNABLE",
-    "STARTING",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-    "LOST",
-]
+_STATES = [state.value for state in models.JobState]
 
 
 def socket_option(command: Callable[..., T]) -> Callable[..., T]:

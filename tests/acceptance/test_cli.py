@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,14 +16,6 @@ from tests.support.daemon import DaemonProcess
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    proc.start()
-    yield proc
-    proc.close()
 
 
 def cli(

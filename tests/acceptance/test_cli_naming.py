@@ -3,9 +3,6 @@ in the store, says when it cut the list, and pages on. Real CLI processes, a rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import orjson
 import pytest
 
@@ -13,14 +10,6 @@ from tests.acceptance.test_cli import cli
 from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    proc.start()
-    yield proc
-    proc.close()
 
 
 def submit(daemon: DaemonProcess, *args: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,14 +17,6 @@ from tests.acceptance.test_cli import cli
 from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    proc.start()
-    yield proc
-    proc.close()
 
 
 def status(daemon: DaemonProcess, job_id: str) -> dict[str, object]:

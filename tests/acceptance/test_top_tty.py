@@ -83,14 +83,6 @@ class Terminal:
 
 
 @pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    proc.start()
-    yield proc
-    proc.close()
-
-
-@pytest.fixture
 def jobs(daemon: DaemonProcess) -> Iterator[dict[str, str]]:
     """`sleeper` RUNNING, `breaks` FAILED (exit 3); the sleeper is cancelled at the end."""
     with daemon.client() as client:

@@ -38,17 +38,6 @@ def batch_section(env: BatchEnv, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def ecs_env(moto: MotoServer) -> EcsEnv:
-    return moto.setup_ecs()
-
-
-@pytest.fixture
-def batch_env(moto: MotoServer) -> BatchEnv:
-    moto.configure_batch(use_docker=False)
-    return moto.setup_batch()
-
-
-@pytest.fixture
 async def ecs_daemon(short_tmp: Path, ecs_env: EcsEnv) -> AsyncIterator[Daemon]:
     settings = make_settings(short_tmp, ecs=ecs_section(ecs_env), jobs={"backend": "ecs"})
     async with running(settings) as daemon:

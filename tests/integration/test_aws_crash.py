@@ -107,17 +107,6 @@ def make_daemon(short_tmp: Path, fault_proxy: FaultProxy) -> Iterator[DaemonFact
         proc.close()
 
 
-@pytest.fixture
-def ecs_env(moto: MotoServer) -> EcsEnv:
-    return moto.setup_ecs()
-
-
-@pytest.fixture
-def batch_env(moto: MotoServer) -> BatchEnv:
-    moto.configure_batch(use_docker=False)  # SubmitJob succeeds the job at once
-    return moto.setup_batch()
-
-
 # -- waiting and asking ------------------------------------------------------------------------
 
 

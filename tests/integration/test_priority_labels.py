@@ -14,7 +14,7 @@ from orchestrator.client import Client
 from orchestrator.testing import make_settings
 from tests.integration.test_aws import batch_section, ecs_section
 from tests.support.daemon import running, until_state
-from tests.support.moto import BatchEnv, EcsEnv, MotoServer
+from tests.support.moto import BatchEnv, EcsEnv
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,22 +23,20 @@ def recorder(log: Path, name: str) -> list[str]:
     return ["sh", "-c", f'echo {name} >> "{log}"']
 
 
+async def take_the_slot(client: Client, gate: Path) -> None:
+    """Run a job that holds the one local slot until `gate` exists (or its test has gone)."""
+    wait = f'while [ ! -e "{gate}" ] && [ -d "{gate.parent}" ]; do sleep 0.02; done'
+    blocker = await client.submit({"command": ["sh", "-c", wait]})
+    await until_state(client, blocker["id"], "RUNNING")
+
+
 async def test_with_one_slot_higher_priority_runs_first_and_fifo_within_a_priority(
     short_tmp: Path,
 ) -> None:
     log, gate = short_tmp / "ran", short_tmp / "go"
     settings = make_settings(short_tmp, local={"max_concurrency": 1})
     async with running(settings), Client(short_tmp / "o.sock") as client:
-        blocker = await client.submit(
-            {
-                "command": [
-                    "sh",
-                    "-c",
-                    f'while [ ! -e "{gate}" ] && [ -d "{short_tmp}" ]; do sleep 0.02; done',
-                ]
-            }
-        )
-        await until_state(client, blocker["id"], "RUNNING")  # the one slot is taken
+        await take_the_slot(client, gate)
         ids = []
         for name, priority in [("low-a", 0), ("low-b", 0), ("high", 5), ("low-c", 0), ("neg", -5)]:
             job = await client.submit({"command": recorder(log, name), "priority": priority})
@@ -59,16 +57,7 @@ async def test_a_job_that_waited_long_enough_goes_before_a_higher_priority(
         short_tmp, local={"max_concurrency": 1}, dispatcher={"priority_aging_s": 0.01}
     )
     async with running(settings), Client(short_tmp / "o.sock") as client:
-        blocker = await client.submit(
-            {
-                "command": [
-                    "sh",
-                    "-c",
-                    f'while [ ! -e "{gate}" ] && [ -d "{short_tmp}" ]; do sleep 0.02; done',
-                ]
-            }
-        )
-        await until_state(client, blocker["id"], "RUNNING")
+        await take_the_slot(client, gate)
         old = await client.submit({"command": recorder(log, "old")})
         await asyncio.sleep(0.5)  # the waiting itself: what the old job's place is made of
         urgent = await client.submit({"command": recorder(log, "urgent"), "priority": 10})
@@ -101,17 +90,6 @@ async def test_labels_are_kept_filtered_on_and_refused_when_not_tags(short_tmp: 
                 await client.submit({"command": ["true"], "labels": labels})
             assert refused.value.code == "invalid_request"
             assert words in str(refused.value), str(refused.value)
-
-
-@pytest.fixture
-def ecs_env(moto: MotoServer) -> EcsEnv:
-    return moto.setup_ecs()
-
-
-@pytest.fixture
-def batch_env(moto: MotoServer) -> BatchEnv:
-    moto.configure_batch(use_docker=False)
-    return moto.setup_batch()
 
 
 @pytest.mark.usefixtures("proxied_aws_env")

@@ -20,7 +20,7 @@ from orchestrator.testing import make_settings
 from tests.integration.test_aws import batch_section, ecs_section, stopped_with
 from tests.support.daemon import accepted, running, until_state
 from tests.support.faultproxy import Reply, Request, Rule
-from tests.support.moto import BatchEnv, EcsEnv, MotoServer
+from tests.support.moto import BatchEnv, EcsEnv
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -226,17 +226,6 @@ async def test_a_bad_retry_policy_is_refused_naming_the_field(short_tmp: Path) -
 
 
 # -- ECS ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ecs_env(moto: MotoServer) -> EcsEnv:
-    return moto.setup_ecs()
-
-
-@pytest.fixture
-def batch_env(moto: MotoServer) -> BatchEnv:
-    moto.configure_batch(use_docker=False)
-    return moto.setup_batch()
 
 
 def ecs_settings(root: Path, env: EcsEnv, **retry: Any) -> Any:
