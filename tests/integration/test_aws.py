@@ -51,6 +51,10 @@ async def batch_daemon(short_tmp: Path, batch_env: BatchEnv) -> AsyncIterator[Da
         yield daemon
 
 
+# These tests look at how one attempt ends: `infrastructure` and `start` are retried by default.
+ONE_ATTEMPT: dict[str, Any] = {"retry": {"attempts": 1}}
+
+
 def client_of(daemon: Daemon) -> Client:
     return Client(daemon.settings.server.socket_path)
 
@@ -166,7 +170,7 @@ async def test_ecs_a_task_the_platform_ended_fails_with_its_class(
     respond = stopped_with(exit_code, stop_code, stopped_reason, container_reason)
     fault_proxy.add_rule(Rule("ecs", "DescribeTasks", respond, times=None))
     async with client_of(ecs_daemon) as client:
-        final = await client.wait((await client.submit({"command": ["true"]}))["id"])
+        final = await client.wait((await client.submit(ONE_ATTEMPT | {"command": ["true"]}))["id"])
     assert (final["state"], final["failure"]) == ("FAILED", failure), final
 
 
@@ -360,7 +364,9 @@ async def test_batch_failed_job_is_failed(short_tmp: Path) -> None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
             async with running(settings) as daemon, client_of(daemon) as client:
-                final = await client.wait((await client.submit({"command": ["false"]}))["id"])
+                final = await client.wait(
+                    (await client.submit(ONE_ATTEMPT | {"command": ["false"]}))["id"]
+                )
     assert final["state"] == "FAILED"
 
 
