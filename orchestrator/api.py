@@ -195,6 +195,7 @@ class Api:
 
     async def submit(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.Job, bool]:
         self._store.check_room()
+        spec = await self._dependencies(spec, peer, {})
         (outcome,) = await self._accept_all([self._prepare(spec, peer)], peer)
         if isinstance(outcome, errors.OrchestratorError):
             raise outcome
@@ -205,17 +206,9 @@ class Api:
         each outcome in order (a compact job, or the error that names the field). A store short
         of space refuses the whole request."""
         self._store.check_room()
-        prepared: list[tuple[models.JobSpec, str] | errors.OrchestratorError] = []
-        for value in raw:
-            try:
-                prepared.append(self._prepare(protocol.job_spec(value, ("job",)), peer))
-            except errors.OrchestratorError as exc:
-                prepared.append(exc)
-        valid = [p for p in prepared if not isinstance(p, errors.OrchestratorError)]
-        accepted = iter(await self._accept_all(valid, peer) if valid else [])
+        outcomes = await self._accept_in_waves(raw, peer)
         results: list[dict[str, Any]] = []
-        for item in prepared:
-            outcome = item if isinstance(item, errors.OrchestratorError) else next(accepted)
+        for outcome in outcomes:
             if isinstance(outcome, errors.OrchestratorError):
                 results.append({"ok": False, "code": outcome.code, "message": outcome.message})
             else:
@@ -230,6 +223,66 @@ class Api:
                     }
                 )
         return results
+
+    async def _accept_in_waves(self, raw: list[Any], peer: models.Peer) -> list[_Outcome]:
+        """Accept `raw` specs in order, as few store operations as their `ref:NAME`
+        dependencies allow: a spec that names an earlier one of this request is accepted once
+        that one is (its id is then known)."""
+        outcomes: list[_Outcome | None] = [None] * len(raw)
+        wave: list[tuple[int, tuple[models.JobSpec, str]]] = []
+        refs: dict[str, str] = {}  # name → id, of this request's accepted specs
+
+        async def flush() -> None:
+            if not wave:
+                return
+            done = await self._accept_all([p for _, p in wave], peer)
+            for (index, (spec, _)), outcome in zip(wave, done, strict=True):
+                outcomes[index] = outcome
+                if spec.name and not isinstance(outcome, errors.OrchestratorError):
+                    refs.setdefault(spec.name, outcome[0].id)
+            wave.clear()
+
+        for index, value in enumerate(raw):
+            try:
+                spec = protocol.job_spec(value, ("job",))
+                if any(dep.startswith(_REF) for dep in spec.depends_on):
+                    await flush()  # what it names is accepted before it
+                spec = await self._dependencies(spec, peer, refs)
+                wave.append((index, self._prepare(spec, peer)))
+                if spec.name:
+                    refs.pop(spec.name, None)  # a later spec of that name is the one meant
+            except errors.OrchestratorError as exc:
+                outcomes[index] = exc
+        await flush()
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _dependencies(
+        self, spec: models.JobSpec, peer: models.Peer, refs: Mapping[str, str]
+    ) -> models.JobSpec:
+        """The spec with its `depends_on` as ids: each named by id, unique id prefix, unique
+        name (among the jobs `peer` may see) or `ref:NAME` (an earlier spec of the request).
+        A job cannot depend on one that does not exist yet, so no cycle can be made."""
+        if not spec.depends_on:
+            return spec
+        ids: list[str] = []
+        for index, ref in enumerate(spec.depends_on):
+            try:
+                if ref.startswith(_REF):
+                    name = ref[len(_REF) :]
+                    if name not in refs:
+                        raise errors.JobNotFound(ref)
+                    found = refs[name]
+                else:
+                    found = await self.resolve(ref, peer)
+            except (errors.JobNotFound, errors.AmbiguousJob) as exc:
+                hint = "; ref:NAME names an earlier spec of the same submit_many"
+                raise errors.InvalidJob(
+                    exc.message + (hint if ref.startswith(_REF) else ""),
+                    f"job.depends_on[{index}]",
+                ) from None
+            if found not in ids:
+                ids.append(found)
+        return spec.model_copy(update={"depends_on": ids})
 
     def _prepare(self, spec: models.JobSpec, peer: models.Peer) -> tuple[models.JobSpec, str]:
         """The spec with the daemon's defaults filled in, checked by its backend (and, for a
@@ -521,6 +574,7 @@ async def _changed(changes: events.Subscription, timeout_s: float) -> bool:
 
 
 _MIN_PREFIX = 4  # characters of an id that may name its job (git's shortest)
+_REF = "ref:"  # in `depends_on`: an earlier spec of the same submit_many, by name
 
 
 def _some(jobs: list[models.Job]) -> str:

@@ -464,6 +464,18 @@ def _override(value: str) -> dict[str, Any]:
 )
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the job.")
 @click.option(
+    "--depends-on",
+    "depends_on",
+    multiple=True,
+    metavar="JOB",
+    help="Start only after this job (id, unique prefix or name; repeatable).",
+)
+@click.option(
+    "--after",
+    type=click.Choice(["success", "finished"]),
+    help="With --depends-on: after each SUCCEEDED (default), or after each ended however.",
+)
+@click.option(
     "--override",
     "overrides",
     multiple=True,
@@ -493,6 +505,8 @@ def submit(
     idempotency_key: str | None,
     priority: int | None,
     labels: tuple[str, ...],
+    depends_on: tuple[str, ...],
+    after: str | None,
     overrides: tuple[str, ...],
     spec_file: IO[str] | None,
     wait: bool,
@@ -517,6 +531,8 @@ def submit(
         ("queue_timeout_s", queue_timeout_s),
         ("cwd", None if cwd is None else str(cwd.absolute())),
         ("priority", priority),
+        ("depends_on", list(depends_on) or None),
+        ("after", after),
     )
     for key, value in given:
         if value is not None:
@@ -645,12 +661,18 @@ def _submit_file(
 def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     """Show one job, with its history."""
 
-    async def go() -> dict[str, Any]:
+    async def go() -> tuple[dict[str, Any], dict[str, str]]:
         async with _client(socket_path) as client:
             job: dict[str, Any] = await client.get(job_id, history=True)
-            return job
+            states = {}
+            for dep in job.get("depends_on") or () if not as_json else ():
+                try:
+                    states[dep] = (await client.get(dep))["state"]
+                except errors.RemoteError:  # purged, or not this user's to see
+                    states[dep] = "unknown"
+            return job, states
 
-    job = _run(go)
+    job, states = _run(go)
     if as_json:
         _print_json(job)
         return
@@ -669,6 +691,8 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     if job.get("cwd"):
         _echo(f"{'cwd:':<15}{job['cwd']}")
     _echo(f"{'attempt:':<15}{_attempt(job)} {_show(job.get('external_id'))}")
+    for dep in job.get("depends_on") or ():  # what it waits for, and how each stands
+        _echo(f"{'after:':<15}{dep} {states.get(dep, '?')} ({job.get('after', 'success')})")
     previous = ((job.get("info") or {}).get("retry") or {}).get("previous")
     if isinstance(previous, dict):
         said = previous.get("reason")

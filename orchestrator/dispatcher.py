@@ -18,7 +18,7 @@ import structlog
 
 from orchestrator import backoff, errors, events, faults, models
 from orchestrator.backends.base import Backend
-from orchestrator.engine import lanes, starts, tracking
+from orchestrator.engine import dependencies, lanes, starts, tracking
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
@@ -71,6 +71,10 @@ class Dispatcher:
         # Why each unsettled attempt's outcome is unknown (the last call's error): said in the
         # reason of a job that ends LOST for it.
         self._unknown: dict[str, str] = {}
+        # Jobs waiting for others (`depends_on`), by the job they wait for: looked at again when
+        # that one ends.
+        self._waiting: dict[str, set[str]] = {}
+        self._checks: set[asyncio.Task[None]] = set()
         hub.listen(self._on_event)
         poller.set_requeue(self.requeue)
 
@@ -87,7 +91,13 @@ class Dispatcher:
 
     def enqueue(self, job: models.Job) -> None:
         """A QUEUED job is ready for its (next) attempt — at once, or when the retry it waits
-        for is due (a restart finds it so)."""
+        for is due (a restart finds it so), or once the jobs it depends on allow it."""
+        if job.spec.depends_on and job.attempt == 0:
+            self._check_later(job.id)
+            return
+        self._to_lane(job)
+
+    def _to_lane(self, job: models.Job) -> None:
         retry = job.info.get("retry")
         due = retry.get("at") if isinstance(retry, dict) else None
         if isinstance(due, int | float) and due > self._clock() and job.attempt > 0:
@@ -123,6 +133,57 @@ class Dispatcher:
     def _on_event(self, event: models.Event) -> None:
         if event.to_state.terminal and (shell := self._lanes.get(event.backend)) is not None:
             shell.lane.ended(event.job_id)
+        if event.to_state.terminal:
+            for waiting in self._waiting.pop(event.job_id, ()):
+                self._check_later(waiting)
+
+    # -- dependencies ----------------------------------------------------------------------
+
+    def _check_later(self, job_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._check_dependencies(job_id), name=f"dependencies-{job_id}"
+        )
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_dependencies(self, job_id: str) -> None:
+        """Launch the job once what it depends on allows (`engine.dependencies.verdict`); end
+        it, failure class `dependency`, once that can no longer be; else say what it waits for
+        and wait for the next of them to end."""
+        try:
+            job = await self._store.get(job_id)
+            if job.state != models.JobState.QUEUED or job.launching or job.stop_reason:
+                return  # ended, launched or being stopped meanwhile
+            for dep in job.spec.depends_on:  # before reading them: no end slips between
+                self._waiting.setdefault(dep, set()).add(job_id)
+            found: dict[str, models.Job | None] = {}
+            for dep in job.spec.depends_on:
+                try:
+                    found[dep] = await self._store.get(dep)
+                except errors.JobNotFound:
+                    found[dep] = None  # purged after it ended: its outcome is not known
+            verdict = dependencies.verdict(job, found)
+            if verdict.waiting_for:
+                if job.reason != verdict.reason:
+                    await self._store.observe(job_id, vendor_status=None, reason=verdict.reason)
+                return
+            for dep in job.spec.depends_on:
+                self._waiting.get(dep, set()).discard(job_id)
+            if verdict.blocked_by is not None:
+                await self._store.transition(
+                    job_id,
+                    models.JobState.QUEUED,
+                    models.JobState.CANCELLED,
+                    reason=verdict.reason,
+                    info={"failure": "dependency"},
+                )
+                log.info("job.dependency_failed", job_id=job_id, dependency=verdict.blocked_by)
+                return
+            self._to_lane(job)  # its waiting reason goes when it is launched
+        except errors.StaleState:
+            pass  # it changed under us (launched, cancelled): whatever did it goes on
+        except Exception:
+            log.exception("dispatch.dependencies_failed", job_id=job_id)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

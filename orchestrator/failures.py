@@ -17,6 +17,8 @@ user            no [1]    the job's own non-zero exit, or a signal the platform 
 timeout         no        the daemon's deadline; Batch "Job attempt duration exceeded timeout"
 cancelled       no        the daemon's own stop ("orchestrator: …"); stopCode UserInitiated
 lost            no        the daemon lost track of the job: its own verdict, never derived here
+dependency      no        a job it depends on ended otherwise than SUCCEEDED (the dispatcher's
+                          verdict, `engine.dependencies`)
 rejected        no        AWS refused RunTask/SubmitJob itself: ClientException,
                           InvalidParameterException, AccessDeniedException,
                           ClusterNotFoundException, a missing task definition; a local
@@ -40,7 +42,7 @@ from signal import Signals
 from typing import Any, Final, Literal, NamedTuple, get_args
 
 FailureClass = Literal[
-    "start", "infrastructure", "user", "timeout", "cancelled", "lost", "rejected"
+    "start", "infrastructure", "user", "timeout", "cancelled", "lost", "rejected", "dependency"
 ]
 FAILURE_CLASSES: Final[tuple[FailureClass, ...]] = get_args(FailureClass)
 

@@ -210,7 +210,8 @@ def _bad_name(name: str) -> str | None:
 # The failure classes (`failures.py`) a retry policy may name in `on`; `user` failures are
 # retried by exit code (`exit_codes`), and the daemon's own verdicts and AWS's refusals never.
 RETRIED_CLASSES = ("start", "infrastructure")
-NEVER_RETRIED = ("rejected", "timeout", "cancelled", "lost")
+NEVER_RETRIED = ("rejected", "timeout", "cancelled", "lost", "dependency")
+MAX_DEPENDENCIES = 100
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_S = 3600.0
 
@@ -308,6 +309,14 @@ class JobSpec(pydantic.BaseModel):
     priority: Annotated[int, pydantic.Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = 0
     # Kept with the job (`ls --label`), and sent as ECS/Batch tags beside the daemon's own.
     labels: dict[str, str] = pydantic.Field(default_factory=dict, max_length=MAX_LABELS)
+    # Jobs this one waits for (ids; at submit also unique id prefixes, unique names, or
+    # `ref:NAME`, an earlier spec of the same `submit_many`: the daemon stores their ids).
+    # `after`: "success" (each must have SUCCEEDED; one that ends otherwise cancels this job,
+    # failure class `dependency`) or "finished" (each must have ended, however).
+    depends_on: list[Annotated[str, pydantic.Field(min_length=1, max_length=256)]] = pydantic.Field(
+        default_factory=list, max_length=MAX_DEPENDENCIES
+    )
+    after: Literal["success", "finished"] = "success"
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -447,6 +456,8 @@ class Job:
             ),
             "priority": self.spec.priority,
             "labels": dict(self.spec.labels),
+            "depends_on": list(self.spec.depends_on),
+            "after": self.spec.after,
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

@@ -54,6 +54,8 @@ class Job(TypedDict):
     retry: dict[str, Any] | None
     priority: int
     labels: dict[str, str]
+    depends_on: list[str]
+    after: Literal["success", "finished"]
     peer: PeerView | None
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`

@@ -126,6 +126,8 @@ def test_minimal_spec_and_its_defaults() -> None:
         "retry": None,
         "priority": 0,
         "labels": {},
+        "depends_on": [],
+        "after": "success",
     }
 
 
@@ -144,6 +146,8 @@ def test_full_spec_is_accepted() -> None:
         "retry": {"attempts": 4, "on": ["start"], "exit_codes": [3, 75], "backoff_s": 0.5},
         "priority": -3,
         "labels": {"team": "ml", "cost center": "a/b"},
+        "depends_on": ["01hx0000000000000000000000"],
+        "after": "finished",
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
@@ -310,6 +314,8 @@ def test_job_to_dict_is_the_client_view() -> None:
         "retry": models.DEFAULT_RETRY.model_dump(),  # stored as None: the built-in one
         "priority": 0,
         "labels": {},
+        "depends_on": [],
+        "after": "success",
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }
