@@ -403,6 +403,24 @@ def top(socket_path: Path | None) -> None:
         _fail(_safe(exc.message), EXIT_USAGE)
 
 
+def _mebibytes(text: str | None) -> int | None:
+    """`--memory`: MiB (`512`), or with a unit (`512m`, `4g`, `1.5g`)."""
+    if text is None:
+        return None
+    number, unit = text.strip().lower(), 1.0
+    if number[-1:] in ("m", "g"):
+        number, unit = number[:-1], 1024.0 if number.endswith("g") else 1.0
+    try:
+        mib = float(number) * unit
+    except ValueError:
+        mib = -1.0
+    if not math.isfinite(mib) or mib <= 0 or mib != int(mib):
+        raise click.BadParameter(
+            f"{text!r} is not a size: MiB (512), or 512m, 4g", param_hint="--memory"
+        )
+    return int(mib)
+
+
 def _parse_labels(values: tuple[str, ...], hint: str = "--label") -> dict[str, str]:
     labels = {}
     for item in values:
@@ -463,6 +481,9 @@ def _override(value: str) -> dict[str, Any]:
     help="Higher first (default 0); waiting long enough beats any priority.",
 )
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the job.")
+@click.option("--cpu", type=click.FloatRange(min=0, min_open=True), help="vCPUs (ECS, Batch).")
+@click.option("--memory", metavar="SIZE", help="Memory: MiB, or with m/g (512m, 4g).")
+@click.option("--gpus", type=click.IntRange(1, 64), help="GPUs (ECS on EC2, Batch).")
 @click.option(
     "--depends-on",
     "depends_on",
@@ -505,6 +526,9 @@ def submit(
     idempotency_key: str | None,
     priority: int | None,
     labels: tuple[str, ...],
+    cpu: float | None,
+    memory: str | None,
+    gpus: int | None,
     depends_on: tuple[str, ...],
     after: str | None,
     overrides: tuple[str, ...],
@@ -518,6 +542,9 @@ def submit(
     is printed on stdout at once, its outcome on stderr when it ends, and the exit code is the
     job's (255: its outcome could not be learned)."""
     defaults: dict[str, Any] = {"env": _parse_env(env)}
+    wanted = {"cpu": cpu, "memory_mib": _mebibytes(memory), "gpus": gpus}
+    if resources := {key: value for key, value in wanted.items() if value is not None}:
+        defaults["resources"] = resources
     if labels:
         defaults["labels"] = _parse_labels(labels)
     if overrides:
@@ -592,7 +619,7 @@ def _with_defaults(spec: dict[str, Any], defaults: Mapping[str, Any]) -> dict[st
     """A spec read from a --file line, with the command line's options under what it sets: its
     own keys win, its `env` and `overrides` are merged over theirs."""
     out = {**defaults, **spec}
-    for key in ("env", "overrides", "labels"):
+    for key in ("env", "overrides", "labels", "resources"):
         if isinstance(spec.get(key), dict) and isinstance(defaults.get(key), dict):
             out[key] = settings.deep_merge(defaults[key], spec[key])
     if not out.get("env"):

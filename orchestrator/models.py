@@ -275,6 +275,24 @@ class Retry(pydantic.BaseModel):
         return defaults.model_copy(update=given) if given else defaults
 
 
+class Resources(pydantic.BaseModel):
+    """What one attempt of a job needs: vCPUs, memory (MiB), GPUs. ECS: the task's `cpu`
+    (1 vCPU = 1024 units) and `memory`, GPUs as the container's resource requirements (EC2
+    only); Batch: the container's VCPU, MEMORY and GPU requirements; local: the memory limit of
+    the attempt's cgroup (cpu and GPUs are refused there, saying why)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    cpu: Annotated[float, pydantic.Field(gt=0, le=1024, allow_inf_nan=False)] | None = None
+    memory_mib: Annotated[int, pydantic.Field(ge=4, le=4 * 1024 * 1024)] | None = None
+    gpus: Annotated[int, pydantic.Field(ge=1, le=64)] | None = None
+
+    @pydantic.field_validator("cpu", mode="before")
+    @classmethod
+    def _int_is_a_count_too(cls, value: object) -> object:
+        return _whole_seconds(value)  # 2 is 2.0 vCPUs as 5 is 5.0 seconds
+
+
 # The built-in policy (`[jobs.retry]`'s defaults). A stored spec whose `retry` is None has this
 # one: the daemon stores a policy with a job only when it differs (the common case costs
 # nothing), and so a job accepted before policies existed has it too.
@@ -317,6 +335,7 @@ class JobSpec(pydantic.BaseModel):
         default_factory=list, max_length=MAX_DEPENDENCIES
     )
     after: Literal["success", "finished"] = "success"
+    resources: Resources | None = None
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -458,6 +477,7 @@ class Job:
             "labels": dict(self.spec.labels),
             "depends_on": list(self.spec.depends_on),
             "after": self.spec.after,
+            "resources": None if self.spec.resources is None else self.spec.resources.model_dump(),
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

@@ -56,6 +56,7 @@ class Job(TypedDict):
     labels: dict[str, str]
     depends_on: list[str]
     after: Literal["success", "finished"]
+    resources: dict[str, Any] | None
     peer: PeerView | None
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`

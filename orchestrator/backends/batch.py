@@ -195,6 +195,15 @@ class BatchBackend(AwsBackendBase):
         container: dict[str, Any] = {"command": list(job.spec.command)}
         if job.spec.env:
             container["environment"] = aws_kwargs.environment(job.spec.env)
+        if (resources := job.spec.resources) is not None:  # below `overrides`: they win
+            wanted = [
+                ("VCPU", None if resources.cpu is None else f"{resources.cpu:g}"),
+                ("MEMORY", None if resources.memory_mib is None else str(resources.memory_mib)),
+                ("GPU", None if resources.gpus is None else str(resources.gpus)),
+            ]
+            container["resourceRequirements"] = [
+                {"type": kind, "value": value} for kind, value in wanted if value is not None
+            ]
         kwargs = aws_kwargs.merge_kwargs(self._base, {"containerOverrides": container})
         kwargs = aws_kwargs.merge_kwargs(
             kwargs, aws_kwargs.normalise(job.spec.overrides, operation.input_shape)

@@ -232,13 +232,24 @@ class EcsBackend(AwsBackendBase):
         }
         if job.spec.env:
             container["environment"] = aws_kwargs.environment(job.spec.env)
-        kwargs = aws_kwargs.merge_kwargs(
-            self._base, {"overrides": {"containerOverrides": [container]}}
-        )
+        task: dict[str, Any] = {"containerOverrides": [container]}
+        if (resources := job.spec.resources) is not None:  # below `overrides`: they win
+            if resources.cpu is not None:
+                task["cpu"] = str(round(resources.cpu * 1024))
+            if resources.memory_mib is not None:
+                task["memory"] = str(resources.memory_mib)
+            if resources.gpus is not None:
+                container["resourceRequirements"] = [{"type": "GPU", "value": str(resources.gpus)}]
+        kwargs = aws_kwargs.merge_kwargs(self._base, {"overrides": task})
         overrides = aws_kwargs.normalise(job.spec.overrides, shape)
         kwargs = aws_kwargs.merge_kwargs(kwargs, overrides)
         kwargs = aws_kwargs.ecs_defaults(kwargs, self._settings.platform_version)
         aws_kwargs.refuse_run_task_conflicts(kwargs, overrides, self._settings, shape)
+        if job.spec.resources is not None and job.spec.resources.gpus and _on_fargate(kwargs):
+            raise errors.InvalidJob(
+                "GPUs need the EC2 launch type (or an EC2 capacity provider): Fargate has none",
+                "job.resources.gpus",
+            )
         token = job.token or f"{job.id}-{job.attempt}"
         labels = job.spec.labels
         tags = [  # the settings' and overrides' own, but where a label or the daemon says
@@ -411,3 +422,12 @@ class EcsBackend(AwsBackendBase):
         group, prefix = config
         task_id = str(job.external_id).rsplit("/", 1)[-1]
         return group, f"{prefix}/{self._settings.container_name}/{task_id}"
+
+
+def _on_fargate(kwargs: Mapping[str, Any]) -> bool:
+    """Whether RunTask with these kwargs runs on Fargate (its launch type, or a capacity
+    provider strategy of FARGATE or FARGATE_SPOT only)."""
+    strategy = kwargs.get("capacityProviderStrategy") or []
+    if strategy:
+        return all(str(s.get("capacityProvider", "")).startswith("FARGATE") for s in strategy)
+    return kwargs.get("launchType") == "FARGATE"

@@ -227,6 +227,21 @@ class LocalBackend:
     def validate(self, spec: models.JobSpec) -> None:
         if spec.overrides:
             raise errors.InvalidJob("the local backend takes no overrides", "job.overrides")
+        if (resources := spec.resources) is not None:
+            if resources.cpu is not None:
+                raise errors.InvalidJob(
+                    "the local backend does not limit CPU (yet): run it on ECS or Batch, or "
+                    "leave cpu out",
+                    "job.resources.cpu",
+                )
+            if resources.gpus is not None:
+                raise errors.InvalidJob("the local backend hands out no GPUs", "job.resources.gpus")
+            if resources.memory_mib is not None and self._memory_limit_file() is None:
+                raise errors.InvalidJob(
+                    "this host cannot limit a local job's memory: no cgroup with the memory "
+                    f"controller ({self._containment.memory}; cgroup v1: {self._memory.detail})",
+                    "job.resources.memory_mib",
+                )
         # The launch as it will be, with an id and attempt as long as real ones: E2BIG now.
         stand_in = self._work_dir / ("x" * 26) / "999"
         env, _ = self._environment(spec, "x" * 26, 999, stand_in)
@@ -276,6 +291,34 @@ class LocalBackend:
         """Where the current attempt runs if this daemon makes cgroups."""
         root = self._containment.root
         return None if root is None else root / f"{job.id}-{job.attempt}"
+
+    def _memory_limit_file(self) -> str | None:
+        """Where a job's memory limit is written: its v2 cgroup's `memory.max` where job
+        cgroups have the memory controller, else its v1 memory cgroup's
+        `memory.limit_in_bytes`; None when neither is made here."""
+        if self._containment.enabled and self._containment.memory == "memory.events":
+            return "memory.max"
+        return "memory.limit_in_bytes" if self._memory.enabled else None
+
+    def _limit_memory(
+        self, job: models.Job, cgroup: Path | None, memory: Path | None, mib: int
+    ) -> None:
+        """Write the attempt's memory limit before it starts; a limit that cannot be written
+        starts nothing (the job asked for it)."""
+        name = self._memory_limit_file()
+        where = (cgroup if name == "memory.max" else memory) if name else None
+        try:
+            if where is None:
+                raise OSError(f"no {name or 'memory cgroup'} for this attempt")
+            (where / str(name)).write_text(str(mib * 1024 * 1024))
+        except OSError as exc:
+            for made in (cgroup, memory):
+                if made is not None:
+                    with contextlib.suppress(OSError):
+                        (cgroups.remove if made is cgroup else cgroups.remove_v1)(made)
+            raise errors.StartFailed(
+                f"cannot limit the job's memory to {mib} MiB: {exc}", retryable=False
+            ) from exc
 
     def _new_memory_cgroup(self, job: models.Job) -> Path | None:
         """Where the current attempt is counted in the v1 memory hierarchy, if this daemon
@@ -348,6 +391,9 @@ class LocalBackend:
                     consequence="an OOM kill of this attempt will not be known",
                 )
                 memory = None
+        limit = job.spec.resources.memory_mib if job.spec.resources is not None else None
+        if limit is not None:
+            self._limit_memory(job, cgroup, memory, limit)
         env, cwd = self._environment(job.spec, job.id, job.attempt, attempt_dir, user)
         request = {
             "dir": str(attempt_dir),

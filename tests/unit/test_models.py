@@ -128,6 +128,7 @@ def test_minimal_spec_and_its_defaults() -> None:
         "labels": {},
         "depends_on": [],
         "after": "success",
+        "resources": None,
     }
 
 
@@ -148,6 +149,7 @@ def test_full_spec_is_accepted() -> None:
         "labels": {"team": "ml", "cost center": "a/b"},
         "depends_on": ["01hx0000000000000000000000"],
         "after": "finished",
+        "resources": {"cpu": 0.5, "memory_mib": 512, "gpus": None},
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
@@ -316,6 +318,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "labels": {},
         "depends_on": [],
         "after": "success",
+        "resources": None,
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }
