@@ -70,6 +70,19 @@ def gate(short_tmp: Path) -> Iterator[tuple[Path, str]]:
     path.touch()
 
 
+def waiting(
+    daemon: DaemonProcess, blocked: str, then: str, *options: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """The daemon up, a job blocked at the gate (then `then`), and `orchestrator wait` on it
+    with `options`, connected by now."""
+    daemon.start()
+    with daemon.client() as client:
+        job = client.submit({"command": ["sh", "-c", f"{blocked}; {then}"]})
+    waiter = cli(daemon, "wait", *options, job["id"])
+    time.sleep(0.5)  # let it connect and wait (there is nothing to watch for that)
+    return job["id"], waiter
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
 def test_wait_outlives_a_restart_and_exits_with_the_jobs_code(
     daemon: DaemonProcess,
@@ -77,17 +90,13 @@ def test_wait_outlives_a_restart_and_exits_with_the_jobs_code(
     how: int,
     gate: tuple[Path, str],
 ) -> None:
-    daemon.start()
     go, blocked = gate
-    with daemon.client() as client:
-        job = client.submit({"command": ["sh", "-c", f"{blocked}; exit 7"]})
-    waiter = cli(daemon, "wait", job["id"])
-    time.sleep(0.5)  # let it connect and wait
+    job_id, waiter = waiting(daemon, blocked, "exit 7")
     restart(daemon, how)
     go.touch()
     code, _, err = finished(waiter)
     assert code == 7, err
-    assert err.splitlines()[-1].startswith(f"{job['id']} FAILED exit_code=7")
+    assert err.splitlines()[-1].startswith(f"{job_id} FAILED exit_code=7")
     assert "trying again for up to 120 s" in err  # it said why it waited
 
 
@@ -215,12 +224,8 @@ def test_without_reconnecting_a_restart_ends_wait_with_255_not_the_jobs_code(
     short_tmp: Path,
     gate: tuple[Path, str],
 ) -> None:
-    daemon.start()
     go, blocked = gate
-    with daemon.client() as client:
-        job = client.submit({"command": ["sh", "-c", f"{blocked}; exit 1"]})
-    waiter = cli(daemon, "wait", "--reconnect-s", "0", job["id"])
-    time.sleep(0.5)
+    _, waiter = waiting(daemon, blocked, "exit 1", "--reconnect-s", "0")
     daemon.stop(signal.SIGTERM)
     code, _, err = finished(waiter)
     go.touch()
@@ -233,12 +238,8 @@ def test_a_daemon_that_does_not_come_back_ends_wait_with_255_after_reconnect_s(
     short_tmp: Path,
     gate: tuple[Path, str],
 ) -> None:
-    daemon.start()
     go, blocked = gate
-    with daemon.client() as client:
-        job = client.submit({"command": ["sh", "-c", blocked]})
-    waiter = cli(daemon, "wait", "--reconnect-s", "2", job["id"])
-    time.sleep(0.5)
+    _, waiter = waiting(daemon, blocked, "exit 0", "--reconnect-s", "2")
     daemon.stop(signal.SIGTERM)
     started = time.monotonic()
     code, _, err = finished(waiter)
