@@ -138,6 +138,7 @@ class Api:
             name=query.name,
             since=query.since,
             labels=query.labels,
+            target=query.target,
         )
         more = len(jobs) > page
         del jobs[page:]

@@ -481,6 +481,7 @@ def _override(value: str) -> dict[str, Any]:
     help="Higher first (default 0); waiting long enough beats any priority.",
 )
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the job.")
+@click.option("--target", help="A named target of the backend ([ecs.targets.NAME]).")
 @click.option("--cpu", type=click.FloatRange(min=0, min_open=True), help="vCPUs (ECS, Batch).")
 @click.option("--memory", metavar="SIZE", help="Memory: MiB, or with m/g (512m, 4g).")
 @click.option("--gpus", type=click.IntRange(1, 64), help="GPUs (ECS on EC2, Batch).")
@@ -526,6 +527,7 @@ def submit(
     idempotency_key: str | None,
     priority: int | None,
     labels: tuple[str, ...],
+    target: str | None,
     cpu: float | None,
     memory: str | None,
     gpus: int | None,
@@ -558,6 +560,7 @@ def submit(
         ("queue_timeout_s", queue_timeout_s),
         ("cwd", None if cwd is None else str(cwd.absolute())),
         ("priority", priority),
+        ("target", target),
         ("depends_on", list(depends_on) or None),
         ("after", after),
     )
@@ -777,6 +780,7 @@ def _since(text: str | None) -> float | None:
 @click.option(
     "--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="Only jobs so labelled."
 )
+@click.option("--target", help="Only jobs of this target (ECS, Batch).")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--all", "everything", is_flag=True, help="Every matching job (no --limit).")
 @click.option("--cursor", metavar="ID", help="Go on after this job (the cursor `ls` printed).")
@@ -788,6 +792,7 @@ def list_jobs(
     name_glob: str | None,
     since_text: str | None,
     label_pairs: tuple[str, ...],
+    target: str | None,
     limit: int,
     everything: bool,
     cursor: str | None,
@@ -807,7 +812,14 @@ def list_jobs(
             while left is None or left > 0:
                 size = protocol.MAX_PAGE if left is None else left
                 jobs, at = await client.list_page(
-                    wanted, backend, size, cursor=at, name=name_glob, since=since, labels=labels
+                    wanted,
+                    backend,
+                    size,
+                    cursor=at,
+                    name=name_glob,
+                    since=since,
+                    labels=labels,
+                    target=target,
                 )
                 for job in jobs:
                     if as_json:  # one JSON array, written as it streams

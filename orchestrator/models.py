@@ -336,6 +336,9 @@ class JobSpec(pydantic.BaseModel):
     )
     after: Literal["success", "finished"] = "success"
     resources: Resources | None = None
+    # A named target of its backend (`[ecs.targets.NAME]`, `[batch.targets.NAME]`): another
+    # cluster, queue, definition or network, with the backend's clients and buckets.
+    target: Annotated[str, pydantic.Field(min_length=1, max_length=64)] | None = None
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -478,6 +481,7 @@ class Job:
             "depends_on": list(self.spec.depends_on),
             "after": self.spec.after,
             "resources": None if self.spec.resources is None else self.spec.resources.model_dump(),
+            "target": self.spec.target,
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

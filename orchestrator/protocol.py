@@ -61,6 +61,7 @@ class ListJobs(Params):
     name: Annotated[str, pydantic.Field(min_length=1, max_length=256)] | None = None  # a glob
     since: Annotated[float, pydantic.Field(allow_inf_nan=False)] | None = None  # Unix time
     labels: dict[str, str] | None = None  # jobs with every one of these
+    target: Annotated[str, pydantic.Field(min_length=1, max_length=64)] | None = None
 
     @pydantic.field_validator("since", mode="before")
     @classmethod

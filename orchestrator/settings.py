@@ -227,6 +227,35 @@ class AwsBackendSettings(_Section):
             raise ValueError(f"{keys} required when {section}.enabled is true")
 
 
+_TargetName = Annotated[str, pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+
+
+class EcsTarget(_Section):
+    """A named overlay of `[ecs]` (`[ecs.targets.NAME]`): what a job with `target = NAME` runs
+    with instead of the section's own values. It uses the section's clients and buckets (the
+    same account and Region)."""
+
+    cluster: str | None = None
+    task_definition: str | None = None
+    launch_type: Literal["FARGATE", "EC2", "EXTERNAL"] | None = None
+    capacity_provider_strategy: list[dict[str, Any]] | None = None
+    platform_version: str | None = None
+    subnets: Annotated[list[str], NoDecode, pydantic.BeforeValidator(_comma_list)] | None = None
+    security_groups: (
+        Annotated[list[str], NoDecode, pydantic.BeforeValidator(_comma_list)] | None
+    ) = None
+    assign_public_ip: bool | None = None
+    run_task_kwargs: _Json | None = None
+
+
+class BatchTarget(_Section):
+    """A named overlay of `[batch]` (`[batch.targets.NAME]`), as `EcsTarget` is of `[ecs]`."""
+
+    job_queue: str | None = None
+    job_definition: str | None = None
+    submit_job_kwargs: _Json | None = None
+
+
 class EcsSettings(AwsBackendSettings):
     cluster: str | None = None
     container_name: str | None = None
@@ -241,6 +270,26 @@ class EcsSettings(AwsBackendSettings):
     run_task_kwargs: _Json = pydantic.Field(default_factory=dict)
     run_task_rate_per_s: _Rate = 20.0  # AWS: 20/s for Fargate RunTask, 40/s on EC2 (burst 100)
     run_task_burst: _Rate = 100.0
+    targets: dict[_TargetName, EcsTarget] = pydantic.Field(default_factory=dict)
+
+    def for_target(self, name: str | None) -> EcsSettings:
+        """The settings a job with `target = name` runs with (None: the section's own)."""
+        if name is None:
+            return self
+        overlay = self.targets[name].model_dump(exclude_none=True)
+        return EcsSettings.model_validate({**self.model_dump(exclude={"targets"}), **overlay})
+
+    @pydantic.model_validator(mode="after")
+    def _targets_consistent(self) -> EcsSettings:
+        """Each target is held to the rules of the section (complete, no contradiction)."""
+        if self.enabled:
+            for name in self.targets:
+                try:
+                    self.for_target(name)
+                except pydantic.ValidationError as exc:
+                    why = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+                    raise ValueError(f"target {name!r}: {why}") from None
+        return self
 
     @pydantic.field_validator("capacity_provider_strategy", mode="before")
     @classmethod
@@ -285,6 +334,14 @@ class BatchSettings(AwsBackendSettings):
     submit_rate_per_s: _Rate = 50.0  # AWS: a fixed 50 SubmitJob calls/s per account
     submit_burst: _Rate = 50.0
     lookup_grace_s: _Seconds = 60.0  # ListJobs may lag SubmitJob: how long "not found" is unsure
+    targets: dict[_TargetName, BatchTarget] = pydantic.Field(default_factory=dict)
+
+    def for_target(self, name: str | None) -> BatchSettings:
+        """The settings a job with `target = name` runs with (None: the section's own)."""
+        if name is None:
+            return self
+        overlay = self.targets[name].model_dump(exclude_none=True)
+        return BatchSettings.model_validate({**self.model_dump(exclude={"targets"}), **overlay})
 
     @pydantic.model_validator(mode="after")
     def _complete(self) -> BatchSettings:

@@ -558,6 +558,7 @@ class InMemoryStore(store.Store):
         since: float | None = None,
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
+        target: str | None = None,
     ) -> list[models.Job]:
         wanted = None if states is None else frozenset(states)
         found = []
@@ -572,6 +573,7 @@ class InMemoryStore(store.Store):
                 and (since is None or job.created_at >= since)
                 and (id_prefix is None or job.id.startswith(id_prefix))
                 and all(job.spec.labels.get(k) == v for k, v in (labels or {}).items())
+                and (target is None or job.spec.target == target)
             ):
                 found.append(job)
                 if len(found) >= limit:

@@ -57,6 +57,7 @@ class Job(TypedDict):
     depends_on: list[str]
     after: Literal["success", "finished"]
     resources: dict[str, Any] | None
+    target: str | None
     peer: PeerView | None
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`

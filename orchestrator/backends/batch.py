@@ -81,30 +81,34 @@ class BatchBackend(AwsBackendBase):
         )
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_submit_attempts
-        self._base: dict[str, Any] = {}
+        # The settings of each target (None: the section's own), and their SubmitJob kwargs.
+        self._targets: dict[str | None, BatchSettings] = {None: settings} | {
+            name: settings.for_target(name) for name in settings.targets
+        }
+        self._bases: dict[str | None, dict[str, Any]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._start_clients()
         shape = self.api.operation("SubmitJob").input_shape
-        base_kwargs = {
-            "jobQueue": self._settings.job_queue,
-            "jobDefinition": self._settings.job_definition,
-        }
-        try:
-            self._base = aws_kwargs.merge_kwargs(
-                base_kwargs, aws_kwargs.normalise(self._settings.submit_job_kwargs, shape)
-            )
-            self.validate(models.JobSpec(command=["true"]))
-        except errors.InvalidJob as exc:
-            raise errors.ConfigError(f"batch settings / submit_job_kwargs: {exc.message}") from exc
+        for name, target in self._targets.items():
+            where = "batch settings" if name is None else f"batch.targets.{name}"
+            base_kwargs = {"jobQueue": target.job_queue, "jobDefinition": target.job_definition}
+            try:
+                self._bases[name] = aws_kwargs.merge_kwargs(
+                    base_kwargs, aws_kwargs.normalise(target.submit_job_kwargs, shape)
+                )
+                self.validate(models.JobSpec(command=["true"], target=name))
+            except errors.InvalidJob as exc:
+                raise errors.ConfigError(f"{where} / submit_job_kwargs: {exc.message}") from exc
         if self._settings.check_health_on_startup:
-            await self.check_health()
+            for queue in dict.fromkeys(t.job_queue for t in self._targets.values()):
+                await self.check_health(queue)
 
-    async def check_health(self) -> None:
+    async def check_health(self, queue: str | None = None) -> None:
         """The queue exists and is ENABLED/VALID, and DescribeJobs answers a bogus id."""
-        queue = self._settings.job_queue
+        queue = queue or self._settings.job_queue
         try:
             reply = await self.api.call("DescribeJobQueues", Priority.HIGH, jobQueues=[queue])
             await self.api.call("DescribeJobs", Priority.HIGH, jobs=["0" * 32])
@@ -130,63 +134,75 @@ class BatchBackend(AwsBackendBase):
     async def check(self) -> list[base.Check]:
         """`orchestrator check`: the queue ENABLED and VALID with an ENABLED compute environment
         that can scale, the job definition ACTIVE, the default log group reachable."""
-        s = self._settings
         for api in (self.api, self.logs):
             await api.ensure_started()
 
-        async def queue() -> str:
-            reply = await self.api.call("DescribeJobQueues", Priority.HIGH, jobQueues=[s.job_queue])
-            queues = reply.get("jobQueues") or []
-            if not queues:
-                raise errors.CheckFailed(f"job queue {s.job_queue!r} does not exist")
-            q = queues[0]
-            if q.get("state") != "ENABLED" or q.get("status") != "VALID":
-                raise errors.CheckFailed(
-                    f"job queue {s.job_queue!r} is {q.get('state')}/{q.get('status')}"
+        async def one(s: BatchSettings, prefix: str) -> list[base.Check]:
+            async def queue() -> str:
+                reply = await self.api.call(
+                    "DescribeJobQueues", Priority.HIGH, jobQueues=[s.job_queue]
                 )
-            environments = [o["computeEnvironment"] for o in q.get("computeEnvironmentOrder", [])]
-            if not environments:
-                raise errors.CheckFailed(f"job queue {s.job_queue!r} has no compute environment")
-            described = await self.api.call(
-                "DescribeComputeEnvironments", Priority.HIGH, computeEnvironments=environments
-            )
-            usable = [
-                env["computeEnvironmentName"]
-                for env in described.get("computeEnvironments", [])
-                if env.get("state") == "ENABLED"
-                and env.get("status") == "VALID"
-                and (
-                    env.get("type") == "UNMANAGED"
-                    or (env.get("computeResources") or {}).get("maxvCpus", 0) > 0
+                queues = reply.get("jobQueues") or []
+                if not queues:
+                    raise errors.CheckFailed(f"job queue {s.job_queue!r} does not exist")
+                q = queues[0]
+                if q.get("state") != "ENABLED" or q.get("status") != "VALID":
+                    raise errors.CheckFailed(
+                        f"job queue {s.job_queue!r} is {q.get('state')}/{q.get('status')}"
+                    )
+                environments = [
+                    o["computeEnvironment"] for o in q.get("computeEnvironmentOrder", [])
+                ]
+                if not environments:
+                    raise errors.CheckFailed(
+                        f"job queue {s.job_queue!r} has no compute environment"
+                    )
+                described = await self.api.call(
+                    "DescribeComputeEnvironments", Priority.HIGH, computeEnvironments=environments
                 )
-            ]
-            if not usable:
-                raise errors.CheckFailed(
-                    f"no compute environment of {s.job_queue!r} is ENABLED, VALID and able to scale"
-                )
-            return f"job queue {s.job_queue!r} is ENABLED/VALID; compute: {', '.join(usable)}"
+                usable = [
+                    env["computeEnvironmentName"]
+                    for env in described.get("computeEnvironments", [])
+                    if env.get("state") == "ENABLED"
+                    and env.get("status") == "VALID"
+                    and (
+                        env.get("type") == "UNMANAGED"
+                        or (env.get("computeResources") or {}).get("maxvCpus", 0) > 0
+                    )
+                ]
+                if not usable:
+                    raise errors.CheckFailed(
+                        f"no compute environment of {s.job_queue!r} is ENABLED, VALID and "
+                        "able to scale"
+                    )
+                return f"job queue {s.job_queue!r} is ENABLED/VALID; compute: {', '.join(usable)}"
 
-        async def definition() -> str:
-            name = str(s.job_definition)
-            # "name:revision" and ARNs are looked up as such, a bare name by its ACTIVE revisions
-            by = {"jobDefinitions": [name]} if ":" in name else {"jobDefinitionName": name}
-            reply = await self.api.call(
-                "DescribeJobDefinitions", Priority.HIGH, status="ACTIVE", **by
-            )
-            if not reply.get("jobDefinitions"):
-                raise errors.CheckFailed(
-                    f"job definition {name!r} is not ACTIVE (or does not exist)"
+            async def definition() -> str:
+                name = str(s.job_definition)
+                # "name:revision" and ARNs are looked up as such, a bare name by its ACTIVE
+                # revisions
+                by = {"jobDefinitions": [name]} if ":" in name else {"jobDefinitionName": name}
+                reply = await self.api.call(
+                    "DescribeJobDefinitions", Priority.HIGH, status="ACTIVE", **by
                 )
-            return f"job definition {name!r} is ACTIVE"
+                if not reply.get("jobDefinitions"):
+                    raise errors.CheckFailed(
+                        f"job definition {name!r} is not ACTIVE (or does not exist)"
+                    )
+                return f"job definition {name!r} is ACTIVE"
+
+            return [
+                await base.checked(f"{prefix}queue", queue),
+                await base.checked(f"{prefix}job_definition", definition),
+            ]
 
         async def log_group() -> str:
             return await log_group_found(self.logs, DEFAULT_LOG_GROUP)
 
-        return [
-            await base.checked("batch.queue", queue),
-            await base.checked("batch.job_definition", definition),
-            await base.checked("batch.logs", log_group),
-        ]
+        checks: list[base.Check] = []
+        for name, target in self._targets.items():  # the section's own, then each target
+            checks += await one(target, "batch." if name is None else f"batch.targets.{name}.")
+        return [*checks, await base.checked("batch.logs", log_group)]
 
     # -- kwargs ----------------------------------------------------------------------------
 
@@ -204,7 +220,13 @@ class BatchBackend(AwsBackendBase):
             container["resourceRequirements"] = [
                 {"type": kind, "value": value} for kind, value in wanted if value is not None
             ]
-        kwargs = aws_kwargs.merge_kwargs(self._base, {"containerOverrides": container})
+        if job.spec.target not in self._targets:
+            known = ", ".join(sorted(n for n in self._targets if n)) or "none is configured"
+            raise errors.InvalidJob(
+                f"no Batch target {job.spec.target!r} (known: {known})", "job.target"
+            )
+        base_kwargs = self._bases[job.spec.target]
+        kwargs = aws_kwargs.merge_kwargs(base_kwargs, {"containerOverrides": container})
         kwargs = aws_kwargs.merge_kwargs(
             kwargs, aws_kwargs.normalise(job.spec.overrides, operation.input_shape)
         )
@@ -226,7 +248,10 @@ class BatchBackend(AwsBackendBase):
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
-        kwargs = self.submit_job_kwargs(job)
+        try:
+            kwargs = self.submit_job_kwargs(job)
+        except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
+            raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
         with start_outcome():
             reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
         return base.Submitted(
@@ -310,7 +335,8 @@ class BatchBackend(AwsBackendBase):
         name = job_name(job)
         summaries: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {
-            "jobQueue": job.info.get("job_queue") or self._settings.job_queue,
+            "jobQueue": job.info.get("job_queue")
+            or self._targets.get(job.spec.target, self._settings).job_queue,
             "filters": [{"name": "JOB_NAME", "values": [name]}],
         }
         while True:

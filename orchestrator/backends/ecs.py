@@ -85,25 +85,34 @@ class EcsBackend(AwsBackendBase):
         )
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_run_task_attempts
-        self._base: dict[str, Any] = {}  # RunTask kwargs from settings, built in start()
+        # The settings of each target (None: the section's own) and their RunTask kwargs
+        # (built in start()).
+        self._targets: dict[str | None, EcsSettings] = {None: settings} | {
+            name: settings.for_target(name) for name in settings.targets
+        }
+        self._bases: dict[str | None, dict[str, Any]] = {}
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._start_clients()
-        try:
-            self._base = self._base_kwargs()
-            self.validate(models.JobSpec(command=["true"]))
-        except errors.InvalidJob as exc:
-            raise errors.ConfigError(f"ecs settings / run_task_kwargs: {exc.message}") from exc
+        shape = self.api.operation("RunTask").input_shape
+        for name, target in self._targets.items():
+            where = "ecs settings" if name is None else f"ecs.targets.{name}"
+            try:
+                self._bases[name] = aws_kwargs.ecs_base_kwargs(target, shape)
+                self.validate(models.JobSpec(command=["true"], target=name))
+            except errors.InvalidJob as exc:
+                raise errors.ConfigError(f"{where} / run_task_kwargs: {exc.message}") from exc
         if self._settings.check_health_on_startup:
-            await self.check_health()
+            for cluster in dict.fromkeys(t.cluster for t in self._targets.values()):
+                await self.check_health(cluster)
 
-    async def check_health(self) -> None:
+    async def check_health(self, cluster: str | None = None) -> None:
         """The cluster exists and is ACTIVE, and StopTask on a bogus id is refused as "not
         found" (Airflow's probe): credentials, permissions and cluster are all fine."""
-        cluster = self._settings.cluster
+        cluster = cluster or self._settings.cluster
         try:
             reply = await self.api.call("DescribeClusters", Priority.HIGH, clusters=[cluster])
         except errors.AwsThrottled as exc:
@@ -141,86 +150,92 @@ class EcsBackend(AwsBackendBase):
         """`orchestrator check`: the cluster ACTIVE, the task definition present with
         `container_name`, the subnets and security groups existing, the awslogs log group
         reachable."""
-        s = self._settings
-        ec2 = AwsApi("ec2", buckets={}, **client_options(s))
+        ec2 = AwsApi("ec2", buckets={}, **client_options(self._settings))
         try:
             for api in (self.api, ec2, self.logs):
                 await api.ensure_started()
 
-            async def cluster() -> str:
-                reply = await self.api.call("DescribeClusters", Priority.HIGH, clusters=[s.cluster])
-                found = reply.get("clusters") or []
-                if not found or found[0].get("status") != "ACTIVE":
-                    status = found[0].get("status") if found else "missing"
-                    raise errors.CheckFailed(f"cluster {s.cluster!r} is {status}")
-                return f"cluster {s.cluster!r} is ACTIVE"
-
-            definition: dict[str, Any] = {}
-
-            async def task_definition() -> str:
-                reply = await self.api.call(
-                    "DescribeTaskDefinition", Priority.HIGH, taskDefinition=s.task_definition
-                )
-                definition.update(reply["taskDefinition"])
-                names = [c.get("name") for c in definition.get("containerDefinitions", [])]
-                if s.container_name not in names:
-                    raise errors.CheckFailed(
-                        f"{definition['taskDefinitionArn']} has no container {s.container_name!r} "
-                        f"(it has {', '.join(map(str, names))})"
+            async def one(s: EcsSettings, prefix: str) -> list[base.Check]:
+                async def cluster() -> str:
+                    reply = await self.api.call(
+                        "DescribeClusters", Priority.HIGH, clusters=[s.cluster]
                     )
-                return f"{definition['taskDefinitionArn']} has container {s.container_name!r}"
+                    found = reply.get("clusters") or []
+                    if not found or found[0].get("status") != "ACTIVE":
+                        status = found[0].get("status") if found else "missing"
+                        raise errors.CheckFailed(f"cluster {s.cluster!r} is {status}")
+                    return f"cluster {s.cluster!r} is ACTIVE"
 
-            async def network() -> str:
-                if not s.subnets and not s.security_groups:
-                    return "no awsvpc subnets or security groups configured"
-                if s.subnets:
-                    subnets = await ec2.call("DescribeSubnets", Priority.HIGH, SubnetIds=s.subnets)
-                    if len(subnets.get("Subnets", [])) != len(s.subnets):
-                        raise errors.CheckFailed(f"some of the subnets {s.subnets} do not exist")
-                if s.security_groups:
-                    groups = await ec2.call(
-                        "DescribeSecurityGroups", Priority.HIGH, GroupIds=s.security_groups
+                definition: dict[str, Any] = {}
+
+                async def task_definition() -> str:
+                    reply = await self.api.call(
+                        "DescribeTaskDefinition", Priority.HIGH, taskDefinition=s.task_definition
                     )
-                    if len(groups.get("SecurityGroups", [])) != len(s.security_groups):
+                    definition.update(reply["taskDefinition"])
+                    names = [c.get("name") for c in definition.get("containerDefinitions", [])]
+                    if s.container_name not in names:
+                        arn = definition["taskDefinitionArn"]
                         raise errors.CheckFailed(
-                            f"some of the security groups {s.security_groups} do not exist"
+                            f"{arn} has no container {s.container_name!r} "
+                            f"(it has {', '.join(map(str, names))})"
                         )
-                return f"subnets {s.subnets} and security groups {s.security_groups} exist"
+                    return f"{definition['taskDefinitionArn']} has container {s.container_name!r}"
 
-            async def log_group() -> str:
-                container: dict[str, Any] = next(
-                    (
-                        c
-                        for c in definition.get("containerDefinitions", [])
-                        if c.get("name") == s.container_name
-                    ),
-                    {},
-                )
-                options = (container.get("logConfiguration") or {}).get("options") or {}
-                group = options.get("awslogs-group")
-                if not group:
-                    raise errors.CheckFailed(
-                        f"container {s.container_name!r} has no awslogs log group: "
-                        "`orchestrator logs` cannot work"
+                async def network() -> str:
+                    if not s.subnets and not s.security_groups:
+                        return "no awsvpc subnets or security groups configured"
+                    if s.subnets:
+                        subnets = await ec2.call(
+                            "DescribeSubnets", Priority.HIGH, SubnetIds=s.subnets
+                        )
+                        if len(subnets.get("Subnets", [])) != len(s.subnets):
+                            raise errors.CheckFailed(
+                                f"some of the subnets {s.subnets} do not exist"
+                            )
+                    if s.security_groups:
+                        groups = await ec2.call(
+                            "DescribeSecurityGroups", Priority.HIGH, GroupIds=s.security_groups
+                        )
+                        if len(groups.get("SecurityGroups", [])) != len(s.security_groups):
+                            raise errors.CheckFailed(
+                                f"some of the security groups {s.security_groups} do not exist"
+                            )
+                    return f"subnets {s.subnets} and security groups {s.security_groups} exist"
+
+                async def log_group() -> str:
+                    container: dict[str, Any] = next(
+                        (
+                            c
+                            for c in definition.get("containerDefinitions", [])
+                            if c.get("name") == s.container_name
+                        ),
+                        {},
                     )
-                return await log_group_found(self.logs, group)
+                    options = (container.get("logConfiguration") or {}).get("options") or {}
+                    group = options.get("awslogs-group")
+                    if not group:
+                        raise errors.CheckFailed(
+                            f"container {s.container_name!r} has no awslogs log group: "
+                            "`orchestrator logs` cannot work"
+                        )
+                    return await log_group_found(self.logs, group)
 
-            return [
-                await base.checked("ecs.cluster", cluster),
-                await base.checked("ecs.task_definition", task_definition),
-                await base.checked("ecs.network", network),
-                await base.checked("ecs.logs", log_group),
-            ]
+                return [
+                    await base.checked(f"{prefix}cluster", cluster),
+                    await base.checked(f"{prefix}task_definition", task_definition),
+                    await base.checked(f"{prefix}network", network),
+                    await base.checked(f"{prefix}logs", log_group),
+                ]
+
+            checks: list[base.Check] = []
+            for name, target in self._targets.items():  # the section's own, then each target
+                checks += await one(target, "ecs." if name is None else f"ecs.targets.{name}.")
+            return checks
         finally:
             await ec2.close()
 
     # -- kwargs ----------------------------------------------------------------------------
-
-    def _base_kwargs(self) -> dict[str, Any]:
-        """The settings' kwargs < `run_task_kwargs`; the defaults (launch type, platform
-        version) come after the job's overrides, in `run_task_kwargs`."""
-        shape = self.api.operation("RunTask").input_shape
-        return aws_kwargs.ecs_base_kwargs(self._settings, shape)
 
     def run_task_kwargs(self, job: models.Job) -> dict[str, Any]:
         """The final RunTask kwargs for this attempt (validated)."""
@@ -240,11 +255,12 @@ class EcsBackend(AwsBackendBase):
                 task["memory"] = str(resources.memory_mib)
             if resources.gpus is not None:
                 container["resourceRequirements"] = [{"type": "GPU", "value": str(resources.gpus)}]
-        kwargs = aws_kwargs.merge_kwargs(self._base, {"overrides": task})
+        settings = self._target(job.spec.target)
+        kwargs = aws_kwargs.merge_kwargs(self._bases[job.spec.target], {"overrides": task})
         overrides = aws_kwargs.normalise(job.spec.overrides, shape)
         kwargs = aws_kwargs.merge_kwargs(kwargs, overrides)
-        kwargs = aws_kwargs.ecs_defaults(kwargs, self._settings.platform_version)
-        aws_kwargs.refuse_run_task_conflicts(kwargs, overrides, self._settings, shape)
+        kwargs = aws_kwargs.ecs_defaults(kwargs, settings.platform_version)
+        aws_kwargs.refuse_run_task_conflicts(kwargs, overrides, settings, shape)
         if job.spec.resources is not None and job.spec.resources.gpus and _on_fargate(kwargs):
             raise errors.InvalidJob(
                 "GPUs need the EC2 launch type (or an EC2 capacity provider): Fargate has none",
@@ -275,12 +291,26 @@ class EcsBackend(AwsBackendBase):
         self.run_task_kwargs(aws_kwargs.probe_job(spec, self.name))
 
     def partition(self, job: models.Job) -> str:
-        return str(job.info.get("cluster") or self._settings.cluster)
+        # Its cluster as launched; before that, its target's (the section's if that target is
+        # no longer configured: a restart with other settings).
+        target = self._targets.get(job.spec.target, self._settings)
+        return str(job.info.get("cluster") or target.cluster)
+
+    def _target(self, name: str | None) -> EcsSettings:
+        """The settings of a job's target; `InvalidJob` for one not configured."""
+        found = self._targets.get(name)
+        if found is None:
+            known = ", ".join(sorted(n for n in self._targets if n)) or "none is configured"
+            raise errors.InvalidJob(f"no ECS target {name!r} (known: {known})", "job.target")
+        return found
 
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
-        kwargs = self.run_task_kwargs(job)
+        try:
+            kwargs = self.run_task_kwargs(job)
+        except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
+            raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
         with start_outcome():
             reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
         tasks = reply.get("tasks") or []

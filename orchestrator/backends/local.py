@@ -227,6 +227,8 @@ class LocalBackend:
     def validate(self, spec: models.JobSpec) -> None:
         if spec.overrides:
             raise errors.InvalidJob("the local backend takes no overrides", "job.overrides")
+        if spec.target is not None:
+            raise errors.InvalidJob("the local backend has no targets", "job.target")
         if (resources := spec.resources) is not None:
             if resources.cpu is not None:
                 raise errors.InvalidJob(

@@ -291,6 +291,7 @@ class Store(Protocol):
         since: float | None = None,
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
+        target: str | None = None,
     ) -> list[models.Job]:
         """At most `limit` jobs, newest first (by id); with `before` (a job id: the cursor),
         only the jobs older than that one; with `peer_uid`, only the jobs that uid submitted
@@ -298,7 +299,7 @@ class Store(Protocol):
         matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its
         id); with `since` (Unix time), only those accepted then or later; with `id_prefix`,
         only those whose id starts so; with `labels`, only those that have every one of
-        them (key and value)."""
+        them (key and value); with `target`, only those of that target."""
         ...
 
     async def unfinished(self) -> list[models.Job]:

@@ -376,9 +376,13 @@ class SqliteStore(Store):
         since: float | None = None,
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
+        target: str | None = None,
     ) -> list[models.Job]:
         clauses: list[str] = []
         args: list[object] = []
+        if target is not None:
+            clauses.append("json_extract(CAST(spec AS TEXT), '$.target') = ?")
+            args.append(target)
         for key, value in (labels or {}).items():
             clauses.append("json_extract(CAST(spec AS TEXT), '$.labels.' || json_quote(?)) = ?")
             args += [key, value]

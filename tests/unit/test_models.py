@@ -129,6 +129,7 @@ def test_minimal_spec_and_its_defaults() -> None:
         "depends_on": [],
         "after": "success",
         "resources": None,
+        "target": None,
     }
 
 
@@ -150,6 +151,7 @@ def test_full_spec_is_accepted() -> None:
         "depends_on": ["01hx0000000000000000000000"],
         "after": "finished",
         "resources": {"cpu": 0.5, "memory_mib": 512, "gpus": None},
+        "target": "gpu",
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
@@ -319,6 +321,7 @@ def test_job_to_dict_is_the_client_view() -> None:
         "depends_on": [],
         "after": "success",
         "resources": None,
+        "target": None,
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }
