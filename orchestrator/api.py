@@ -81,12 +81,12 @@ class Api:
                 case protocol.SubmitMany(jobs=raw):
                     return protocol.reply(rid, results=await self.submit_many(raw, peer))
                 case protocol.Get(job_id=ref, history=history):
-                    job_id = await self.resolve(ref, peer)
-                    return protocol.reply(rid, job=await self.get(job_id, peer, history=history))
+                    job = await self.resolve(ref, peer)
+                    return protocol.reply(rid, job=await self.get(job, history=history))
                 case protocol.ListJobs() as listing:
                     return await self._list(rid, peer, listing)
                 case protocol.Cancel(job_id=ref):
-                    job, recorded = await self.cancel(await self.resolve(ref, peer), peer)
+                    job, recorded = await self.cancel((await self.resolve(ref, peer)).id)
                     # Ended otherwise than by a cancel (this one or an earlier one).
                     ended = job.state.terminal and job.state != models.JobState.CANCELLED
                     return protocol.reply(
@@ -107,14 +107,14 @@ class Api:
         try:
             match request.params:
                 case protocol.Wait(job_id=ref):
-                    job_id = await self.resolve(ref, peer)
+                    job_id = (await self.resolve(ref, peer)).id
                     await send(protocol.end(rid, job=(await self.wait(job_id, peer)).to_dict()))
                 case protocol.Watch(job_id=ref, since=since):
-                    one = None if ref is None else await self.resolve(ref, peer)
+                    one = None if ref is None else (await self.resolve(ref, peer)).id
                     await self.watch(rid, one, peer, send, since=since)
                 case protocol.Logs(job_id=ref, follow=follow, cursor=cursor, attempt=attempt):
                     resume = None if attempt is None else (attempt, cursor)
-                    job_id = await self.resolve(ref, peer)
+                    job_id = (await self.resolve(ref, peer)).id
                     await self.logs(rid, job_id, peer, follow, send, resume=resume)
                 case _:
                     raise errors.UnknownOperation(request.op)
@@ -274,7 +274,7 @@ class Api:
                         raise errors.JobNotFound(ref)
                     found = refs[name]
                 else:
-                    found = await self.resolve(ref, peer)
+                    found = (await self.resolve(ref, peer)).id
             except (errors.JobNotFound, errors.AmbiguousJob) as exc:
                 hint = "; ref:NAME names an earlier spec of the same submit_many"
                 raise errors.InvalidJob(
@@ -371,18 +371,18 @@ class Api:
             self._dispatcher.enqueue(job)
         return outcomes
 
-    async def resolve(self, ref: str, peer: models.Peer) -> str:
-        """The id of the job `ref` names for `peer`, as git and docker allow: its id, else a
-        prefix of one id (4 characters at least), else the name of one job — among the jobs
+    async def resolve(self, ref: str, peer: models.Peer) -> models.Job:
+        """The job `ref` names for `peer`, as git and docker allow: by its id, else by a
+        prefix of one id (4 characters at least), else by the name of one job — among the jobs
         `peer` may see. `AmbiguousJob` when a prefix or name fits several, `JobNotFound` when
         none."""
         owner = self._policy.owner(peer)
         with contextlib.suppress(errors.JobNotFound):
-            return (await self._job(ref, peer)).id
+            return await self._job(ref, peer)
         if len(ref) >= _MIN_PREFIX:
             by_id = await self._store.list_jobs(limit=3, peer_uid=owner, id_prefix=ref.lower())
             if len(by_id) == 1:
-                return by_id[0].id
+                return by_id[0]
             if by_id:
                 raise errors.AmbiguousJob(
                     f"{ref!r} starts the ids of several jobs ({_some(by_id)}): give more of it"
@@ -390,7 +390,7 @@ class Api:
         if not any(char in ref for char in "*?["):  # a name, not a glob
             named = await self._store.list_jobs(limit=3, peer_uid=owner, name=ref)
             if len(named) == 1:
-                return named[0].id
+                return named[0]
             if named:
                 raise errors.AmbiguousJob(
                     f"several jobs are named {ref!r} ({_some(named)}): name one by its id"
@@ -403,19 +403,19 @@ class Api:
         self._policy.check_visible(peer, job)
         return job
 
-    async def get(self, job_id: str, peer: models.Peer, *, history: bool) -> dict[str, object]:
-        job = await self._job(job_id, peer)
+    async def get(self, job: models.Job, *, history: bool) -> dict[str, object]:
+        """A job the peer may see (`resolve` found it), with its history if asked."""
         out = job.to_dict()
         if history:
-            out["history"] = await self._store.history(job_id)
-            out["attempts"] = await self._store.attempts(job_id)
+            out["history"] = await self._store.history(job.id)
+            out["attempts"] = await self._store.attempts(job.id)
         return out
 
-    async def cancel(self, job_id: str, peer: models.Peer) -> tuple[models.Job, bool]:
-        """Record the stop, then have it issued; and whether it was recorded. A store that
-        cannot write (a full disk) does not keep a job from being cancelled: it is signalled at
-        once and launched no more, and the stop is recorded as soon as the store can write."""
-        await self._job(job_id, peer)  # who submitted a job never changes: checked once
+    async def cancel(self, job_id: str) -> tuple[models.Job, bool]:
+        """Record the stop of a job the peer may see (`resolve` found it: who submitted a job
+        never changes), then have it issued; and whether it was recorded. A store that cannot
+        write (a full disk) does not keep a job from being cancelled: it is signalled at once
+        and launched no more, and the stop is recorded as soon as the store can write."""
         try:
             job = await self._store.request_stop(job_id, "cancel")
         except errors.StoreError as exc:

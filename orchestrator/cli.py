@@ -421,24 +421,15 @@ def _mebibytes(text: str | None) -> int | None:
     return int(mib)
 
 
-def _parse_labels(values: tuple[str, ...], hint: str = "--label") -> dict[str, str]:
-    labels = {}
+def _pairs(values: tuple[str, ...], hint: str, form: str = "KEY=VALUE") -> dict[str, str]:
+    """Repeated `KEY=VALUE` options (`--env`, `--label`) as a dict; a later key wins."""
+    pairs = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=hint)
-        labels[key] = value
-    return labels
-
-
-def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
-    env = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--env")
-        env[name] = value
-    return env
+            raise click.BadParameter(f"{item!r} is not {form}", param_hint=hint)
+        pairs[key] = value
+    return pairs
 
 
 class _Duration(click.ParamType[float]):
@@ -543,12 +534,12 @@ def submit(
     """Submit a job: `orchestrator submit [OPTIONS] -- CMD [ARGS...]`. With --wait, the job's id
     is printed on stdout at once, its outcome on stderr when it ends, and the exit code is the
     job's (255: its outcome could not be learned)."""
-    defaults: dict[str, Any] = {"env": _parse_env(env)}
+    defaults: dict[str, Any] = {"env": _pairs(env, "--env", "NAME=VALUE")}
     wanted = {"cpu": cpu, "memory_mib": _mebibytes(memory), "gpus": gpus}
     if resources := {key: value for key, value in wanted.items() if value is not None}:
         defaults["resources"] = resources
     if labels:
-        defaults["labels"] = _parse_labels(labels)
+        defaults["labels"] = _pairs(labels, "--label")
     if overrides:
         merged: dict[str, Any] = {}
         for text in overrides:
@@ -802,7 +793,7 @@ def list_jobs(
     daemon. When there are more than --limit, says so on stderr with the cursor to go on."""
     since = _since(since_text)
     wanted = [s.upper() for s in states]
-    labels = _parse_labels(label_pairs) or None
+    labels = _pairs(label_pairs, "--label") or None
 
     async def go() -> str | None:
         first, left, at = True, None if everything else limit, cursor

@@ -98,10 +98,9 @@ class Dispatcher:
         self._to_lane(job)
 
     def _to_lane(self, job: models.Job) -> None:
-        retry = job.info.get("retry")
-        due = retry.get("at") if isinstance(retry, dict) else None
-        if isinstance(due, int | float) and due > self._clock() and job.attempt > 0:
-            self.requeue(job, float(due))
+        due = tracking.retry_due(job)
+        if due is not None and due > self._clock() and job.attempt > 0:
+            self.requeue(job, due)
         else:
             lane = self._lanes[job.backend].lane
             lane.enqueue(job.id, tracking.queue_deadline(job), self._key(job))
@@ -115,10 +114,7 @@ class Dispatcher:
     def _key(self, job: models.Job) -> float:
         """The job's place in its lane (`lanes`): since when it has waited, less what its
         priority is worth in waiting."""
-        retry = job.info.get("retry")
-        due = retry.get("at") if isinstance(retry, dict) else None
-        since = float(due) if isinstance(due, int | float) else job.created_at
-        return since - job.spec.priority * self._settings.priority_aging_s
+        return tracking.queued_since(job) - job.spec.priority * self._settings.priority_aging_s
 
     def adopt(self, job: models.Job) -> None:
         """Count a job recovered at start-up, already past dispatch, against its lane's cap."""

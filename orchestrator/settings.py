@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import pydantic
 import pydantic_core
@@ -218,6 +218,34 @@ class AwsBackendSettings(_Section):
     describe_burst: _Rate = 100.0
     start_budget_s: _Seconds = 600.0  # wall-clock budget for retrying a job's start
 
+    def _overlays(self) -> Mapping[str, pydantic.BaseModel]:
+        """The section's named targets (`[ecs.targets.NAME]`…): its subclasses have them."""
+        return {}
+
+    def for_target(self, name: str | None) -> Self:
+        """The settings a job with `target = name` runs with (None: the section's own): the
+        section with the target's values over its own."""
+        if name is None:
+            return self
+        overlay = self._overlays()[name].model_dump(exclude_none=True)
+        return self.model_validate({**self.model_dump(exclude={"targets"}), **overlay})
+
+    def each_target(self) -> dict[str | None, Self]:
+        """The section's own settings (None) and each target's."""
+        return {None: self} | {name: self.for_target(name) for name in self._overlays()}
+
+    @pydantic.model_validator(mode="after")
+    def _targets_consistent(self) -> Self:
+        """Each target is held to the rules of the section (complete, no contradiction)."""
+        if self.enabled:
+            for name in self._overlays():
+                try:
+                    self.for_target(name)
+                except pydantic.ValidationError as exc:
+                    why = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+                    raise ValueError(f"target {name!r}: {why}") from None
+        return self
+
     def _require(self, section: str, *names: str) -> None:
         if not self.enabled:
             return
@@ -272,24 +300,8 @@ class EcsSettings(AwsBackendSettings):
     run_task_burst: _Rate = 100.0
     targets: dict[_TargetName, EcsTarget] = pydantic.Field(default_factory=dict)
 
-    def for_target(self, name: str | None) -> EcsSettings:
-        """The settings a job with `target = name` runs with (None: the section's own)."""
-        if name is None:
-            return self
-        overlay = self.targets[name].model_dump(exclude_none=True)
-        return EcsSettings.model_validate({**self.model_dump(exclude={"targets"}), **overlay})
-
-    @pydantic.model_validator(mode="after")
-    def _targets_consistent(self) -> EcsSettings:
-        """Each target is held to the rules of the section (complete, no contradiction)."""
-        if self.enabled:
-            for name in self.targets:
-                try:
-                    self.for_target(name)
-                except pydantic.ValidationError as exc:
-                    why = "; ".join(e["msg"] for e in exc.errors(include_url=False))
-                    raise ValueError(f"target {name!r}: {why}") from None
-        return self
+    def _overlays(self) -> Mapping[str, pydantic.BaseModel]:
+        return self.targets
 
     @pydantic.field_validator("capacity_provider_strategy", mode="before")
     @classmethod
@@ -336,12 +348,8 @@ class BatchSettings(AwsBackendSettings):
     lookup_grace_s: _Seconds = 60.0  # ListJobs may lag SubmitJob: how long "not found" is unsure
     targets: dict[_TargetName, BatchTarget] = pydantic.Field(default_factory=dict)
 
-    def for_target(self, name: str | None) -> BatchSettings:
-        """The settings a job with `target = name` runs with (None: the section's own)."""
-        if name is None:
-            return self
-        overlay = self.targets[name].model_dump(exclude_none=True)
-        return BatchSettings.model_validate({**self.model_dump(exclude={"targets"}), **overlay})
+    def _overlays(self) -> Mapping[str, pydantic.BaseModel]:
+        return self.targets
 
     @pydantic.model_validator(mode="after")
     def _complete(self) -> BatchSettings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator import errors, failures, models
 from orchestrator.backends import base
@@ -110,3 +110,16 @@ async def log_group_found(logs: AwsApi, group: str) -> str:
     if not any(g.get("logGroupName") == group for g in reply.get("logGroups", [])):
         raise errors.CheckFailed(f"log group {group!r} does not exist (or is not readable)")
     return f"log group {group!r} is reachable"
+
+
+T = TypeVar("T")
+
+
+def pick_target(targets: Mapping[str | None, T], name: str | None, backend: str) -> T:
+    """A job's target among a backend's (None: the section's own); `InvalidJob` naming the
+    ones it has for a target it does not."""
+    found = targets.get(name)
+    if found is None:
+        known = ", ".join(sorted(n for n in targets if n)) or "none is configured"
+        raise errors.InvalidJob(f"no {backend} target {name!r} (known: {known})", "job.target")
+    return found

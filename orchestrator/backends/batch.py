@@ -21,6 +21,7 @@ from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
     log_group_found,
+    pick_target,
     read_cloudwatch,
     start_outcome,
 )
@@ -82,9 +83,7 @@ class BatchBackend(AwsBackendBase):
         self._settings = settings
         self.max_start_attempts: int | None = settings.max_submit_attempts
         # The settings of each target (None: the section's own), and their SubmitJob kwargs.
-        self._targets: dict[str | None, BatchSettings] = {None: settings} | {
-            name: settings.for_target(name) for name in settings.targets
-        }
+        self._targets = settings.each_target()
         self._bases: dict[str | None, dict[str, Any]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -220,11 +219,7 @@ class BatchBackend(AwsBackendBase):
             container["resourceRequirements"] = [
                 {"type": kind, "value": value} for kind, value in wanted if value is not None
             ]
-        if job.spec.target not in self._targets:
-            known = ", ".join(sorted(n for n in self._targets if n)) or "none is configured"
-            raise errors.InvalidJob(
-                f"no Batch target {job.spec.target!r} (known: {known})", "job.target"
-            )
+        pick_target(self._targets, job.spec.target, "Batch")
         base_kwargs = self._bases[job.spec.target]
         kwargs = aws_kwargs.merge_kwargs(base_kwargs, {"containerOverrides": container})
         kwargs = aws_kwargs.merge_kwargs(

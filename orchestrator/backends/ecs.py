@@ -24,6 +24,7 @@ from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
     log_group_found,
+    pick_target,
     read_cloudwatch,
     start_outcome,
 )
@@ -87,9 +88,7 @@ class EcsBackend(AwsBackendBase):
         self.max_start_attempts: int | None = settings.max_run_task_attempts
         # The settings of each target (None: the section's own) and their RunTask kwargs
         # (built in start()).
-        self._targets: dict[str | None, EcsSettings] = {None: settings} | {
-            name: settings.for_target(name) for name in settings.targets
-        }
+        self._targets = settings.each_target()
         self._bases: dict[str | None, dict[str, Any]] = {}
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
 
@@ -297,12 +296,7 @@ class EcsBackend(AwsBackendBase):
         return str(job.info.get("cluster") or target.cluster)
 
     def _target(self, name: str | None) -> EcsSettings:
-        """The settings of a job's target; `InvalidJob` for one not configured."""
-        found = self._targets.get(name)
-        if found is None:
-            known = ", ".join(sorted(n for n in self._targets if n)) or "none is configured"
-            raise errors.InvalidJob(f"no ECS target {name!r} (known: {known})", "job.target")
-        return found
+        return pick_target(self._targets, name, "ECS")
 
     # -- submit ----------------------------------------------------------------------------
 

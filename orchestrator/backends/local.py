@@ -314,10 +314,7 @@ class LocalBackend:
                 raise OSError(f"no {name or 'memory cgroup'} for this attempt")
             (where / str(name)).write_text(str(mib * 1024 * 1024))
         except OSError as exc:
-            for made in (cgroup, memory):
-                if made is not None:
-                    with contextlib.suppress(OSError):
-                        (cgroups.remove if made is cgroup else cgroups.remove_v1)(made)
+            self._remove_cgroups(cgroup, memory)  # nothing started in them
             raise errors.StartFailed(
                 f"cannot limit the job's memory to {mib} MiB: {exc}", retryable=False
             ) from exc
@@ -413,12 +410,7 @@ class LocalBackend:
         except (errors.KeeperUnavailable, errors.LaunchFailed) as exc:
             # Nothing ran: EAGAIN, ENOMEM, EMFILE, no keeper (the host is short of something
             # now) are worth a retry; what the same launch would meet again is not.
-            if cgroup is not None:
-                with contextlib.suppress(OSError):
-                    cgroups.remove(cgroup)
-            if memory is not None:
-                with contextlib.suppress(OSError):
-                    cgroups.remove_v1(memory)
+            self._remove_cgroups(cgroup, memory)
             code = exc.errno if isinstance(exc, errors.LaunchFailed) else None
             raise errors.StartFailed(
                 f"cannot start the job: {exc}", retryable=code not in _PERMANENT_SPAWN_ERRORS
@@ -500,8 +492,9 @@ class LocalBackend:
 
     @staticmethod
     def _remove_cgroups(cgroup: Path | None, memory: Path | None) -> None:
-        """The attempt is over: its cgroup (empty by now) and its v1 memory cgroup go. One that
-        cannot be removed is left behind; the job has ended all the same."""
+        """The attempt is over (or never started): its cgroup (empty by now) and its v1 memory
+        cgroup go. One that cannot be removed is left behind, and said so; the job has ended
+        all the same."""
         for path, remove in ((cgroup, cgroups.remove), (memory, cgroups.remove_v1)):
             if path is None:
                 continue

@@ -289,15 +289,25 @@ def started_in_time(job: models.Job, why: models.StopReason, obs: Observation) -
     return end is not None and started_at < end
 
 
-def queue_deadline(job: models.Job) -> float | None:
-    """When the job's wait to run ends (`queue_timeout_s`): counted from its acceptance, or,
-    for a retry, from when its attempt was due (each attempt waits its own time)."""
-    if job.spec.queue_timeout_s is None:
-        return None
+def retry_due(job: models.Job) -> float | None:
+    """When the job's current attempt was (or is) due, if it is a retry (`info.retry.at`)."""
     retry = job.info.get("retry")
     due = retry.get("at") if isinstance(retry, dict) else None
-    since = float(due) if isinstance(due, int | float) else job.created_at
-    return since + job.spec.queue_timeout_s
+    return float(due) if isinstance(due, int | float) else None
+
+
+def queued_since(job: models.Job) -> float:
+    """Since when the job has waited for its current attempt: its acceptance, or, for a
+    retry, when that attempt was due (each attempt waits its own time)."""
+    due = retry_due(job)
+    return job.created_at if due is None else due
+
+
+def queue_deadline(job: models.Job) -> float | None:
+    """When the job's wait to run ends (`queue_timeout_s`, from `queued_since`)."""
+    if job.spec.queue_timeout_s is None:
+        return None
+    return queued_since(job) + job.spec.queue_timeout_s
 
 
 def deadline(job: models.Job) -> float | None:

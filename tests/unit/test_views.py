@@ -92,3 +92,7 @@ def test_every_error_code_the_daemon_sends_has_its_class() -> None:
     }
     assert reaching <= sent
     assert reaching <= set(client.REMOTE_ERRORS)
+
+
+def test_a_views_state_is_a_job_state() -> None:
+    assert set(typing.get_args(views.State)) == {state.value for state in models.JobState}
