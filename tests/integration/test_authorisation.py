@@ -303,3 +303,28 @@ async def test_only_an_admin_may_stop_the_daemon(
         assert (refused["ok"], refused["code"]) == (False, "forbidden")
         assert "may not stop the daemon" in refused["message"]
         assert (await a.call("ping"))["pong"] is True  # it goes on serving
+
+
+@needs_root
+async def test_another_users_job_cannot_be_named_by_prefix_or_name_nor_depended_on(
+    daemon_for_peers: tuple[Path, FakeBackend],
+) -> None:
+    """Naming by id prefix or name (and `depends_on`) looks among the peer's own jobs: another
+    user's job is as absent as a job never made, however it is named."""
+    path, _ = daemon_for_peers
+    async with PeerClient(A, path) as a, PeerClient(B, path) as b:
+        mine = (await a.call("submit", job={"command": ["true"], "name": "a-secret"}))["job"]
+        for ref in (mine["id"][:12], "a-secret", "a-secret"[:4]):
+            refused = await b.call("get", job_id=ref)
+            assert (refused["code"], refused["message"]) == (
+                "not_found",
+                f"no job with id, id prefix or name {ref!r}",
+            )
+        after = await b.call("submit", job={"command": ["true"], "depends_on": [mine["id"]]})
+        assert after["code"] == "invalid_job"
+        assert "job.depends_on[0]" in after["message"]
+        # Its owner names it every way.
+        for ref in (mine["id"][:12], "a-secret"):
+            assert (await a.call("get", job_id=ref))["job"]["id"] == mine["id"]
+        listed = await b.call("list", name="a-*")
+        assert listed["jobs"] == []
