@@ -37,7 +37,9 @@ _RETENTION_INTERVAL_S = 3600.0
 _SPARE_DESCRIPTORS = 64  # the store, the log, the metrics endpoint, AWS clients, ...
 
 
-def build_backends(settings: Settings) -> dict[str, Backend]:
+def build_backends(settings: Settings, store: Store | None = None) -> dict[str, Backend]:
+    """The backends the settings enable; `store` remembers the definitions jobs' images run
+    under (`backends.definitions`) across restarts."""
     backends: dict[str, Backend] = {}
     if settings.local.enabled:
         backends["local"] = LocalBackend(
@@ -49,13 +51,13 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
         from orchestrator.backends.ecs import EcsBackend  # imports aioboto3: only when used
 
         backends["ecs"] = EcsBackend(
-            settings.ecs, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s
+            settings.ecs, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s, memory=store
         )
     if settings.batch.enabled:
         from orchestrator.backends.batch import BatchBackend
 
         backends["batch"] = BatchBackend(
-            settings.batch, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s
+            settings.batch, logs_bucket, log_delivery_s=settings.cloudwatch.delivery_s, memory=store
         )
     return backends
 
@@ -72,7 +74,7 @@ class Daemon:
         self.faults = faults.Faults()  # armed at start-up, from the environment
         self.hub = events.Hub()
         self.store: Store = SqliteStore(settings.store, self.hub)
-        self.backends = build_backends(settings) if backends is None else backends
+        self.backends = build_backends(settings, self.store) if backends is None else backends
         self.metrics = metrics.Metrics()
         self.health = Health(self.store)
         self.poller = Poller(

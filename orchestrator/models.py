@@ -113,6 +113,18 @@ _Key = Annotated[
         "must be 1 to 128 printable ASCII characters, without spaces",
     ),
 ]
+# An image reference as ECS and Batch take it: [registry[:port]/]repository[:tag][@digest].
+_IMAGE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._\-/:@]{0,254}", re.IGNORECASE)
+_Image = Annotated[
+    str,
+    _matching(
+        _IMAGE_PATTERN,
+        "image",
+        "must be an image reference ([registry/]repository[:tag][@digest]): 1 to 255 "
+        "letters, digits and . _ - / : @, starting with a letter or digit",
+    ),
+]
+MAX_ARRAY_SIZE = 10_000  # AWS Batch's limit on an array job's children
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:=[A-Za-z_][A-Za-z0-9_]*)*")  # joined by "="
 
@@ -339,6 +351,14 @@ class JobSpec(pydantic.BaseModel):
     # A named target of its backend (`[ecs.targets.NAME]`, `[batch.targets.NAME]`): another
     # cluster, queue, definition or network, with the backend's clients and buckets.
     target: Annotated[str, pydantic.Field(min_length=1, max_length=64)] | None = None
+    # The container image to run instead of the task or job definition's (ECS, Batch): the
+    # backend registers a definition derived from its configured one, once per distinct
+    # content (`backends.definitions`).
+    image: _Image | None = None
+    # Run `array_size` copies of the job, each told its index (`ORCHESTRATOR_ARRAY_INDEX`, and
+    # `AWS_BATCH_JOB_ARRAY_INDEX`): Batch runs one array job; ECS and local get one child job
+    # per index (`<id>:<index>`), and this job is their parent (`engine.arrays`).
+    array_size: Annotated[int, pydantic.Field(ge=2, le=MAX_ARRAY_SIZE)] | None = None
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -482,6 +502,8 @@ class Job:
             "after": self.spec.after,
             "resources": None if self.spec.resources is None else self.spec.resources.model_dump(),
             "target": self.spec.target,
+            "image": self.spec.image,
+            "array_size": self.spec.array_size,
             "peer": None if self.peer is None else {"uid": self.peer.uid, "pid": self.peer.pid},
             "info": dict(self.info),
         }

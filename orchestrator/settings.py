@@ -216,6 +216,10 @@ class AwsBackendSettings(_Section):
     read_timeout_s: _Seconds = 30.0
     describe_rate_per_s: _Rate = 20.0
     describe_burst: _Rate = 100.0
+    # Registering the definitions a job's `image` needs (`backends.definitions`): rare, and
+    # AWS throttles it hard (RegisterTaskDefinition ~1/s).
+    register_rate_per_s: _Rate = 1.0
+    register_burst: _Rate = 5.0
     start_budget_s: _Seconds = 600.0  # wall-clock budget for retrying a job's start
 
     def _overlays(self) -> Mapping[str, pydantic.BaseModel]:

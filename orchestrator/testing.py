@@ -13,6 +13,7 @@ import every fake from one place.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import fnmatch
@@ -209,6 +210,7 @@ class MemoryData:
     events: dict[str, list[models.Event]] = field(default_factory=dict)  # by job, in order
     seq: int = 0  # the number of the last event committed
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
+    definitions: dict[tuple[str, str], str] = field(default_factory=dict)  # (backend, digest)
 
 
 class InMemoryStore(store.Store):
@@ -637,6 +639,14 @@ class InMemoryStore(store.Store):
         )
         return dict(counts)
 
+    async def definition(self, backend: str, digest: str) -> str | None:
+        self._jobs()
+        return self.data.definitions.get((backend, digest))
+
+    async def remember_definition(self, backend: str, digest: str, arn: str) -> None:
+        self._writable()
+        self.data.definitions[(backend, digest)] = arn
+
     def _jobs(self) -> dict[str, models.Job]:
         """Every job, by id (the store must be open)."""
         if not self._open:
@@ -649,3 +659,36 @@ def _as_stored(info: Mapping[str, Any]) -> dict[str, Any]:
     cannot hold is refused, as it is there)."""
     loaded: dict[str, Any] = orjson.loads(orjson.dumps(info))
     return loaded
+
+
+class FakeDefinitionVendor:
+    """A `backends.definitions.Vendor` in memory: registrations counted, `find` answering from
+    what it registered, `fail` to refuse them, `gate` to hold them."""
+
+    def __init__(self) -> None:
+        self.registered: list[dict[str, Any]] = []
+        self.in_aws: dict[str, tuple[str, str]] = {}  # name → (digest, arn)
+        self.finds = 0
+        self.fail: Exception | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def base_definition(self, target: str | None) -> dict[str, Any]:
+        return {"family": f"app-{target or 'default'}", "containerDefinitions": [{"name": "main"}]}
+
+    def with_image(self, base: Mapping[str, Any], image: str) -> dict[str, Any]:
+        return {**base, "containerDefinitions": [{"name": "main", "image": image}]}
+
+    async def find(self, name: str, digest: str) -> str | None:
+        self.finds += 1
+        found = self.in_aws.get(name)
+        return found[1] if found is not None and found[0] == digest else None
+
+    async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.registered.append(dict(kwargs))
+        arn = f"arn:td/{kwargs['family']}:1"
+        self.in_aws[kwargs["family"]] = (digest, arn)
+        return arn

@@ -58,6 +58,8 @@ class Job(TypedDict):
     after: Literal["success", "finished"]
     resources: dict[str, Any] | None
     target: str | None
+    image: str | None
+    array_size: int | None
     peer: PeerView | None
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`

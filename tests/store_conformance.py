@@ -994,6 +994,24 @@ async def purge_goes_in_slices(h: Harness) -> None:
     assert await h.store.count_by_state() == {}
 
 
+@case
+async def definitions_are_remembered_per_backend_across_restarts_and_purges(h: Harness) -> None:
+    digest = "ab" * 32
+    assert await h.store.definition("ecs", digest) is None
+    await h.store.remember_definition("ecs", digest, "arn:aws:ecs:td/app-orch-abab:1")
+    await h.store.remember_definition("batch", digest, "arn:aws:batch:jd/app-orch-abab:1")
+    await h.store.remember_definition("ecs", digest, "arn:aws:ecs:td/app-orch-abab:2")  # latest
+    job = await h.accept()
+    await h.store.request_stop(job.id, "cancel")
+    h.clock.advance()
+    assert await h.store.purge(h.clock.now) == [job.id]  # jobs go, definitions stay
+    await h.restart()
+    assert await h.store.definition("ecs", digest) == "arn:aws:ecs:td/app-orch-abab:2"
+    assert await h.store.definition("batch", digest) == "arn:aws:batch:jd/app-orch-abab:1"
+    assert await h.store.definition("local", digest) is None
+    assert h.published[-1].job_id == job.id  # remembering publishes nothing
+
+
 # -- lifecycle and health --------------------------------------------------------------------
 
 
@@ -1023,6 +1041,7 @@ async def writes_need_an_open_store(h: Harness) -> None:
         lambda store: store.transition(job.id, S.QUEUED, S.FAILED),
         lambda store: store.begin_attempt(job.id),
         lambda store: store.ping(),
+        lambda store: store.remember_definition("ecs", "d" * 64, "arn"),
     ]
     unopened = h.backing.store(h.hub, h.clock)
     for write in writes:

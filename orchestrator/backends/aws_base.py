@@ -85,6 +85,23 @@ def start_outcome() -> Iterator[None]:
         ) from exc
 
 
+@contextlib.contextmanager
+def definition_outcome() -> Iterator[None]:
+    """Translate a failed call made to find or register a job's definition (before any launch:
+    nothing can have started) into what the dispatcher needs to know."""
+    try:
+        yield
+    except errors.AwsError as exc:
+        what = f"the job's definition: {exc.aws_code}: {exc.aws_message}"
+        if isinstance(exc, errors.AwsCredentials):
+            raise errors.StartDeferred(f"credentials refused: {exc}") from exc
+        if isinstance(exc, errors.AwsRejected) and not exc.maybe_took_effect:
+            raise errors.StartFailed(what, retryable=False, failure="rejected") from exc
+        # Throttled, a server fault, unreachable: worth another try. A registration that may
+        # have happened is found by its name and tag then.
+        raise errors.StartFailed(what, retryable=True) from exc
+
+
 async def read_cloudwatch(api: AwsApi, group: str, stream: str, cursor: Any) -> base.LogPage:
     """One page of a CloudWatch log stream from `cursor` (a forward token) on."""
     kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}

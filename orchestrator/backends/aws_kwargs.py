@@ -76,6 +76,23 @@ def normalise(value: Any, shape: Shape, path: str = "") -> Any:
     return value
 
 
+def prune(value: Any, shape: Shape) -> Any:
+    """`value` with what `shape` does not take left out, recursively (and None values): a
+    definition as a describe call returns it, made registration kwargs."""
+    if shape.type_name == "structure" and isinstance(value, Mapping):
+        members = shape.members
+        return {
+            key: prune(item, members[key])
+            for key, item in value.items()
+            if key in members and item is not None
+        }
+    if shape.type_name == "list" and isinstance(value, list):
+        return [prune(item, shape.member) for item in value]
+    if shape.type_name == "map" and isinstance(value, Mapping):
+        return {key: prune(item, shape.value) for key, item in value.items()}
+    return value
+
+
 def validate(kwargs: Mapping[str, Any], operation: OperationModel) -> None:
     """Raise `InvalidJob` naming the first bad path if botocore would refuse `kwargs`."""
     report = ParamValidator().validate(dict(kwargs), operation.input_shape)

@@ -16,10 +16,11 @@ from typing import Any
 import structlog
 
 from orchestrator import errors, failures, models
-from orchestrator.backends import aws_kwargs, base
+from orchestrator.backends import aws_kwargs, base, definitions
 from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
+    definition_outcome,
     log_group_found,
     pick_target,
     read_cloudwatch,
@@ -59,8 +60,12 @@ class BatchBackend(AwsBackendBase):
         logs_bucket: TokenBucket,
         *,
         log_delivery_s: float = LOG_DELIVERY_S,
+        memory: definitions.Memory | None = None,
     ) -> None:
         submit = TokenBucket("batch.SubmitJob", settings.submit_rate_per_s, settings.submit_burst)
+        register = TokenBucket(
+            "batch.RegisterJobDefinition", settings.register_rate_per_s, settings.register_burst
+        )
         describe = TokenBucket(
             "batch.DescribeJobs", settings.describe_rate_per_s, settings.describe_burst
         )
@@ -74,6 +79,8 @@ class BatchBackend(AwsBackendBase):
                 "DescribeJobs": describe,
                 "ListJobs": describe,
                 "DescribeJobQueues": describe,
+                "DescribeJobDefinitions": describe,
+                "RegisterJobDefinition": register,
             },
             # No idempotency token: a botocore retry after a timeout could create a second
             # job. One attempt per call; an unanswered one is settled by a ListJobs lookup.
@@ -85,6 +92,9 @@ class BatchBackend(AwsBackendBase):
         # The settings of each target (None: the section's own), and their SubmitJob kwargs.
         self._targets = settings.each_target()
         self._bases: dict[str | None, dict[str, Any]] = {}
+        # The job definitions jobs' images run under (content-addressed, registered once).
+        self.definitions = definitions.Registry("batch", _Definitions(self), "jobDefinitionName")
+        self.definitions.memory = memory
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -205,7 +215,11 @@ class BatchBackend(AwsBackendBase):
 
     # -- kwargs ----------------------------------------------------------------------------
 
-    def submit_job_kwargs(self, job: models.Job) -> dict[str, Any]:
+    def submit_job_kwargs(
+        self, job: models.Job, job_definition: str | None = None
+    ) -> dict[str, Any]:
+        """The final SubmitJob kwargs for this attempt (validated); `job_definition`: the one
+        the job's image runs under (`definitions`), over the target's."""
         operation = self.api.operation("SubmitJob")
         container: dict[str, Any] = {"command": list(job.spec.command)}
         if job.spec.env:
@@ -222,6 +236,8 @@ class BatchBackend(AwsBackendBase):
         pick_target(self._targets, job.spec.target, "Batch")
         base_kwargs = self._bases[job.spec.target]
         kwargs = aws_kwargs.merge_kwargs(base_kwargs, {"containerOverrides": container})
+        if job_definition is not None:
+            kwargs["jobDefinition"] = job_definition
         kwargs = aws_kwargs.merge_kwargs(
             kwargs, aws_kwargs.normalise(job.spec.overrides, operation.input_shape)
         )
@@ -243,8 +259,12 @@ class BatchBackend(AwsBackendBase):
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
+        arn = None
+        if job.spec.image is not None:
+            with definition_outcome():
+                arn = await self.definitions.arn(job.spec.target, job.spec.image)
         try:
-            kwargs = self.submit_job_kwargs(job)
+            kwargs = self.submit_job_kwargs(job, arn)
         except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
             raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
         with start_outcome():
@@ -381,3 +401,64 @@ def _own_attempts(job: Mapping[str, Any]) -> int | None:
     strategy = job.get("retryStrategy")
     attempts = strategy.get("attempts") if isinstance(strategy, dict) else None
     return attempts if isinstance(attempts, int) and attempts > 1 else None
+
+
+class _Definitions:
+    """Job definitions for `definitions.Registry`: derived from a target's, its container
+    running the job's image."""
+
+    def __init__(self, backend: BatchBackend) -> None:
+        self._backend = backend
+
+    async def base_definition(self, target: str | None) -> dict[str, Any]:
+        backend = self._backend
+        name = str(pick_target(backend._targets, target, "Batch").job_definition)
+        # "name:revision" and ARNs are looked up as such, a bare name as its newest ACTIVE one
+        by = {"jobDefinitions": [name]} if ":" in name else {"jobDefinitionName": name}
+        reply = await backend.api.call(
+            "DescribeJobDefinitions", Priority.NORMAL, status="ACTIVE", **by
+        )
+        found = sorted(reply.get("jobDefinitions") or [], key=lambda d: d.get("revision", 0))
+        if not found:
+            raise errors.StartFailed(
+                f"job definition {name!r} is not ACTIVE (or does not exist)",
+                retryable=False,
+                failure="rejected",
+            )
+        shape = backend.api.operation("RegisterJobDefinition").input_shape
+        kwargs: dict[str, Any] = aws_kwargs.prune(found[-1], shape)
+        kwargs.pop("tags", None)
+        return kwargs
+
+    def with_image(self, base: Mapping[str, Any], image: str) -> dict[str, Any]:
+        container = base.get("containerProperties")
+        if not isinstance(container, Mapping):
+            raise errors.StartFailed(
+                f"job definition {base.get('jobDefinitionName')!r} has no container "
+                "properties to run the job's image with (multi-node, EKS)",
+                retryable=False,
+                failure="rejected",
+            )
+        return {**base, "containerProperties": {**container, "image": image}}
+
+    async def find(self, name: str, digest: str) -> str | None:
+        reply = await self._backend.api.call(
+            "DescribeJobDefinitions", Priority.NORMAL, status="ACTIVE", jobDefinitionName=name
+        )
+        tagged = [
+            d
+            for d in reply.get("jobDefinitions") or []
+            if (d.get("tags") or {}).get(definitions.DIGEST_TAG) == digest
+        ]
+        if not tagged:
+            return None
+        return str(max(tagged, key=lambda d: d.get("revision", 0))["jobDefinitionArn"])
+
+    async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
+        reply = await self._backend.api.call(
+            "RegisterJobDefinition",
+            Priority.LOW,
+            **kwargs,
+            tags={definitions.DIGEST_TAG: digest},
+        )
+        return str(reply["jobDefinitionArn"])

@@ -18,11 +18,12 @@ from typing import Any
 import structlog
 
 from orchestrator import errors, failures, models
-from orchestrator.backends import aws_kwargs, base
+from orchestrator.backends import aws_kwargs, base, definitions
 from orchestrator.backends.aws_api import AwsApi, client_options
 from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
+    definition_outcome,
     log_group_found,
     pick_target,
     read_cloudwatch,
@@ -64,8 +65,12 @@ class EcsBackend(AwsBackendBase):
         logs_bucket: TokenBucket,
         *,
         log_delivery_s: float = LOG_DELIVERY_S,
+        memory: definitions.Memory | None = None,
     ) -> None:
         run = TokenBucket("ecs.RunTask", settings.run_task_rate_per_s, settings.run_task_burst)
+        register = TokenBucket(
+            "ecs.RegisterTaskDefinition", settings.register_rate_per_s, settings.register_burst
+        )
         describe = TokenBucket(
             "ecs.DescribeTasks", settings.describe_rate_per_s, settings.describe_burst
         )
@@ -81,6 +86,7 @@ class EcsBackend(AwsBackendBase):
                 "ListTasks": describe,
                 "DescribeTaskDefinition": describe,
                 "DescribeClusters": describe,
+                "RegisterTaskDefinition": register,
             },
             log_delivery_s=log_delivery_s,
         )
@@ -91,6 +97,9 @@ class EcsBackend(AwsBackendBase):
         self._targets = settings.each_target()
         self._bases: dict[str | None, dict[str, Any]] = {}
         self._log_config: dict[str, tuple[str, str] | None] = {}  # task definition → group, prefix
+        # The task definitions jobs' images run under (content-addressed, registered once).
+        self.definitions = definitions.Registry("ecs", _Definitions(self), "family")
+        self.definitions.memory = memory
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,8 +245,11 @@ class EcsBackend(AwsBackendBase):
 
     # -- kwargs ----------------------------------------------------------------------------
 
-    def run_task_kwargs(self, job: models.Job) -> dict[str, Any]:
-        """The final RunTask kwargs for this attempt (validated)."""
+    def run_task_kwargs(
+        self, job: models.Job, task_definition: str | None = None
+    ) -> dict[str, Any]:
+        """The final RunTask kwargs for this attempt (validated); `task_definition`: the one
+        the job's image runs under (`definitions`), over the target's."""
         operation = self.api.operation("RunTask")
         shape = operation.input_shape
         container: dict[str, Any] = {
@@ -256,6 +268,8 @@ class EcsBackend(AwsBackendBase):
                 container["resourceRequirements"] = [{"type": "GPU", "value": str(resources.gpus)}]
         settings = self._target(job.spec.target)
         kwargs = aws_kwargs.merge_kwargs(self._bases[job.spec.target], {"overrides": task})
+        if task_definition is not None:
+            kwargs["taskDefinition"] = task_definition
         overrides = aws_kwargs.normalise(job.spec.overrides, shape)
         kwargs = aws_kwargs.merge_kwargs(kwargs, overrides)
         kwargs = aws_kwargs.ecs_defaults(kwargs, settings.platform_version)
@@ -301,8 +315,12 @@ class EcsBackend(AwsBackendBase):
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
+        arn = None
+        if job.spec.image is not None:
+            with definition_outcome():
+                arn = await self.definitions.arn(job.spec.target, job.spec.image)
         try:
-            kwargs = self.run_task_kwargs(job)
+            kwargs = self.run_task_kwargs(job, arn)
         except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
             raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
         with start_outcome():
@@ -446,6 +464,66 @@ class EcsBackend(AwsBackendBase):
         group, prefix = config
         task_id = str(job.external_id).rsplit("/", 1)[-1]
         return group, f"{prefix}/{self._settings.container_name}/{task_id}"
+
+
+class _Definitions:
+    """Task definitions for `definitions.Registry`: derived from a target's, with
+    `container_name` running the job's image."""
+
+    def __init__(self, backend: EcsBackend) -> None:
+        self._backend = backend
+
+    async def base_definition(self, target: str | None) -> dict[str, Any]:
+        backend = self._backend
+        name = backend._target(target).task_definition
+        reply = await backend.api.call(
+            "DescribeTaskDefinition", Priority.NORMAL, taskDefinition=name
+        )
+        shape = backend.api.operation("RegisterTaskDefinition").input_shape
+        kwargs: dict[str, Any] = aws_kwargs.prune(reply["taskDefinition"], shape)
+        kwargs.pop("tags", None)
+        return kwargs
+
+    def with_image(self, base: Mapping[str, Any], image: str) -> dict[str, Any]:
+        container_name = self._backend._settings.container_name
+        containers = list(base.get("containerDefinitions") or [])
+        if not any(c.get("name") == container_name for c in containers):
+            raise errors.StartFailed(
+                f"task definition {base.get('family')!r} has no container {container_name!r} "
+                "to run the job's image in",
+                retryable=False,
+                failure="rejected",
+            )
+        return {
+            **base,
+            "containerDefinitions": [
+                {**c, "image": image} if c.get("name") == container_name else c for c in containers
+            ],
+        }
+
+    async def find(self, name: str, digest: str) -> str | None:
+        try:
+            reply = await self._backend.api.call(
+                "DescribeTaskDefinition", Priority.NORMAL, taskDefinition=name, include=["TAGS"]
+            )
+        except errors.AwsRejected as exc:
+            if exc.aws_code in ("ClientException", "InvalidParameterException"):
+                return None  # never registered (or deleted)
+            raise
+        found = reply["taskDefinition"]
+        tags = {t.get("key"): t.get("value") for t in reply.get("tags") or []}
+        if found.get("status") == "ACTIVE" and tags.get(definitions.DIGEST_TAG) == digest:
+            return str(found["taskDefinitionArn"])
+        return None
+
+    async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
+        reply = await self._backend.api.call(
+            "RegisterTaskDefinition",
+            Priority.LOW,
+            **kwargs,
+            tags=[{"key": definitions.DIGEST_TAG, "value": digest}],
+        )
+        return str(reply["taskDefinition"]["taskDefinitionArn"])
 
 
 def _on_fargate(kwargs: Mapping[str, Any]) -> bool:

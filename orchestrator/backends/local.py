@@ -229,6 +229,12 @@ class LocalBackend:
             raise errors.InvalidJob("the local backend takes no overrides", "job.overrides")
         if spec.target is not None:
             raise errors.InvalidJob("the local backend has no targets", "job.target")
+        if spec.image is not None:
+            raise errors.InvalidJob(
+                "the local backend runs commands on this host and has no container runtime: "
+                "run a job with an image on ECS or Batch",
+                "job.image",
+            )
         if (resources := spec.resources) is not None:
             if resources.cpu is not None:
                 raise errors.InvalidJob(

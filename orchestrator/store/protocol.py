@@ -331,3 +331,15 @@ class Store(Protocol):
         """Jobs by state (a state with no jobs is absent): all of them, or those `peer_uid`
         submitted."""
         ...
+
+    # -- what the backends remember (`backends.definitions.Memory`) ------------------------
+
+    async def definition(self, backend: str, digest: str) -> str | None:
+        """The ARN `backend` registered the definition with this content digest as, if it
+        said (`remember_definition`); None otherwise."""
+        ...
+
+    async def remember_definition(self, backend: str, digest: str, arn: str) -> None:
+        """Durably remember that `backend`'s definition of this digest is `arn` (the latest
+        said wins). Never purged: a definition outlives the jobs that ran under it."""
+        ...

@@ -22,8 +22,15 @@ from orchestrator.settings import StoreSettings
 
 log = structlog.get_logger("orchestrator.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _NAME_SQL = "json_extract(CAST(spec AS TEXT), '$.name')"  # a job's name (NULL: none given)
+_DEFINITIONS = """CREATE TABLE IF NOT EXISTS definitions (
+    backend TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    arn TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (backend, digest)
+) STRICT, WITHOUT ROWID"""
 # What each version added, applied in order to a store written by an older one (in one
 # transaction, after the integrity check): version → its statements.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -32,6 +39,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE jobs ADD COLUMN name TEXT GENERATED ALWAYS AS ({_NAME_SQL}) VIRTUAL",
         "CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name)",
     ),
+    4: (_DEFINITIONS,),  # the definitions jobs' images run under (`backends.definitions`)
 }
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
@@ -84,6 +92,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT,
     PRIMARY KEY (job_id, attempt)
 ) STRICT, WITHOUT ROWID;
+{_DEFINITIONS};
 """
 
 

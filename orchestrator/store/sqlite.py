@@ -477,6 +477,26 @@ class SqliteStore(Store):
 
         return await self._io.read(fetch)
 
+    async def definition(self, backend: str, digest: str) -> str | None:
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT arn FROM definitions WHERE backend = ? AND digest = ?", (backend, digest)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._io.read(read)
+
+    async def remember_definition(self, backend: str, digest: str, arn: str) -> None:
+        def op(conn: sqlite3.Connection) -> tuple[None, list[models.Event]]:
+            conn.execute(
+                "INSERT OR REPLACE INTO definitions (backend, digest, arn, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (backend, digest, arn, self._clock()),
+            )
+            return None, []
+
+        await self._io.write(op)
+
     async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
         where, args = ("", ()) if peer_uid is None else ("WHERE peer_uid = ? ", (peer_uid,))
         sql = f"SELECT state, COUNT(*) FROM jobs {where}GROUP BY state"

@@ -130,6 +130,8 @@ def test_minimal_spec_and_its_defaults() -> None:
         "after": "success",
         "resources": None,
         "target": None,
+        "image": None,
+        "array_size": None,
     }
 
 
@@ -152,6 +154,8 @@ def test_full_spec_is_accepted() -> None:
         "after": "finished",
         "resources": {"cpu": 0.5, "memory_mib": 512, "gpus": None},
         "target": "gpu",
+        "image": "registry.example.com:5000/team/app:1.2@sha256:" + "a" * 64,
+        "array_size": 10_000,
     }
     assert models.JobSpec.model_validate(data).model_dump() == data
 
@@ -322,6 +326,8 @@ def test_job_to_dict_is_the_client_view() -> None:
         "after": "success",
         "resources": None,
         "target": None,
+        "image": None,
+        "array_size": None,
         "peer": {"uid": 1000, "pid": 77},
         "info": {},
     }

@@ -22,6 +22,7 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
         conn.execute("ALTER TABLE events DROP COLUMN failure")
         conn.execute("DROP INDEX jobs_name")
         conn.execute("ALTER TABLE jobs DROP COLUMN name")
+        conn.execute("DROP TABLE definitions")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
 
@@ -39,9 +40,11 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
         )
         assert (await store.events_since(0))[-1].failure == "user"
         assert [j.id for j in await store.list_jobs(name=job.id)] == [job.id]  # the name index
+        await store.remember_definition("ecs", "d" * 64, "arn:td")  # version 4's table
+        assert await store.definition("ecs", "d" * 64) == "arn:td"
     finally:
         await store.close()
     with sqlite3.connect(settings.path) as conn:
         (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     conn.close()
-    assert int(version) == SCHEMA_VERSION == 3
+    assert int(version) == SCHEMA_VERSION == 4
