@@ -15,8 +15,10 @@ from typing import Any
 import structlog
 
 from orchestrator import __version__, access, errors, events, faults, models, protocol, snapshot
+from orchestrator.backends import base
 from orchestrator.backends.base import Backend
 from orchestrator.dispatcher import Dispatcher
+from orchestrator.engine import arrays
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import JobDefaults
@@ -81,7 +83,7 @@ class Api:
                 case protocol.SubmitMany(jobs=raw):
                     return protocol.reply(rid, results=await self.submit_many(raw, peer))
                 case protocol.Get(job_id=ref, history=history):
-                    job = await self.resolve(ref, peer)
+                    job = await self.resolve(ref, peer, children=True)
                     return protocol.reply(rid, job=await self.get(job, history=history))
                 case protocol.ListJobs() as listing:
                     return await self._list(rid, peer, listing)
@@ -114,8 +116,11 @@ class Api:
                     await self.watch(rid, one, peer, send, since=since)
                 case protocol.Logs(job_id=ref, follow=follow, cursor=cursor, attempt=attempt):
                     resume = None if attempt is None else (attempt, cursor)
-                    job_id = (await self.resolve(ref, peer)).id
-                    await self.logs(rid, job_id, peer, follow, send, resume=resume)
+                    job = await self.resolve(ref, peer, children=True)
+                    if job.info.get("array_child_of") is not None:  # a Batch child: not stored
+                        await self._child_logs(rid, job, peer, follow, send)
+                    else:
+                        await self.logs(rid, job.id, peer, follow, send, resume=resume)
                 case _:
                     raise errors.UnknownOperation(request.op)
         except errors.OrchestratorError as exc:
@@ -139,6 +144,8 @@ class Api:
             since=query.since,
             labels=query.labels,
             target=query.target,
+            id_prefix=None if query.parent is None else f"{query.parent}{arrays.SEPARATOR}",
+            children=query.parent is not None,
         )
         more = len(jobs) > page
         del jobs[page:]
@@ -371,14 +378,17 @@ class Api:
             self._dispatcher.enqueue(job)
         return outcomes
 
-    async def resolve(self, ref: str, peer: models.Peer) -> models.Job:
+    async def resolve(self, ref: str, peer: models.Peer, *, children: bool = False) -> models.Job:
         """The job `ref` names for `peer`, as git and docker allow: by its id, else by a
         prefix of one id (4 characters at least), else by the name of one job — among the jobs
         `peer` may see. `AmbiguousJob` when a prefix or name fits several, `JobNotFound` when
-        none."""
+        none. With `children`, `<id>:<index>` also names a child of a Batch array job, as
+        Batch tells it now (`array_child`)."""
         owner = self._policy.owner(peer)
         with contextlib.suppress(errors.JobNotFound):
             return await self._job(ref, peer)
+        if children and (child := arrays.split(ref)) is not None:
+            return await self.array_child(await self.resolve(child[0], peer), child[1])
         if len(ref) >= _MIN_PREFIX:
             by_id = await self._store.list_jobs(limit=3, peer_uid=owner, id_prefix=ref.lower())
             if len(by_id) == 1:
@@ -396,6 +406,62 @@ class Api:
                     f"several jobs are named {ref!r} ({_some(named)}): name one by its id"
                 )
         raise errors.JobNotFound(ref)
+
+    async def array_child(self, parent: models.Job, index: int) -> models.Job:
+        """Child `index` of a Batch array job, described now: a job of its own for `status`
+        and `logs` (the store keeps the parent only; `info.array_child_of` names it)."""
+        size = parent.spec.array_size
+        backend = self._backends.get(parent.backend)
+        if size is None or arrays.expands(parent) or not isinstance(backend, base.ArrayBackend):
+            raise errors.JobNotFound(arrays.child_id(parent.id, index))
+        if index >= size:
+            raise errors.JobNotFound(
+                f"{arrays.child_id(parent.id, index)} (array job {parent.id} has {size} children)"
+            )
+        try:
+            seen = await backend.describe_child(parent, index)
+        except errors.AwsError as exc:
+            raise errors.BackendUnavailable(f"{parent.backend}: {exc}") from exc
+        info: dict[str, object] = {"array_child_of": parent.id, "array_index": index}
+        return dataclasses.replace(
+            parent,
+            id=arrays.child_id(parent.id, index),
+            spec=parent.spec.model_copy(update={"array_size": None, "name": None}),
+            state=models.JobState.QUEUED if seen is None else seen.state,
+            external_id=None if seen is None else seen.external_id,
+            exit_code=None if seen is None else seen.exit_code,
+            reason=None if seen is None else seen.reason,
+            vendor_status=None if seen is None else seen.vendor_status,
+            info=info if seen is None else {**seen.info, **info},
+        )
+
+    async def _child_logs(
+        self,
+        rid: protocol.RequestId,
+        child: models.Job,
+        peer: models.Peer,
+        follow: bool,
+        send: Send,
+    ) -> None:
+        """A Batch array child's output: its own log stream, read until it has ended (and its
+        last lines have had time to arrive) when following."""
+        backend = self._backends[child.backend]
+        cursor: object = None
+        interval_s = _LOG_FOLLOW_MIN_S
+        while True:
+            page = await backend.read_logs(child, cursor)
+            cursor = page.cursor
+            for chunk in page.chunks:
+                await send(protocol.reply(rid, stream=chunk.stream, data=chunk.data))
+            if page.chunks:
+                continue
+            if not follow or child.state.terminal:
+                break
+            await asyncio.sleep(interval_s)
+            interval_s = min(_LOG_FOLLOW_MAX_S, interval_s * 1.5)
+            parent = await self._job(str(child.info["array_child_of"]), peer)
+            child = await self.array_child(parent, int(child.info["array_index"]))
+        await send(protocol.end(rid, state=child.state.value))
 
     async def _job(self, job_id: str, peer: models.Peer) -> models.Job:
         """The job, if `peer` may see it; to anyone else it does not exist (`not_found`)."""
@@ -421,7 +487,10 @@ class Api:
         except errors.StoreError as exc:
             return await self._cancel_unrecorded(job_id, exc)
         log.info("job.cancel_requested", job_id=job_id, state=job.state.value)
-        self._poller.update(job)
+        if arrays.expands(job) and not job.state.terminal:
+            self._dispatcher.watch_array(job.id)  # its children are stopped with it
+        else:
+            self._poller.update(job)
         return job, True
 
     async def _cancel_unrecorded(

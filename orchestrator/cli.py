@@ -28,6 +28,7 @@ import orjson
 
 from orchestrator import __version__, errors, logs, models, protocol, settings
 from orchestrator.client import RECONNECT_S
+from orchestrator.engine import arrays
 from orchestrator.escaping import safe as _safe
 
 T = TypeVar("T")
@@ -476,6 +477,13 @@ def _override(value: str) -> dict[str, Any]:
 @click.option("--cpu", type=click.FloatRange(min=0, min_open=True), help="vCPUs (ECS, Batch).")
 @click.option("--memory", metavar="SIZE", help="Memory: MiB, or with m/g (512m, 4g).")
 @click.option("--gpus", type=click.IntRange(1, 64), help="GPUs (ECS on EC2, Batch).")
+@click.option("--image", help="Run this container image (ECS, Batch).")
+@click.option(
+    "--array",
+    "array_size",
+    type=click.IntRange(2, 10_000),
+    help="Run N copies, each told its index (ORCHESTRATOR_ARRAY_INDEX).",
+)
 @click.option(
     "--depends-on",
     "depends_on",
@@ -522,6 +530,8 @@ def submit(
     cpu: float | None,
     memory: str | None,
     gpus: int | None,
+    image: str | None,
+    array_size: int | None,
     depends_on: tuple[str, ...],
     after: str | None,
     overrides: tuple[str, ...],
@@ -552,6 +562,8 @@ def submit(
         ("cwd", None if cwd is None else str(cwd.absolute())),
         ("priority", priority),
         ("target", target),
+        ("image", image),
+        ("array_size", array_size),
         ("depends_on", list(depends_on) or None),
         ("after", after),
     )
@@ -712,6 +724,12 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
     if job.get("cwd"):
         _echo(f"{'cwd:':<15}{job['cwd']}")
     _echo(f"{'attempt:':<15}{_attempt(job)} {_show(job.get('external_id'))}")
+    if job.get("image"):
+        _echo(f"{'image:':<15}{job['image']}")
+    if progress := _array_progress(job).strip(" []"):
+        _echo(f"{'array:':<15}{progress} (children: `ls --children {job['id']}`)")
+    if (child := arrays.split(job["id"])) is not None:
+        _echo(f"{'array:':<15}child {child[1]} of {child[0]}")
     for dep in job.get("depends_on") or ():  # what it waits for, and how each stands
         _echo(f"{'after:':<15}{dep} {states.get(dep, '?')} ({job.get('after', 'success')})")
     previous = ((job.get("info") or {}).get("retry") or {}).get("previous")
@@ -772,6 +790,9 @@ def _since(text: str | None) -> float | None:
     "--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="Only jobs so labelled."
 )
 @click.option("--target", help="Only jobs of this target (ECS, Batch).")
+@click.option(
+    "--children", "parent", metavar="ID", help="The child jobs of this array job (ECS, local)."
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--all", "everything", is_flag=True, help="Every matching job (no --limit).")
 @click.option("--cursor", metavar="ID", help="Go on after this job (the cursor `ls` printed).")
@@ -784,6 +805,7 @@ def list_jobs(
     since_text: str | None,
     label_pairs: tuple[str, ...],
     target: str | None,
+    parent: str | None,
     limit: int,
     everything: bool,
     cursor: str | None,
@@ -811,6 +833,7 @@ def list_jobs(
                     since=since,
                     labels=labels,
                     target=target,
+                    parent=parent,
                 )
                 for job in jobs:
                     if as_json:  # one JSON array, written as it streams
@@ -820,7 +843,7 @@ def list_jobs(
                         _echo(
                             f"{job['id']:<26}  {job['state']:<9}  {job['backend']:<7}  "
                             f"{_show(job['exit_code']):>4}  {_age(job['created_at']):>4}  "
-                            f"{job['name']}"
+                            f"{job['name']}{_array_progress(job)}"
                         )
                     first = False
                 if left is not None:
@@ -837,6 +860,14 @@ def list_jobs(
             f"orchestrator: more jobs match: --limit N, --all, or --cursor {more} to go on",
             err=True,
         )
+
+
+def _array_progress(job: Mapping[str, Any]) -> str:
+    """`  [37/100 succeeded, 2 failed]` for an array job, else nothing."""
+    size, counts = job.get("array_size"), job["info"].get("array_status")
+    if not size:
+        return ""
+    return f"  [{arrays.progress(counts or {}, size)}]"
 
 
 def _indent(text: str) -> str:

@@ -397,13 +397,14 @@ class Client:
         since: float | None = None,
         labels: Mapping[str, str] | None = None,
         target: str | None = None,
+        parent: str | None = None,
     ) -> tuple[builtins.list[views.Job], str | None]:
         """One page of jobs, newest first (at most `protocol.MAX_PAGE`), after `cursor` (a
         job id), by state, backend, name glob and acceptance time (Unix); and the cursor of
         the next page (None: this is the last)."""
         given: dict[str, object] = {"state": [*(state or ())], "backend": backend}
         given |= {"cursor": cursor, "name": name, "since": since}
-        given |= {"labels": dict(labels) if labels else None, "target": target}
+        given |= {"labels": dict(labels) if labels else None, "target": target, "parent": parent}
         params = {key: value for key, value in given.items() if value not in (None, [])}
         reply = await self.call("list", limit=min(limit, protocol.MAX_PAGE), **params)
         return cast(builtins.list[views.Job], reply["jobs"]), reply.get("next_cursor")

@@ -239,6 +239,8 @@ class Daemon:
                     self.poller.stop_unrecorded(job.id, job.stop_reason)
             elif step is recovery.Recovery.ENQUEUE:
                 self.dispatcher.enqueue(job)
+            elif step is recovery.Recovery.ARRAY:
+                self.dispatcher.watch_array(job.id)
             else:
                 self.dispatcher.adopt(job)
                 self.poller.track(job)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from orchestrator import backoff, errors, events, faults, models
 from orchestrator.backends.base import Backend
-from orchestrator.engine import dependencies, lanes, starts, tracking
+from orchestrator.engine import arrays, dependencies, lanes, starts, tracking
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
@@ -75,6 +76,8 @@ class Dispatcher:
         # that one ends.
         self._waiting: dict[str, set[str]] = {}
         self._checks: set[asyncio.Task[None]] = set()
+        # Array parents (ECS, local) whose children changed since their state was last judged.
+        self._arrays_changed: set[str] = set()
         hub.listen(self._on_event)
         poller.set_requeue(self.requeue)
 
@@ -98,6 +101,9 @@ class Dispatcher:
         self._to_lane(job)
 
     def _to_lane(self, job: models.Job) -> None:
+        if arrays.expands(job):  # its children go to the lane: it becomes them
+            self._later(self._expand(job), f"expand-{job.id}")
+            return
         due = tracking.retry_due(job)
         if due is not None and due > self._clock() and job.attempt > 0:
             self.requeue(job, due)
@@ -132,15 +138,79 @@ class Dispatcher:
         if event.to_state.terminal:
             for waiting in self._waiting.pop(event.job_id, ()):
                 self._check_later(waiting)
+        if event.from_state is not None and (child := arrays.split(event.job_id)) is not None:
+            self.watch_array(child[0])
+
+    # -- arrays (ECS, local: `engine.arrays`) ----------------------------------------------
+
+    async def _expand(self, job: models.Job) -> None:
+        """The array job becomes its children, which go to their lane."""
+        try:
+            parent, children = await self._store.expand(job.id, arrays.child_specs(job.spec))
+        except errors.StaleState:
+            return  # cancelled meanwhile: that ended it
+        except Exception:
+            log.exception("dispatch.expand_failed", job_id=job.id)
+            return
+        log.info("job.array_expanded", job_id=parent.id, children=len(children))
+        for child in children:
+            self._to_lane(child)
+
+    def watch_array(self, parent_id: str) -> None:
+        """Judge the array parent's state again soon (its children changed, or a restart)."""
+        if parent_id in self._arrays_changed:
+            return  # a judgement is due already: it will see this change too
+        self._arrays_changed.add(parent_id)
+        self._later(self._judge_array(parent_id), f"array-{parent_id}")
+
+    async def _judge_array(self, parent_id: str) -> None:
+        """The parent's state from its children's (`engine.arrays.verdict`), their progress in
+        its `info.array_status`. Changes that come while it runs are seen by the next."""
+        await asyncio.sleep(0)  # a burst of children's events is judged once
+        self._arrays_changed.discard(parent_id)
+        try:
+            parent = await self._store.get(parent_id)
+            if parent.state.terminal or not arrays.expands(parent):
+                return
+            size, children = parent.spec.array_size or 0, f"{parent_id}:"
+            if parent.stop_reason is not None:  # stopped: so is every child that has not ended
+                for child in await self._store.list_jobs(
+                    models.ACTIVE, limit=size, id_prefix=children
+                ):
+                    if child.stop_reason is None:
+                        stopped = await self._store.request_stop(child.id, parent.stop_reason)
+                        self._poller.update(stopped)
+            counts = await self._store.count_children(parent_id)
+            first_failed = None
+            if sum(counts.get(s.value, 0) for s in models.TERMINAL) >= size:
+                ended_badly = models.TERMINAL - {models.JobState.SUCCEEDED}
+                found = await self._store.list_jobs(ended_badly, limit=1, id_prefix=children)
+                first_failed = found[0] if found else None
+            verdict = arrays.verdict(parent, counts, first_failed)
+            info: dict[str, Any] = {"array_status": counts}
+            if verdict.state is None:
+                if parent.info.get("array_status") != counts:
+                    await self._store.observe(parent_id, vendor_status=None, reason=None, info=info)
+                return
+            if verdict.failure is not None:
+                info["failure"] = verdict.failure
+            await self._store.transition(
+                parent_id, parent.state, verdict.state, reason=verdict.reason, info=info
+            )
+        except errors.StaleState:
+            self.watch_array(parent_id)  # changed under us: judge it again
+        except Exception:
+            log.exception("dispatch.array_failed", job_id=parent_id)
+
+    def _later(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     # -- dependencies ----------------------------------------------------------------------
 
     def _check_later(self, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._check_dependencies(job_id), name=f"dependencies-{job_id}"
-        )
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+        self._later(self._check_dependencies(job_id), f"dependencies-{job_id}")
 
     async def _check_dependencies(self, job_id: str) -> None:
         """Launch the job once what it depends on allows (`engine.dependencies.verdict`); end

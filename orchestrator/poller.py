@@ -234,6 +234,8 @@ class Poller:
             return False
         if job.info.get("vendor_attempts") or obs.info.get("vendor_attempts"):
             return False  # retried by the backend itself (Batch's retryStrategy): not twice
+        if job.spec.array_size is not None:
+            return False  # a Batch array: its children were retried one by one, never it all
         policy = retries.policy_of(job)
         failure, exit_code = judgement.failure, obs.exit_code
         if not retries.retried(policy, failure=failure, exit_code=exit_code, attempt=job.attempt):

@@ -62,6 +62,8 @@ class ListJobs(Params):
     since: Annotated[float, pydantic.Field(allow_inf_nan=False)] | None = None  # Unix time
     labels: dict[str, str] | None = None  # jobs with every one of these
     target: Annotated[str, pydantic.Field(min_length=1, max_length=64)] | None = None
+    # The children of this array job (ECS, local) instead: a listing leaves them out otherwise
+    parent: _JobId | None = None
 
     @pydantic.field_validator("since", mode="before")
     @classmethod

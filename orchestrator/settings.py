@@ -286,6 +286,7 @@ class BatchTarget(_Section):
     job_queue: str | None = None
     job_definition: str | None = None
     submit_job_kwargs: _Json | None = None
+    share_identifier: str | None = None
 
 
 class EcsSettings(AwsBackendSettings):
@@ -345,6 +346,9 @@ class EcsSettings(AwsBackendSettings):
 class BatchSettings(AwsBackendSettings):
     job_queue: str | None = None
     job_definition: str | None = None
+    # A fair-share queue's share for this daemon's jobs: sent as `shareIdentifier`, with each
+    # job's priority as `schedulingPriorityOverride` (priority + 1000: 0 to 2000).
+    share_identifier: str | None = None
     max_submit_attempts: _Count = 5
     submit_job_kwargs: _Json = pydantic.Field(default_factory=dict)
     submit_rate_per_s: _Rate = 50.0  # AWS: a fixed 50 SubmitJob calls/s per account

@@ -512,6 +512,38 @@ class InMemoryStore(store.Store):
         self.data.attempts[job_id][-1].outcome = outcome
         return self._commit(requeued, store.job_event(requeued, job.state))
 
+    async def expand(
+        self, parent_id: str, children: Sequence[models.JobSpec]
+    ) -> tuple[models.Job, list[models.Job]]:
+        self._writable()
+        parent = self._job(parent_id)
+        if parent.state != S.QUEUED or parent.launching or parent.stop_reason is not None:
+            raise errors.StaleState(parent_id, S.QUEUED.value, parent.state.value)
+        now = self._clock()
+        made = []
+        for index, spec in enumerate(children):
+            child = models.Job(
+                id=f"{parent_id}:{index}",
+                spec=spec,
+                backend=parent.backend,
+                state=S.QUEUED,
+                created_at=now,
+                updated_at=now,
+                state_times={S.QUEUED.value: now},
+                peer=parent.peer,
+            )
+            self.data.attempts[child.id] = []
+            made.append(self._commit(child, store.job_event(child, None)))
+        parent = self._commit(
+            *self._moved(
+                parent,
+                S.SUBMITTED,
+                reason=f"expanded into {len(made)} child jobs",
+                info={"array_status": {S.QUEUED.value: len(made)}},
+            )
+        )
+        return parent, made
+
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         self._writable()
         job = self._job(job_id)
@@ -561,6 +593,7 @@ class InMemoryStore(store.Store):
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
         target: str | None = None,
+        children: bool = True,
     ) -> list[models.Job]:
         wanted = None if states is None else frozenset(states)
         found = []
@@ -576,6 +609,7 @@ class InMemoryStore(store.Store):
                 and (id_prefix is None or job.id.startswith(id_prefix))
                 and all(job.spec.labels.get(k) == v for k, v in (labels or {}).items())
                 and (target is None or job.spec.target == target)
+                and (children or ":" not in job.id)
             ):
                 found.append(job)
                 if len(found) >= limit:
@@ -630,6 +664,14 @@ class InMemoryStore(store.Store):
             }
             for a in self.data.attempts.get(job_id, ())
         ]
+
+    async def count_children(self, parent_id: str) -> dict[str, int]:
+        prefix = f"{parent_id}:"
+        return dict(
+            collections.Counter(
+                job.state.value for job in self._jobs().values() if job.id.startswith(prefix)
+            )
+        )
 
     async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
         counts = collections.Counter(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from orchestrator import errors, models
 
@@ -156,3 +156,10 @@ class Backend(Protocol):
         """Whether this configuration can run jobs (`orchestrator check`), one `Check` per thing
         that must hold, each named `<backend>.<what>`. Finds and changes nothing a job would
         notice; needs no `start()` (clients it needs are started here, released by `close()`)."""
+
+
+@runtime_checkable
+class ArrayBackend(Protocol):
+    """A backend that runs array jobs itself (Batch): its children are described on demand."""
+
+    async def describe_child(self, parent: models.Job, index: int) -> Observation | None: ...

@@ -26,6 +26,7 @@ from orchestrator.backends.aws_base import (
     read_cloudwatch,
     start_outcome,
 )
+from orchestrator.engine import retries
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import BatchSettings
 
@@ -241,6 +242,14 @@ class BatchBackend(AwsBackendBase):
         kwargs = aws_kwargs.merge_kwargs(
             kwargs, aws_kwargs.normalise(job.spec.overrides, operation.input_shape)
         )
+        if job.spec.array_size is not None:
+            kwargs["arrayProperties"] = {"size": job.spec.array_size}
+            if "retryStrategy" not in kwargs:  # retries per child are Batch's: the policy's
+                kwargs["retryStrategy"] = array_retry_strategy(retries.policy_of(job))
+        settings = pick_target(self._targets, job.spec.target, "Batch")
+        if settings.share_identifier is not None:  # a fair-share queue
+            kwargs.setdefault("shareIdentifier", settings.share_identifier)
+            kwargs.setdefault("schedulingPriorityOverride", job.spec.priority - models.MIN_PRIORITY)
         tags = {
             k: v for k, v in (kwargs.get("tags") or {}).items() if not k.startswith("orchestrator:")
         }
@@ -310,8 +319,14 @@ class BatchBackend(AwsBackendBase):
             info["log_group"] = group
         if isinstance(stopped_at := detail.get("stoppedAt"), int):
             info["finished_at"] = stopped_at / 1000  # Batch: epoch milliseconds
-        if summary := (detail.get("arrayProperties") or {}).get("statusSummary"):
+        array = detail.get("arrayProperties") or {}
+        if summary := array.get("statusSummary"):
             info["array_status"] = summary
+            size = array.get("size")
+            ended = summary.get("SUCCEEDED", 0) + summary.get("FAILED", 0)
+            if not state.terminal and isinstance(size, int) and size and ended >= size:
+                # Every child has ended: so has the parent (Batch says so too, a little later).
+                state = S.SUCCEEDED if summary.get("SUCCEEDED", 0) == size else S.FAILED
         if attempts := _own_attempts(detail):  # the job's strategy, or its definition's
             info["vendor_attempts"] = attempts
         reason = (
@@ -322,6 +337,8 @@ class BatchBackend(AwsBackendBase):
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
         if state == S.SUCCEEDED:
             reason = None
+        elif summary and state == S.FAILED and not reason:
+            reason = f"{summary.get('FAILED', 0)} of {array.get('size')} child jobs failed"
         classified = failures.batch_job(detail) if state == S.FAILED else None
         return base.Observation(
             detail["jobId"],
@@ -332,6 +349,16 @@ class BatchBackend(AwsBackendBase):
             info=info,
             failure=None if classified is None else classified.failure,
         )
+
+    async def describe_child(self, parent: models.Job, index: int) -> base.Observation | None:
+        """Child `index` of an array job as Batch tells it now (None: not submitted yet, or
+        Batch does not know it)."""
+        if parent.external_id is None:
+            return None
+        child = f"{parent.external_id}:{index}"
+        reply = await self.api.call("DescribeJobs", Priority.NORMAL, jobs=[child])
+        found = [d for d in reply.get("jobs", []) if d.get("jobId") == child]
+        return self._observe(found[0]) if found else None
 
     # -- stop, locate ----------------------------------------------------------------------
 
@@ -356,7 +383,11 @@ class BatchBackend(AwsBackendBase):
         }
         while True:
             reply = await self.api.call("ListJobs", Priority.NORMAL, **kwargs)
-            summaries += [s for s in reply.get("jobSummaryList", []) if s.get("jobName") == name]
+            summaries += [  # an array's children carry its name: they are not other attempts
+                s
+                for s in reply.get("jobSummaryList", [])
+                if s.get("jobName") == name and ":" not in str(s.get("jobId", ""))
+            ]
             if not (token := reply.get("nextToken")):
                 break
             kwargs["nextToken"] = token
@@ -393,6 +424,20 @@ class BatchBackend(AwsBackendBase):
             return base.LogPage([], cursor)  # not started yet; a follower asks again
         group = str(job.info.get("log_group") or DEFAULT_LOG_GROUP)
         return await read_cloudwatch(self.logs, group, str(stream), cursor)
+
+
+def array_retry_strategy(policy: retries.Policy) -> dict[str, Any]:
+    """The daemon's retry policy as Batch's own `retryStrategy`, for an array job, whose
+    children Batch retries one by one: the listed exit codes and, when `infrastructure` is
+    retried, a lost host (AWS's "Host EC2*" status reason: Spot reclaimed, instance gone); any
+    other end is final. `start` failures are the daemon's (before Batch has the job)."""
+    conditions: list[dict[str, str]] = [
+        {"onExitCode": str(code), "action": "RETRY"} for code in sorted(policy.exit_codes)
+    ]
+    if "infrastructure" in policy.on:
+        conditions.append({"onStatusReason": "Host EC2*", "action": "RETRY"})
+    conditions.append({"onReason": "*", "action": "EXIT"})
+    return {"attempts": min(policy.attempts, 10), "evaluateOnExit": conditions}
 
 
 def _own_attempts(job: Mapping[str, Any]) -> int | None:

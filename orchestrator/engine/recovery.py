@@ -6,6 +6,7 @@ import enum
 from collections.abc import Collection
 
 from orchestrator import models
+from orchestrator.engine import arrays
 
 
 class Recovery(enum.Enum):
@@ -14,6 +15,7 @@ class Recovery(enum.Enum):
     STOP = "stop"  # queued with a stop recorded but not carried out: carry it out now
     ENQUEUE = "enqueue"  # queued: to its lane
     TRACK = "track"  # launched: counted in its lane's flight, tracked by the poller
+    ARRAY = "array"  # an array parent expanded into its children: follows them
 
 
 def recover(job: models.Job, backends: Collection[str]) -> Recovery:
@@ -24,4 +26,6 @@ def recover(job: models.Job, backends: Collection[str]) -> Recovery:
         return Recovery.SETTLE
     if job.state == models.JobState.QUEUED:
         return Recovery.ENQUEUE if job.stop_reason is None else Recovery.STOP
+    if arrays.expands(job):
+        return Recovery.ARRAY
     return Recovery.TRACK

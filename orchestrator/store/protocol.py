@@ -263,6 +263,15 @@ class Store(Protocol):
         `expected` or is asked to stop; `IllegalTransition` from QUEUED or a terminal state."""
         ...
 
+    async def expand(
+        self, parent_id: str, children: Sequence[models.JobSpec]
+    ) -> tuple[models.Job, list[models.Job]]:
+        """An array job becomes its children (`engine.arrays`), all or nothing: new QUEUED jobs
+        `<parent_id>:<index>` of the parent's backend and submitter, with their events, and the
+        parent moved to SUBMITTED with its event. Returns the parent and its children.
+        `StaleState` unless the parent is QUEUED, not launching and not asked to stop."""
+        ...
+
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         """Durably ask for a job to stop. A job no backend has seen yet (QUEUED, not
         launching) ends here at once; any other unfinished job keeps its state, and the
@@ -292,8 +301,10 @@ class Store(Protocol):
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
         target: str | None = None,
+        children: bool = True,
     ) -> list[models.Job]:
-        """At most `limit` jobs, newest first (by id); with `before` (a job id: the cursor),
+        """At most `limit` jobs, newest first (by id); without `children`, not the children of
+        array jobs (`<parent>:<index>`); with `before` (a job id: the cursor),
         only the jobs older than that one; with `peer_uid`, only the jobs that uid submitted
         (a job with no recorded submitter is nobody's); with `name`, only those whose name
         matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its
@@ -330,6 +341,10 @@ class Store(Protocol):
     async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
         """Jobs by state (a state with no jobs is absent): all of them, or those `peer_uid`
         submitted."""
+        ...
+
+    async def count_children(self, parent_id: str) -> dict[str, int]:
+        """An array job's children (`Store.expand`) by state (a state with none is absent)."""
         ...
 
     # -- what the backends remember (`backends.definitions.Memory`) ------------------------

@@ -107,7 +107,7 @@ class NewJobs:
         self.accepted: list[models.Event] = []  # written so far, with their `seq`, in order
 
     def add(
-        self, spec: models.JobSpec, backend: str, spec_json: bytes
+        self, spec: models.JobSpec, backend: str, spec_json: bytes, job_id: str | None = None
     ) -> tuple[models.Job, models.Event | None]:
         """The new job and its acceptance event, or the existing job (and no event) that the
         spec's idempotency key already names. A conflict raises before anything is written."""
@@ -118,7 +118,7 @@ class NewJobs:
                 return existing, None
         now = self._now
         job = models.Job(
-            id=models.new_job_id(now),
+            id=job_id or models.new_job_id(now),
             spec=spec,
             backend=backend,
             state=models.JobState.QUEUED,

@@ -271,6 +271,40 @@ class SqliteStore(Store):
 
         return await self._io.write(op)
 
+    async def expand(
+        self, parent_id: str, children: Sequence[models.JobSpec]
+    ) -> tuple[models.Job, list[models.Job]]:
+        now = self._clock()
+        encoded = [spec.model_dump_json(exclude_defaults=True).encode() for spec in children]
+
+        def op(
+            conn: sqlite3.Connection,
+        ) -> tuple[tuple[models.Job, list[models.Job]], list[models.Event]]:
+            parent = rows.fetch(conn, parent_id)
+            if (
+                parent.state != models.JobState.QUEUED
+                or parent.launching
+                or parent.stop_reason is not None
+            ):
+                raise errors.StaleState(parent_id, "QUEUED", parent.state.value)
+            new_jobs = rows.NewJobs(conn, parent.peer, now)
+            made = [
+                new_jobs.add(spec, parent.backend, data, f"{parent_id}:{index}")[0]
+                for index, (spec, data) in enumerate(zip(children, encoded, strict=True))
+            ]
+            new_jobs.flush()
+            parent, moved = rows.apply(
+                conn,
+                parent,
+                models.JobState.SUBMITTED,
+                now,
+                reason=f"expanded into {len(made)} child jobs",
+                info={"array_status": {models.JobState.QUEUED.value: len(made)}},
+            )
+            return (parent, made), [*new_jobs.accepted, *moved]
+
+        return await self._io.write(op)
+
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         def op(conn: sqlite3.Connection) -> _Written:
             job = rows.fetch(conn, job_id)
@@ -377,8 +411,9 @@ class SqliteStore(Store):
         id_prefix: str | None = None,
         labels: Mapping[str, str] | None = None,
         target: str | None = None,
+        children: bool = True,
     ) -> list[models.Job]:
-        clauses: list[str] = []
+        clauses: list[str] = [] if children else ["instr(id, ':') = 0"]
         args: list[object] = []
         if target is not None:
             clauses.append("json_extract(CAST(spec AS TEXT), '$.target') = ?")
@@ -496,6 +531,11 @@ class SqliteStore(Store):
             return None, []
 
         await self._io.write(op)
+
+    async def count_children(self, parent_id: str) -> dict[str, int]:
+        sql = "SELECT state, count(*) FROM jobs WHERE id > ? AND id < ? GROUP BY state"
+        bounds = (f"{parent_id}:", f"{parent_id};")  # the primary key's range: ';' follows ':'
+        return await self._io.read(lambda conn: dict(conn.execute(sql, bounds).fetchall()))
 
     async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
         where, args = ("", ()) if peer_uid is None else ("WHERE peer_uid = ? ", (peer_uid,))
