@@ -995,6 +995,44 @@ async def purge_goes_in_slices(h: Harness) -> None:
 
 
 @case
+async def an_array_expands_into_its_children_all_at_once_with_their_events(h: Harness) -> None:
+    parent = await h.accept(_spec(array_size=3))
+    other = await h.accept()
+    children_specs = [_spec(env={"I": str(i)}) for i in range(3)]
+    before = len(h.published)
+    moved, children = await h.store.expand(parent.id, children_specs)
+    assert (moved.state, moved.info["array_status"]) == (S.SUBMITTED, {"QUEUED": 3})
+    assert [c.id for c in children] == [f"{parent.id}:{i}" for i in range(3)]
+    assert {(c.state, c.backend, c.peer) for c in children} == {(S.QUEUED, "local", PEER_A)}
+    assert [c.spec for c in children] == children_specs
+    published = h.published[before:]
+    assert [(e.job_id, e.from_state, e.to_state) for e in published] == [
+        *((c.id, None, S.QUEUED) for c in children),
+        (parent.id, S.QUEUED, S.SUBMITTED),
+    ]
+    assert [e.seq for e in published] == sorted(e.seq for e in published)
+    with pytest.raises(errors.StaleState):  # once only
+        await h.store.expand(parent.id, children_specs)
+    stopped = await h.accept(_spec(array_size=2))
+    await h.store.request_stop(stopped.id, "cancel")
+    with pytest.raises(errors.StaleState):  # not once stopped
+        await h.store.expand(stopped.id, children_specs[:2])
+    assert await h.store.count_children(stopped.id) == {}
+
+    await h.store.begin_attempt(children[0].id)
+    await h.store.record_submitted(children[0].id, external_id="t0", state=S.RUNNING)
+    await h.store.request_stop(children[1].id, "cancel")
+    assert await h.store.count_children(parent.id) == {"RUNNING": 1, "CANCELLED": 1, "QUEUED": 1}
+    assert await h.store.count_children(other.id) == {}
+    listed = [j.id for j in await h.store.list_jobs(children=False)]
+    assert listed == [stopped.id, other.id, parent.id]  # children left out
+    mine = await h.store.list_jobs(id_prefix=f"{parent.id}:")
+    assert sorted(j.id for j in mine) == [c.id for c in children]
+    assert (await h.restart()) is h.store
+    assert await h.store.get(children[2].id) == children[2]
+
+
+@case
 async def definitions_are_remembered_per_backend_across_restarts_and_purges(h: Harness) -> None:
     digest = "ab" * 32
     assert await h.store.definition("ecs", digest) is None

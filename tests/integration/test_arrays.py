@@ -72,8 +72,8 @@ async def test_a_failing_child_fails_the_parent_with_its_class_after_all_have_en
         child = await client.get(f"{parent['id']}:3")
     assert (final["state"], final["failure"]) == ("FAILED", "user")
     assert final["info"]["array_status"] == {"SUCCEEDED": 5, "FAILED": 1}
-    assert final["reason"].startswith("5/6 succeeded, 1 failed; first: ")
-    assert f"{parent['id']}:3 FAILED (exit code 4)" in final["reason"]
+    assert str(final["reason"]).startswith("5/6 succeeded, 1 failed; first: ")
+    assert f"{parent['id']}:3 FAILED (exit code 4)" in str(final["reason"])
     assert (child["state"], child["exit_code"]) == ("FAILED", 4)
     assert len(list(out.iterdir())) == 6  # the others all ran
 
