@@ -117,6 +117,11 @@ class Api:
                 case protocol.Logs(job_id=ref, follow=follow, cursor=cursor, attempt=attempt):
                     resume = None if attempt is None else (attempt, cursor)
                     job = await self.resolve(ref, peer, children=True)
+                    if arrays.expands(job):
+                        raise errors.InvalidRequest(
+                            f"{job.id} is an array job: the output is its children's "
+                            f"(`logs {job.id}:<index>`, `ls --children {job.id}`)"
+                        )
                     if job.info.get("array_child_of") is not None:  # a Batch child: not stored
                         await self._child_logs(rid, job, peer, follow, send)
                     else:
@@ -387,8 +392,16 @@ class Api:
         owner = self._policy.owner(peer)
         with contextlib.suppress(errors.JobNotFound):
             return await self._job(ref, peer)
-        if children and (child := arrays.split(ref)) is not None:
-            return await self.array_child(await self.resolve(child[0], peer), child[1])
+        if (child := arrays.split(ref)) is not None:
+            parent = await self.resolve(child[0], peer)
+            if children:
+                return await self.array_child(parent, child[1])
+            if parent.spec.array_size is not None and not arrays.expands(parent):
+                raise errors.InvalidRequest(
+                    f"{ref} is a child of the {parent.backend} array job {parent.id}: `status` "
+                    f"and `logs` show it; wait for, cancel or depend on the whole array"
+                )
+            raise errors.JobNotFound(ref)
         if len(ref) >= _MIN_PREFIX:
             by_id = await self._store.list_jobs(limit=3, peer_uid=owner, id_prefix=ref.lower())
             if len(by_id) == 1:
@@ -472,9 +485,10 @@ class Api:
     async def get(self, job: models.Job, *, history: bool) -> dict[str, object]:
         """A job the peer may see (`resolve` found it), with its history if asked."""
         out = job.to_dict()
-        if history:
+        if history and job.info.get("array_child_of") is None:  # a Batch child has none stored
             out["history"] = await self._store.history(job.id)
             out["attempts"] = await self._store.attempts(job.id)
+            out["dependents"] = await self._store.dependents(job.id)
         return out
 
     async def cancel(self, job_id: str) -> tuple[models.Job, bool]:

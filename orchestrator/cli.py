@@ -698,7 +698,8 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
         async with _client(socket_path) as client:
             job: dict[str, Any] = await client.get(job_id, history=True)
             states = {}
-            for dep in job.get("depends_on") or () if not as_json else ():
+            around = [*job.get("depends_on", ()), *job.get("dependents", ())]
+            for dep in around if not as_json else ():
                 try:
                     states[dep] = (await client.get(dep))["state"]
                 except errors.RemoteError:  # purged, or not this user's to see
@@ -732,6 +733,8 @@ def status(socket_path: Path | None, as_json: bool, job_id: str) -> None:
         _echo(f"{'array:':<15}child {child[1]} of {child[0]}")
     for dep in job.get("depends_on") or ():  # what it waits for, and how each stands
         _echo(f"{'after:':<15}{dep} {states.get(dep, '?')} ({job.get('after', 'success')})")
+    for dependent in job.get("dependents") or ():  # what waits for it
+        _echo(f"{'needed by:':<15}{dependent} {states.get(dependent, '?')}")
     previous = ((job.get("info") or {}).get("retry") or {}).get("previous")
     if isinstance(previous, dict):
         said = previous.get("reason")

@@ -149,8 +149,9 @@ class Dispatcher:
             parent, children = await self._store.expand(job.id, arrays.child_specs(job.spec))
         except errors.StaleState:
             return  # cancelled meanwhile: that ended it
-        except Exception:
+        except Exception:  # the store cannot write now: try again later (it stays QUEUED)
             log.exception("dispatch.expand_failed", job_id=job.id)
+            asyncio.get_running_loop().call_later(self._settings.retry_cap_s, self._to_lane, job)
             return
         log.info("job.array_expanded", job_id=parent.id, children=len(children))
         for child in children:

@@ -665,6 +665,12 @@ class InMemoryStore(store.Store):
             for a in self.data.attempts.get(job_id, ())
         ]
 
+    async def dependents(self, job_id: str) -> list[str]:
+        jobs = self._jobs()
+        if job_id not in jobs:
+            return []
+        return sorted(j.id for j in jobs.values() if job_id in j.spec.depends_on)
+
     async def count_children(self, parent_id: str) -> dict[str, int]:
         prefix = f"{parent_id}:"
         return dict(

@@ -64,6 +64,7 @@ class Job(TypedDict):
     info: dict[str, Any]
     history: NotRequired[list[HistoryEntry]]  # `get(history=True)`
     attempts: NotRequired[list[AttemptEntry]]
+    dependents: NotRequired[list[str]]  # with `history`: the jobs that depend on this one
 
 
 # One committed state change (`watch`); "from" (None for the acceptance) is a keyword, hence

@@ -1033,6 +1033,34 @@ async def an_array_expands_into_its_children_all_at_once_with_their_events(h: Ha
 
 
 @case
+async def dependents_are_found_backwards_until_purged(h: Harness) -> None:
+    first, other = await h.accept(), await h.accept()
+    (a, _), (b, _) = (
+        _accepted(o)
+        for o in await h.store.accept_many(
+            [
+                (_spec(depends_on=[first.id]), "local"),
+                (_spec(depends_on=[first.id, other.id]), "local"),
+            ],
+            PEER_A,
+        )
+    )
+    assert await h.store.dependents(first.id) == sorted([a.id, b.id])
+    assert await h.store.dependents(other.id) == [b.id]
+    assert await h.store.dependents(a.id) == []
+    await h.restart()
+    assert await h.store.dependents(first.id) == sorted([a.id, b.id])
+    await h.store.request_stop(a.id, "cancel")
+    h.clock.advance()
+    assert await h.store.purge(h.clock.now) == [a.id]
+    assert await h.store.dependents(first.id) == [b.id]
+    await h.store.request_stop(other.id, "cancel")
+    h.clock.advance()
+    assert await h.store.purge(h.clock.now) == [other.id]
+    assert await h.store.dependents(other.id) == []
+
+
+@case
 async def definitions_are_remembered_per_backend_across_restarts_and_purges(h: Harness) -> None:
     digest = "ab" * 32
     assert await h.store.definition("ecs", digest) is None

@@ -343,6 +343,11 @@ class Store(Protocol):
         submitted."""
         ...
 
+    async def dependents(self, job_id: str) -> list[str]:
+        """The ids of the jobs that name this one in `depends_on`, oldest first (none once
+        either is purged)."""
+        ...
+
     async def count_children(self, parent_id: str) -> dict[str, int]:
         """An array job's children (`Store.expand`) by state (a state with none is absent)."""
         ...

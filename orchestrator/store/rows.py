@@ -25,6 +25,7 @@ _INSERT_EVENT = (
     "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code, failure) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_DEPENDENCY = "INSERT OR IGNORE INTO dependencies (depends_on, job_id) VALUES (?, ?)"
 _INSERT_JOB = (
     "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
     "peer_pid, created_at, updated_at, state_times, info) "
@@ -104,6 +105,7 @@ class NewJobs:
         self._state_times = orjson.dumps({models.JobState.QUEUED.value: now})
         self._jobs: list[tuple[Any, ...]] = []
         self._events: list[models.Event] = []
+        self._dependencies: list[tuple[str, str]] = []  # (the job waited for, the job waiting)
         self.accepted: list[models.Event] = []  # written so far, with their `seq`, in order
 
     def add(
@@ -142,12 +144,16 @@ class NewJobs:
             )
         )
         self._events.append(accepted)
+        self._dependencies += [(dep, job.id) for dep in spec.depends_on]
         return job, accepted
 
     def flush(self) -> None:
         if self._jobs:
             self._conn.executemany(_INSERT_JOB, self._jobs)
             self._conn.executemany(_INSERT_EVENT, [_event_row(e) for e in self._events])
+            if self._dependencies:
+                self._conn.executemany(_INSERT_DEPENDENCY, self._dependencies)
+                self._dependencies.clear()
             # One writer, one transaction: the rows just written took the keys right below
             # the last one, in order.
             (last,) = self._conn.execute("SELECT last_insert_rowid()").fetchone()

@@ -31,6 +31,12 @@ _DEFINITIONS = """CREATE TABLE IF NOT EXISTS definitions (
     created_at REAL NOT NULL,
     PRIMARY KEY (backend, digest)
 ) STRICT, WITHOUT ROWID"""
+_DEPENDENCIES = """CREATE TABLE IF NOT EXISTS dependencies (
+    depends_on TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (depends_on, job_id)
+) STRICT, WITHOUT ROWID"""
+_DEPENDENCIES_INDEX = "CREATE INDEX IF NOT EXISTS dependencies_job ON dependencies(job_id)"
 # What each version added, applied in order to a store written by an older one (in one
 # transaction, after the integrity check): version → its statements.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -39,7 +45,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE jobs ADD COLUMN name TEXT GENERATED ALWAYS AS ({_NAME_SQL}) VIRTUAL",
         "CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name)",
     ),
-    4: (_DEFINITIONS,),  # the definitions jobs' images run under (`backends.definitions`)
+    4: (
+        _DEFINITIONS,  # the definitions jobs' images run under (`backends.definitions`)
+        _DEPENDENCIES,  # who waits for whom, read backwards (`status`: the jobs it is needed by)
+        _DEPENDENCIES_INDEX,
+        "INSERT OR IGNORE INTO dependencies (depends_on, job_id) SELECT d.value, jobs.id "
+        "FROM jobs, json_each(CAST(jobs.spec AS TEXT), '$.depends_on') AS d",
+    ),
 }
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(models.TERMINAL))
@@ -93,6 +105,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (job_id, attempt)
 ) STRICT, WITHOUT ROWID;
 {_DEFINITIONS};
+{_DEPENDENCIES};
+{_DEPENDENCIES_INDEX};
 """
 
 

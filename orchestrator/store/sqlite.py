@@ -337,7 +337,13 @@ class SqliteStore(Store):
                     (older_than, PURGE_SLICE),
                 )
             ]
-            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+            for table, column in (
+                ("events", "job_id"),
+                ("attempts", "job_id"),
+                ("dependencies", "job_id"),
+                ("dependencies", "depends_on"),
+                ("jobs", "id"),
+            ):
                 conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
             return ids, []
 
@@ -531,6 +537,10 @@ class SqliteStore(Store):
             return None, []
 
         await self._io.write(op)
+
+    async def dependents(self, job_id: str) -> list[str]:
+        sql = "SELECT job_id FROM dependencies WHERE depends_on = ? ORDER BY job_id"
+        return await self._io.read(lambda conn: [r[0] for r in conn.execute(sql, (job_id,))])
 
     async def count_children(self, parent_id: str) -> dict[str, int]:
         sql = "SELECT state, count(*) FROM jobs WHERE id > ? AND id < ? GROUP BY state"

@@ -78,6 +78,20 @@ async def test_a_failing_child_fails_the_parent_with_its_class_after_all_have_en
     assert len(list(out.iterdir())) == 6  # the others all ran
 
 
+async def test_logs_are_each_childs_and_the_parent_says_so(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        parent = await client.submit(
+            {"command": ["sh", "-c", "echo child $ORCHESTRATOR_ARRAY_INDEX"], "array_size": 3}
+        )
+        await client.wait(parent["id"])
+        second = [line async for line in client.logs(f"{parent['id']}:2")]
+        with pytest.raises(InvalidRequest) as refused:
+            _ = [line async for line in client.logs(parent["id"])]
+    assert "".join(chunk.get("data", "") for chunk in second) == "child 2\n"
+    assert second[-1]["end"]
+    assert f"logs {parent['id']}:<index>" in str(refused.value)
+
+
 async def test_retries_apply_per_child(short_tmp: Path) -> None:
     marks = short_tmp / "marks"
     marks.mkdir()
@@ -225,6 +239,10 @@ async def test_a_batch_array_of_1000_is_one_submit_tracked_through_its_parent(
         child = await client.get(f"{parent['id']}:999")
         with pytest.raises(NotFound):
             await client.get(f"{parent['id']}:1000")
+        for op in ("cancel", "wait"):  # a Batch child is Batch's: the whole array is ours
+            with pytest.raises(InvalidRequest) as refused:
+                await client.call(op, job_id=f"{parent['id']}:3")
+            assert f"is a child of the batch array job {parent['id']}" in str(refused.value)
     (submit,) = fault_proxy.requests("batch", "SubmitJob")
     kwargs = submit.json()
     assert kwargs["arrayProperties"] == {"size": 1000}

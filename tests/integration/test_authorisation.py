@@ -328,3 +328,31 @@ async def test_another_users_job_cannot_be_named_by_prefix_or_name_nor_depended_
             assert (await a.call("get", job_id=ref))["job"]["id"] == mine["id"]
         listed = await b.call("list", name="a-*")
         assert listed["jobs"] == []
+
+
+@needs_root
+async def test_another_users_array_and_its_children_are_as_absent_as_any_job(
+    daemon_for_peers: tuple[Path, FakeBackend],
+) -> None:
+    """An array's children are their submitter's, as the array is: another user can neither
+    see, list, cancel nor depend on them, by any name; the owner can."""
+    path, _ = daemon_for_peers
+    async with PeerClient(A, path) as a, PeerClient(B, path) as b:
+        parent = (await a.call("submit", job={"command": ["true"], "array_size": 3}))["job"]
+        child = f"{parent['id']}:1"
+        for _ in range(200):  # expanded once it may start
+            if (await a.call("get", job_id=parent["id"]))["job"]["state"] != "QUEUED":
+                break
+            await asyncio.sleep(0.02)
+        for op, params in (
+            ("get", {"job_id": child}),
+            ("cancel", {"job_id": child}),
+            ("get", {"job_id": f"{parent['id']}:9"}),
+        ):
+            refused = await b.call(op, **params)
+            assert (refused["ok"], refused["code"]) == (False, "not_found"), refused
+        assert (await b.call("list", parent=parent["id"]))["jobs"] == []
+        after = await b.call("submit", job={"command": ["true"], "depends_on": [child]})
+        assert after["code"] == "invalid_job"
+        assert (await a.call("get", job_id=child))["job"]["id"] == child
+        assert len((await a.call("list", parent=parent["id"]))["jobs"]) == 3

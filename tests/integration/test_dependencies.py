@@ -188,4 +188,6 @@ def test_the_cli_submits_after_a_job_by_name_and_status_shows_how_it_stands(
     assert then.returncode == 0, then.stderr
     shown = cli("status", then.stdout.strip())
     assert f"{'after:':<15}{first.stdout.strip()} SUCCEEDED (success)" in shown.stdout.splitlines()
+    upstream = cli("status", "extract").stdout.splitlines()  # the graph, seen from above
+    assert f"{'needed by:':<15}{then.stdout.strip()} SUCCEEDED" in upstream
     assert ran(log) == ["1", "2"]

@@ -17,12 +17,17 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
     (outcome,) = await store.accept_many([(models.JobSpec(command=["true"]), "local")], None)
     assert isinstance(outcome, tuple)
     job = outcome[0]
+    (waiting,) = await store.accept_many(
+        [(models.JobSpec(command=["true"], depends_on=[job.id]), "local")], None
+    )
+    assert isinstance(waiting, tuple)
     await store.close()
     with sqlite3.connect(settings.path) as conn:  # as version 1 wrote it
         conn.execute("ALTER TABLE events DROP COLUMN failure")
         conn.execute("DROP INDEX jobs_name")
         conn.execute("ALTER TABLE jobs DROP COLUMN name")
         conn.execute("DROP TABLE definitions")
+        conn.execute("DROP TABLE dependencies")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
 
@@ -30,7 +35,7 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
     await store.open()
     try:
         assert await store.get(job.id) == job
-        (accepted,) = await store.events_since(0)
+        accepted, _ = await store.events_since(0)
         assert (accepted.job_id, accepted.to_state, accepted.failure) == (job.id, "QUEUED", None)
         begun = await store.begin_attempt(job.id)
         assert begun is not None
@@ -42,6 +47,7 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
         assert [j.id for j in await store.list_jobs(name=job.id)] == [job.id]  # the name index
         await store.remember_definition("ecs", "d" * 64, "arn:td")  # version 4's table
         assert await store.definition("ecs", "d" * 64) == "arn:td"
+        assert await store.dependents(job.id) == [waiting[0].id]  # filled in from the specs
     finally:
         await store.close()
     with sqlite3.connect(settings.path) as conn:

@@ -25,7 +25,7 @@ def required(typed: object) -> set[str]:
 def test_a_job_view_has_the_keys_of_a_job() -> None:
     sent = make_job().to_dict()
     assert required(views.Job) == set(sent)
-    assert keys(views.Job) == set(sent) | {"history", "attempts"}
+    assert keys(views.Job) == set(sent) | {"history", "attempts", "dependents"}
 
 
 def test_an_event_view_has_the_keys_of_an_event() -> None:
