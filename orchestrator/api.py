@@ -372,6 +372,7 @@ class Api:
             if isinstance(outcome, errors.OrchestratorError) or not outcome[1]:
                 continue
             job = outcome[0]
+            spec = job.spec
             log.info(
                 "job.accepted",
                 job_id=job.id,
@@ -379,6 +380,8 @@ class Api:
                 name=job.name,
                 peer_uid=peer.uid,
                 peer_pid=peer.pid,
+                **({"image": spec.image} if spec.image else {}),
+                **({"array_size": spec.array_size} if spec.array_size else {}),
             )
             self._dispatcher.enqueue(job)
         return outcomes

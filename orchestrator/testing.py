@@ -717,12 +717,20 @@ class FakeDefinitionVendor:
         self.registered: list[dict[str, Any]] = []
         self.in_aws: dict[str, tuple[str, str]] = {}  # name → (digest, arn)
         self.finds = 0
+        self.inactive: set[str] = set()  # ARNs deregistered
+        self.base_reads = 0
+        self.base_memory = "512"
         self.fail: Exception | None = None
         self.gate = asyncio.Event()
         self.gate.set()
 
     async def base_definition(self, target: str | None) -> dict[str, Any]:
-        return {"family": f"app-{target or 'default'}", "containerDefinitions": [{"name": "main"}]}
+        self.base_reads += 1
+        return {
+            "family": f"app-{target or 'default'}",
+            "containerDefinitions": [{"name": "main"}],
+            "memory": self.base_memory,  # change it to stand for a new revision
+        }
 
     def with_image(self, base: Mapping[str, Any], image: str) -> dict[str, Any]:
         return {**base, "containerDefinitions": [{"name": "main", "image": image}]}
@@ -730,13 +738,19 @@ class FakeDefinitionVendor:
     async def find(self, name: str, digest: str) -> str | None:
         self.finds += 1
         found = self.in_aws.get(name)
-        return found[1] if found is not None and found[0] == digest else None
+        if found is None or found[0] != digest or found[1] in self.inactive:
+            return None
+        return found[1]
+
+    async def active(self, arn: str) -> bool:
+        return arn not in self.inactive
 
     async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
         self.registered.append(dict(kwargs))
-        arn = f"arn:td/{kwargs['family']}:1"
+        revision = sum(r["family"] == kwargs["family"] for r in self.registered)
+        arn = f"arn:td/{kwargs['family']}:{revision}"
         self.in_aws[kwargs["family"]] = (digest, arn)
         return arn

@@ -276,8 +276,13 @@ class BatchBackend(AwsBackendBase):
             kwargs = self.submit_job_kwargs(job, arn)
         except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
             raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
-        with start_outcome():
-            reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
+        try:
+            with start_outcome():
+                reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
+        except errors.StartFailed as exc:
+            if arn is not None and not exc.retryable:  # deregistered meanwhile? look again
+                self.definitions.forget(arn)
+            raise
         return base.Submitted(
             external_id=reply["jobId"],
             state=S.SUBMITTED,
@@ -498,6 +503,12 @@ class _Definitions:
         if not tagged:
             return None
         return str(max(tagged, key=lambda d: d.get("revision", 0))["jobDefinitionArn"])
+
+    async def active(self, arn: str) -> bool:
+        reply = await self._backend.api.call(
+            "DescribeJobDefinitions", Priority.NORMAL, jobDefinitions=[arn]
+        )
+        return any(d.get("status") == "ACTIVE" for d in reply.get("jobDefinitions") or [])
 
     async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
         reply = await self._backend.api.call(

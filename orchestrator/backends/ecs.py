@@ -323,8 +323,13 @@ class EcsBackend(AwsBackendBase):
             kwargs = self.run_task_kwargs(job, arn)
         except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
             raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
-        with start_outcome():
-            reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
+        try:
+            with start_outcome():
+                reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
+        except errors.StartFailed as exc:
+            if arn is not None and not exc.retryable:  # deregistered meanwhile? look again
+                self.definitions.forget(arn)
+            raise
         tasks = reply.get("tasks") or []
         if not tasks:
             failures = reply.get("failures") or [{"reason": "RunTask returned no task"}]
@@ -515,6 +520,17 @@ class _Definitions:
         if found.get("status") == "ACTIVE" and tags.get(definitions.DIGEST_TAG) == digest:
             return str(found["taskDefinitionArn"])
         return None
+
+    async def active(self, arn: str) -> bool:
+        try:
+            reply = await self._backend.api.call(
+                "DescribeTaskDefinition", Priority.NORMAL, taskDefinition=arn
+            )
+        except errors.AwsRejected as exc:
+            if exc.aws_code in ("ClientException", "InvalidParameterException"):
+                return False
+            raise
+        return bool(reply["taskDefinition"].get("status") == "ACTIVE")
 
     async def register(self, kwargs: Mapping[str, Any], digest: str) -> str:
         reply = await self._backend.api.call(

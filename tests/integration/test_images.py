@@ -83,6 +83,15 @@ async def test_ecs_registers_each_distinct_image_once_and_never_again(
     assert fault_proxy.counts[REGISTER] == before  # found again in AWS by its name and tag
     assert found[0]["info"]["task_definition"] == pair[0]["info"]["task_definition"]
 
+    with moto.client("ecs", ecs_env.region) as ecs:  # deregistered by someone meanwhile
+        ecs.deregister_task_definition(taskDefinition=pair[0]["info"]["task_definition"])
+    async with running(configured), Client(short_tmp / "o.sock") as client:
+        renewed = await _run(client, [one, one])
+    assert fault_proxy.counts[REGISTER] == before + 1  # the store's ARN checked: registered anew
+    assert renewed[0]["state"] == "SUCCEEDED"
+    assert renewed[0]["info"]["task_definition"] != pair[0]["info"]["task_definition"]
+    assert renewed[0]["info"]["task_definition"] == renewed[1]["info"]["task_definition"]
+
 
 async def test_batch_registers_each_distinct_image_once_and_never_again(
     tmp_path: Path, short_tmp: Path, moto: MotoServer, batch_env: BatchEnv, fault_proxy: Any

@@ -83,3 +83,51 @@ def test_names_are_derived_within_the_limit() -> None:
     name = definitions.derived_name("x" * 300, digest)
     assert len(name) == 128
     assert name.endswith(f"-orch-{digest[:12]}")
+
+
+async def test_a_remembered_definition_deregistered_since_is_registered_again() -> None:
+    vendor = Vendor()
+    store = InMemoryStore(events.Hub())
+    await store.open()
+    first = definitions.Registry("ecs", vendor, "family")
+    first.memory = store
+    old = await first.arn(None, "img:1")
+    vendor.inactive.add(old)  # deregistered by someone, while no daemon ran
+    restarted = definitions.Registry("ecs", vendor, "family")
+    restarted.memory = store
+    new = await restarted.arn(None, "img:1")
+    assert new != old
+    assert new.endswith(":2")
+    assert len(vendor.registered) == 2
+    again = definitions.Registry("ecs", vendor, "family")
+    again.memory = store
+    assert await again.arn(None, "img:1") == new  # the store now says the new one
+
+
+async def test_a_refused_definition_is_looked_up_again_for_the_next_job() -> None:
+    vendor = Vendor()
+    registry = definitions.Registry("batch", vendor, "family")
+    old = await registry.arn(None, "img:1")
+    assert await registry.arn(None, "img:1") == old
+    assert len(vendor.registered) == 1
+    vendor.inactive.add(old)
+    assert await registry.arn(None, "img:1") == old  # known: not asked again...
+    registry.forget(old)  # ...until a launch under it is refused
+    assert await registry.arn(None, "img:1") != old
+    assert len(vendor.registered) == 2
+
+
+async def test_a_new_revision_of_the_configured_definition_is_derived_from_in_time() -> None:
+    vendor = Vendor()
+    now = [0.0]
+    registry = definitions.Registry("ecs", vendor, "family", clock=lambda: now[0])
+    before = await registry.arn(None, "img:1")
+    vendor.base_memory = "1024"  # a new revision of the configured definition
+    now[0] += definitions.BASE_TTL_S - 1
+    assert await registry.arn(None, "img:1") == before  # read at most every BASE_TTL_S
+    assert vendor.base_reads == 1
+    now[0] += 1
+    after = await registry.arn(None, "img:1")
+    assert after != before
+    assert vendor.registered[-1]["memory"] == "1024"
+    assert vendor.base_reads == 2
