@@ -22,6 +22,22 @@ Operations: ECS RunTask, DescribeTasks, StopTask, ListTasks, DescribeClusters,
 DescribeTaskDefinition; Batch SubmitJob, DescribeJobs, TerminateJob, ListJobs,
 DescribeJobQueues; Logs GetLogEvents (always empty). Anything else gets a 400.
 
+Batch array jobs: a SubmitJob with ``arrayProperties: {"size": N}`` (2..10,000) makes a parent
+and N children ``<parent id>:<index>``, one SubmitJob call (one token) for all. Each child has
+its own life drawn as a single job's is (jitter, exit code, failure ratio; an exit-code function
+sees `Launch.index`), kept in flat arrays of floats and counted by bisection: no child objects,
+no timers, a parent describe costs O(log N). The parent describes with ``arrayProperties:
+{"size": N, "statusSummary": {status: children}}``; it is SUBMITTED until a child is RUNNABLE,
+then PENDING until every child has ended (and ``array_settle_s`` more: AWS says so a little
+later; the statusSummary shows them all ended meanwhile), then SUCCEEDED if all succeeded, else
+FAILED (``statusReason`` "Array Child Job failed", or TerminateJob's reason); it has no exit
+code and no log stream. A child describes by its ``<parent>:<i>`` id with
+``arrayProperties: {"index": i}``, its own status, exit code and log stream. TerminateJob on
+the parent ends every child still going, on a child that child. ListJobs lists parents
+(``arrayProperties: {"size": N}``), and a parent's children when given ``arrayJobId``.
+``terminal_times()`` lists parents (with ``array_size`` and ``children_failed``), not
+children; ``terminal_at``/``reported_at`` take child ids too.
+
 Life of a task or job, in seconds of the injected clock divided by ``time_scale``: ``pending_s``
 (ECS PROVISIONING then PENDING; Batch SUBMITTED, PENDING, RUNNABLE, STARTING, in equal parts),
 then ``run_s`` RUNNING, then (ECS only) ``stopping_s`` DEACTIVATING/STOPPING/DEPROVISIONING,
@@ -42,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import dataclasses
 import itertools
 import json
@@ -52,6 +69,7 @@ import signal
 import sys
 import time
 import uuid
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -73,6 +91,7 @@ BATCH_PATHS: Mapping[str, str] = {
     "/v1/describejobqueues": "DescribeJobQueues",
 }
 MAX_DESCRIBE = 100  # ids per DescribeTasks / DescribeJobs call
+MAX_ARRAY = 10_000  # children of one Batch array job (2 at least)
 SIGTERM_EXIT = 143  # a container stopped on request exits on SIGTERM
 
 # Life-cycle phases; a task's phase indexes these. ECS splits pending into 2 and stopping into 3.
@@ -80,6 +99,8 @@ ECS_LIFE = ("PROVISIONING", "PENDING", "RUNNING", "DEACTIVATING", "STOPPING", "D
 ECS_STOPPED = len(ECS_LIFE)
 BATCH_LIFE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 BATCH_DONE = len(BATCH_LIFE)
+BATCH_STATUSES = (*BATCH_LIFE, "SUCCEEDED", "FAILED")  # an array's statusSummary keys
+ARRAY_FAILED = "Array Child Job failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +140,7 @@ class Launch:
     name: str  # ECS startedBy (else the task id); Batch jobName
     command: tuple[str, ...]
     rng: random.Random  # the server's seeded RNG
+    index: int | None = None  # a Batch array child's index (AWS_BATCH_JOB_ARRAY_INDEX)
 
 
 ExitCode = int | Callable[[Launch], int]
@@ -133,6 +155,7 @@ class Config:
     pending_s: float = 5.0  # creation → RUNNING
     run_s: float = 60.0  # RUNNING → the container exits
     stopping_s: float = 0.0  # ECS only: the container exited → STOPPED
+    array_settle_s: float = 0.0  # Batch arrays: the last child's end → the parent's end
     jitter: float = 0.0  # each duration times uniform(1 - jitter, 1 + jitter)
     exit_code: ExitCode = 0
     failure_ratio: float = 0.0  # this share of jobs exits with failure_exit_code instead
@@ -149,7 +172,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.time_scale <= 0 or not 0 <= self.jitter < 1 or not 0 <= self.failure_ratio <= 1:
             raise ValueError("need time_scale > 0, 0 <= jitter < 1, 0 <= failure_ratio <= 1")
-        if min(self.pending_s, self.run_s, self.stopping_s) < 0:
+        if min(self.pending_s, self.run_s, self.stopping_s, self.array_settle_s) < 0:
             raise ValueError("durations must not be negative")
         if unknown := set(self.buckets) - set(FAMILIES.values()):
             raise ValueError(f"unknown throttle families: {sorted(unknown)}")
@@ -192,9 +215,9 @@ class _Job:
     """One ECS task or Batch job; its state follows from the clock, so it needs no timer."""
 
     __slots__ = (
-        "arn", "cached", "cached_phase", "command", "created_at", "definition", "exit_at",
-        "exit_code", "id", "name", "owner", "reported_at", "request", "running_at", "service",
-        "stop_at", "stop_reason", "stopping_s",
+        "arn", "array", "cached", "cached_phase", "command", "created_at", "definition",
+        "exit_at", "exit_code", "id", "name", "owner", "reported_at", "request", "running_at",
+        "service", "stop_at", "stop_reason", "stopping_s",
     )  # fmt: skip
 
     def __init__(
@@ -226,6 +249,7 @@ class _Job:
         self.reported_at: float | None = None  # first describe that showed it terminal
         self.cached_phase = -1
         self.cached = b""
+        self.array: _Array | None = None  # a Batch array parent's children
 
     @property
     def end_at(self) -> float:
@@ -246,6 +270,10 @@ class _Job:
 
     def phase(self, now: float) -> int:
         """Index into ECS_LIFE / BATCH_LIFE; ECS_STOPPED / BATCH_DONE once terminal."""
+        if self.array is not None:  # an array parent: SUBMITTED, PENDING, then done
+            if now >= self.end_at + self.stopping_s:  # stopping_s: Config.array_settle_s
+                return BATCH_DONE
+            return 1 if self.array.runnable_from <= now else 0
         ecs = self.service == "ecs"
         pending = 2 if ecs else 4  # the statuses before RUNNING
         end = self.end_at
@@ -262,9 +290,121 @@ class _Job:
         return "STOPPED" if phase > 2 or self.stop_at is not None else "RUNNING"
 
     def final_exit_code(self) -> int | None:
-        if not self.started:
+        if not self.started or self.array is not None:
             return None
         return SIGTERM_EXIT if self.stop_at is not None else self.exit_code
+
+
+class _Array:
+    """The children of a Batch array job, ``<parent id>:<index>``: their lives in flat arrays
+    (and sorted copies, counted by bisection), stops and first terminal reports in dicts.
+
+    A child's life is a single job's: SUBMITTED, PENDING, RUNNABLE, STARTING in equal parts of
+    its `pending` span from the parent's creation, RUNNING from `running`, ended at `exits`
+    (or at its stop). The pending phases are compared as ``pending <= elapsed * 4 / k`` for
+    both a child's own phase and the counts, so a describe of a child and the parent's
+    statusSummary never disagree at a boundary."""
+
+    __slots__ = (
+        "created_at", "end_at", "exit_codes", "exits", "failed_exits", "pending", "reported",
+        "runnable_from", "running", "size", "sorted_exits", "sorted_pending", "sorted_running",
+        "stopped",
+    )  # fmt: skip
+
+    def __init__(self, created_at: float, lives: Iterable[tuple[float, float, int]]) -> None:
+        self.created_at = created_at
+        self.pending, self.running = array("d"), array("d")
+        self.exits, self.exit_codes = array("d"), array("i")
+        for pending_s, run_s, code in lives:  # the arithmetic of _Job: the same floats
+            running_at = created_at + pending_s
+            self.pending.append(pending_s)
+            self.running.append(running_at)
+            self.exits.append(running_at + run_s)
+            self.exit_codes.append(code)
+        self.size = len(self.pending)
+        self.sorted_pending = array("d", sorted(self.pending))
+        self.sorted_running = array("d", sorted(self.running))
+        self.sorted_exits = array("d", sorted(self.exits))
+        self.failed_exits = array(
+            "d", sorted(e for e, c in zip(self.exits, self.exit_codes, strict=True) if c)
+        )
+        # The parent turns PENDING when its first child turns RUNNABLE (phase 2 of 4).
+        self.runnable_from = created_at + self.sorted_pending[0] / 2
+        self.end_at = self.sorted_exits[-1]  # the last child's end
+        self.stopped: dict[int, tuple[float, str]] = {}  # index → (stopped at, reason)
+        self.reported: dict[int, float] = {}  # index → first describe that showed it ended
+
+    def natural_phase(self, i: int, now: float) -> int:
+        """Child i's phase had it not been stopped."""
+        if now >= self.exits[i]:
+            return BATCH_DONE
+        if now >= self.running[i]:
+            return 4
+        quarters, pending = (now - self.created_at) * 4, self.pending[i]
+        return (pending <= quarters) + (pending <= quarters / 2) + (pending <= quarters / 3)
+
+    def phase(self, i: int, now: float) -> int:
+        stop = self.stopped.get(i)
+        if stop is not None and now >= stop[0]:
+            return BATCH_DONE
+        return self.natural_phase(i, now)
+
+    def status(self, i: int, now: float) -> str:
+        phase = self.phase(i, now)
+        if phase < BATCH_DONE:
+            return BATCH_LIFE[phase]
+        return "FAILED" if i in self.stopped or self.exit_codes[i] else "SUCCEEDED"
+
+    def summary(self, now: float) -> dict[str, int]:
+        """The children by status: bisection, then a correction for each stopped child."""
+        quarters = (now - self.created_at) * 4
+        past = [bisect.bisect_right(self.sorted_pending, quarters / k) for k in (1, 2, 3)]
+        running = bisect.bisect_right(self.sorted_running, now)
+        ended = bisect.bisect_right(self.sorted_exits, now)
+        failed = bisect.bisect_right(self.failed_exits, now)
+        counts = dict(
+            zip(
+                BATCH_STATUSES,
+                (
+                    self.size - past[0],
+                    past[0] - past[1],
+                    past[1] - past[2],
+                    past[2] - running,
+                    running - ended,
+                    ended - failed,
+                    failed,
+                ),
+                strict=True,
+            )
+        )
+        for i, (stop_at, _) in self.stopped.items():
+            if now >= stop_at:  # ended by its stop, whatever its natural life says
+                phase = self.natural_phase(i, now)
+                if phase < BATCH_DONE:
+                    natural = BATCH_LIFE[phase]
+                else:
+                    natural = "FAILED" if self.exit_codes[i] else "SUCCEEDED"
+                counts[natural] -= 1
+                counts["FAILED"] += 1
+        return counts
+
+    def stop(self, i: int, now: float, reason: str) -> None:
+        if i not in self.stopped and now < self.exits[i]:
+            self.stopped[i] = (now, reason)
+            self._new_end()
+
+    def stop_all(self, now: float, reason: str) -> None:
+        for i in range(self.size):
+            if i not in self.stopped and now < self.exits[i]:
+                self.stopped[i] = (now, reason)
+        self._new_end()
+
+    def child_end(self, i: int) -> float:
+        stop = self.stopped.get(i)
+        return self.exits[i] if stop is None else stop[0]
+
+    def _new_end(self) -> None:
+        self.end_at = max(self.child_end(i) for i in range(self.size))
 
 
 def _part(elapsed: float, span: float, parts: int) -> int:
@@ -296,7 +436,8 @@ class FakeAws:
         self._ecs_arn = f"arn:aws:ecs:{c.region}:{c.account_id}:"
         self._batch_arn = f"arn:aws:batch:{c.region}:{c.account_id}:"
         self._tasks: dict[str, _Job] = {}  # ECS task id → task
-        self._jobs: dict[str, _Job] = {}  # Batch job id → job
+        self._jobs: dict[str, _Job] = {}  # Batch job id → job (an array's parent only)
+        self._children = 0  # Batch array children, over all arrays
         self._by_started_by: dict[str, list[_Job]] = defaultdict(list)
         self._by_job_name: dict[str, list[_Job]] = defaultdict(list)  # lower-case name
         self._tokens: dict[tuple[str, str], tuple[dict[str, Any], list[_Job]]] = {}
@@ -389,7 +530,11 @@ class FakeAws:
             "calls": dict(sorted(self.calls.items())),
             "throttled": dict(sorted(self.throttled.items())),
             "describe_ids": describes,
-            "tasks": {"ecs": len(self._tasks), "batch": len(self._jobs)},
+            "tasks": {
+                "ecs": len(self._tasks),
+                "batch": len(self._jobs),
+                "batch_children": self._children,
+            },
         }
 
     def reset_counts(self) -> None:
@@ -402,13 +547,20 @@ class FakeAws:
         self._counted_since = time.monotonic()
 
     def terminal_at(self, job_id: str) -> float | None:
-        """When the task (ARN or id) or Batch job became terminal; None while it is not yet.
-        KeyError for an unknown one."""
-        job = self._find(job_id)
-        return job.terminal_at if job.terminal_at <= self._clock() else None
+        """When the task (ARN or id) or Batch job (or array child, ``<parent>:<i>``) became
+        terminal; None while it is not yet. KeyError for an unknown one."""
+        if (child := self._find_child(job_id)) is not None:
+            array, i = child
+            end = array.child_end(i)
+        else:
+            end = self._find(job_id).terminal_at
+        return end if end <= self._clock() else None
 
     def reported_at(self, job_id: str) -> float | None:
         """When a describe call first showed it terminal (None: not yet)."""
+        if (child := self._find_child(job_id)) is not None:
+            array, i = child
+            return array.reported.get(i)
         return self._find(job_id).reported_at
 
     def terminal_times(self) -> dict[str, dict[str, Any]]:
@@ -423,6 +575,14 @@ class FakeAws:
                 "reported_at": job.reported_at,
                 "exit_code": job.final_exit_code(),
                 "stopped": job.stop_at is not None,
+                **(
+                    {}
+                    if job.array is None
+                    else {
+                        "array_size": job.array.size,
+                        "children_failed": job.array.summary(now)["FAILED"],
+                    }
+                ),
             }
             for job in itertools.chain(self._tasks.values(), self._jobs.values())
         }
@@ -432,6 +592,19 @@ class FakeAws:
         if job is None:
             raise KeyError(job_id)
         return job
+
+    def _find_child(self, job_id: Any) -> tuple[_Array, int] | None:
+        """(its array, its index) for a ``<parent id>:<index>`` id; None for another id."""
+        if not isinstance(job_id, str) or ":" not in job_id or job_id.startswith("arn:"):
+            return None
+        parent_id, _, index = job_id.partition(":")
+        parent = self._jobs.get(parent_id)
+        if parent is None or parent.array is None or not index.isdigit():
+            return None
+        i = int(index)
+        if i >= parent.array.size or index != str(i):
+            return None
+        return parent.array, i
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -522,9 +695,14 @@ class FakeAws:
     def _render(self, job: _Job, now: float, *, report: bool = True) -> bytes:
         """The task's or job's JSON, rendered once per phase."""
         phase = job.phase(now)
-        if phase != job.cached_phase:
-            render = self._ecs_task if job.service == "ecs" else self._batch_job
-            job.cached, job.cached_phase = orjson.dumps(render(job, phase)), phase
+        # An array parent's statusSummary moves within a phase: cached only once it has ended.
+        if phase != job.cached_phase or (job.array is not None and phase != BATCH_DONE):
+            doc = (
+                self._ecs_task(job, phase)
+                if job.service == "ecs"
+                else self._batch_job(job, phase, now)
+            )
+            job.cached, job.cached_phase = orjson.dumps(doc), phase
         if (
             report
             and job.reported_at is None
@@ -764,9 +942,23 @@ class FakeAws:
         name, queue, definition = params["jobName"], params["jobQueue"], params["jobDefinition"]
         if not all(isinstance(v, str) and v for v in (name, queue, definition)):
             raise _client_error("jobName, jobQueue and jobDefinition are required.")
+        c_scale = self.config.time_scale
+        size = (params.get("arrayProperties") or {}).get("size")
+        if size is not None and (not isinstance(size, int) or not 2 <= size <= MAX_ARRAY):
+            raise _client_error(f"Array size must be between 2 and {MAX_ARRAY}.")
         job_id = str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
         command = tuple((params.get("containerOverrides") or {}).get("command") or ())
-        pending_s, run_s, _, code = self._life(Launch("batch", name, command, self._rng))
+        children: _Array | None = None
+        if size is None:
+            pending_s, run_s, _, code = self._life(Launch("batch", name, command, self._rng))
+        else:
+            lives = (
+                self._life(Launch("batch", name, command, self._rng, index=i)) for i in range(size)
+            )
+            children = _Array(now, ((p, r, code) for p, r, _, code in lives))
+            pending_s = children.sorted_pending[0]  # the first child's start
+            run_s, code = children.end_at - now - pending_s, 0
+            self._children += size
         if not definition.startswith("arn:"):
             definition_name, _, revision = definition.partition(":")
             definition = self._batch_arn + f"job-definition/{definition_name}:{revision or 1}"
@@ -782,21 +974,30 @@ class FakeAws:
             created_at=now,
             pending_s=pending_s,
             run_s=run_s,
-            stopping_s=0.0,
+            stopping_s=0.0 if children is None else self.config.array_settle_s / c_scale,
             exit_code=code,
         )
+        if children is not None:
+            job.array = children
+            job.exit_at = children.end_at  # the last child's end, to the float
         self._jobs[job_id] = job
         self._by_job_name[name.lower()].append(job)
         return orjson.dumps({"jobArn": job.arn, "jobName": name, "jobId": job_id})
 
-    def _batch_job(self, job: _Job, phase: int) -> dict[str, Any]:
+    def _batch_job(self, job: _Job, phase: int, now: float) -> dict[str, Any]:
         done = phase == BATCH_DONE
         exit_code = job.final_exit_code()
-        if done:
+        summary = None if job.array is None else job.array.summary(now)
+        if summary is not None:  # an array parent
+            status = ("FAILED" if summary["FAILED"] else "SUCCEEDED") if done else BATCH_LIFE[phase]
+        elif done:
             status = "SUCCEEDED" if job.stop_at is None and exit_code == 0 else "FAILED"
         else:
             status = BATCH_LIFE[phase]
-        task_id = job.id.replace("-", "")
+        parent_id, colon, index = job.id.partition(":")
+        task_id = parent_id.replace("-", "")
+        if colon:  # an array child: a task of its own
+            task_id = f"{task_id[:24]}{int(index):08x}"
         definition_name = job.definition.rpartition("/")[2].partition(":")[0]
         container: dict[str, Any] = {
             "image": "public.ecr.aws/docker/library/busybox:latest",
@@ -819,12 +1020,26 @@ class FakeAws:
             "attempts": [],
             "container": container,
         }
+        if job.stop_at is not None:
+            doc["isTerminated"] = True
+        if summary is not None:
+            assert job.array is not None
+            doc["arrayProperties"] = {"statusSummary": summary, "size": job.array.size}
+            if job.started and now >= job.running_at:  # its first child's start
+                doc["startedAt"] = _ms(job.running_at)
+            if done:
+                doc["stoppedAt"] = _ms(job.terminal_at)  # when Batch said it had ended
+                if status == "FAILED":  # terminated: the reason given; else a child failed
+                    doc["statusReason"] = (
+                        job.stop_at is not None and job.stop_reason
+                    ) or ARRAY_FAILED
+            return doc
+        if colon:
+            doc["arrayProperties"] = {"index": int(index)}
         if job.started and phase >= 4:
             doc["startedAt"] = _ms(job.running_at)
             container["logStreamName"] = f"{definition_name}/default/{task_id}"
             container["taskArn"] = self._ecs_arn + f"task/batch/{task_id}"
-        if job.stop_at is not None:
-            doc["isTerminated"] = True
         if done:
             doc["stoppedAt"] = _ms(job.end_at)
             reason = job.stop_reason if job.stop_at is not None else None
@@ -852,17 +1067,65 @@ class FakeAws:
         if len(ids) > MAX_DESCRIBE:
             raise _client_error(f"jobs cannot have more than {MAX_DESCRIBE} elements.")
         self._count_ids("batch.DescribeJobs", len(ids))
-        found = [self._render(job, now) for i in ids if (job := self._jobs.get(i)) is not None]
-        return b'{"jobs":[' + b",".join(found) + b"]}"  # unknown ids are left out, as on AWS
+        found, jobs = [], self._jobs
+        for job_id in ids:  # unknown ids are left out, as on AWS
+            if (job := jobs.get(job_id)) is not None:
+                found.append(self._render(job, now))
+            elif (child := self._find_child(job_id)) is not None:
+                found.append(self._render_child(jobs[job_id.partition(":")[0]], child[1], now))
+        return b'{"jobs":[' + b",".join(found) + b"]}"
+
+    def _child(self, parent: _Job, i: int) -> _Job:
+        """Array child i of `parent` as a job of its own, made for one reply."""
+        assert parent.array is not None
+        a = parent.array
+        child = _Job(
+            "batch",
+            f"{parent.id}:{i}",
+            f"{parent.arn}:{i}",
+            name=parent.name,
+            owner=parent.owner,
+            definition=parent.definition,
+            command=parent.command,
+            request=parent.request,
+            created_at=parent.created_at,
+            pending_s=a.pending[i],
+            run_s=0.0,
+            stopping_s=0.0,
+            exit_code=a.exit_codes[i],
+        )
+        child.running_at, child.exit_at = a.running[i], a.exits[i]  # the very floats counted
+        if (stop := a.stopped.get(i)) is not None:
+            child.stop_at, child.stop_reason = stop
+        return child
+
+    def _render_child(self, parent: _Job, i: int, now: float) -> bytes:
+        assert parent.array is not None
+        phase = parent.array.phase(i, now)
+        if phase == BATCH_DONE:
+            parent.array.reported.setdefault(i, now)
+        return orjson.dumps(self._batch_job(self._child(parent, i), phase, now))
 
     def _terminate_job(self, params: dict[str, Any], now: float) -> bytes:
-        job = self._jobs.get(params.get("jobId", ""))
+        job_id = params.get("jobId", "")
+        reason = str(params.get("reason") or "terminated")
+        if (child := self._find_child(job_id)) is not None:  # one child; the parent waits on
+            array, i = child
+            parent = self._jobs[job_id.partition(":")[0]]
+            array.stop(i, now, reason)
+            parent.exit_at, parent.cached_phase = array.end_at, -1
+            return b"{}"
+        job = self._jobs.get(job_id)
         if job is None:
             raise _client_error(f"Job {params.get('jobId')} not found.")
-        job.stop(now, str(params.get("reason") or "terminated"))
+        if job.array is not None:  # every child still going, then the parent with them
+            job.array.stop_all(now, reason)
+        job.stop(now, reason)
         return b"{}"
 
     def _list_jobs(self, params: dict[str, Any], now: float) -> bytes:
+        if (array_job_id := params.get("arrayJobId")) is not None:
+            return self._list_children(str(array_job_id), params, now)
         queue = _name(params.get("jobQueue"), "")
         filters = params.get("filters") or []
         names = [
@@ -883,11 +1146,26 @@ class FakeAws:
         else:
             jobs = [j for j in self._jobs.values() if j.owner == queue]
             limit = 1000
-        details = [self._batch_job(j, j.phase(now)) for j in jobs]
+        details = [self._batch_job(j, j.phase(now), now) for j in jobs]
         if not names:  # without a filter: one status, RUNNING unless told
             details = [d for d in details if d["status"] == params.get("jobStatus", "RUNNING")]
         summaries = [_job_summary(d) for d in details]
         return orjson.dumps(_page(summaries, params, "jobSummaryList", limit=limit))
+
+    def _list_children(self, parent_id: str, params: dict[str, Any], now: float) -> bytes:
+        """ListJobs(arrayJobId): the children in index order, of one status (RUNNING unless
+        told; a JOB_NAME filter, which all the children match, means every status)."""
+        parent = self._jobs.get(parent_id)
+        if parent is None or parent.array is None:
+            raise _client_error(f"Job {parent_id} is not an array job.")
+        a = parent.array
+        wanted = None if params.get("filters") else params.get("jobStatus", "RUNNING")
+        summaries = [
+            _job_summary(self._batch_job(self._child(parent, i), a.phase(i, now), now))
+            for i in range(a.size)
+            if wanted is None or a.status(i, now) == wanted
+        ]
+        return orjson.dumps(_page(summaries, params, "jobSummaryList", limit=1000))
 
     def _describe_job_queues(self, params: dict[str, Any], now: float) -> bytes:
         names = [_name(q) for q in params.get("jobQueues") or ["default"]]
@@ -926,6 +1204,10 @@ def _job_summary(detail: Mapping[str, Any]) -> dict[str, Any]:
     summary = {k: detail[k] for k in keys if k in detail}
     if "exitCode" in detail["container"]:
         summary["container"] = {"exitCode": detail["container"]["exitCode"]}
+    if array_properties := detail.get("arrayProperties"):  # size (a parent) or index (a child)
+        summary["arrayProperties"] = {
+            k: v for k, v in array_properties.items() if k in ("size", "index")
+        }
     return summary
 
 
@@ -951,6 +1233,7 @@ def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
     add("--pending-s", type=float, default=5.0)
     add("--run-s", type=float, default=60.0)
     add("--stopping-s", type=float, default=0.0, help="ECS: container exit → STOPPED")
+    add("--array-settle-s", type=float, default=0.0, help="Batch: last child's end → parent's")
     add("--jitter", type=float, default=0.0, help="relative, e.g. 0.2 for ±20%%")
     add("--exit-code", type=int, default=0)
     add("--failure-ratio", type=float, default=0.0)
@@ -974,9 +1257,9 @@ def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
         )
         for family in DEFAULT_BUCKETS
     }
-    plain = ("host", "port", "region", "pending_s", "run_s", "stopping_s", "jitter", "exit_code",
-             "failure_ratio", "failure_exit_code", "seed", "time_scale", "container_name",
-             "log_group")  # fmt: skip
+    plain = ("host", "port", "region", "pending_s", "run_s", "stopping_s", "array_settle_s",
+             "jitter", "exit_code", "failure_ratio", "failure_exit_code", "seed", "time_scale",
+             "container_name", "log_group")  # fmt: skip
     settings = {name: getattr(a, name) for name in plain}
     config = Config(**settings, throttle=not a.no_throttle, buckets=buckets)
     return config, a.dump, not a.no_uvloop

@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -394,6 +395,269 @@ async def test_seeded_jitter_and_failure_ratio_are_reproducible(clock: Clock) ->
 
 def _dump(server: fakeaws.FakeAws) -> list[dict[str, Any]]:
     return sorted(server.terminal_times().values(), key=lambda d: d["name"])
+
+
+# -- Batch array jobs --------------------------------------------------------------------------
+
+
+async def submit_array(batch: Any, size: int, name: str = "orch-arr-1", **extra: Any) -> str:
+    reply = await batch.submit_job(
+        jobName=name,
+        jobQueue="jobs",
+        jobDefinition="job-runner:3",
+        arrayProperties={"size": size},
+        containerOverrides={"command": ["work"]},
+        **extra,
+    )
+    return str(reply["jobId"])
+
+
+async def describe_jobs(batch: Any, *ids: str) -> dict[str, dict[str, Any]]:
+    """DescribeJobs in calls of 100 ids: id → detail."""
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), 100):
+        reply = await batch.describe_jobs(jobs=list(ids[start : start + 100]))
+        found |= {d["jobId"]: d for d in reply["jobs"]}
+    return found
+
+
+async def test_batch_array_parent_and_children(
+    aws: fakeaws.FakeAws, client: Client, clock: Clock
+) -> None:
+    """One SubmitJob makes a parent and its children; the parent is SUBMITTED until a child is
+    RUNNABLE, PENDING while they run, FAILED once all have ended and one failed."""
+
+    def exit_code(launch: fakeaws.Launch) -> int:
+        return 3 if launch.index == 1 else 0
+
+    config = fakeaws.Config(clock=clock, pending_s=4, run_s=10, exit_code=exit_code)
+    async with fakeaws.FakeAws(config) as server, client_for(server)("batch") as batch:
+        parent = await submit_array(batch, 3)
+        children = [f"{parent}:{i}" for i in range(3)]
+        seen = []
+        for offset_s in (0, 1.9, 2, 4, 13.9, 14):
+            clock.set(offset_s)
+            details = await describe_jobs(batch, parent, *children, f"{parent}:3", f"{parent}:x")
+            summary = details[parent]["arrayProperties"]["statusSummary"]
+            seen.append(
+                (
+                    details[parent]["status"],
+                    {k: v for k, v in summary.items() if v},
+                    [details[c]["status"] for c in children],
+                )
+            )
+        stats = server.stats()
+        terminal = server.terminal_times()
+    assert seen == [
+        ("SUBMITTED", {"SUBMITTED": 3}, ["SUBMITTED"] * 3),
+        ("SUBMITTED", {"PENDING": 3}, ["PENDING"] * 3),
+        ("PENDING", {"RUNNABLE": 3}, ["RUNNABLE"] * 3),
+        ("PENDING", {"RUNNING": 3}, ["RUNNING"] * 3),
+        ("PENDING", {"RUNNING": 3}, ["RUNNING"] * 3),
+        ("FAILED", {"SUCCEEDED": 2, "FAILED": 1}, ["SUCCEEDED", "FAILED", "SUCCEEDED"]),
+    ]
+    top = details[parent]
+    assert set(details) == {parent, *children}  # index 3 and "x" are no jobs: left out
+    assert top["arrayProperties"]["size"] == 3
+    assert set(top["arrayProperties"]["statusSummary"]) == set(fakeaws.BATCH_STATUSES)
+    assert top["statusReason"] == fakeaws.ARRAY_FAILED
+    assert top["stoppedAt"] == int((T0 + 14) * 1000)
+    assert "exitCode" not in top["container"]
+    assert "logStreamName" not in top["container"]
+    failed = details[children[1]]
+    assert failed["jobArn"] == top["jobArn"] + ":1"
+    assert failed["jobName"] == "orch-arr-1"
+    assert failed["arrayProperties"] == {"index": 1}
+    assert failed["container"]["exitCode"] == 3
+    assert failed["startedAt"] == int((T0 + 4) * 1000)
+    streams = {details[c]["container"]["logStreamName"] for c in children}
+    assert len(streams) == 3
+    assert all(s.startswith("job-runner/default/") for s in streams)
+    assert stats["calls"]["batch.SubmitJob"] == 1
+    assert stats["tasks"] == {"ecs": 0, "batch": 1, "batch_children": 3}
+    # Every id of a call counts, a child's as a parent's (the unknown ones too).
+    assert stats["describe_ids"]["batch.DescribeJobs"]["sizes"] == {"6": 6}
+    assert server.terminal_at(parent) == T0 + 14
+    assert server.terminal_at(children[0]) == T0 + 14
+    assert server.reported_at(children[2]) == T0 + 14
+    assert terminal[parent]["array_size"] == 3
+    assert terminal[parent]["children_failed"] == 1
+    assert terminal[parent]["exit_code"] is None
+    assert children[0] not in terminal  # children are not listed
+
+
+async def test_batch_array_summary_agrees_with_its_children(clock: Clock) -> None:
+    """Jittered lives: at every moment the parent's statusSummary counts exactly what its
+    children describe as, one by one; all succeeded makes the parent SUCCEEDED."""
+    config = fakeaws.Config(clock=clock, pending_s=8, run_s=10, jitter=0.5, seed=3)
+    async with fakeaws.FakeAws(config) as server, client_for(server)("batch") as batch:
+        parent = await submit_array(batch, 250)
+        children = [f"{parent}:{i}" for i in range(250)]
+        moments = [0.5 * k for k in range(60)]  # the longest life: 8 · 1.5 + 10 · 1.5 s
+        for offset_s in moments:
+            clock.set(offset_s)
+            details = await describe_jobs(batch, parent, *children)
+            summary = details[parent]["arrayProperties"]["statusSummary"]
+            counted = Counter(details[c]["status"] for c in children)
+            assert {k: v for k, v in summary.items() if v} == dict(counted), offset_s
+            assert sum(summary.values()) == 250
+        ends = [server.terminal_at(c) for c in children]
+    assert details[parent]["status"] == "SUCCEEDED"
+    assert "statusReason" not in details[parent]
+    assert details[parent]["stoppedAt"] == int(max(e for e in ends if e is not None) * 1000)
+    assert len(set(ends)) > 200  # jittered, child by child
+
+
+async def test_batch_array_terminate_a_child_then_the_parent(
+    aws: fakeaws.FakeAws, client: Client, clock: Clock
+) -> None:
+    async with client("batch") as batch:
+        parent = await submit_array(batch, 4)
+        clock.set(5)
+        await batch.terminate_job(jobId=f"{parent}:2", reason="orchestrator: one")
+        clock.set(6)
+        one = await describe_jobs(batch, parent, f"{parent}:2", f"{parent}:3")
+        await batch.terminate_job(jobId=parent, reason="orchestrator: cancel")
+        clock.set(7)
+        after = await describe_jobs(batch, parent, f"{parent}:0", f"{parent}:2")
+        with pytest.raises(ClientError) as unknown:
+            await batch.terminate_job(jobId=f"{parent}:4", reason="no such child")
+    summary = one[parent]["arrayProperties"]["statusSummary"]
+    assert (one[parent]["status"], summary["RUNNING"], summary["FAILED"]) == ("PENDING", 3, 1)
+    stopped = one[f"{parent}:2"]
+    assert (stopped["status"], stopped["statusReason"]) == ("FAILED", "orchestrator: one")
+    assert stopped["container"]["exitCode"] == fakeaws.SIGTERM_EXIT
+    assert stopped["stoppedAt"] == int((T0 + 5) * 1000)
+    assert one[f"{parent}:3"]["status"] == "RUNNING"
+    assert after[parent]["status"] == "FAILED"
+    assert after[parent]["arrayProperties"]["statusSummary"]["FAILED"] == 4
+    assert after[parent]["isTerminated"] is True
+    assert after[parent]["statusReason"] == "orchestrator: cancel"
+    assert after[parent]["stoppedAt"] == int((T0 + 6) * 1000)
+    assert after[f"{parent}:0"]["statusReason"] == "orchestrator: cancel"
+    assert after[f"{parent}:2"]["statusReason"] == "orchestrator: one"  # stopped before
+    assert aws.terminal_at(parent) == T0 + 6
+    assert aws.terminal_at(f"{parent}:2") == T0 + 5
+    assert unknown.value.response["Error"]["Code"] == "ClientException"
+
+
+async def test_batch_array_sizes_lists_and_one_token(clock: Clock) -> None:
+    """Sizes 2..10,000; 10,000 children are one call, one token and little time; ListJobs lists
+    the parent, and its children with arrayJobId."""
+    config = fakeaws.Config(
+        clock=clock, pending_s=4, run_s=10, buckets={"batch.submit": fakeaws.Bucket(3, 0.001)}
+    )
+    async with fakeaws.FakeAws(config) as server, client_for(server)("batch", 0) as batch:
+        for size in (1, 10_001):
+            with pytest.raises(ClientError) as refused:
+                await submit_array(batch, size)
+            assert refused.value.response["Error"]["Code"] == "ClientException"
+        started = time.monotonic()
+        big = await submit_array(batch, 10_000, name="orch-big-1")
+        submit_s = time.monotonic() - started
+        with pytest.raises(ClientError) as throttled:  # the bucket's 3 tokens are spent
+            await submit_array(batch, 2)
+        clock.set(5)
+        started = time.monotonic()
+        [parent] = (await batch.describe_jobs(jobs=[big]))["jobs"]
+        describe_s = time.monotonic() - started
+        listed = await batch.list_jobs(
+            jobQueue="jobs", filters=[{"name": "JOB_NAME", "values": ["orch-big-1"]}]
+        )
+        running = await batch.list_jobs(arrayJobId=big, maxResults=5)
+        succeeded = await batch.list_jobs(arrayJobId=big, jobStatus="SUCCEEDED")
+        stats = server.stats()
+    assert throttled.value.response["Error"]["Code"] == "TooManyRequestsException"
+    assert stats["calls"]["batch.SubmitJob"] == 4
+    assert stats["tasks"]["batch_children"] == 10_000
+    assert submit_s < 1.0
+    assert describe_s < 0.5
+    assert parent["arrayProperties"]["statusSummary"]["RUNNING"] == 10_000
+    [summary] = listed["jobSummaryList"]
+    assert summary["arrayProperties"] == {"size": 10_000}
+    assert [s["jobId"] for s in running["jobSummaryList"]] == [f"{big}:{i}" for i in range(5)]
+    assert running["jobSummaryList"][0]["arrayProperties"] == {"index": 0}
+    assert running["nextToken"] == "5"
+    assert succeeded["jobSummaryList"] == []
+
+
+async def test_batch_array_parent_ends_a_while_after_its_last_child(clock: Clock) -> None:
+    """`array_settle_s`: the statusSummary shows every child ended at once, the parent's status
+    follows that much later (on the scaled clock)."""
+    config = fakeaws.Config(clock=clock, pending_s=4, run_s=10, array_settle_s=6, time_scale=2)
+    async with fakeaws.FakeAws(config) as server, client_for(server)("batch") as batch:
+        parent = await submit_array(batch, 2)
+        seen = []
+        for offset_s in (6.9, 7, 9.9, 10):  # children end at 7 s, the parent at 7 + 3 s
+            clock.set(offset_s)
+            [detail] = (await batch.describe_jobs(jobs=[parent]))["jobs"]
+            seen.append((detail["status"], detail["arrayProperties"]["statusSummary"]["SUCCEEDED"]))
+        terminal_at = server.terminal_at(parent)
+    assert seen == [("PENDING", 0), ("PENDING", 2), ("PENDING", 2), ("SUCCEEDED", 2)]
+    assert detail["stoppedAt"] == int((T0 + 10) * 1000)
+    assert terminal_at == T0 + 10
+
+
+async def test_the_daemons_batch_backend_runs_an_array_against_it(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    """The daemon's own Batch backend: one SubmitJob with arrayProperties, the parent's
+    statusSummary in `info`, a child described on demand by `<parent>:<i>`."""
+    from orchestrator import models
+    from orchestrator.backends.batch import BatchBackend
+    from orchestrator.ratelimit import TokenBucket
+    from orchestrator.settings import BatchSettings
+
+    def exit_code(launch: fakeaws.Launch) -> int:
+        return 4 if launch.index == 2 else 0
+
+    job = models.Job(
+        id="arr1",
+        spec=models.JobSpec(command=["true"], array_size=3),
+        backend="batch",
+        state=models.JobState.QUEUED,
+        created_at=0.0,
+        updated_at=0.0,
+        state_times={},
+        attempt=1,
+        token="arr1-1",
+    )
+    config = fakeaws.Config(clock=clock, pending_s=4, run_s=10, exit_code=exit_code)
+    async with fakeaws.FakeAws(config) as server:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        batch = BatchBackend(
+            BatchSettings(
+                enabled=True, region_name=REGION, job_queue="jobs", job_definition="jd:1"
+            ),
+            TokenBucket("logs", 10, 10),
+        )
+        await batch.start()
+        try:
+            submitted = await batch.submit(job)
+            job = dataclasses.replace(job, external_id=submitted.external_id)
+            clock.set(5)
+            running = (await batch.describe([job]))[submitted.external_id]
+            clock.set(20)
+            ended = (await batch.describe([job]))[submitted.external_id]
+            child = await batch.describe_child(job, 2)
+            nobody = await batch.describe_child(job, 3)
+        finally:
+            await batch.close()
+        stats = server.stats()
+    assert stats["calls"]["batch.SubmitJob"] == 1
+    assert stats["tasks"]["batch_children"] == 3
+    assert running.state == models.JobState.PENDING
+    assert running.info["array_status"]["RUNNING"] == 3
+    assert ended.state == models.JobState.FAILED
+    assert ended.info["array_status"]["FAILED"] == 1
+    assert ended.info["array_status"]["SUCCEEDED"] == 2
+    assert child is not None
+    assert (child.external_id, child.state) == (f"{submitted.external_id}:2", ended.state)
+    assert child.exit_code == 4
+    assert str(child.info["log_stream"]).startswith("jd/default/")
+    assert nobody is None
 
 
 # -- throttling --------------------------------------------------------------------------------
