@@ -10,6 +10,7 @@ a lane drives.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Dispatcher:
             max_attempts=backend.max_start_attempts or self._settings.max_start_attempts,
             budget_s=backend.start_budget_s or self._settings.start_budget_s,
             wake=wake.set,
+            devices=getattr(backend, "gpu_devices", ()),  # the local backend's GPUs
         )
         return _Shell(backend, lane, asyncio.Semaphore(self._settings.submit_concurrency), wake)
 
@@ -109,13 +111,13 @@ class Dispatcher:
             self.requeue(job, due)
         else:
             lane = self._lanes[job.backend].lane
-            lane.enqueue(job.id, tracking.queue_deadline(job), self._key(job))
+            lane.enqueue(job.id, tracking.queue_deadline(job), self._key(job), _gpus(lane, job))
 
     def requeue(self, job: models.Job, at: float) -> None:
         """The job's attempt failed and its retry policy retries it (`Store.retry` recorded
         that): its next attempt is launched at `at`."""
         lane = self._lanes[job.backend].lane
-        lane.requeue_at(job.id, at, tracking.queue_deadline(job), self._key(job))
+        lane.requeue_at(job.id, at, tracking.queue_deadline(job), self._key(job), _gpus(lane, job))
 
     def _key(self, job: models.Job) -> float:
         """The job's place in its lane (`lanes`): since when it has waited, less what its
@@ -123,8 +125,11 @@ class Dispatcher:
         return tracking.queued_since(job) - job.spec.priority * self._settings.priority_aging_s
 
     def adopt(self, job: models.Job) -> None:
-        """Count a job recovered at start-up, already past dispatch, against its lane's cap."""
-        self._lanes[job.backend].lane.adopt(job.id)
+        """Count a job recovered at start-up, already past dispatch, against its lane's cap
+        (with the devices its launch was given)."""
+        devices = job.info.get("gpus")
+        held = [str(d) for d in devices] if isinstance(devices, list) else []
+        self._lanes[job.backend].lane.adopt(job.id, held)
 
     def in_flight(self, backend: str) -> int:
         return self._lanes[backend].lane.in_flight
@@ -326,6 +331,8 @@ class Dispatcher:
         settling an attempt whose outcome is unknown, a refusal proves nothing about the
         earlier call: look again later rather than start a new attempt."""
         lane = shell.lane
+        if devices := lane.devices_of(job.id):  # the lane's pick: the backend hands them on
+            job = dataclasses.replace(job, info={**job.info, "gpus": list(devices)})
         try:
             submitted = await shell.backend.submit(job)
         except errors.StartFailed as exc:
@@ -522,6 +529,12 @@ class Dispatcher:
                 job.id, job.state, models.JobState.LOST, reason=reason, info={"failure": "lost"}
             )
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)
+
+
+def _gpus(lane: lanes.Lane, job: models.Job) -> int:
+    """The lane's devices the job needs: its GPUs, where the lane hands devices out."""
+    resources = job.spec.resources
+    return (resources.gpus or 0) if lane.devices and resources is not None else 0
 
 
 def _attempt_started(job: models.Job) -> float:

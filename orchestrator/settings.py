@@ -201,6 +201,19 @@ class LocalSettings(_Section):
     # store's directory and the work directory (but for the job's own attempt directory) are
     # empty, where the kernel allows it (else a warning at start-up); "off": jobs see them.
     hide_state: Literal["auto", "off"] = "auto"
+    # This host's GPUs as CUDA numbers them ("0,1,2,3"): handed out to jobs that ask for
+    # `resources.gpus`, each job told its own in CUDA_VISIBLE_DEVICES (and jobs that ask for
+    # none, none); a job waits until enough are free. Empty: jobs asking for GPUs are refused.
+    gpus: _StrList = pydantic.Field(default_factory=list)
+
+    @pydantic.field_validator("gpus")
+    @classmethod
+    def _distinct_devices(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a device is listed twice: {value}")
+        if any(not device or "," in device for device in value):
+            raise ValueError(f"device names are non-empty and hold no comma: {value}")
+        return value
 
 
 class AwsBackendSettings(_Section):

@@ -19,13 +19,15 @@ The protocol is one JSON object per line, on one connection at a time (the daemo
 - keeper → daemon, on connecting: `{"op": "hello", "version", "pid", "jobs": [JOB...]}` where
   JOB is `{"key", "pid", "start", "result"}`, `result` null while the job runs;
 - daemon → keeper: `{"op": "launch", "key", "dir", "command", "env", "cwd", "cgroup",
-  "memory_cgroup", "user", "hidden", "limit"}`, answered by `{"op": "launched", "key", "pid",
-  "start"}` or `{"op": "failed", "key", "errno", "error"}` (nothing ran). The launch claims
-  `dir/claim` first (O_EXCL): a restarted daemon that claimed it has declared the attempt never
-  launched. `memory_cgroup` (the attempt's v1 memory cgroup, which only counts OOM kills; its
-  child joins it best-effort) is optional, so version 1 still holds both ways: a keeper from
-  before it ignores it (the attempt's OOM kills are then not known), one that has it runs
-  launches without it as before;
+  "memory_cgroup", "cpu_cgroup", "user", "hidden", "limit"}`, answered by `{"op": "launched",
+  "key", "pid", "start"}` or `{"op": "failed", "key", "errno", "error"}` (nothing ran). The
+  launch claims `dir/claim` first (O_EXCL): a restarted daemon that claimed it has declared the
+  attempt never launched. `memory_cgroup` (the attempt's v1 memory cgroup, which only counts
+  OOM kills; its child joins it best-effort) is optional, so version 1 still holds both ways: a
+  keeper from before it ignores it (the attempt's OOM kills are then not known), one that has
+  it runs launches without it as before. `cpu_cgroup` (the attempt's v1 cpu cgroup: its CPU limit,
+  which its child must join) is optional likewise; the daemon moves the job into it after a
+  keeper from before it launched the job;
 - keeper → daemon, when a job's own process has ended and its output is copied:
   `{"op": "exited", "key", "result": {"exit_code", "signal", "error", "started_at",
   "finished_at"}}`;
@@ -237,7 +239,7 @@ class Keeper:
         names = {
             os.path.basename(path)
             for job in self.jobs.values()
-            for path in (job.launch.cgroup, job.launch.memory_cgroup)
+            for path in (job.launch.cgroup, job.launch.memory_cgroup, job.launch.cpu_cgroup)
             if path
         }
         for line in cgroups.splitlines():
@@ -360,6 +362,7 @@ class Keeper:
             cwd=str(message["cwd"]),
             cgroup=message.get("cgroup"),
             memory_cgroup=message.get("memory_cgroup") or None,
+            cpu_cgroup=message.get("cpu_cgroup") or None,
             user=user,
             hidden=[str(path) for path in message.get("hidden") or []],
             keep=attempt_dir,

@@ -273,6 +273,7 @@ class Launch:
     __slots__ = (
         "cgroup",
         "command",
+        "cpu_cgroup",
         "cwd",
         "env",
         "hidden",
@@ -293,6 +294,7 @@ class Launch:
         keep: str | None = None,
         hide: Callable[[list[str], str | None], None] | None = None,
         memory_cgroup: str | None = None,
+        cpu_cgroup: str | None = None,
     ) -> None:
         self.command = command
         self.env = env
@@ -303,6 +305,7 @@ class Launch:
         self.keep = keep
         self.hide = hide  # `_sandbox.hide`, handed over by the keeper that imported it
         self.memory_cgroup = memory_cgroup  # the attempt's v1 memory cgroup: OOM kills counted
+        self.cpu_cgroup = cpu_cgroup  # the attempt's v1 cpu cgroup: its CPU limit
 
 
 def exec_child(launch: Launch, stdout: int, stderr: int, report: int) -> None:
@@ -312,6 +315,8 @@ def exec_child(launch: Launch, stdout: int, stderr: int, report: int) -> None:
     try:
         if launch.cgroup is not None:
             join(launch.cgroup)
+        if launch.cpu_cgroup is not None:
+            join(launch.cpu_cgroup)  # its CPU limit: not run without it
         if launch.memory_cgroup is not None:
             try:
                 join(launch.memory_cgroup)

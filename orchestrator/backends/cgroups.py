@@ -73,6 +73,7 @@ class Containment:
     detail: str
     kill_file: bool = False  # `cgroup.kill` exists (kernel ≥ 5.14); else each member is killed
     memory: str = "no memory controller"  # whether job cgroups get `memory.events`, and why
+    cpu: str = "no cpu controller"  # whether job cgroups get `cpu.max` ("cpu.max"), and why
 
     @property
     def enabled(self) -> bool:
@@ -169,29 +170,55 @@ def oom_detection(containment: Containment, memory: MemoryV1) -> str:
     return f"not known ({why}; cgroup v1 memory: {memory.detail})"
 
 
-def own_memory_v1() -> Path:
-    """This process's cgroup directory in the v1 hierarchy of the memory controller (its line
-    of /proc/self/cgroup naming `memory`, under the mount of that hierarchy that shows it)."""
+def probe_cpu_v1(*, enabled: bool, create: bool) -> MemoryV1:
+    """`probe_memory_v1` for the v1 cpu hierarchy: where an attempt with `resources.cpu` gets a
+    cpu cgroup (v1) of its own whose CFS quota is its limit, on a host whose v2 job cgroups have
+    no cpu controller (hybrid, legacy)."""
+    if not enabled:
+        return MemoryV1(None, 'off (local.cgroup = "off")')
+    try:
+        own = own_memory_v1("cpu")
+        root = own / JOBS_V1
+        if not (own / "cpu.cfs_quota_us").is_file():
+            raise errors.CgroupUnusable(f"{own} has no cpu.cfs_quota_us (no CFS bandwidth control)")
+        if not os.access(root if root.exists() else own, os.W_OK):
+            raise errors.CgroupUnusable(f"{own} is not writable by uid {os.geteuid()}")
+        if create:
+            root.mkdir(exist_ok=True)
+    except errors.CgroupUnusable as exc:
+        return MemoryV1(None, str(exc))
+    except OSError as exc:
+        return MemoryV1(None, f"{exc.filename or 'cgroup'}: {exc.strerror}")
+    return MemoryV1(root, f"each job with a cpu limit in a cpu cgroup (v1) of its own under {root}")
+
+
+def own_memory_v1(controller: str = "memory") -> Path:
+    """This process's cgroup directory in the v1 hierarchy of `controller` (its line of
+    /proc/self/cgroup naming it, under the mount of that hierarchy that shows it)."""
     own = None
     with open("/proc/self/cgroup") as fh:
         for line in fh:
             number, controllers, path = line.rstrip("\n").split(":", 2)
-            if number != "0" and "memory" in controllers.split(","):
+            if number != "0" and controller in controllers.split(","):
                 own = path
     if own is None:
-        raise errors.CgroupUnusable("no cgroup v1 memory hierarchy (cgroup v2 only, or none)")
+        raise errors.CgroupUnusable(
+            f"no cgroup v1 {controller} hierarchy (cgroup v2 only, or none)"
+        )
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
             separator = fields.index("-")
             if fields[separator + 1] != "cgroup":
                 continue
-            if "memory" not in fields[separator + 3].split(","):
+            if controller not in fields[separator + 3].split(","):
                 continue
             mount_root, mount_point = _unescape(fields[3]), _unescape(fields[4])
             if own == mount_root or own.startswith(mount_root.rstrip("/") + "/"):
                 return Path(mount_point, own[len(mount_root) :].lstrip("/"))
-    raise errors.CgroupUnusable(f"no v1 memory hierarchy mounted shows this process's cgroup {own}")
+    raise errors.CgroupUnusable(
+        f"no v1 {controller} hierarchy mounted shows this process's cgroup {own}"
+    )
 
 
 def _unescape(field: str) -> str:
@@ -240,33 +267,44 @@ def _usable(
         f"each job in a cgroup of its own under {root}",
         kill_file=_has_kill_file(root if root.exists() else existing),
         memory=enable_memory(levels, create=create),
+        cpu=enable_cpu(levels, create=create),
     )
 
 
-def enable_memory(levels: list[Path], *, create: bool) -> str:
+def enable_cpu(levels: list[Path], *, create: bool) -> str:
+    """`enable_memory` for the cpu controller (a job's `resources.cpu` is its `cpu.max`):
+    "cpu.max" once enabled, else why not."""
+    found = enable_memory(levels, create=create, controller="cpu")
+    return "cpu.max" if found == "memory.events" else found
+
+
+def enable_memory(levels: list[Path], *, create: bool, controller: str = "memory") -> str:
     """Have the memory controller enabled for the cgroups below the last of `levels` (each
     one's child): `+memory` in each one's `cgroup.subtree_control`, top down, where its
     `cgroup.controllers` lists it. What came of it, as said at start-up: "memory.events" once
     enabled (or, without `create`, where it would be), else why not. Never raises."""
     for level in levels:
         try:
-            if "memory" in _words(level / "cgroup.subtree_control"):
+            if controller in _words(level / "cgroup.subtree_control"):
                 continue
-            if "memory" not in _words(level / "cgroup.controllers"):
-                return f"no memory controller in {level}: OOM kills are not known"
+            if controller not in _words(level / "cgroup.controllers"):
+                return f"no {controller} controller in {level}{_UNKNOWN[controller]}"
             if not create:
                 continue
-            (level / "cgroup.subtree_control").write_text("+memory")
+            (level / "cgroup.subtree_control").write_text(f"+{controller}")
         except FileNotFoundError:
             if create or level is levels[0]:
-                return f"{level} does not exist: OOM kills are not known"
+                return f"{level} does not exist{_UNKNOWN[controller]}"
             break  # not made yet (probed without making anything): the level above decides
         except OSError as exc:
             return (
-                f"cannot enable the memory controller in {level} ({exc.strerror}): OOM kills "
-                "are not known"
+                f"cannot enable the {controller} controller in {level} ({exc.strerror})"
+                f"{_UNKNOWN[controller]}"
             )
     return "memory.events"
+
+
+_UNKNOWN = {"memory": ": OOM kills are not known", "cpu": ""}  # what follows from it
 
 
 def _words(path: Path) -> list[str]:

@@ -80,6 +80,7 @@ from orchestrator.backends import (
 from orchestrator.settings import LocalSettings
 
 log = structlog.get_logger("orchestrator.backends.local")
+_CPU_PERIOD_US = 100_000  # the CFS period a CPU limit is a quota of (the kernel's default)
 
 RUNNER = Path(_runner.__file__)
 
@@ -113,6 +114,7 @@ class LocalBackend:
         self._hidden_from_jobs = list(hidden_from_jobs)
         self._hidden: list[str] = []  # what daemon-mode jobs do not see, once checked
         self.max_in_flight = settings.max_concurrency
+        self.gpu_devices = tuple(settings.gpus)  # handed out by the dispatcher's lane
         self._wake: base.Wake = lambda _job_id: None
         self._keeper = keeper.KeeperClient(work_dir, self._keeper_said)
         self._killers: dict[str, asyncio.Task[None]] = {}
@@ -120,6 +122,7 @@ class LocalBackend:
         self._unsure: dict[str, int] = {}  # external id → inconclusive reads in a row
         self._containment = cgroups.Containment(None, "not started")
         self._memory = cgroups.MemoryV1(None, "not started")
+        self._cpu = cgroups.MemoryV1(None, "not started")  # v1 cpu cgroups, where v2 has no cpu
         self._watches = local_watch.Watches(lambda job_id: self._wake(job_id))
 
     @property
@@ -142,6 +145,8 @@ class LocalBackend:
             enabled=self._settings.cgroup == "auto", root=self._settings.cgroup_root, create=True
         )
         self._memory = cgroups.probe_memory_v1(enabled=self._settings.cgroup == "auto", create=True)
+        if self._cpu_limit_file() is None:  # job cgroups without the cpu controller: v1's
+            self._cpu = cgroups.probe_cpu_v1(enabled=self._settings.cgroup == "auto", create=True)
         if self._containment.enabled:
             log.info(
                 "local.cgroups",
@@ -236,14 +241,23 @@ class LocalBackend:
                 "job.image",
             )
         if (resources := spec.resources) is not None:
-            if resources.cpu is not None:
+            if resources.cpu is not None and self._cpu_limit_file() is None:
                 raise errors.InvalidJob(
-                    "the local backend does not limit CPU (yet): run it on ECS or Batch, or "
-                    "leave cpu out",
+                    "this host cannot limit a local job's CPU: no cgroup with the cpu "
+                    f"controller ({self._containment.cpu}; cgroup v1: {self._cpu.detail})",
                     "job.resources.cpu",
                 )
-            if resources.gpus is not None:
-                raise errors.InvalidJob("the local backend hands out no GPUs", "job.resources.gpus")
+            if resources.gpus is not None and resources.gpus > len(self.gpu_devices):
+                have = (
+                    f"only {len(self.gpu_devices)} (local.gpus = {','.join(self.gpu_devices)})"
+                    if self.gpu_devices
+                    else "none (local.gpus is empty)"
+                )
+                raise errors.InvalidJob(
+                    f"this host hands out {have}: a job needing {resources.gpus} would wait "
+                    "for ever",
+                    "job.resources.gpus",
+                )
             if resources.memory_mib is not None and self._memory_limit_file() is None:
                 raise errors.InvalidJob(
                     "this host cannot limit a local job's memory: no cgroup with the memory "
@@ -308,6 +322,39 @@ class LocalBackend:
             return "memory.max"
         return "memory.limit_in_bytes" if self._memory.enabled else None
 
+    def _cpu_limit_file(self) -> str | None:
+        """Where a job's CPU limit is written: its v2 cgroup's `cpu.max` where job cgroups
+        have the cpu controller, else its v1 cpu cgroup's `cpu.cfs_quota_us`; None when
+        neither is made here."""
+        if self._containment.enabled and self._containment.cpu == "cpu.max":
+            return "cpu.max"
+        return "cpu.cfs_quota_us" if self._cpu.enabled else None
+
+    def _limit_cpu(self, job: models.Job, cgroup: Path | None, cpus: float) -> Path | None:
+        """Write the attempt's CPU limit (`cpus` times the CFS period, per period) before it
+        starts: in its v2 cgroup, or in a v1 cpu cgroup of its own, which it returns (the
+        runner joins it). A limit that cannot be written fails the launch (nothing started)."""
+        quota = max(1000, round(cpus * _CPU_PERIOD_US))
+        where = None
+        try:
+            if self._cpu_limit_file() == "cpu.max":
+                if cgroup is None:
+                    raise OSError("no cgroup for this attempt")
+                (cgroup / "cpu.max").write_text(f"{quota} {_CPU_PERIOD_US}")
+                return None
+            if self._cpu.root is None:
+                raise OSError("no cpu cgroup for this attempt")
+            where = self._cpu.root / f"{job.id}-{job.attempt}"
+            cgroups.make(where)
+            (where / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
+            (where / "cpu.cfs_quota_us").write_text(str(quota))
+        except OSError as exc:
+            self._remove_cgroups(cgroup, where)
+            raise errors.StartFailed(
+                f"cannot limit the job's CPU to {cpus:g}: {exc}", retryable=False
+            ) from exc
+        return where
+
     def _limit_memory(
         self, job: models.Job, cgroup: Path | None, memory: Path | None, mib: int
     ) -> None:
@@ -367,6 +414,7 @@ class LocalBackend:
         return await asyncio.to_thread(users.lookup, job.peer.uid, job.peer.gid)
 
     async def submit(self, job: models.Job) -> base.Submitted:
+        gpus = self._gpus_of(job)
         user = await self._submitter(job)
         attempt_dir = self.attempt_dir(job)
         try:
@@ -399,7 +447,17 @@ class LocalBackend:
         limit = job.spec.resources.memory_mib if job.spec.resources is not None else None
         if limit is not None:
             self._limit_memory(job, cgroup, memory, limit)
+        cpus = job.spec.resources.cpu if job.spec.resources is not None else None
+        cpu = None
+        if cpus is not None:
+            try:
+                cpu = self._limit_cpu(job, cgroup, cpus)
+            except errors.StartFailed:
+                self._remove_cgroups(None, memory)
+                raise
         env, cwd = self._environment(job.spec, job.id, job.attempt, attempt_dir, user)
+        if self.gpu_devices:  # its own GPUs, or none: never another job's
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         request = {
             "dir": str(attempt_dir),
             "command": list(job.spec.command),
@@ -407,6 +465,7 @@ class LocalBackend:
             "cwd": cwd,
             "cgroup": None if cgroup is None else str(cgroup),
             "memory_cgroup": None if memory is None else str(memory),
+            "cpu_cgroup": None if cpu is None else str(cpu),
             "user": None if user is None else user.runner_arg(),
             "hidden": self._hidden if user is None else [],
             "limit": self._settings.max_output_bytes,
@@ -416,7 +475,7 @@ class LocalBackend:
         except (errors.KeeperUnavailable, errors.LaunchFailed) as exc:
             # Nothing ran: EAGAIN, ENOMEM, EMFILE, no keeper (the host is short of something
             # now) are worth a retry; what the same launch would meet again is not.
-            self._remove_cgroups(cgroup, memory)
+            self._remove_cgroups(cgroup, memory, cpu)
             code = exc.errno if isinstance(exc, errors.LaunchFailed) else None
             raise errors.StartFailed(
                 f"cannot start the job: {exc}", retryable=code not in _PERMANENT_SPAWN_ERRORS
@@ -425,6 +484,10 @@ class LocalBackend:
             raise errors.OutcomeUnknown(
                 f"the job keeper did not answer the launch: {exc!r}; it may have started"
             ) from exc
+        if cpu is not None and str(record.pid) not in _read_words(cpu / "cgroup.procs"):
+            # A keeper from before `cpu_cgroup` launched it: moved into its limit now.
+            with contextlib.suppress(OSError):
+                (cpu / "cgroup.procs").write_text(str(record.pid))
         external_id = f"{record.pid}:{record.start}"
         if cgroup is not None:
             external_id += f":{cgroup}"
@@ -435,8 +498,22 @@ class LocalBackend:
             info={"pid": record.pid, "dir": str(attempt_dir), "keeper": self._keeper.keeper_pid}
             | ({"cgroup": str(cgroup)} if cgroup is not None else {})
             | ({"memory_cgroup": str(memory)} if memory is not None else {})
-            | ({"uid": user.uid, "gid": user.gid} if user is not None else {}),
+            | ({"cpu_cgroup": str(cpu)} if cpu is not None else {})
+            | ({"uid": user.uid, "gid": user.gid} if user is not None else {})
+            | ({"gpus": gpus} if gpus else {}),
         )
+
+    def _gpus_of(self, job: models.Job) -> list[str]:
+        """The GPUs the dispatcher's lane gave this attempt (`job.info["gpus"]`); a job that
+        asks for some is never launched without them."""
+        given = job.info.get("gpus")
+        gpus = [str(d) for d in given] if isinstance(given, list) else []
+        wanted = job.spec.resources.gpus if job.spec.resources is not None else None
+        if wanted and len(gpus) != wanted:
+            raise errors.StartFailed(
+                f"the job needs {wanted} GPUs and was given {len(gpus)} ({gpus})", retryable=True
+            )
+        return gpus
 
     # -- observe ---------------------------------------------------------------------------
 
@@ -492,16 +569,21 @@ class LocalBackend:
         failed = done.state is models.JobState.FAILED and done.failure == "user"
         if result is not None and failed and local_files.oom_killed(cgroup, memory):
             done = local_files.outcome(external_id, result, oom_killed=True)
-        self._remove_cgroups(cgroup, memory)
+        cpu = job.info.get("cpu_cgroup")
+        self._remove_cgroups(cgroup, memory, Path(cpu) if isinstance(cpu, str) else None)
         self._forget(external_id)
         return done
 
     @staticmethod
-    def _remove_cgroups(cgroup: Path | None, memory: Path | None) -> None:
+    def _remove_cgroups(cgroup: Path | None, memory: Path | None, cpu: Path | None = None) -> None:
         """The attempt is over (or never started): its cgroup (empty by now) and its v1 memory
-        cgroup go. One that cannot be removed is left behind, and said so; the job has ended
-        all the same."""
-        for path, remove in ((cgroup, cgroups.remove), (memory, cgroups.remove_v1)):
+        and cpu cgroups go. One that cannot be removed is left behind, and said so; the job has
+        ended all the same."""
+        for path, remove in (
+            (cgroup, cgroups.remove),
+            (memory, cgroups.remove_v1),
+            (cpu, cgroups.remove_v1),
+        ):
             if path is None:
                 continue
             try:
@@ -722,6 +804,9 @@ class LocalBackend:
         if located.launched is False and (memory := self._new_memory_cgroup(job)) is not None:
             with contextlib.suppress(OSError):  # made before a crash, never joined
                 cgroups.remove_v1(memory)
+        if located.launched is False and (cpu := self._cpu.root) is not None:
+            with contextlib.suppress(OSError):  # likewise
+                cgroups.remove_v1(cpu / f"{job.id}-{job.attempt}")
         if cgroup is None:
             return located
         if located.launched is False:  # made before a crash, never joined: not needed now
@@ -754,3 +839,10 @@ class LocalBackend:
             killer.cancel()
         self._unsure.pop(external_id, None)
         self._watches.forget(external_id)
+
+
+def _read_words(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []

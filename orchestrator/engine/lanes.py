@@ -14,13 +14,18 @@ dispatcher gives each job the key `queued_at - priority * aging_s`: a job of pri
 launched before the jobs of priority 0 that came up to p * aging_s before it and after those
 that came earlier — so priority orders the queue, and waiting long enough beats any priority
 (no job starves). With every key equal, the lane is first come, first served.
+
+Devices (the local backend's GPUs, `local.gpus`): a lane given some hands them out. A job that
+needs `gpus` of them is launched only when that many are free — the jobs behind it that fit go
+first meanwhile — and holds those it was given (`devices_of`) until it leaves flight; a job
+adopted after a restart holds the ones its launch recorded.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +73,7 @@ class Lane:
         max_attempts: int,
         budget_s: float,
         wake: Callable[[], None] = lambda: None,
+        devices: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.cap = cap  # jobs in flight at most
@@ -83,6 +89,10 @@ class Lane:
         self._settle_tries: dict[str, int] = {}
         self._deadlines: dict[str, float] = {}  # queue deadlines of the jobs the lane holds
         self._paused = False  # no launches while the backend cannot start anything
+        self.devices = tuple(devices)
+        self._free = list(devices)  # the devices no job holds, in their configured order
+        self._held: dict[str, tuple[str, ...]] = {}  # by job
+        self._needs: dict[str, int] = {}  # devices each job needs (only those that need some)
 
     # -- what it holds ---------------------------------------------------------------------
 
@@ -110,28 +120,49 @@ class Lane:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def enqueue(self, job_id: str, queue_deadline: float | None = None, key: float = 0.0) -> None:
+    def devices_of(self, job_id: str) -> tuple[str, ...]:
+        """The devices the job holds (none unless it needs some and is in flight)."""
+        return self._held.get(job_id, ())
+
+    def enqueue(
+        self, job_id: str, queue_deadline: float | None = None, key: float = 0.0, gpus: int = 0
+    ) -> None:
         """A QUEUED job is ready for its (next) attempt, launched in the order of `key` (then
-        of enqueueing); a no-op if the lane has it already."""
+        of enqueueing) once `gpus` of the lane's devices are free; a no-op if the lane has it
+        already."""
         if job_id in self._queued or job_id in self._in_flight:
             return
         self._queued.add(job_id)
         self._keys[job_id] = key
+        self._need(job_id, gpus)
         self._make_ready(job_id)
         if queue_deadline is not None:
             self._deadlines[job_id] = queue_deadline
             self._push(queue_deadline, job_id, "expire")
         self._wake()
 
-    def adopt(self, job_id: str) -> None:
-        """Count a job past dispatch (recovered at start-up) against the cap."""
+    def adopt(self, job_id: str, devices: Sequence[str] = ()) -> None:
+        """Count a job past dispatch (recovered at start-up) against the cap, holding the
+        `devices` its launch recorded (those the lane has)."""
         self._in_flight.add(job_id)
+        if held := tuple(d for d in devices if d in self._free):
+            self._held[job_id] = held
+            self._free = [d for d in self._free if d not in held]
 
     def release(self, job_id: str) -> None:
-        """The job no longer holds a slot (it ended, never launched, or failed to start)."""
-        if job_id in self._in_flight:
-            self._in_flight.discard(job_id)
+        """The job no longer holds a slot (it ended, never launched, or failed to start), nor
+        devices."""
+        if self._let_go(job_id):
             self._wake()
+
+    def _let_go(self, job_id: str) -> bool:
+        """The job out of flight, its devices free; whether that freed anything."""
+        freed = self._held.pop(job_id, ())
+        if freed:
+            self._free = [d for d in self.devices if d in self._free or d in freed]
+        in_flight = job_id in self._in_flight
+        self._in_flight.discard(job_id)
+        return in_flight or bool(freed)
 
     def ended(self, job_id: str) -> None:
         """The job is terminal: out of the queue and out of flight."""
@@ -139,24 +170,31 @@ class Lane:
         self._keys.pop(job_id, None)
         self._settle_tries.pop(job_id, None)
         self._deadlines.pop(job_id, None)
+        self._needs.pop(job_id, None)
         self.release(job_id)
 
     def retry_at(self, job_id: str, at: float) -> None:
         """A start that failed is tried again at `at` (unless its queue deadline has passed by
-        then: it is expired instead): the slot is freed meanwhile."""
-        self._in_flight.discard(job_id)
+        then: it is expired instead): the slot is freed meanwhile, and its devices."""
+        self._let_go(job_id)
         self._queued.add(job_id)
         self._push(at, job_id, "dispatch")
         self._wake()
 
     def requeue_at(
-        self, job_id: str, at: float, queue_deadline: float | None = None, key: float = 0.0
+        self,
+        job_id: str,
+        at: float,
+        queue_deadline: float | None = None,
+        key: float = 0.0,
+        gpus: int = 0,
     ) -> None:
         """The job's attempt ended in a failure its retry policy retries: out of flight, its
         next attempt is launched at `at` (in the order of `key` then) — unless its new queue
         deadline passes first."""
         self.ended(job_id)
         self._keys[job_id] = key
+        self._need(job_id, gpus)
         if queue_deadline is not None:
             self._deadlines[job_id] = queue_deadline
             self._push(queue_deadline, job_id, "expire")
@@ -212,24 +250,41 @@ class Lane:
                 actions.append(self._expire(job_id))
             # An expiry while the job is in flight: its launch goes on (the poller stops a job
             # that launched and is not running by its deadline); a retry is expired above.
+        waiting: list[tuple[float, int, str]] = []  # ready, but their devices are not free
         while self._ready and len(self._in_flight) < self.cap and not self._paused:
-            _, _, job_id = heapq.heappop(self._ready)
+            entry = heapq.heappop(self._ready)
+            job_id = entry[2]
             if job_id not in self._queued:
                 continue  # ended or expired while it waited
             deadline = self._deadlines.get(job_id)
             if deadline is not None and deadline <= now:
                 actions.append(self._expire(job_id))
                 continue
+            need = self._needs.get(job_id, 0)
+            if need > len(self._free):
+                waiting.append(entry)
+                continue
+            if need:
+                self._held[job_id], self._free = tuple(self._free[:need]), self._free[need:]
             self._queued.discard(job_id)
             self._in_flight.add(job_id)
             actions.append(Launch(job_id))
+        for entry in waiting:
+            heapq.heappush(self._ready, entry)  # in their place: (key, seq) as they were
         return actions
+
+    def _need(self, job_id: str, gpus: int) -> None:
+        if gpus:
+            self._needs[job_id] = gpus
+        else:
+            self._needs.pop(job_id, None)
 
     def _expire(self, job_id: str) -> Expire:
         """Out of the queue for good: it is to be stopped, not launched."""
         self._queued.discard(job_id)
         self._deadlines.pop(job_id, None)
         self._keys.pop(job_id, None)
+        self._needs.pop(job_id, None)
         return Expire(job_id)
 
     def _make_ready(self, job_id: str) -> None:

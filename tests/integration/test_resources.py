@@ -51,11 +51,42 @@ async def test_a_local_job_over_its_memory_is_oom_killed_and_one_within_it_runs(
     assert within_end["state"] == "SUCCEEDED"
 
 
+CPU_V1 = cgroups.probe_cpu_v1(enabled=True, create=False)
+needs_a_cpu_cgroup = pytest.mark.skipif(
+    not (CPU_V1.enabled or (FOUND.enabled and FOUND.cpu == "cpu.max")),
+    reason=f"no cpu cgroup this process may make: v1: {CPU_V1.detail}",
+)
+# Busy for 1.5 s of wall time, then says how much CPU that took and where it ran.
+SPIN = [
+    sys.executable,
+    "-c",
+    "import os, time\n"
+    "t = time.monotonic()\n"
+    "while time.monotonic() - t < 1.5: pass\n"
+    "print(os.times().user, time.monotonic() - t)\n"
+    "print(open('/proc/self/cgroup').read())",
+]
+
+
+@needs_a_cpu_cgroup
+async def test_a_local_job_gets_no_more_cpu_than_it_asked_for(short_tmp: Path) -> None:
+    async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
+        capped = await client.submit({"command": SPIN, "resources": {"cpu": 0.25}})
+        final = await client.wait(capped["id"])
+        said = "".join([line.get("data", "") async for line in client.logs(capped["id"])])
+    assert final["state"] == "SUCCEEDED"
+    used, elapsed = (float(x) for x in said.splitlines()[0].split())
+    assert used < 0.6 * elapsed  # a quarter of a CPU (an unthrottled spin takes ~all of one)
+    where = final["info"].get("cpu_cgroup")
+    if where is not None:  # v1: a cpu cgroup of its own, joined, removed once it ended
+        assert f":{where.split('/sys/fs/cgroup/cpu', 1)[-1]}" in said or Path(where).name in said
+        assert not Path(where).exists()
+
+
 async def test_the_local_backend_refuses_what_it_cannot_enforce(short_tmp: Path) -> None:
     async with running(make_settings(short_tmp)), Client(short_tmp / "o.sock") as client:
         for resources, field, words in [
-            ({"cpu": 2}, "job.resources.cpu", "does not limit CPU"),
-            ({"gpus": 1}, "job.resources.gpus", "hands out no GPUs"),
+            ({"gpus": 1}, "job.resources.gpus", "none (local.gpus is empty)"),
         ]:
             with pytest.raises(errors.RemoteError) as refused:
                 await client.submit({"command": ["true"], "resources": resources})
@@ -133,3 +164,17 @@ async def test_ecs_on_ec2_takes_gpus_and_overrides_win_over_resources(
     assert overrides["memory"] == "4096"  # the escape hatch wins
     (container,) = overrides["containerOverrides"]
     assert container["resourceRequirements"] == [{"type": "GPU", "value": "2"}]
+
+
+async def test_without_cgroups_a_cpu_or_memory_limit_is_refused_saying_why(
+    short_tmp: Path,
+) -> None:
+    settings = make_settings(short_tmp, local={"cgroup": "off"})
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        for resources, field in [({"cpu": 1}, "job.resources.cpu"), ({"memory_mib": 64}, "")]:
+            with pytest.raises(errors.RemoteError) as refused:
+                await client.submit({"command": ["true"], "resources": resources})
+            assert refused.value.code == "invalid_job"
+            assert field in str(refused.value)
+            assert "this host cannot limit a local job's" in str(refused.value)
+            assert 'local.cgroup = "off"' in str(refused.value)

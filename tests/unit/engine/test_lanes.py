@@ -423,3 +423,72 @@ def test_a_start_retried_later_keeps_its_place_by_key() -> None:
     assert [a.job_id for a in lane.due(1.0)] == ["second"]
     lane.ended("second")
     assert [a.job_id for a in lane.due(5.0)] == ["first"]
+
+
+# -- devices (the local backend's GPUs) -------------------------------------------------------
+
+
+def _gpu_lane(cap: int = 10) -> lanes.Lane:
+    return lanes.Lane("local", cap, max_attempts=3, budget_s=60, devices=["0", "1", "2"])
+
+
+def _launches(actions: list[lanes.Action]) -> list[str]:
+    return [a.job_id for a in actions if isinstance(a, lanes.Launch)]
+
+
+def test_a_job_waits_for_its_devices_and_those_behind_it_that_fit_go_first() -> None:
+    lane = _gpu_lane()
+    lane.enqueue("two", gpus=2)
+    lane.enqueue("big", gpus=2)  # only one left after "two"
+    lane.enqueue("cpu")
+    lane.enqueue("one", gpus=1)
+    assert _launches(lane.due(0.0)) == ["two", "cpu", "one"]
+    assert (lane.devices_of("two"), lane.devices_of("one")) == (("0", "1"), ("2",))
+    assert lane.devices_of("cpu") == ()
+    assert _launches(lane.due(0.0)) == []  # "big" still waits
+    lane.ended("one")  # one device back: not enough
+    assert _launches(lane.due(0.0)) == []
+    lane.ended("two")
+    assert _launches(lane.due(0.0)) == ["big"]
+    assert lane.devices_of("big") == ("0", "1")  # in their configured order
+
+
+def test_devices_come_back_on_every_way_out_of_flight() -> None:
+    lane = _gpu_lane()
+    lane.enqueue("a", gpus=3)
+    assert _launches(lane.due(0.0)) == ["a"]
+    lane.retry_at("a", 5.0)  # a start failed: devices freed while it waits
+    lane.enqueue("b", gpus=3)
+    assert _launches(lane.due(1.0)) == ["b"]
+    lane.release("b")  # a final start failure
+    assert _launches(lane.due(6.0)) == ["a"]
+    lane.requeue_at("a", 10.0, gpus=3)  # its attempt failed and is retried
+    lane.enqueue("c", gpus=3)
+    assert _launches(lane.due(7.0)) == ["c"]
+    lane.ended("c")
+    assert _launches(lane.due(10.0)) == ["a"]
+    assert lane.devices_of("a") == ("0", "1", "2")
+
+
+def test_an_adopted_job_holds_the_devices_its_launch_recorded() -> None:
+    lane = _gpu_lane()
+    lane.adopt("old", ["1", "7"])  # "7" is not this lane's any more: ignored
+    assert lane.devices_of("old") == ("1",)
+    lane.enqueue("new", gpus=2)
+    assert _launches(lane.due(0.0)) == ["new"]
+    assert lane.devices_of("new") == ("0", "2")
+    lane.enqueue("more", gpus=1)
+    assert _launches(lane.due(0.0)) == []
+    lane.ended("old")
+    assert _launches(lane.due(0.0)) == ["more"]
+    assert lane.devices_of("more") == ("1",)
+
+
+def test_a_waiting_job_still_expires_at_its_deadline() -> None:
+    lane = _gpu_lane()
+    lane.enqueue("hog", gpus=3)
+    lane.enqueue("late", queue_deadline=5.0, gpus=1)
+    assert _launches(lane.due(0.0)) == ["hog"]
+    assert [type(a).__name__ for a in lane.due(5.0)] == ["Expire"]
+    lane.ended("hog")
+    assert lane.due(6.0) == []
