@@ -180,12 +180,8 @@ class Dispatcher:
                 return
             size, children = parent.spec.array_size or 0, f"{parent_id}:"
             if parent.stop_reason is not None:  # stopped: so is every child that has not ended
-                for child in await self._store.list_jobs(
-                    models.ACTIVE, limit=size, id_prefix=children
-                ):
-                    if child.stop_reason is None:
-                        stopped = await self._store.request_stop(child.id, parent.stop_reason)
-                        self._poller.update(stopped)
+                for child in await self._store.stop_children(parent_id, parent.stop_reason):
+                    self._poller.update(child)  # launched: its backend stops it
             counts = await self._store.count_children(parent_id)
             first_failed = None
             if sum(counts.get(s.value, 0) for s in models.TERMINAL) >= size:
@@ -258,9 +254,13 @@ class Dispatcher:
             log.exception("dispatch.dependencies_failed", job_id=job_id)
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for name, shell in self._lanes.items():
-                tg.create_task(self._run_lane(shell, tg), name=f"dispatch-{name}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, shell in self._lanes.items():
+                    tg.create_task(self._run_lane(shell, tg), name=f"dispatch-{name}")
+        finally:  # stopping: the looks at dependencies and arrays stop too (a restart redoes them)
+            for task in list(self._checks):
+                task.cancel()
 
     async def _run_lane(self, shell: _Shell, tg: asyncio.TaskGroup) -> None:
         lane = shell.lane

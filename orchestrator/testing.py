@@ -557,6 +557,17 @@ class InMemoryStore(store.Store):
             job = self._commit(dataclasses.replace(job, stop_reason=why))
         return job
 
+    async def stop_children(self, parent_id: str, why: models.StopReason) -> list[models.Job]:
+        self._writable()
+        prefix, launched = f"{parent_id}:", []
+        for job_id in sorted(self.data.jobs):
+            child = self.data.jobs[job_id]
+            if job_id.startswith(prefix) and not child.state.terminal and not child.stop_reason:
+                stopped = await self.request_stop(job_id, why)
+                if not stopped.state.terminal:
+                    launched.append(stopped)
+        return launched
+
     async def purge(self, older_than: float) -> list[str]:
         self._writable()
         ids = [

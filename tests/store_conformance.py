@@ -1033,6 +1033,27 @@ async def an_array_expands_into_its_children_all_at_once_with_their_events(h: Ha
 
 
 @case
+async def an_arrays_children_are_stopped_in_one_operation(h: Harness) -> None:
+    parent = await h.accept(_spec(array_size=4))
+    _, children = await h.store.expand(parent.id, [_spec()] * 4)
+    running = await h.launched(children[0])
+    done = await h.launched(children[1])
+    done = await h.store.transition(done.id, S.SUBMITTED, S.SUCCEEDED)
+    before = len(h.published)
+    launched = await h.store.stop_children(parent.id, "cancel")
+    assert [(j.id, j.state, j.stop_reason) for j in launched] == [
+        (running.id, S.SUBMITTED, "cancel")
+    ]
+    assert [(e.job_id, e.to_state) for e in h.published[before:]] == [
+        (children[2].id, S.CANCELLED),
+        (children[3].id, S.CANCELLED),
+    ]
+    assert (await h.store.get(done.id)).state == S.SUCCEEDED  # an ended child stays as it was
+    assert await h.store.stop_children(parent.id, "timeout") == []  # asked once only
+    assert (await h.store.get(running.id)).stop_reason == "cancel"
+
+
+@case
 async def dependents_are_found_backwards_until_purged(h: Harness) -> None:
     first, other = await h.accept(), await h.accept()
     (a, _), (b, _) = (

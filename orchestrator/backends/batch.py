@@ -342,9 +342,14 @@ class BatchBackend(AwsBackendBase):
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
         if state == S.SUCCEEDED:
             reason = None
-        elif summary and state == S.FAILED and not reason:
-            reason = f"{summary.get('FAILED', 0)} of {array.get('size')} child jobs failed"
-        classified = failures.batch_job(detail) if state == S.FAILED else None
+        failure = None
+        if summary and state == S.FAILED:
+            # An array failed because children did (each ran, and was retried by Batch's
+            # strategy): theirs are the failures, `user` unless a child says otherwise.
+            failed = f"{summary.get('FAILED', 0)} of {array.get('size')} child jobs failed"
+            reason, failure = (f"{failed} ({reason})" if reason else failed), "user"
+        elif state == S.FAILED and (classified := failures.batch_job(detail)) is not None:
+            failure = classified.failure
         return base.Observation(
             detail["jobId"],
             state,
@@ -352,7 +357,7 @@ class BatchBackend(AwsBackendBase):
             reason=reason,
             exit_code=exit_code,
             info=info,
-            failure=None if classified is None else classified.failure,
+            failure=failure,
         )
 
     async def describe_child(self, parent: models.Job, index: int) -> base.Observation | None:

@@ -278,6 +278,11 @@ class Store(Protocol):
         first reason asked for, until the stop is observed. A finished job is left as it is."""
         ...
 
+    async def stop_children(self, parent_id: str, why: models.StopReason) -> list[models.Job]:
+        """`request_stop` of every unfinished child of an array job not yet asked to stop, in
+        one operation; the ones launched (their backend must stop them), now asked to."""
+        ...
+
     async def purge(self, older_than: float) -> list[str]:
         """Delete terminal jobs last changed before `older_than` (Unix time), with their
         history and attempts, at most `PURGE_SLICE` per call; return their ids. Call again

@@ -307,23 +307,44 @@ class SqliteStore(Store):
 
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
         def op(conn: sqlite3.Connection) -> _Written:
-            job = rows.fetch(conn, job_id)
-            if job.state.terminal:
-                return job, []
-            if job.state == models.JobState.QUEUED and not job.launching:
-                final, reason = tracking.stopped_outcome(job, why)
-                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
-                return rows.apply(
-                    conn,
-                    rows.fetch(conn, job_id),
-                    final,
-                    self._clock(),
-                    reason=reason,
-                    info={"failure": tracking.stop_failure(why)},
-                )
-            if job.stop_reason is None:
-                conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job_id))
-            return rows.fetch(conn, job_id), []
+            return self._stop(conn, rows.fetch(conn, job_id), why)
+
+        return await self._io.write(op)
+
+    def _stop(self, conn: sqlite3.Connection, job: models.Job, why: models.StopReason) -> _Written:
+        """`request_stop` of `job` (as just read), on the writer thread."""
+        if job.state.terminal:
+            return job, []
+        if job.state == models.JobState.QUEUED and not job.launching:
+            final, reason = tracking.stopped_outcome(job, why)
+            conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job.id))
+            return rows.apply(
+                conn,
+                rows.fetch(conn, job.id),
+                final,
+                self._clock(),
+                reason=reason,
+                info={"failure": tracking.stop_failure(why)},
+            )
+        if job.stop_reason is None:
+            conn.execute("UPDATE jobs SET stop_reason = ? WHERE id = ?", (why, job.id))
+        return rows.fetch(conn, job.id), []
+
+    async def stop_children(self, parent_id: str, why: models.StopReason) -> list[models.Job]:
+        sql = (
+            f"SELECT {rows.COLUMNS} FROM jobs WHERE id > ? AND id < ? "
+            f"AND state NOT IN ({_TERMINAL_SQL}) AND stop_reason IS NULL"
+        )
+
+        def op(conn: sqlite3.Connection) -> tuple[list[models.Job], list[models.Event]]:
+            launched, changes = [], []
+            bounds = (f"{parent_id}:", f"{parent_id};")
+            for child in [rows.job_from_row(r) for r in conn.execute(sql, bounds)]:
+                stopped, events = self._stop(conn, child, why)
+                changes += events
+                if not stopped.state.terminal:
+                    launched.append(stopped)
+            return launched, changes
 
         return await self._io.write(op)
 

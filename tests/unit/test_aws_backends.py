@@ -355,6 +355,42 @@ def test_batch_status_map() -> None:
         }
     )
     assert array.info["array_status"] == {"RUNNING": 2, "SUCCEEDED": 1}
+    assert array.state == S.RUNNING
+    # Every child has ended, one failed, and Batch still says PENDING (it flips a little
+    # later): the array has failed, its children's way, and the poll goes on for the others.
+    lagging = backend._observe(
+        {
+            "jobId": "p",
+            "status": "PENDING",
+            "container": {},
+            "arrayProperties": {"size": 3, "statusSummary": {"SUCCEEDED": 2, "FAILED": 1}},
+        }
+    )
+    assert (lagging.state, lagging.failure, lagging.reason) == (
+        S.FAILED,
+        "user",
+        "1 of 3 child jobs failed",
+    )
+    flipped = backend._observe(
+        {
+            "jobId": "p",
+            "status": "FAILED",
+            "statusReason": "Array Child Job failed",
+            "arrayProperties": {"size": 3, "statusSummary": {"SUCCEEDED": 2, "FAILED": 1}},
+        }
+    )
+    assert (flipped.failure, flipped.reason) == (
+        "user",
+        "1 of 3 child jobs failed (Array Child Job failed)",
+    )
+    done = backend._observe(
+        {
+            "jobId": "p",
+            "status": "PENDING",
+            "arrayProperties": {"size": 3, "statusSummary": {"SUCCEEDED": 3}},
+        }
+    )
+    assert (done.state, done.failure, done.reason) == (S.SUCCEEDED, None, None)
 
 
 def test_merge_kwargs_merges_named_lists_by_name_and_replaces_others() -> None:
