@@ -447,7 +447,18 @@ def array_retry_strategy(policy: retries.Policy) -> dict[str, Any]:
     if "infrastructure" in policy.on:
         conditions.append({"onStatusReason": "Host EC2*", "action": "RETRY"})
     conditions.append({"onReason": "*", "action": "EXIT"})
+    if len(conditions) > _MAX_EVALUATE_ON_EXIT:
+        most = _MAX_EVALUATE_ON_EXIT - (len(conditions) - len(policy.exit_codes))
+        raise errors.InvalidJob(
+            f"an array job's retry policy becomes Batch's retryStrategy, which takes at most "
+            f"{_MAX_EVALUATE_ON_EXIT} conditions: list at most {most} exit codes (or give a "
+            "retryStrategy in overrides)",
+            "job.retry.exit_codes",
+        )
     return {"attempts": min(policy.attempts, 10), "evaluateOnExit": conditions}
+
+
+_MAX_EVALUATE_ON_EXIT = 5  # AWS Batch: evaluateOnExit takes up to 5 conditions
 
 
 def _own_attempts(job: Mapping[str, Any]) -> int | None:

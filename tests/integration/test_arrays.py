@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.client import Client, InvalidRequest, NotFound
+from orchestrator.client import Client, InvalidJob, InvalidRequest, NotFound
 from orchestrator.testing import make_settings
 from tests.integration.test_aws import batch_section, ecs_section
 from tests.support.daemon import DaemonProcess, running
@@ -239,6 +239,12 @@ async def test_a_batch_array_of_1000_is_one_submit_tracked_through_its_parent(
         child = await client.get(f"{parent['id']}:999")
         with pytest.raises(NotFound):
             await client.get(f"{parent['id']}:1000")
+        with pytest.raises(InvalidJob) as too_many:  # Batch's evaluateOnExit takes 5
+            await client.submit(
+                {"command": ["true"], "array_size": 2, "retry": {"exit_codes": [1, 2, 3, 4]}}
+            )
+        assert "job.retry.exit_codes" in str(too_many.value)
+        assert "at most 3 exit codes" in str(too_many.value)
         for op in ("cancel", "wait"):  # a Batch child is Batch's: the whole array is ours
             with pytest.raises(InvalidRequest) as refused:
                 await client.call(op, job_id=f"{parent['id']}:3")
