@@ -8,11 +8,11 @@ stream) and `log_group_found` (`orchestrator check`'s probe of a log group).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from orchestrator import errors, failures, models
-from orchestrator.backends import base
+from orchestrator.backends import base, definitions
 from orchestrator.backends.aws_api import AwsApi, client_options, telemetry
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import AwsBackendSettings, CloudWatchSettings
@@ -43,6 +43,7 @@ class AwsBackendBase:
         self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)
         self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
         self.buckets = list(dict.fromkeys(buckets.values()))
+        self.definitions: definitions.Registry  # set by each backend (its vendor's calls)
 
     async def _start_clients(self) -> None:
         await self.api.start()  # the logs client starts when logs are first read
@@ -59,6 +60,33 @@ class AwsBackendBase:
 
     def telemetry(self) -> base.Telemetry:
         return telemetry([self.api, self.logs], self.buckets)
+
+    async def launch(
+        self,
+        job: models.Job,
+        operation: str,
+        kwargs_of: Callable[[models.Job, str | None], dict[str, Any]],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One attempt's launch call (RunTask, SubmitJob) and its kwargs: the definition the
+        job's image runs under found or registered first (`definitions`), the kwargs built
+        with it, the call made; what fails, said as the dispatcher needs it (`start_outcome`).
+        A definition a refused launch named is looked up again before the next job's."""
+        arn = None
+        if job.spec.image is not None:
+            with definition_outcome():
+                arn = await self.definitions.arn(job.spec.target, job.spec.image)
+        try:
+            kwargs = kwargs_of(job, arn)
+        except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
+            raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
+        try:
+            with start_outcome():
+                reply = await self.api.call(operation, Priority.LOW, **kwargs)
+        except errors.StartFailed as exc:
+            if arn is not None and not exc.retryable:  # deregistered meanwhile? look again
+                self.definitions.forget(arn)
+            raise
+        return kwargs, reply
 
 
 @contextlib.contextmanager

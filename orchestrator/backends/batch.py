@@ -20,11 +20,9 @@ from orchestrator.backends import aws_kwargs, base, definitions
 from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
-    definition_outcome,
     log_group_found,
     pick_target,
     read_cloudwatch,
-    start_outcome,
 )
 from orchestrator.engine import retries
 from orchestrator.ratelimit import Priority, TokenBucket
@@ -268,21 +266,7 @@ class BatchBackend(AwsBackendBase):
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
-        arn = None
-        if job.spec.image is not None:
-            with definition_outcome():
-                arn = await self.definitions.arn(job.spec.target, job.spec.image)
-        try:
-            kwargs = self.submit_job_kwargs(job, arn)
-        except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
-            raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
-        try:
-            with start_outcome():
-                reply = await self.api.call("SubmitJob", Priority.LOW, **kwargs)
-        except errors.StartFailed as exc:
-            if arn is not None and not exc.retryable:  # deregistered meanwhile? look again
-                self.definitions.forget(arn)
-            raise
+        kwargs, reply = await self.launch(job, "SubmitJob", self.submit_job_kwargs)
         return base.Submitted(
             external_id=reply["jobId"],
             state=S.SUBMITTED,

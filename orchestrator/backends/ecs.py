@@ -23,11 +23,9 @@ from orchestrator.backends.aws_api import AwsApi, client_options
 from orchestrator.backends.aws_base import (
     LOG_DELIVERY_S,
     AwsBackendBase,
-    definition_outcome,
     log_group_found,
     pick_target,
     read_cloudwatch,
-    start_outcome,
 )
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import EcsSettings
@@ -315,21 +313,7 @@ class EcsBackend(AwsBackendBase):
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, job: models.Job) -> base.Submitted:
-        arn = None
-        if job.spec.image is not None:
-            with definition_outcome():
-                arn = await self.definitions.arn(job.spec.target, job.spec.image)
-        try:
-            kwargs = self.run_task_kwargs(job, arn)
-        except errors.InvalidJob as exc:  # accepted, then the settings changed (a restart)
-            raise errors.StartFailed(exc.message, retryable=False, failure="rejected") from exc
-        try:
-            with start_outcome():
-                reply = await self.api.call("RunTask", Priority.LOW, **kwargs)
-        except errors.StartFailed as exc:
-            if arn is not None and not exc.retryable:  # deregistered meanwhile? look again
-                self.definitions.forget(arn)
-            raise
+        kwargs, reply = await self.launch(job, "RunTask", self.run_task_kwargs)
         tasks = reply.get("tasks") or []
         if not tasks:
             failures = reply.get("failures") or [{"reason": "RunTask returned no task"}]
