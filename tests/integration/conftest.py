@@ -1,10 +1,23 @@
-"""What the integration tests share: ECS and Batch set up on the moto server (`moto`)."""
+"""What the integration tests share: ECS and Batch set up on the moto server (`moto`), and a
+daemon run as a process of its own (`daemon`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
+from tests.support.daemon import DaemonProcess
 from tests.support.moto import BatchEnv, EcsEnv, MotoServer
+
+
+@pytest.fixture
+def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
+    """`orchestrator serve` as a process of its own on `short_tmp` (started by the test)."""
+    proc = DaemonProcess(short_tmp)
+    yield proc
+    proc.close()
 
 
 @pytest.fixture

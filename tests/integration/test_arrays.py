@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +160,6 @@ async def test_an_array_waits_for_its_dependency_and_refusals_name_the_field(
     assert len(list(out.iterdir())) == 3
 
 
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    yield proc
-    proc.close()
-
-
 def test_an_array_survives_a_kill_9_halfway(daemon: DaemonProcess, short_tmp: Path) -> None:
     out, gate = short_tmp / "out", short_tmp / "gate"
     out.mkdir()
@@ -196,16 +186,7 @@ def test_the_cli_submits_an_array_and_shows_its_progress(
     daemon: DaemonProcess, short_tmp: Path
 ) -> None:
     daemon.start()
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            env=daemon.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    cli = daemon.cli
 
     code = '[ "$ORCHESTRATOR_ARRAY_INDEX" = 1 ] && exit 3; exit 0'
     done = cli("submit", "--array", "4", "--wait", "--", "sh", "-c", code)

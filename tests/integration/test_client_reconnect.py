@@ -21,13 +21,6 @@ from tests.support.daemon import DaemonProcess
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    yield proc
-    proc.close()
-
-
 def cli(daemon: DaemonProcess, *args: str) -> subprocess.Popen[bytes]:
     """An `orchestrator` command talking to `daemon`, its output piped."""
     return subprocess.Popen(

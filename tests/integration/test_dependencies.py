@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +141,6 @@ async def test_a_local_job_can_wait_for_a_job_on_another_backend(short_tmp: Path
     assert ran(log) == ["local"]
 
 
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    yield proc
-    proc.close()
-
-
 def test_dependencies_survive_a_kill_9(daemon: DaemonProcess, short_tmp: Path) -> None:
     log, go = short_tmp / "ran", short_tmp / "go"
     daemon.start()
@@ -166,21 +158,9 @@ def test_dependencies_survive_a_kill_9(daemon: DaemonProcess, short_tmp: Path) -
 def test_the_cli_submits_after_a_job_by_name_and_status_shows_how_it_stands(
     daemon: DaemonProcess, short_tmp: Path
 ) -> None:
-    import subprocess
-    import sys
-
     log = short_tmp / "ran"
     daemon.start()
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            env=daemon.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    cli = daemon.cli
 
     first = cli("submit", "--name", "extract", "--wait", "--", "sh", "-c", f"echo 1 >> {log}")
     assert first.returncode == 0, first.stderr

@@ -155,13 +155,6 @@ async def test_what_a_job_leaves_running_is_stopped_before_the_job_is_terminal(
 # -- restarts: the keeper killed while the daemon was down ---------------------------------------
 
 
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(short_tmp)
-    yield proc
-    proc.close()
-
-
 def kill_daemon_and_keeper(daemon: DaemonProcess) -> None:
     """kill -9 the daemon, then the job keeper: the job's processes run on, with no one to
     learn their outcome."""

@@ -167,6 +167,17 @@ class DaemonProcess:
     def client(self) -> SyncClient:
         return SyncClient(self.socket_path, timeout_s=30)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """An `orchestrator` command run to its end against this daemon, its output kept."""
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
