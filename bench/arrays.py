@@ -42,9 +42,7 @@ import argparse
 import asyncio
 import dataclasses
 import math
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -262,26 +260,15 @@ def report(rows: list[Row]) -> str:
 
 
 async def amain(args: argparse.Namespace) -> None:
-    rows = []
-    for mode in args.modes:
-        root = Path(tempfile.mkdtemp(prefix=f"orc-arrays-{mode}-", dir="/tmp"))
-        rows.append(await run_mode(mode, args, root))
-        if args.keep:
-            print(f"(logs kept in {root})")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    rows = await ab.run_each(
+        "arrays", args.modes, lambda mode, root: run_mode(mode, args, root), keep=args.keep
+    )
     print(report(rows))
-    if args.save:
-        ab.save_json(args.save, "arrays", {"rows": [dataclasses.asdict(r) for r in rows]})
-        print(f"\n(raw results saved in {args.save})")
+    ab.save_rows(args.save, "arrays", rows)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=ab.summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(__doc__ or "").split("\n\n", 1)[-1],
-    )
+    p = ab.arguments(__doc__)
     p.add_argument("--jobs", type=int, default=MAX_ARRAY, help="singles, and the array's size")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch-rate", type=float, default=50.0, help="SubmitJob bucket, calls/s")

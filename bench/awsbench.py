@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import bisect
 import contextlib
@@ -20,14 +21,16 @@ import dataclasses
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import aiohttp
 import orjson
@@ -35,6 +38,8 @@ import orjson
 from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.settings import PollerSettings
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from tests.support.daemon import DaemonProcess
@@ -388,6 +393,43 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+async def run_each(
+    bench: str,
+    kinds: Sequence[str],
+    run_one: Callable[[str, Path], Awaitable[T]],
+    *,
+    keep: bool,
+) -> list[T]:
+    """`run_one(kind, root)` for each kind in turn, each in a fresh directory under /tmp (kept,
+    and said, with `keep`)."""
+    rows = []
+    for kind in kinds:
+        root = Path(tempfile.mkdtemp(prefix=f"orc-{bench}-{kind}-", dir="/tmp"))
+        rows.append(await run_one(kind, root))
+        if keep:
+            print(f"(logs kept in {root})")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def save_rows(path: Path | None, bench: str, rows: Sequence[Any], what: str = "results") -> None:
+    """The rows (dataclasses) as JSON with `save_json`, if a path is given, and say where."""
+    if path is not None:
+        save_json(path, bench, {"rows": [dataclasses.asdict(r) for r in rows]})
+        print(f"\n(raw {what} saved in {path})")
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A bench's argument parser: its docstring's first paragraph as the description, the rest
+    as the epilog."""
+    return argparse.ArgumentParser(
+        description=summary(doc),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(doc or "").split("\n\n", 1)[-1],
+    )
 
 
 def summary(doc: str | None) -> str:

@@ -33,9 +33,7 @@ import asyncio
 import dataclasses
 import math
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -226,26 +224,18 @@ def report(rows: list[Row]) -> str:
 
 
 async def amain(args: argparse.Namespace) -> None:
-    rows = []
-    for backend in args.backends:
-        root = Path(tempfile.mkdtemp(prefix=f"orc-dispatch-{backend}-", dir="/tmp"))
-        rows.append(await run_backend(backend, args, root))
-        if args.keep:
-            print(f"(logs kept in {root})")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    rows = await ab.run_each(
+        "dispatch",
+        args.backends,
+        lambda backend, root: run_backend(backend, args, root),
+        keep=args.keep,
+    )
     print(report(rows))
-    if args.save:
-        ab.save_json(args.save, "dispatch", {"rows": [dataclasses.asdict(r) for r in rows]})
-        print(f"\n(raw samples saved in {args.save})")
+    ab.save_rows(args.save, "dispatch", rows, what="samples")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=ab.summary(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(__doc__ or "").split("\n\n", 1)[-1],
-    )
+    p = ab.arguments(__doc__)
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--backends", nargs="+", choices=("ecs", "batch"), default=["ecs", "batch"])
     p.add_argument("--ecs-rate", type=float, default=40.0, help="RunTask bucket, calls/s")
