@@ -37,6 +37,15 @@ _RETENTION_INTERVAL_S = 3600.0
 _SPARE_DESCRIPTORS = 64  # the store, the log, the metrics endpoint, AWS clients, ...
 
 
+def open_store(settings: Settings, hub: events.Hub) -> Store:
+    """The store the settings name: PostgreSQL (`store.url`), else the SQLite file."""
+    if settings.store.url:
+        from orchestrator.store.postgres import PostgresStore  # imports asyncpg: only when used
+
+        return PostgresStore(settings.store.url, hub)
+    return SqliteStore(settings.store, hub)
+
+
 def build_backends(settings: Settings, store: Store | None = None) -> dict[str, Backend]:
     """The backends the settings enable; `store` remembers the definitions jobs' images run
     under (`backends.definitions`) across restarts."""
@@ -73,7 +82,7 @@ class Daemon:
         self.settings = settings
         self.faults = faults.Faults()  # armed at start-up, from the environment
         self.hub = events.Hub()
-        self.store: Store = SqliteStore(settings.store, self.hub)
+        self.store: Store = open_store(settings, self.hub)
         self.backends = build_backends(settings, self.store) if backends is None else backends
         self.metrics = metrics.Metrics()
         self.health = Health(self.store)
@@ -194,7 +203,7 @@ class Daemon:
             log.info(
                 "daemon.ready",
                 socket=str(self.server.path),
-                store=str(self.settings.store.path),
+                store=self.settings.store.url_shown or str(self.settings.store.path),
                 backends=sorted(self.backends),
                 recovered=recovered,
                 startup_s=round(time.monotonic() - started, 3),

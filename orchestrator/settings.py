@@ -11,6 +11,7 @@ naming every key involved and the source of each.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -115,6 +116,22 @@ class ServerSettings(_Section):
 
 class StoreSettings(_Section):
     path: Path = pydantic.Field(default_factory=lambda: state_dir() / "orchestrator.db")
+    # A PostgreSQL database instead of the SQLite file at `path` ("postgresql://user@host/db";
+    # env ORCHESTRATOR__STORE__URL). `path`'s directory still holds the local jobs' files.
+    url: str | None = None
+
+    @pydantic.field_validator("url")
+    @classmethod
+    def _postgresql(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or leave it out for SQLite)")
+        return value or None
+
+    @property
+    def url_shown(self) -> str | None:
+        """`url` as logs and messages show it: without its password."""
+        return None if self.url is None else re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", self.url)
+
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retention_days: Annotated[float, pydantic.Field(ge=0)] = 30.0  # 0 keeps terminal jobs forever
     max_batch: _Count = 2048  # operations committed together in one transaction

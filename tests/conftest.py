@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.moto", "tests.support.service"]
+pytest_plugins = ["tests.support.moto", "tests.support.service", "tests.support.postgres"]
 # Shared suites imported by test modules: their asserts explain a failure as a test's do.
 pytest.register_assert_rewrite("tests.store_conformance")
 

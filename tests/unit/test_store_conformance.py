@@ -4,18 +4,23 @@ test's data."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from orchestrator import events
 from orchestrator.settings import StoreSettings
 from orchestrator.store import SCHEMA_VERSION, SqliteStore, Store
+from orchestrator.store.postgres import PostgresStore
 from orchestrator.testing import InMemoryStore, MemoryData
 from tests import store_conformance
 from tests.store_conformance import Backing
+from tests.support.postgres import PostgresServer
 
 
 class SqliteBacking:
@@ -47,6 +52,30 @@ class MemoryBacking:
         self.data.schema_version = SCHEMA_VERSION + 1
 
 
+class PostgresBacking:
+    """A fresh database on the session's PostgreSQL server (`tests.support.postgres`)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def store(self, hub: events.Hub, clock: Callable[[], float]) -> Store:
+        return PostgresStore(self.url, hub, clock)
+
+    def write_newer_schema(self) -> None:
+        async def write() -> None:
+            conn = await asyncpg.connect(self.url)
+            try:
+                await conn.execute(
+                    "UPDATE meta SET value = $1 WHERE key = 'schema_version'",
+                    str(SCHEMA_VERSION + 1),
+                )
+            finally:
+                await conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # from inside a running loop
+            pool.submit(asyncio.run, write()).result()
+
+
 BACKINGS: dict[str, Callable[[Path], Backing]] = {
     "sqlite": SqliteBacking,
     "memory": MemoryBacking,
@@ -54,6 +83,13 @@ BACKINGS: dict[str, Callable[[Path], Backing]] = {
 
 
 @pytest.mark.parametrize("case", store_conformance.CASES, ids=lambda case: case.__name__)
-@pytest.mark.parametrize("kind", list(BACKINGS))
-async def test_store(kind: str, case: store_conformance.Case, tmp_path: Path) -> None:
-    await store_conformance.run(case, BACKINGS[kind](tmp_path))
+@pytest.mark.parametrize("kind", [*BACKINGS, "postgres"])
+async def test_store(
+    kind: str, case: store_conformance.Case, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        backing: Backing = PostgresBacking(await server.new_database())
+    else:
+        backing = BACKINGS[kind](tmp_path)
+    await store_conformance.run(case, backing)

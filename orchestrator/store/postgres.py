@@ -1,0 +1,896 @@
+"""The job store on PostgreSQL (`store.url = "postgresql://…"`, issue #16): the `Store`
+protocol's operations as SQL through asyncpg, passing the conformance suite the SQLite store
+passes.
+
+One daemon's writes go through one connection at a time (an asyncio lock), each operation in a
+transaction of its own, and the events a transaction wrote are published after its commit: so a
+daemon publishes in commit order. Event numbers (`events.seq`) come from a sequence; a
+transaction that writes events first takes a transaction-scoped advisory lock, so that numbers
+are handed out in commit order across daemons too (a reader catching up with `events_since`
+never finds a lower number committed after a higher one it has seen). Reads go through a pool.
+
+The schema is created whole at the current version, under a session advisory lock (several
+daemons starting at once create it once); a database written by a newer version is refused
+(`StoreTooNew`) before anything is written. PostgreSQL's own failures (unreachable, restarting,
+refused) are `StoreError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+import orjson
+from asyncpg import Record
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+from orchestrator import errors, events, models
+from orchestrator.engine import tracking
+from orchestrator.store import rows
+from orchestrator.store.protocol import (
+    PURGE_SLICE,
+    AcceptOutcome,
+    AttemptEntry,
+    HistoryEntry,
+    Problem,
+    Store,
+    check_same_spec,
+    job_event,
+)
+from orchestrator.store.schema import SCHEMA_VERSION
+
+T = TypeVar("T")
+S = models.JobState
+_MIGRATION_LOCK = 0x6F72636865737472  # pg_advisory_lock key: creating or migrating the schema
+_EVENTS_LOCK = 0x6F72636865657674  # pg_advisory_xact_lock key: numbering events in commit order
+_TERMINAL = [s.value for s in sorted(models.TERMINAL)]
+_COLUMNS = rows.COLUMNS
+_EVENT_COLUMNS = (
+    "e.seq, e.job_id, j.backend, COALESCE(j.name, j.id), e.from_state, e.to_state, e.at, "
+    "e.reason, e.exit_code, j.created_at, j.peer_uid, e.failure"
+)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    idempotency_key TEXT UNIQUE,
+    backend TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    launching BOOLEAN NOT NULL DEFAULT false,
+    token TEXT,
+    external_id TEXT,
+    exit_code INTEGER,
+    reason TEXT,
+    vendor_status TEXT,
+    stop_reason TEXT,
+    peer_uid BIGINT,
+    peer_gid BIGINT,
+    peer_pid BIGINT,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    state_times TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
+    name TEXT COLLATE "C" GENERATED ALWAYS AS (spec::jsonb ->> 'name') STORED
+);
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name);
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state)
+    WHERE state NOT IN ('CANCELLED', 'FAILED', 'LOST', 'SUCCEEDED');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at)
+    WHERE state IN ('CANCELLED', 'FAILED', 'LOST', 'SUCCEEDED');
+CREATE INDEX IF NOT EXISTS jobs_peer ON jobs(peer_uid, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq BIGSERIAL PRIMARY KEY,
+    job_id TEXT COLLATE "C" NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT,
+    exit_code INTEGER,
+    failure TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT COLLATE "C" NOT NULL,
+    attempt INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    external_id TEXT,
+    started_at DOUBLE PRECISION NOT NULL,
+    outcome TEXT,
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS definitions (
+    backend TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    arn TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (backend, digest)
+);
+CREATE TABLE IF NOT EXISTS dependencies (
+    depends_on TEXT COLLATE "C" NOT NULL,
+    job_id TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (depends_on, job_id)
+);
+CREATE INDEX IF NOT EXISTS dependencies_job ON dependencies(job_id);
+"""
+_Written = tuple[models.Job, list[models.Event]]
+if TYPE_CHECKING:
+    _Conn = PoolConnectionProxy[Record]  # every connection comes from the pool
+
+
+def sql(text: str) -> str:
+    """`?` placeholders (as the SQLite store writes them) as asyncpg's `$1, $2, …`."""
+    count = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(count)}", text)
+
+
+def glob_regex(pattern: str) -> str:
+    """A `list_jobs` name glob (`*`, `?`, `[…]`, `[!…]`) as an anchored POSIX regex."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
+            inner = pattern[i + 1 : end]
+            negate = inner.startswith("!")
+            inner = inner[1:] if negate else inner
+            out.append("[" + ("^" if negate else "") + inner.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out) + "$"
+
+
+class PostgresStore(Store):
+    def __init__(
+        self,
+        url: str,
+        hub: events.Hub,
+        clock: Callable[[], float] = time.time,
+        *,
+        pool_size: int = 4,
+    ) -> None:
+        self._url = url
+        self._hub = hub
+        self._clock = clock
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool[Record] | None = None
+        self._write_lock = asyncio.Lock()
+        self._commit_failure: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            pool = await asyncpg.create_pool(
+                self._url, min_size=1, max_size=self._pool_size, command_timeout=60
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise errors.StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        assert pool is not None
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+                try:
+                    await self._check_or_create(conn)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+                last = await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._hub.committed_up_to(int(last))
+
+    async def _check_or_create(self, conn: _Conn) -> None:
+        exists = await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL")
+        if exists:
+            found = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+            version = int(found) if found is not None else 0
+            if version > SCHEMA_VERSION:
+                raise errors.StoreTooNew(self._where(), version, SCHEMA_VERSION)
+            if version == SCHEMA_VERSION:
+                return
+        async with conn.transaction():
+            await conn.execute(SCHEMA)
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                str(SCHEMA_VERSION),
+            )
+
+    def _where(self) -> str:
+        """The database, as said in messages: its URL without a password."""
+        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", self._url)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            async with self._write_lock:  # the write under way finishes first
+                await pool.close()
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._write(lambda conn: self._nothing(conn))
+
+    @staticmethod
+    async def _nothing(conn: _Conn) -> tuple[None, list[models.Event]]:
+        await conn.fetchval("SELECT 1")
+        return None, []
+
+    def problems(self) -> list[Problem]:
+        if self._commit_failure is None:
+            return []
+        return [
+            Problem(
+                "store_commit_failed", f"the store's last commit failed: {self._commit_failure}"
+            )
+        ]
+
+    def free_bytes(self) -> int | None:
+        return None  # the database's disk is PostgreSQL's to watch
+
+    def check_room(self) -> None:
+        return None
+
+    # -- the two ways in -------------------------------------------------------------------
+
+    def _pool_or_fail(self) -> asyncpg.Pool[Record]:
+        if self._pool is None:
+            raise errors.StoreError("the store is not open")
+        return self._pool
+
+    async def _write(self, op: Callable[[_Conn], Awaitable[tuple[T, list[models.Event]]]]) -> T:
+        """Run `op` in a transaction of its own; publish its events once committed."""
+        pool = self._pool_or_fail()
+        async with self._write_lock:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    result, changes = await op(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._commit_failure = str(exc)
+                raise errors.StoreError(f"commit failed: {exc}") from exc
+            self._commit_failure = None
+            for event in changes:
+                self._hub.publish(event)
+        return result
+
+    async def _read(self, op: Callable[[_Conn], Awaitable[T]]) -> T:
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire() as conn:
+                return await op(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise errors.StoreError(f"read failed: {exc}") from exc
+
+    # -- rows ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _fetch(conn: _Conn, job_id: str) -> models.Job:
+        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM jobs WHERE id = $1", job_id)
+        if row is None:
+            raise errors.JobNotFound(job_id)
+        return rows.job_from_row(tuple(row))
+
+    @staticmethod
+    async def _insert_event(conn: _Conn, event: models.Event) -> models.Event:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _EVENTS_LOCK)
+        seq = await conn.fetchval(
+            "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code, failure) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
+            event.job_id,
+            event.at,
+            None if event.from_state is None else event.from_state.value,
+            event.to_state.value,
+            event.reason,
+            event.exit_code,
+            event.failure,
+        )
+        return models.Event(**{**_fields(event), "seq": int(seq)})
+
+    async def _apply(
+        self,
+        conn: _Conn,
+        job: models.Job,
+        new: models.JobState,
+        *,
+        reason: str | None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> _Written:
+        """`rows.apply` on PostgreSQL: the one place a job's state changes, with its event."""
+        if not models.can_transition(job.state, new):
+            raise errors.IllegalTransition(job.id, job.state.value, new.value)
+        now = self._clock()
+        await conn.execute(
+            "UPDATE jobs SET state = $1, updated_at = $2, state_times = $3, reason = $4, "
+            "exit_code = COALESCE($5, exit_code), vendor_status = COALESCE($6, vendor_status), "
+            "external_id = COALESCE($7, external_id), info = $8 WHERE id = $9",
+            new.value,
+            now,
+            _json({**job.state_times, new.value: now}),
+            reason,
+            exit_code,
+            vendor_status,
+            external_id,
+            _json({**job.info, **(info or {})}),
+            job.id,
+        )
+        updated = await self._fetch(conn, job.id)
+        return updated, [await self._insert_event(conn, job_event(updated, job.state))]
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def accept_many(
+        self, specs: Sequence[tuple[models.JobSpec, str]], peer: models.Peer | None
+    ) -> list[AcceptOutcome]:
+        now = self._clock()
+        encoded = [
+            (spec, backend, spec.model_dump_json(exclude_defaults=True)) for spec, backend in specs
+        ]
+
+        async def op(conn: _Conn) -> tuple[list[AcceptOutcome], list[models.Event]]:
+            outcomes: list[AcceptOutcome] = []
+            accepted: list[models.Event] = []
+            for spec, backend, data in encoded:
+                try:
+                    job, event = await self._insert_job(conn, spec, backend, data, peer, now)
+                except errors.IdempotencyConflict as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append((job, event is not None))
+                if event is not None:
+                    accepted.append(event)
+            return outcomes, accepted
+
+        return await self._write(op)
+
+    async def _insert_job(
+        self,
+        conn: _Conn,
+        spec: models.JobSpec,
+        backend: str,
+        data: str,
+        peer: models.Peer | None,
+        now: float,
+        job_id: str | None = None,
+    ) -> tuple[models.Job, models.Event | None]:
+        key = rows.scoped_key(spec.idempotency_key, peer)
+        if key is not None:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = $1 "
+                "OR (idempotency_key = $2 AND peer_uid IS NOT DISTINCT FROM $3)",
+                key,
+                spec.idempotency_key,
+                None if peer is None else peer.uid,
+            )
+            if row is not None:
+                existing = rows.job_from_row(tuple(row))
+                check_same_spec(existing, spec, backend)
+                return existing, None
+        job = models.Job(
+            id=job_id or models.new_job_id(now),
+            spec=spec,
+            backend=backend,
+            state=S.QUEUED,
+            created_at=now,
+            updated_at=now,
+            state_times={S.QUEUED.value: now},
+            peer=peer,
+        )
+        await conn.execute(
+            "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
+            "peer_pid, created_at, updated_at, state_times) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            job.id,
+            key,
+            backend,
+            data,
+            S.QUEUED.value,
+            None if peer is None else peer.uid,
+            None if peer is None else peer.gid,
+            None if peer is None else peer.pid,
+            now,
+            now,
+            _json(job.state_times),
+        )
+        if spec.depends_on:
+            await conn.executemany(
+                "INSERT INTO dependencies (depends_on, job_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                [(dep, job.id) for dep in spec.depends_on],
+            )
+        return job, await self._insert_event(conn, job_event(job, None))
+
+    async def transition(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        new: models.JobState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        vendor_status: str | None = None,
+        external_id: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._fetch(conn, job_id)
+            if job.state != expected:
+                raise errors.StaleState(job_id, expected.value, job.state.value)
+            return await self._apply(
+                conn,
+                job,
+                new,
+                reason=reason,
+                exit_code=exit_code,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._write(op)
+
+    async def observe(
+        self,
+        job_id: str,
+        *,
+        vendor_status: str | None,
+        reason: str | None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._fetch(conn, job_id)
+            await conn.execute(
+                "UPDATE jobs SET vendor_status = $1, reason = COALESCE($2, reason), info = $3 "
+                "WHERE id = $4",
+                vendor_status,
+                reason,
+                _json({**job.info, **(info or {})}),
+                job_id,
+            )
+            return await self._fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def relocate(self, job_id: str, external_id: str) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._fetch(conn, job_id)
+            await conn.execute(
+                "UPDATE jobs SET external_id = $1 WHERE id = $2", external_id, job_id
+            )
+            await conn.execute(
+                "UPDATE attempts SET external_id = $1 WHERE job_id = $2 AND attempt = $3",
+                external_id,
+                job_id,
+                job.attempt,
+            )
+            return await self._fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def begin_attempt(self, job_id: str) -> models.Job | None:
+        async def op(conn: _Conn) -> tuple[models.Job | None, list[models.Event]]:
+            job = await self._fetch(conn, job_id)
+            if job.state != S.QUEUED or job.launching or job.stop_reason:
+                return None, []
+            attempt, now = job.attempt + 1, self._clock()
+            token = f"{job.id}-{attempt}"
+            await conn.execute(
+                "UPDATE jobs SET attempt = $1, token = $2, launching = true, updated_at = $3, "
+                "info = $4 WHERE id = $5",
+                attempt,
+                token,
+                now,
+                _json({**job.info, "attempt_started_at": now}),
+                job_id,
+            )
+            await conn.execute(
+                "INSERT INTO attempts (job_id, attempt, token, started_at) VALUES ($1, $2, $3, $4)",
+                job_id,
+                attempt,
+                token,
+                now,
+            )
+            return await self._fetch(conn, job_id), []
+
+        return await self._write(op)
+
+    async def _launching(self, conn: _Conn, job_id: str) -> models.Job:
+        job = await self._fetch(conn, job_id)
+        if job.state != S.QUEUED or not job.launching:
+            raise errors.StaleState(job_id, "QUEUED (launching)", job.state.value)
+        return job
+
+    async def record_submitted(
+        self,
+        job_id: str,
+        *,
+        external_id: str,
+        state: models.JobState,
+        vendor_status: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._launching(conn, job_id)
+            await conn.execute(
+                "UPDATE attempts SET external_id = $1, outcome = 'submitted' "
+                "WHERE job_id = $2 AND attempt = $3",
+                external_id,
+                job_id,
+                job.attempt,
+            )
+            await conn.execute("UPDATE jobs SET launching = false WHERE id = $1", job_id)
+            return await self._apply(
+                conn,
+                job,
+                state,
+                reason=None,
+                vendor_status=vendor_status,
+                external_id=external_id,
+                info=info,
+            )
+
+        return await self._write(op)
+
+    async def record_start_failure(
+        self, job_id: str, reason: str, *, final: bool, failure: str = "start"
+    ) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._launching(conn, job_id)
+            await conn.execute(
+                "UPDATE attempts SET outcome = $1 WHERE job_id = $2 AND attempt = $3",
+                f"start failed: {reason}",
+                job_id,
+                job.attempt,
+            )
+            await conn.execute(
+                "UPDATE jobs SET launching = false, reason = $1 WHERE id = $2", reason, job_id
+            )
+            job = await self._fetch(conn, job_id)
+            if not final:
+                return job, []
+            return await self._apply(conn, job, S.FAILED, reason=reason, info={"failure": failure})
+
+        return await self._write(op)
+
+    async def retry(
+        self,
+        job_id: str,
+        expected: models.JobState,
+        *,
+        reason: str,
+        outcome: str,
+        info: dict[str, Any] | None = None,
+    ) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            job = await self._fetch(conn, job_id)
+            if job.state != expected:
+                raise errors.StaleState(job_id, expected.value, job.state.value)
+            if job.stop_reason is not None:
+                raise errors.StaleState(job_id, expected.value, f"{job.state.value}, stopping")
+            if job.state.terminal or job.state == S.QUEUED:
+                raise errors.IllegalTransition(job.id, job.state.value, S.QUEUED.value)
+            now = self._clock()
+            await conn.execute(
+                "UPDATE attempts SET outcome = $1 WHERE job_id = $2 AND attempt = $3",
+                outcome,
+                job.id,
+                job.attempt,
+            )
+            await conn.execute(
+                "UPDATE jobs SET state = $1, launching = false, updated_at = $2, "
+                "state_times = $3, reason = $4, exit_code = NULL, vendor_status = NULL, "
+                "external_id = NULL, info = $5 WHERE id = $6",
+                S.QUEUED.value,
+                now,
+                _json({S.QUEUED.value: now}),
+                reason,
+                _json({**job.info, **(info or {})}),
+                job.id,
+            )
+            updated = await self._fetch(conn, job.id)
+            return updated, [await self._insert_event(conn, job_event(updated, job.state))]
+
+        return await self._write(op)
+
+    async def expand(
+        self, parent_id: str, children: Sequence[models.JobSpec]
+    ) -> tuple[models.Job, list[models.Job]]:
+        now = self._clock()
+        encoded = [spec.model_dump_json(exclude_defaults=True) for spec in children]
+
+        async def op(
+            conn: _Conn,
+        ) -> tuple[tuple[models.Job, list[models.Job]], list[models.Event]]:
+            parent = await self._fetch(conn, parent_id)
+            if parent.state != S.QUEUED or parent.launching or parent.stop_reason is not None:
+                raise errors.StaleState(parent_id, "QUEUED", parent.state.value)
+            made, changes = [], []
+            for index, (spec, data) in enumerate(zip(children, encoded, strict=True)):
+                child, event = await self._insert_job(
+                    conn, spec, parent.backend, data, parent.peer, now, f"{parent_id}:{index}"
+                )
+                made.append(child)
+                changes += [event] if event is not None else []
+            parent, moved = await self._apply(
+                conn,
+                parent,
+                S.SUBMITTED,
+                reason=f"expanded into {len(made)} child jobs",
+                info={"array_status": {S.QUEUED.value: len(made)}},
+            )
+            return (parent, made), [*changes, *moved]
+
+        return await self._write(op)
+
+    async def _stop(self, conn: _Conn, job: models.Job, why: models.StopReason) -> _Written:
+        if job.state.terminal:
+            return job, []
+        if job.state == S.QUEUED and not job.launching:
+            final, reason = tracking.stopped_outcome(job, why)
+            await conn.execute("UPDATE jobs SET stop_reason = $1 WHERE id = $2", why, job.id)
+            return await self._apply(
+                conn,
+                await self._fetch(conn, job.id),
+                final,
+                reason=reason,
+                info={"failure": tracking.stop_failure(why)},
+            )
+        if job.stop_reason is None:
+            await conn.execute("UPDATE jobs SET stop_reason = $1 WHERE id = $2", why, job.id)
+        return await self._fetch(conn, job.id), []
+
+    async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
+        async def op(conn: _Conn) -> _Written:
+            return await self._stop(conn, await self._fetch(conn, job_id), why)
+
+        return await self._write(op)
+
+    async def stop_children(self, parent_id: str, why: models.StopReason) -> list[models.Job]:
+        async def op(conn: _Conn) -> tuple[list[models.Job], list[models.Event]]:
+            found = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id > $1 AND id < $2 "
+                "AND NOT (state = ANY($3::text[])) AND stop_reason IS NULL ORDER BY id",
+                f"{parent_id}:",
+                f"{parent_id};",
+                _TERMINAL,
+            )
+            launched, changes = [], []
+            for row in found:
+                stopped, moved = await self._stop(conn, rows.job_from_row(tuple(row)), why)
+                changes += moved
+                if not stopped.state.terminal:
+                    launched.append(stopped)
+            return launched, changes
+
+        return await self._write(op)
+
+    async def purge(self, older_than: float) -> list[str]:
+        async def op(conn: _Conn) -> tuple[list[str], list[models.Event]]:
+            ids = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT id FROM jobs WHERE state = ANY($1::text[]) AND updated_at < $2 "
+                    "LIMIT $3",
+                    _TERMINAL,
+                    older_than,
+                    PURGE_SLICE,
+                )
+            ]
+            for table, column in (
+                ("events", "job_id"),
+                ("attempts", "job_id"),
+                ("dependencies", "job_id"),
+                ("dependencies", "depends_on"),
+                ("jobs", "id"),
+            ):
+                await conn.execute(f"DELETE FROM {table} WHERE {column} = ANY($1::text[])", ids)
+            return ids, []
+
+        return await self._write(op)
+
+    async def remember_definition(self, backend: str, digest: str, arn: str) -> None:
+        async def op(conn: _Conn) -> tuple[None, list[models.Event]]:
+            await conn.execute(
+                "INSERT INTO definitions (backend, digest, arn, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (backend, digest) "
+                "DO UPDATE SET arn = EXCLUDED.arn, created_at = EXCLUDED.created_at",
+                backend,
+                digest,
+                arn,
+                self._clock(),
+            )
+            return None, []
+
+        await self._write(op)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> models.Job:
+        return await self._read(lambda conn: self._fetch(conn, job_id))
+
+    async def list_jobs(
+        self,
+        states: Iterable[models.JobState] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+        peer_uid: int | None = None,
+        *,
+        name: str | None = None,
+        since: float | None = None,
+        id_prefix: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        target: str | None = None,
+        children: bool = True,
+    ) -> list[models.Job]:
+        clauses: list[str] = [] if children else ["position(':' in id) = 0"]
+        args: list[object] = []
+        if target is not None:
+            clauses.append("(spec::jsonb ->> 'target') = ?")
+            args.append(target)
+        for key, value in (labels or {}).items():
+            clauses.append("(spec::jsonb -> 'labels' ->> ?) = ?")
+            args += [key, value]
+        if name is not None:
+            clauses.append("(name ~ ? OR (name IS NULL AND id ~ ?))")
+            args += [glob_regex(name)] * 2
+        if since is not None:
+            clauses.append("created_at >= ?")
+            args.append(since)
+        if id_prefix is not None:
+            clauses.append("id >= ? AND id < ?")
+            args += [id_prefix, id_prefix + "\U0010ffff"]
+        if before is not None:
+            clauses.append("id < ?")
+            args.append(before)
+        if peer_uid is not None:
+            clauses.append("peer_uid = ?")
+            args.append(peer_uid)
+        if states is not None:
+            clauses.append("state = ANY(?::text[])")
+            args.append([s.value for s in states])
+        if backend is not None:
+            clauses.append("backend = ?")
+            args.append(backend)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = sql(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?")
+
+        async def read(conn: _Conn) -> list[models.Job]:
+            return [rows.job_from_row(tuple(r)) for r in await conn.fetch(query, *args, limit)]
+
+        return await self._read(read)
+
+    async def unfinished(self) -> list[models.Job]:
+        async def read(conn: _Conn) -> list[models.Job]:
+            found = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM jobs WHERE NOT (state = ANY($1::text[])) ORDER BY id",
+                _TERMINAL,
+            )
+            return [rows.job_from_row(tuple(r)) for r in found]
+
+        return await self._read(read)
+
+    async def history(self, job_id: str) -> list[HistoryEntry]:
+        async def read(conn: _Conn) -> list[HistoryEntry]:
+            found = await conn.fetch(
+                "SELECT at, from_state, to_state, reason, exit_code FROM events "
+                "WHERE job_id = $1 ORDER BY seq",
+                job_id,
+            )
+            return [
+                {"at": models.iso(at), "from": f, "to": t, "reason": r, "exit_code": c}
+                for at, f, t, r, c in found
+            ]
+
+        return await self._read(read)
+
+    async def attempts(self, job_id: str) -> list[AttemptEntry]:
+        async def read(conn: _Conn) -> list[AttemptEntry]:
+            found = await conn.fetch(
+                "SELECT attempt, token, external_id, started_at, outcome FROM attempts "
+                "WHERE job_id = $1 ORDER BY attempt",
+                job_id,
+            )
+            return [
+                {
+                    "attempt": a,
+                    "token": t,
+                    "external_id": e,
+                    "started_at": models.iso(s),
+                    "outcome": o,
+                }
+                for a, t, e, s, o in found
+            ]
+
+        return await self._read(read)
+
+    async def events_since(
+        self,
+        since: int,
+        *,
+        job_id: str | None = None,
+        peer_uid: int | None = None,
+        limit: int = 1000,
+    ) -> list[models.Event]:
+        clauses, args = ["e.seq > ?"], [since]
+        if job_id is not None:
+            clauses.append("e.job_id = ?")
+            args.append(job_id)  # type: ignore[arg-type]
+        if peer_uid is not None:
+            clauses.append("j.peer_uid = ?")
+            args.append(peer_uid)
+        query = sql(
+            f"SELECT {_EVENT_COLUMNS} FROM events e JOIN jobs j ON j.id = e.job_id "
+            f"WHERE {' AND '.join(clauses)} ORDER BY e.seq LIMIT ?"
+        )
+
+        async def read(conn: _Conn) -> list[models.Event]:
+            return [rows.event_from_row(tuple(r)) for r in await conn.fetch(query, *args, limit)]
+
+        return await self._read(read)
+
+    async def count_by_state(self, peer_uid: int | None = None) -> dict[str, int]:
+        async def read(conn: _Conn) -> dict[str, int]:
+            if peer_uid is None:
+                found = await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
+            else:
+                found = await conn.fetch(
+                    "SELECT state, count(*) FROM jobs WHERE peer_uid = $1 GROUP BY state",
+                    peer_uid,
+                )
+            return {state: int(count) for state, count in found}
+
+        return await self._read(read)
+
+    async def dependents(self, job_id: str) -> list[str]:
+        async def read(conn: _Conn) -> list[str]:
+            found = await conn.fetch(
+                "SELECT job_id FROM dependencies WHERE depends_on = $1 ORDER BY job_id", job_id
+            )
+            return [r[0] for r in found]
+
+        return await self._read(read)
+
+    async def count_children(self, parent_id: str) -> dict[str, int]:
+        async def read(conn: _Conn) -> dict[str, int]:
+            found = await conn.fetch(
+                "SELECT state, count(*) FROM jobs WHERE id > $1 AND id < $2 GROUP BY state",
+                f"{parent_id}:",
+                f"{parent_id};",
+            )
+            return {state: int(count) for state, count in found}
+
+        return await self._read(read)
+
+    async def definition(self, backend: str, digest: str) -> str | None:
+        async def read(conn: _Conn) -> str | None:
+            found = await conn.fetchval(
+                "SELECT arn FROM definitions WHERE backend = $1 AND digest = $2", backend, digest
+            )
+            return None if found is None else str(found)
+
+        return await self._read(read)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _fields(event: models.Event) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in models.Event.__dataclass_fields__}

@@ -1,0 +1,77 @@
+"""The daemon on PostgreSQL (`store.url`, issue #16's first part), against a real server
+started by the test session: jobs accepted, run and recorded there; a restart on the same
+database finds them; a database written by a newer version is refused at start-up; a database
+that is unreachable at start-up is said so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from orchestrator import errors
+from orchestrator.client import Client
+from orchestrator.daemon import Daemon
+from orchestrator.store import SCHEMA_VERSION
+from orchestrator.testing import make_settings
+from tests.support.daemon import running
+from tests.support.postgres import PostgresServer
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_jobs_live_in_postgresql_across_a_restart(
+    short_tmp: Path, postgres_server: PostgresServer
+) -> None:
+    url = await postgres_server.new_database()
+    settings = make_settings(short_tmp, store={"url": url})
+    async with running(settings), Client(short_tmp / "o.sock") as client:
+        done = await client.wait((await client.submit({"command": ["true"], "name": "one"}))["id"])
+        array = await client.wait(
+            (await client.submit({"command": ["true"], "array_size": 3}))["id"]
+        )
+        ping = await client.ping()
+    assert (done["state"], array["state"]) == ("SUCCEEDED", "SUCCEEDED")
+    assert ping["jobs"]["SUCCEEDED"] == 5  # one, the array and its 3 children
+    conn = await asyncpg.connect(url)
+    try:
+        stored = await conn.fetchval("SELECT count(*) FROM jobs")
+        states = await conn.fetch("SELECT to_state FROM events WHERE job_id = $1", done["id"])
+    finally:
+        await conn.close()
+    assert stored == 5
+    assert [r[0] for r in states][-1] == "SUCCEEDED"
+    assert not (settings.store.path).exists()  # no SQLite file was made
+    async with running(settings), Client(short_tmp / "o.sock") as client:  # a restart
+        again = await client.get("one", history=True)
+        listed, _ = await client.list_page()
+    assert again["id"] == done["id"]
+    assert [h["to"] for h in again.get("history", [])][-1] == "SUCCEEDED"
+    assert [j["id"] for j in listed] == [array["id"], done["id"]]
+
+
+async def test_a_newer_schema_is_refused_and_an_unreachable_database_said_so(
+    short_tmp: Path, postgres_server: PostgresServer
+) -> None:
+    url = await postgres_server.new_database()
+    async with running(make_settings(short_tmp, store={"url": url})):
+        pass
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'schema_version'", str(SCHEMA_VERSION + 1)
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(errors.StoreTooNew):
+        await Daemon(make_settings(short_tmp, store={"url": url})).run()
+    nowhere = f"postgresql://nobody:secret@/nodb?host={short_tmp}/no-such-dir"
+    with pytest.raises(errors.StoreError) as unreachable:
+        await Daemon(make_settings(short_tmp, store={"url": nowhere})).run()
+    assert "cannot connect to PostgreSQL" in str(unreachable.value)
+
+
+def test_a_store_url_that_is_not_postgresql_is_refused(short_tmp: Path) -> None:
+    with pytest.raises(Exception, match="postgresql://"):
+        make_settings(short_tmp, store={"url": "mysql://x/y"})
