@@ -390,23 +390,19 @@ class Api:
         """The job `ref` names for `peer`, as git and docker allow: by its id, else by a
         prefix of one id (4 characters at least), else by the name of one job — among the jobs
         `peer` may see. `AmbiguousJob` when a prefix or name fits several, `JobNotFound` when
-        none. With `children`, `<id>:<index>` also names a child of a Batch array job, as
-        Batch tells it now (`array_child`)."""
+        none. `<parent>:<index>` names an array job's child, the parent named any of those
+        ways; with `children`, also a child of a Batch array job, as Batch tells it now
+        (`array_child`). A child is named so or by its whole id, never by a prefix or a name
+        (those name the arrays, whose children share their ids' beginnings)."""
         owner = self._policy.owner(peer)
         with contextlib.suppress(errors.JobNotFound):
             return await self._job(ref, peer)
         if (child := arrays.split(ref)) is not None:
-            parent = await self.resolve(child[0], peer)
-            if children:
-                return await self.array_child(parent, child[1])
-            if parent.spec.array_size is not None and not arrays.expands(parent):
-                raise errors.InvalidRequest(
-                    f"{ref} is a child of the {parent.backend} array job {parent.id}: `status` "
-                    f"and `logs` show it; wait for, cancel or depend on the whole array"
-                )
-            raise errors.JobNotFound(ref)
+            return await self._child(ref, child, peer, children=children)
         if len(ref) >= _MIN_PREFIX:
-            by_id = await self._store.list_jobs(limit=3, peer_uid=owner, id_prefix=ref.lower())
+            by_id = await self._store.list_jobs(
+                limit=3, peer_uid=owner, id_prefix=ref.lower(), children=False
+            )
             if len(by_id) == 1:
                 return by_id[0]
             if by_id:
@@ -414,13 +410,36 @@ class Api:
                     f"{ref!r} starts the ids of several jobs ({_some(by_id)}): give more of it"
                 )
         if not any(char in ref for char in "*?["):  # a name, not a glob
-            named = await self._store.list_jobs(limit=3, peer_uid=owner, name=ref)
+            named = await self._store.list_jobs(limit=3, peer_uid=owner, name=ref, children=False)
             if len(named) == 1:
                 return named[0]
             if named:
                 raise errors.AmbiguousJob(
                     f"several jobs are named {ref!r} ({_some(named)}): name one by its id"
                 )
+        raise errors.JobNotFound(ref)
+
+    async def _child(
+        self, ref: str, child: tuple[str, int], peer: models.Peer, *, children: bool
+    ) -> models.Job:
+        """The child `ref` (`<parent>:<index>`) names: of an expanded array, the stored job;
+        of a Batch array, as Batch tells it (`children`) or a refusal saying what to do."""
+        try:
+            parent = await self.resolve(child[0], peer)
+        except errors.JobNotFound:
+            raise errors.JobNotFound(ref) from None
+        if arrays.expands(parent):
+            try:
+                return await self._job(arrays.child_id(parent.id, child[1]), peer)
+            except errors.JobNotFound:
+                raise errors.JobNotFound(ref) from None
+        if children:
+            return await self.array_child(parent, child[1])
+        if parent.spec.array_size is not None:
+            raise errors.InvalidRequest(
+                f"{ref} is a child of the {parent.backend} array job {parent.id}: `status` "
+                f"and `logs` show it; wait for, cancel or depend on the whole array"
+            )
         raise errors.JobNotFound(ref)
 
     async def array_child(self, parent: models.Job, index: int) -> models.Job:

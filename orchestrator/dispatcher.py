@@ -104,7 +104,11 @@ class Dispatcher:
 
     def _to_lane(self, job: models.Job) -> None:
         if arrays.expands(job):  # its children go to the lane: it becomes them
-            self._later(self._expand(job), f"expand-{job.id}")
+            deadline = tracking.queue_deadline(job)
+            if deadline is not None and deadline <= self._clock():  # passed while it waited
+                self._later(self._expire(job.id), f"expire-{job.id}")
+            else:
+                self._later(self._expand(job), f"expand-{job.id}")
             return
         due = tracking.retry_due(job)
         if due is not None and due > self._clock() and job.attempt > 0:
@@ -186,8 +190,8 @@ class Dispatcher:
             first_failed = None
             if sum(counts.get(s.value, 0) for s in models.TERMINAL) >= size:
                 ended_badly = models.TERMINAL - {models.JobState.SUCCEEDED}
-                found = await self._store.list_jobs(ended_badly, limit=1, id_prefix=children)
-                first_failed = found[0] if found else None
+                found = await self._store.list_jobs(ended_badly, limit=size, id_prefix=children)
+                first_failed = min(found, key=_index, default=None)  # the lowest index
             verdict = arrays.verdict(parent, counts, first_failed)
             info: dict[str, Any] = {"array_status": counts}
             if verdict.state is None:
@@ -529,6 +533,11 @@ class Dispatcher:
                 job.id, job.state, models.JobState.LOST, reason=reason, info={"failure": "lost"}
             )
             log.error("job.lost", job_id=job.id, attempt=job.attempt, reason=reason)
+
+
+def _index(child: models.Job) -> int:
+    found = arrays.split(child.id)
+    return found[1] if found is not None else 0
 
 
 def _gpus(lane: lanes.Lane, job: models.Job) -> int:

@@ -228,8 +228,8 @@ class LocalSettings(_Section):
     def _distinct_devices(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError(f"a device is listed twice: {value}")
-        if any(not device or "," in device for device in value):
-            raise ValueError(f"device names are non-empty and hold no comma: {value}")
+        if any(not device or "," in device or any(c.isspace() for c in device) for device in value):
+            raise ValueError(f"device names are non-empty and hold no comma or space: {value}")
         return value
 
 

@@ -83,7 +83,8 @@ class BatchBackend(AwsBackendBase):
             },
             # No idempotency token: a botocore retry after a timeout could create a second
             # job. One attempt per call; an unanswered one is settled by a ListJobs lookup.
-            single_attempt=frozenset({"SubmitJob"}),
+            # Nor a registration (found by its name and tag instead: `definitions`).
+            single_attempt=frozenset({"SubmitJob", "RegisterJobDefinition"}),
             log_delivery_s=log_delivery_s,
         )
         self._settings = settings

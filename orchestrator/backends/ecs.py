@@ -86,6 +86,9 @@ class EcsBackend(AwsBackendBase):
                 "DescribeClusters": describe,
                 "RegisterTaskDefinition": register,
             },
+            # A registration whose reply is lost is found by its name and tag (`definitions`),
+            # not sent again by botocore: that would make a second revision of it.
+            single_attempt=frozenset({"RegisterTaskDefinition"}),
             log_delivery_s=log_delivery_s,
         )
         self._settings = settings

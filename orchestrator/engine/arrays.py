@@ -37,9 +37,12 @@ def child_id(parent_id: str, index: int) -> str:
 
 
 def split(job_id: str) -> tuple[str, int] | None:
-    """(parent id, index) of a child's id (`<parent>:<index>`); None for any other id."""
+    """(parent id, index) of a child's id (`<parent>:<index>`, the index in ASCII digits as
+    written for it: `P:00003` and `P:٣` are not child 3); None for any other id."""
     parent, sep, index = job_id.partition(SEPARATOR)
-    if not sep or not parent or not index.isdigit() or len(index) > 5:
+    if not sep or not parent or not (index.isascii() and index.isdigit()) or len(index) > 5:
+        return None
+    if index != str(int(index)):
         return None
     return parent, int(index)
 
