@@ -37,6 +37,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import awsbench as ab
+from tests.support import postgres
 from tests.support.daemon import DaemonProcess
 
 
@@ -145,17 +146,20 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else values[0]
 
 
-def run_mode(mode: str, args: argparse.Namespace) -> tuple[dict[str, float], list[float]]:
-    """The figures of one `store.synchronous` mode, and every paced ack latency (s)."""
+def run_mode(
+    mode: str, args: argparse.Namespace, store_url: str | None = None
+) -> tuple[dict[str, float], list[float]]:
+    """The figures of one `store.synchronous` mode (or of PostgreSQL at `store_url`), and
+    every paced ack latency (s)."""
     root = Path(tempfile.mkdtemp(prefix="orc-bench-", dir="/tmp"))
-    daemon = DaemonProcess(
-        root,
-        env={
-            "ORCHESTRATOR__STORE__SYNCHRONOUS": mode,
-            "ORCHESTRATOR__LOCAL__MAX_CONCURRENCY": "1",
-            "ORCHESTRATOR__LOGGING__LEVEL": "WARNING",
-        },
-    )
+    env = {
+        "ORCHESTRATOR__STORE__SYNCHRONOUS": mode,
+        "ORCHESTRATOR__LOCAL__MAX_CONCURRENCY": "1",
+        "ORCHESTRATOR__LOGGING__LEVEL": "WARNING",
+    }
+    if store_url is not None:
+        env["ORCHESTRATOR__STORE__URL"] = store_url
+    daemon = DaemonProcess(root, env=env)
     daemon.start()
     try:
         latencies = paced(daemon.socket_path, args.paced, args.rate)
@@ -236,6 +240,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="paced submissions per second")
     parser.add_argument("--window", type=int, default=1024, help="bulk: unanswered at most")
     parser.add_argument("--save", type=Path, help="write the raw samples as JSON (for plots.py)")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also on PostgreSQL: a server from Debian's binaries in a temporary directory, "
+        "durable (fsync, synchronous commits), on a unix socket",
+    )
     args = parser.parse_args()
     print(
         f"# ingest: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
@@ -247,13 +257,23 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     modes: dict[str, dict[str, object]] = {}
-    for mode in ("FULL", "NORMAL"):
-        r, latencies = run_mode(mode, args)
-        modes[mode] = {**r, "latencies_s": latencies}
-        print(
-            f"| {mode} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} "
-            f"| {r['bulk_per_s']:,.0f} | {r['batched_per_s']:,.0f} |"
-        )
+    with contextlib.ExitStack() as stack:
+        runs: list[tuple[str, str, str | None]] = [
+            ("FULL", "FULL", None),
+            ("NORMAL", "NORMAL", None),
+        ]
+        if args.postgres:
+            server = stack.enter_context(postgres.running_server(durable=True))
+            if server is None:
+                sys.exit("--postgres: no PostgreSQL server binaries (apt-get install postgresql)")
+            runs.append(("PostgreSQL", "FULL", asyncio.run(server.new_database())))
+        for label, mode, url in runs:
+            r, latencies = run_mode(mode, args, url)
+            modes[label] = {**r, "latencies_s": latencies}
+            print(
+                f"| {label} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} "
+                f"| {r['bulk_per_s']:,.0f} | {r['batched_per_s']:,.0f} |"
+            )
     print("\n| floor | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|")
     floor_samples = floors(args)
     for label, values in floor_samples:

@@ -47,7 +47,9 @@ class PostgresServer:
         else:
             self.user = pwd.getpwuid(os.geteuid()).pw_name
 
-    def start(self) -> None:
+    def start(self, *, durable: bool = False) -> None:
+        """Start the server: for tests without fsync (fast); `durable`, as a production one
+        (fsync, synchronous commits: for benchmarks)."""
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if self._as:
             entry = pwd.getpwnam("postgres")
@@ -68,9 +70,10 @@ class PostgresServer:
         )
         options = (
             f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             str(self.bin / "pg_ctl"),
             "-D",
@@ -107,8 +110,9 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[PostgresServer | None]:
-    """A server for the session, or None where no PostgreSQL is installed."""
+def running_server(*, durable: bool = False) -> Iterator[PostgresServer | None]:
+    """A server for the session (`durable`: as `PostgresServer.start` says), or None where no
+    PostgreSQL is installed."""
     bin_dir = binaries()
     if bin_dir is None or (os.geteuid() == 0 and not _has_user("postgres")):
         yield None
@@ -117,7 +121,7 @@ def running_server() -> Iterator[PostgresServer | None]:
     os.chmod(root, 0o755)
     server = PostgresServer(root, bin_dir)
     try:
-        server.start()
+        server.start(durable=durable)
         yield server
     finally:
         server.stop()
