@@ -168,7 +168,12 @@ class Api:
     async def ping(self, peer: models.Peer) -> dict[str, object]:
         # Touches the store: a health check. Counts of the jobs the peer may see (an admin's:
         # all), as other users' jobs are not its business.
-        counts = await self._store.count_by_state(self._policy.owner(peer))
+        try:
+            counts: dict[str, int] | None = await self._store.count_by_state(
+                self._policy.owner(peer)
+            )
+        except errors.StoreError:  # the daemon answers all the same: its store is a problem
+            counts = None
         problems = self._health.problems()
         return {
             "pong": True,

@@ -377,7 +377,12 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
     if as_json:
         _print_json({k: v for k, v in reply.items() if k not in ("v", "id", "ok")})
     else:
-        jobs = ", ".join(f"{state.lower()} {n}" for state, n in sorted(reply["jobs"].items()))
+        counts = reply["jobs"]
+        jobs = (
+            ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items()))
+            if counts is not None
+            else "unknown (the store cannot be read)"
+        )
         _echo(
             f"orchestrator {reply['version']} pid {reply['pid']} up {reply['uptime_s']:.0f}s; "
             f"{reply.get('status', 'ok')}; "

@@ -8,6 +8,7 @@ ordered shutdown. Everything is built here, once, from settings; nothing else re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -271,9 +272,10 @@ class Daemon:
             task.cancel()
 
     async def _refresh_metrics(self) -> None:
-        counts = await self.store.count_by_state()
-        for state in models.JobState:
-            self.metrics.jobs.labels(state.value).set(counts.get(state.value, 0))
+        with contextlib.suppress(errors.StoreError):  # counts stay as last read; degraded says
+            counts = await self.store.count_by_state()
+            for state in models.JobState:
+                self.metrics.jobs.labels(state.value).set(counts.get(state.value, 0))
         degraded = {problem.reason for problem in self.health.problems()}
         for reason in PROBLEM_REASONS:
             self.metrics.degraded.labels(reason).set(1 if reason in degraded else 0)

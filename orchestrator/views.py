@@ -109,5 +109,5 @@ class Ping(TypedDict):
     version: str
     pid: int
     uptime_s: float
-    jobs: dict[str, int]
+    jobs: dict[str, int] | None  # None: the store cannot be read now (a problem says why)
     backends: list[str]

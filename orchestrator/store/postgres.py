@@ -168,6 +168,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool[Record] | None = None
         self._write_lock = asyncio.Lock()
         self._commit_failure: str | None = None
+        self._unreachable: str | None = None  # why the server cannot be reached, if it cannot
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -231,6 +232,9 @@ class PostgresStore(Store):
         return None, []
 
     def problems(self) -> list[Problem]:
+        if self._unreachable is not None:
+            said = f"PostgreSQL cannot be reached: {self._unreachable}"
+            return [Problem("store_unreachable", said)]
         if self._commit_failure is None:
             return []
         return [
@@ -261,8 +265,9 @@ class PostgresStore(Store):
                     result, changes = await op(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
+                self._unreachable = _unreachable(exc)
                 raise errors.StoreError(f"commit failed: {exc}") from exc
-            self._commit_failure = None
+            self._commit_failure = self._unreachable = None
             for event in changes:
                 self._hub.publish(event)
         return result
@@ -271,9 +276,12 @@ class PostgresStore(Store):
         pool = self._pool_or_fail()
         try:
             async with pool.acquire() as conn:
-                return await op(conn)
+                found = await op(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._unreachable = _unreachable(exc)
             raise errors.StoreError(f"read failed: {exc}") from exc
+        self._unreachable = None
+        return found
 
     # -- rows ------------------------------------------------------------------------------
 
@@ -894,3 +902,18 @@ def _json(value: Any) -> str:
 
 def _fields(event: models.Event) -> dict[str, Any]:
     return {name: getattr(event, name) for name in models.Event.__dataclass_fields__}
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why the server cannot be reached, if that is what `exc` says (a refused or lost
+    connection, a server shutting down or starting); None for any other failure."""
+    if isinstance(
+        exc,
+        OSError
+        | asyncpg.InterfaceError
+        | asyncpg.ConnectionDoesNotExistError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError,
+    ):
+        return str(exc) or type(exc).__name__
+    return None

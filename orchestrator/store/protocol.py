@@ -52,10 +52,13 @@ from orchestrator import errors, models
 # What `accept_many` makes of each spec: (the job, whether it was created now), or the error.
 AcceptOutcome = tuple[models.Job, bool] | errors.OrchestratorError
 
-ProblemReason = Literal["store_commit_failed", "store_low_space", "backend_credentials"]
+ProblemReason = Literal[
+    "store_commit_failed", "store_low_space", "store_unreachable", "backend_credentials"
+]
 PROBLEM_REASONS: tuple[ProblemReason, ...] = (
     "store_commit_failed",
     "store_low_space",
+    "store_unreachable",  # a database server that cannot be reached (PostgreSQL)
     "backend_credentials",  # not the store's: `health.Health` adds it for a backend
 )
 

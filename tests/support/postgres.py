@@ -55,19 +55,12 @@ class PostgresServer:
             entry = pwd.getpwnam("postgres")
             for path in (self.root, self.socket_dir):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-        self._run(
-            str(self.bin / "initdb"),
-            "-D",
-            str(self.data),
-            "-A",
-            "trust",
-            "-U",
-            self.user,
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-            "--no-sync",
-        )
+        if not (self.data / "PG_VERSION").exists():  # made once: a restart keeps its data
+            self._run(
+                str(self.bin / "initdb"),
+                *("-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8"),
+                *("--locale=C.UTF-8", "--no-sync"),
+            )
         options = (
             f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
             "-c max_connections=200"
