@@ -353,76 +353,16 @@ class PostgresStore(Store):
 
         async def op(conn: _Conn) -> tuple[list[AcceptOutcome], list[models.Event]]:
             outcomes: list[AcceptOutcome] = []
-            accepted: list[models.Event] = []
+            new_jobs = _NewJobs(conn, peer, now)
             for spec, backend, data in encoded:
                 try:
-                    job, event = await self._insert_job(conn, spec, backend, data, peer, now)
+                    outcomes.append(await new_jobs.add(spec, backend, data))
                 except errors.IdempotencyConflict as exc:
                     outcomes.append(exc)
-                    continue
-                outcomes.append((job, event is not None))
-                if event is not None:
-                    accepted.append(event)
-            return outcomes, accepted
+            await new_jobs.flush()
+            return outcomes, new_jobs.accepted
 
         return await self._write(op)
-
-    async def _insert_job(
-        self,
-        conn: _Conn,
-        spec: models.JobSpec,
-        backend: str,
-        data: str,
-        peer: models.Peer | None,
-        now: float,
-        job_id: str | None = None,
-    ) -> tuple[models.Job, models.Event | None]:
-        key = rows.scoped_key(spec.idempotency_key, peer)
-        if key is not None:
-            row = await conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = $1 "
-                "OR (idempotency_key = $2 AND peer_uid IS NOT DISTINCT FROM $3)",
-                key,
-                spec.idempotency_key,
-                None if peer is None else peer.uid,
-            )
-            if row is not None:
-                existing = rows.job_from_row(tuple(row))
-                check_same_spec(existing, spec, backend)
-                return existing, None
-        job = models.Job(
-            id=job_id or models.new_job_id(now),
-            spec=spec,
-            backend=backend,
-            state=S.QUEUED,
-            created_at=now,
-            updated_at=now,
-            state_times={S.QUEUED.value: now},
-            peer=peer,
-        )
-        await conn.execute(
-            "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
-            "peer_pid, created_at, updated_at, state_times) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            job.id,
-            key,
-            backend,
-            data,
-            S.QUEUED.value,
-            None if peer is None else peer.uid,
-            None if peer is None else peer.gid,
-            None if peer is None else peer.pid,
-            now,
-            now,
-            _json(job.state_times),
-        )
-        if spec.depends_on:
-            await conn.executemany(
-                "INSERT INTO dependencies (depends_on, job_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING",
-                [(dep, job.id) for dep in spec.depends_on],
-            )
-        return job, await self._insert_event(conn, job_event(job, None))
 
     async def transition(
         self,
@@ -628,13 +568,13 @@ class PostgresStore(Store):
             parent = await self._fetch(conn, parent_id)
             if parent.state != S.QUEUED or parent.launching or parent.stop_reason is not None:
                 raise errors.StaleState(parent_id, "QUEUED", parent.state.value)
-            made, changes = [], []
-            for index, (spec, data) in enumerate(zip(children, encoded, strict=True)):
-                child, event = await self._insert_job(
-                    conn, spec, parent.backend, data, parent.peer, now, f"{parent_id}:{index}"
-                )
-                made.append(child)
-                changes += [event] if event is not None else []
+            new_jobs = _NewJobs(conn, parent.peer, now)
+            made = [
+                (await new_jobs.add(spec, parent.backend, data, f"{parent_id}:{index}"))[0]
+                for index, (spec, data) in enumerate(zip(children, encoded, strict=True))
+            ]
+            await new_jobs.flush()
+            changes = new_jobs.accepted
             parent, moved = await self._apply(
                 conn,
                 parent,
@@ -894,6 +834,111 @@ class PostgresStore(Store):
             return None if found is None else str(found)
 
         return await self._read(read)
+
+
+class _NewJobs:
+    """A run of new jobs written with one statement per table (the bulk ingest path spends
+    its time per row otherwise), and their acceptance events numbered in order. A job with an
+    idempotency key is looked up first, after the rows before it are written, so a key
+    repeated within one run is found."""
+
+    def __init__(self, conn: _Conn, peer: models.Peer | None, now: float) -> None:
+        self._conn = conn
+        self._peer = peer
+        self._now = now
+        self._peer_columns = (None, None, None) if peer is None else (peer.uid, peer.gid, peer.pid)
+        self._state_times = _json({S.QUEUED.value: now})
+        self._rows: list[tuple[Any, ...]] = []
+        self._dependencies: list[tuple[str, str]] = []
+        self._jobs: list[models.Job] = []
+        self.accepted: list[models.Event] = []  # written so far, with their `seq`, in order
+
+    async def add(
+        self, spec: models.JobSpec, backend: str, data: str, job_id: str | None = None
+    ) -> tuple[models.Job, bool]:
+        """The new job (True), or the one this submitter's key already names (False); a
+        different spec under that key raises `IdempotencyConflict` before anything is written."""
+        key = rows.scoped_key(spec.idempotency_key, self._peer)
+        if key is not None:
+            await self.flush()
+            row = await self._conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = $1 "
+                "OR (idempotency_key = $2 AND peer_uid IS NOT DISTINCT FROM $3)",
+                key,
+                spec.idempotency_key,
+                None if self._peer is None else self._peer.uid,
+            )
+            if row is not None:
+                existing = rows.job_from_row(tuple(row))
+                check_same_spec(existing, spec, backend)
+                return existing, False
+        now = self._now
+        job = models.Job(
+            id=job_id or models.new_job_id(now),
+            spec=spec,
+            backend=backend,
+            state=S.QUEUED,
+            created_at=now,
+            updated_at=now,
+            state_times={S.QUEUED.value: now},
+            peer=self._peer,
+        )
+        self._rows.append(
+            (
+                job.id,
+                key,
+                backend,
+                data,
+                S.QUEUED.value,
+                *self._peer_columns,
+                now,
+                now,
+                self._state_times,
+            )
+        )
+        self._dependencies += [(dep, job.id) for dep in spec.depends_on]
+        self._jobs.append(job)
+        return job, True
+
+    async def flush(self) -> None:
+        if not self._rows:
+            return
+        conn = self._conn
+        await conn.executemany(
+            "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
+            "peer_pid, created_at, updated_at, state_times) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            self._rows,
+        )
+        if self._dependencies:
+            await conn.executemany(
+                "INSERT INTO dependencies (depends_on, job_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                self._dependencies,
+            )
+        events = [job_event(job, None) for job in self._jobs]
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _EVENTS_LOCK)
+        # One statement: its rows take their numbers in the arrays' order, so the numbers,
+        # sorted, are the events' in order (no other writer numbers meanwhile: the lock).
+        found = await conn.fetch(
+            "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code, failure) "
+            "SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], "
+            "$5::text[], $6::int[], $7::text[]) RETURNING seq",
+            [e.job_id for e in events],
+            [e.at for e in events],
+            [None] * len(events),
+            [e.to_state.value for e in events],
+            [e.reason for e in events],
+            [e.exit_code for e in events],
+            [e.failure for e in events],
+        )
+        seqs = sorted(int(r[0]) for r in found)
+        self.accepted += [
+            models.Event(**{**_fields(e), "seq": seq}) for e, seq in zip(events, seqs, strict=True)
+        ]
+        self._rows.clear()
+        self._dependencies.clear()
+        self._jobs.clear()
 
 
 def _json(value: Any) -> str:
