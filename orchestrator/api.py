@@ -22,7 +22,7 @@ from orchestrator.engine import arrays
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import JobDefaults
-from orchestrator.store import Store
+from orchestrator.store import JobQuery, Store
 
 log = structlog.get_logger("orchestrator.api")
 
@@ -140,17 +140,19 @@ class Api:
         the last is full and the cursor skips none."""
         page = min(query.limit, protocol.MAX_PAGE)
         jobs = await self._store.list_jobs(
-            query.state,
-            query.backend,
-            page + 1,
-            before=query.cursor,
-            peer_uid=self._policy.owner(peer),
-            name=query.name,
-            since=query.since,
-            labels=query.labels,
-            target=query.target,
-            id_prefix=None if query.parent is None else f"{query.parent}{arrays.SEPARATOR}",
-            children=query.parent is not None,
+            JobQuery.of(
+                query.state,
+                backend=query.backend,
+                limit=page + 1,
+                before=query.cursor,
+                peer_uid=self._policy.owner(peer),
+                name=query.name,
+                since=query.since,
+                labels=query.labels,
+                target=query.target,
+                id_prefix=None if query.parent is None else f"{query.parent}{arrays.SEPARATOR}",
+                children=query.parent is not None,
+            )
         )
         more = len(jobs) > page
         del jobs[page:]
@@ -406,7 +408,7 @@ class Api:
             return await self._child(ref, child, peer, children=children)
         if len(ref) >= _MIN_PREFIX:
             by_id = await self._store.list_jobs(
-                limit=3, peer_uid=owner, id_prefix=ref.lower(), children=False
+                JobQuery(limit=3, peer_uid=owner, id_prefix=ref.lower(), children=False)
             )
             if len(by_id) == 1:
                 return by_id[0]
@@ -415,7 +417,9 @@ class Api:
                     f"{ref!r} starts the ids of several jobs ({_some(by_id)}): give more of it"
                 )
         if not any(char in ref for char in "*?["):  # a name, not a glob
-            named = await self._store.list_jobs(limit=3, peer_uid=owner, name=ref, children=False)
+            named = await self._store.list_jobs(
+                JobQuery(limit=3, peer_uid=owner, name=ref, children=False)
+            )
             if len(named) == 1:
                 return named[0]
             if named:

@@ -24,7 +24,7 @@ from orchestrator.engine import arrays, dependencies, lanes, starts, tracking
 from orchestrator.health import Health
 from orchestrator.poller import Poller
 from orchestrator.settings import DispatcherSettings
-from orchestrator.store import Store
+from orchestrator.store import JobQuery, Store
 
 log = structlog.get_logger("orchestrator.dispatcher")
 
@@ -190,7 +190,9 @@ class Dispatcher:
             first_failed = None
             if sum(counts.get(s.value, 0) for s in models.TERMINAL) >= size:
                 ended_badly = models.TERMINAL - {models.JobState.SUCCEEDED}
-                found = await self._store.list_jobs(ended_badly, limit=size, id_prefix=children)
+                found = await self._store.list_jobs(
+                    JobQuery(frozenset(ended_badly), limit=size, id_prefix=children)
+                )
                 first_failed = min(found, key=_index, default=None)  # the lowest index
             verdict = arrays.verdict(parent, counts, first_failed)
             info: dict[str, Any] = {"array_status": counts}

@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrator import models
 from orchestrator.backends.base import Telemetry
-from orchestrator.store import Problem, Store
+from orchestrator.store import JobQuery, Problem, Store
 
 FAILED_STATES = (models.JobState.FAILED, models.JobState.LOST)
 # The last failures are the failed jobs that ended last among this many times as many of the
@@ -71,7 +71,12 @@ async def build(
     failures: list[models.Job] = []
     if query.failures:
         failed = await store.list_jobs(
-            FAILED_STATES, query.backend, query.failures * _FAILURE_SCAN, peer_uid=owner
+            JobQuery.of(
+                FAILED_STATES,
+                backend=query.backend,
+                limit=query.failures * _FAILURE_SCAN,
+                peer_uid=owner,
+            )
         )
         failed.sort(key=lambda job: job.updated_at, reverse=True)
         failures = failed[: query.failures]
@@ -100,7 +105,9 @@ async def build(
 async def _jobs(store: Store, query: Query, owner: int | None, in_lanes: int) -> list[models.Job]:
     states = list(query.states) if query.states else list(ACTIVE_STATES)
     if in_lanes > UNFINISHED_READ_MAX or any(state.terminal for state in states):
-        return await store.list_jobs(states, query.backend, query.limit, peer_uid=owner)
+        return await store.list_jobs(
+            JobQuery.of(states, backend=query.backend, limit=query.limit, peer_uid=owner)
+        )
     wanted = set(states)
     found = [
         job

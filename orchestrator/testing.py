@@ -19,7 +19,7 @@ import dataclasses
 import fnmatch
 import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -591,39 +591,25 @@ class InMemoryStore(store.Store):
     async def get(self, job_id: str) -> models.Job:
         return self._job(job_id)
 
-    async def list_jobs(
-        self,
-        states: Iterable[models.JobState] | None = None,
-        backend: str | None = None,
-        limit: int = 100,
-        before: str | None = None,
-        peer_uid: int | None = None,
-        *,
-        name: str | None = None,
-        since: float | None = None,
-        id_prefix: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        target: str | None = None,
-        children: bool = True,
-    ) -> list[models.Job]:
-        wanted = None if states is None else frozenset(states)
+    async def list_jobs(self, query: store.JobQuery = store.ALL_JOBS) -> list[models.Job]:
+        q = query
         found = []
         for job_id in sorted(self._jobs(), reverse=True):
             job = self.data.jobs[job_id]
             if (
-                (before is None or job.id < before)
-                and (peer_uid is None or (job.peer is not None and job.peer.uid == peer_uid))
-                and (wanted is None or job.state in wanted)
-                and (backend is None or job.backend == backend)
-                and (name is None or fnmatch.fnmatchcase(job.name, name))
-                and (since is None or job.created_at >= since)
-                and (id_prefix is None or job.id.startswith(id_prefix))
-                and all(job.spec.labels.get(k) == v for k, v in (labels or {}).items())
-                and (target is None or job.spec.target == target)
-                and (children or ":" not in job.id)
+                (q.before is None or job.id < q.before)
+                and (q.peer_uid is None or (job.peer is not None and job.peer.uid == q.peer_uid))
+                and (q.states is None or job.state in q.states)
+                and (q.backend is None or job.backend == q.backend)
+                and (q.name is None or fnmatch.fnmatchcase(job.name, q.name))
+                and (q.since is None or job.created_at >= q.since)
+                and (q.id_prefix is None or job.id.startswith(q.id_prefix))
+                and all(job.spec.labels.get(k) == v for k, v in (q.labels or {}).items())
+                and (q.target is None or job.spec.target == q.target)
+                and (q.children or ":" not in job.id)
             ):
                 found.append(job)
-                if len(found) >= limit:
+                if len(found) >= q.limit:
                     break
         return found
 

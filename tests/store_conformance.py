@@ -20,7 +20,7 @@ import pytest
 from orchestrator import errors, events, models
 from orchestrator.engine import tracking
 from orchestrator.models import JobState as S
-from orchestrator.store import PURGE_SLICE, Store
+from orchestrator.store import PURGE_SLICE, JobQuery, Store
 
 PEER_A = models.Peer(uid=1001, gid=1001, pid=11)
 PEER_B = models.Peer(uid=1002, gid=1002, pid=12)
@@ -313,7 +313,7 @@ async def jobs_are_listed_newest_first_and_filtered(h: Harness) -> None:
     orphan = await h.job_in(S.QUEUED, peer=None)
 
     async def ids(**filters: Any) -> list[str]:
-        return [job.id for job in await h.store.list_jobs(**filters)]
+        return [job.id for job in await h.store.list_jobs(JobQuery.of(**filters))]
 
     assert await ids() == [orphan.id, done.id, running.id, queued.id]
     assert await ids(limit=2) == [orphan.id, done.id]
@@ -339,7 +339,7 @@ async def jobs_are_found_by_name_glob_acceptance_time_and_id_prefix(h: Harness) 
     unnamed = await h.accept()
 
     async def ids(**filters: Any) -> list[str]:
-        return [job.id for job in await h.store.list_jobs(**filters)]
+        return [job.id for job in await h.store.list_jobs(JobQuery.of(**filters))]
 
     assert await ids(name="nightly-report") == [nightly.id]
     assert await ids(name="*-report") == [weekly.id, nightly.id]
@@ -375,7 +375,7 @@ async def cursor_pages_cover_every_job_once(h: Harness) -> None:
         h.clock.advance()
         await h.store.accept_many([(_spec(), "local")] * 9, PEER_A)
         await h.store.accept_many([(_spec(), "ecs")] * 4, PEER_B if round_ % 2 else None)
-    all_jobs = await h.store.list_jobs(limit=1000)
+    all_jobs = await h.store.list_jobs(JobQuery(limit=1000))
     assert len(all_jobs) == 52
     assert [j.id for j in all_jobs] == sorted((j.id for j in all_jobs), reverse=True)
     for filters in ({}, {"backend": "local"}, {"peer_uid": PEER_B.uid}, {"states": [S.QUEUED]}):
@@ -383,7 +383,7 @@ async def cursor_pages_cover_every_job_once(h: Harness) -> None:
             seen: list[str] = []
             cursor = None
             while True:
-                page = await h.store.list_jobs(limit=size, before=cursor, **filters)
+                page = await h.store.list_jobs(JobQuery.of(limit=size, before=cursor, **filters))
                 assert len(page) <= size
                 seen += [job.id for job in page]
                 if len(page) < size:
@@ -425,11 +425,11 @@ async def a_restart_finds_every_unfinished_job_as_it_was(h: Harness) -> None:
     retried = await h.store.record_start_failure(retried.id, "throttled", final=False)
     unfinished = [*(jobs[s] for s in models.ACTIVE if s != S.RUNNING), stopping, launching]
     unfinished = sorted([*unfinished, retried], key=lambda job: job.id)
-    before = {job.id: job for job in await h.store.list_jobs(limit=100)}
+    before = {job.id: job for job in await h.store.list_jobs(JobQuery(limit=100))}
 
     await h.restart()
     assert await h.store.unfinished() == unfinished
-    assert {job.id: job for job in await h.store.list_jobs(limit=100)} == before
+    assert {job.id: job for job in await h.store.list_jobs(JobQuery(limit=100))} == before
     recovered = {job.id: job for job in await h.store.unfinished()}
     assert recovered[launching.id].launching
     assert recovered[stopping.id].stop_reason == "timeout"
@@ -1024,9 +1024,9 @@ async def an_array_expands_into_its_children_all_at_once_with_their_events(h: Ha
     await h.store.request_stop(children[1].id, "cancel")
     assert await h.store.count_children(parent.id) == {"RUNNING": 1, "CANCELLED": 1, "QUEUED": 1}
     assert await h.store.count_children(other.id) == {}
-    listed = [j.id for j in await h.store.list_jobs(children=False)]
+    listed = [j.id for j in await h.store.list_jobs(JobQuery(children=False))]
     assert listed == [stopped.id, other.id, parent.id]  # children left out
-    mine = await h.store.list_jobs(id_prefix=f"{parent.id}:")
+    mine = await h.store.list_jobs(JobQuery(id_prefix=f"{parent.id}:"))
     assert sorted(j.id for j in mine) == [c.id for c in children]
     assert (await h.restart()) is h.store
     assert await h.store.get(children[2].id) == children[2]

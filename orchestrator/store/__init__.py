@@ -6,11 +6,13 @@
 """
 
 from orchestrator.store.protocol import (
+    ALL_JOBS,
     PROBLEM_REASONS,
     PURGE_SLICE,
     AcceptOutcome,
     AttemptEntry,
     HistoryEntry,
+    JobQuery,
     Problem,
     ProblemReason,
     Store,
@@ -21,12 +23,14 @@ from orchestrator.store.schema import SCHEMA_VERSION
 from orchestrator.store.sqlite import SqliteStore
 
 __all__ = [
+    "ALL_JOBS",
     "PROBLEM_REASONS",
     "PURGE_SLICE",
     "SCHEMA_VERSION",
     "AcceptOutcome",
     "AttemptEntry",
     "HistoryEntry",
+    "JobQuery",
     "Problem",
     "ProblemReason",
     "SqliteStore",

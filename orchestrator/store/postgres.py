@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
@@ -34,10 +34,12 @@ from orchestrator import errors, events, models
 from orchestrator.engine import tracking
 from orchestrator.store import rows
 from orchestrator.store.protocol import (
+    ALL_JOBS,
     PURGE_SLICE,
     AcceptOutcome,
     AttemptEntry,
     HistoryEntry,
+    JobQuery,
     Problem,
     Store,
     check_same_spec,
@@ -672,55 +674,43 @@ class PostgresStore(Store):
     async def get(self, job_id: str) -> models.Job:
         return await self._read(lambda conn: self._fetch(conn, job_id))
 
-    async def list_jobs(
-        self,
-        states: Iterable[models.JobState] | None = None,
-        backend: str | None = None,
-        limit: int = 100,
-        before: str | None = None,
-        peer_uid: int | None = None,
-        *,
-        name: str | None = None,
-        since: float | None = None,
-        id_prefix: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        target: str | None = None,
-        children: bool = True,
-    ) -> list[models.Job]:
-        clauses: list[str] = [] if children else ["position(':' in id) = 0"]
+    async def list_jobs(self, query: JobQuery = ALL_JOBS) -> list[models.Job]:
+        q = query
+        clauses: list[str] = [] if q.children else ["position(':' in id) = 0"]
         args: list[object] = []
-        if target is not None:
+        if q.target is not None:
             clauses.append("(spec::jsonb ->> 'target') = ?")
-            args.append(target)
-        for key, value in (labels or {}).items():
+            args.append(q.target)
+        for key, value in (q.labels or {}).items():
             clauses.append("(spec::jsonb -> 'labels' ->> ?) = ?")
             args += [key, value]
-        if name is not None:
+        if q.name is not None:
             clauses.append("(name ~ ? OR (name IS NULL AND id ~ ?))")
-            args += [glob_regex(name)] * 2
-        if since is not None:
+            args += [glob_regex(q.name)] * 2
+        if q.since is not None:
             clauses.append("created_at >= ?")
-            args.append(since)
-        if id_prefix is not None:
+            args.append(q.since)
+        if q.id_prefix is not None:
             clauses.append("id >= ? AND id < ?")
-            args += [id_prefix, id_prefix + "\U0010ffff"]
-        if before is not None:
+            args += [q.id_prefix, q.id_prefix + "\U0010ffff"]
+        if q.before is not None:
             clauses.append("id < ?")
-            args.append(before)
-        if peer_uid is not None:
+            args.append(q.before)
+        if q.peer_uid is not None:
             clauses.append("peer_uid = ?")
-            args.append(peer_uid)
-        if states is not None:
+            args.append(q.peer_uid)
+        if q.states is not None:
             clauses.append("state = ANY(?::text[])")
-            args.append([s.value for s in states])
-        if backend is not None:
+            args.append([s.value for s in q.states])
+        if q.backend is not None:
             clauses.append("backend = ?")
-            args.append(backend)
+            args.append(q.backend)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = sql(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?")
+        query_sql = sql(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?")
 
         async def read(conn: _Conn) -> list[models.Job]:
-            return [rows.job_from_row(tuple(r)) for r in await conn.fetch(query, *args, limit)]
+            found = await conn.fetch(query_sql, *args, q.limit)
+            return [rows.job_from_row(tuple(r)) for r in found]
 
         return await self._read(read)
 

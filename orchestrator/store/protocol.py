@@ -141,6 +141,38 @@ def _identity(spec: models.JobSpec) -> dict[str, Any]:
     return spec.model_dump(exclude={"backend", "default_cwd"})
 
 
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Which jobs `Store.list_jobs` returns: every filter given must hold. `before` (a job id:
+    the cursor): only the jobs older than that one; `peer_uid`: only the jobs that uid
+    submitted (a job with no recorded submitter is nobody's); `name`: only those whose name
+    matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its id);
+    `since` (Unix time): only those accepted then or later; `id_prefix`: only those whose id
+    starts so; `labels`: only those that have every one of them (key and value); `target`:
+    only those of that target; without `children`, not the children of array jobs
+    (`<parent>:<index>`)."""
+
+    states: frozenset[models.JobState] | None = None
+    backend: str | None = None
+    limit: int = 100
+    before: str | None = None
+    peer_uid: int | None = None
+    name: str | None = None
+    since: float | None = None
+    id_prefix: str | None = None
+    labels: Mapping[str, str] | None = None
+    target: str | None = None
+    children: bool = True
+
+    @classmethod
+    def of(cls, states: Iterable[models.JobState] | None = None, **filters: Any) -> JobQuery:
+        """A query whose states may be any iterable."""
+        return cls(None if states is None else frozenset(states), **filters)
+
+
+ALL_JOBS = JobQuery()  # every job, 100 at most: `list_jobs`'s default
+
+
 class Store(Protocol):
     """The durable record of every job: what the engine, the API and the daemon read and write.
 
@@ -296,29 +328,8 @@ class Store(Protocol):
 
     async def get(self, job_id: str) -> models.Job: ...
 
-    async def list_jobs(
-        self,
-        states: Iterable[models.JobState] | None = None,
-        backend: str | None = None,
-        limit: int = 100,
-        before: str | None = None,
-        peer_uid: int | None = None,
-        *,
-        name: str | None = None,
-        since: float | None = None,
-        id_prefix: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        target: str | None = None,
-        children: bool = True,
-    ) -> list[models.Job]:
-        """At most `limit` jobs, newest first (by id); without `children`, not the children of
-        array jobs (`<parent>:<index>`); with `before` (a job id: the cursor),
-        only the jobs older than that one; with `peer_uid`, only the jobs that uid submitted
-        (a job with no recorded submitter is nobody's); with `name`, only those whose name
-        matches that glob (`*`, `?`, `[…]`, case-sensitive; a job with no name is named by its
-        id); with `since` (Unix time), only those accepted then or later; with `id_prefix`,
-        only those whose id starts so; with `labels`, only those that have every one of
-        them (key and value); with `target`, only those of that target."""
+    async def list_jobs(self, query: JobQuery = ALL_JOBS) -> list[models.Job]:
+        """The jobs `query` asks for, newest first (by id), at most its `limit`."""
         ...
 
     async def unfinished(self) -> list[models.Job]:

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,12 @@ from orchestrator.engine import tracking
 from orchestrator.settings import StoreSettings
 from orchestrator.store import rows, schema
 from orchestrator.store.protocol import (
+    ALL_JOBS,
     PURGE_SLICE,
     AcceptOutcome,
     AttemptEntry,
     HistoryEntry,
+    JobQuery,
     Problem,
     Store,
 )
@@ -425,57 +427,44 @@ class SqliteStore(Store):
     async def get(self, job_id: str) -> models.Job:
         return await self._io.read(lambda conn: rows.fetch(conn, job_id))
 
-    async def list_jobs(
-        self,
-        states: Iterable[models.JobState] | None = None,
-        backend: str | None = None,
-        limit: int = 100,
-        before: str | None = None,
-        peer_uid: int | None = None,
-        *,
-        name: str | None = None,
-        since: float | None = None,
-        id_prefix: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        target: str | None = None,
-        children: bool = True,
-    ) -> list[models.Job]:
-        clauses: list[str] = [] if children else ["instr(id, ':') = 0"]
+    async def list_jobs(self, query: JobQuery = ALL_JOBS) -> list[models.Job]:
+        q = query
+        clauses: list[str] = [] if q.children else ["instr(id, ':') = 0"]
         args: list[object] = []
-        if target is not None:
+        if q.target is not None:
             clauses.append("json_extract(CAST(spec AS TEXT), '$.target') = ?")
-            args.append(target)
-        for key, value in (labels or {}).items():
+            args.append(q.target)
+        for key, value in (q.labels or {}).items():
             clauses.append("json_extract(CAST(spec AS TEXT), '$.labels.' || json_quote(?)) = ?")
             args += [key, value]
-        if name is not None:
+        if q.name is not None:
             # A name never holds a glob's special characters: a plain one matches itself (by
             # the index); a job with no name is named by its id.
             clauses.append("(name GLOB ? OR (name IS NULL AND id GLOB ?))")
-            args += [name, name]
-        if since is not None:
+            args += [q.name, q.name]
+        if q.since is not None:
             clauses.append("created_at >= ?")
-            args.append(since)
-        if id_prefix is not None:
+            args.append(q.since)
+        if q.id_prefix is not None:
             clauses.append("id >= ? AND id < ?")  # the primary key's range
-            args += [id_prefix, id_prefix + "\U0010ffff"]
-        if before is not None:
+            args += [q.id_prefix, q.id_prefix + "\U0010ffff"]
+        if q.before is not None:
             clauses.append("id < ?")
-            args.append(before)
-        if peer_uid is not None:
+            args.append(q.before)
+        if q.peer_uid is not None:
             clauses.append("peer_uid = ?")
-            args.append(peer_uid)
-        if states is not None:
-            wanted = [s.value for s in states]
+            args.append(q.peer_uid)
+        if q.states is not None:
+            wanted = [s.value for s in q.states]
             clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
             args.extend(wanted)
-        if backend is not None:
+        if q.backend is not None:
             clauses.append("backend = ?")
-            args.append(backend)
+            args.append(q.backend)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT {rows.COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?"
         return await self._io.read(
-            lambda conn: [rows.job_from_row(r) for r in conn.execute(sql, (*args, limit))]
+            lambda conn: [rows.job_from_row(r) for r in conn.execute(sql, (*args, q.limit))]
         )
 
     async def unfinished(self) -> list[models.Job]:

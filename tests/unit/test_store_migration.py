@@ -7,7 +7,7 @@ from pathlib import Path
 
 from orchestrator import events, models
 from orchestrator.settings import StoreSettings
-from orchestrator.store import SCHEMA_VERSION, SqliteStore
+from orchestrator.store import SCHEMA_VERSION, JobQuery, SqliteStore
 
 
 async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -44,7 +44,9 @@ async def test_a_version_1_store_is_brought_up_to_date_and_keeps_its_jobs(tmp_pa
             job.id, models.JobState.RUNNING, models.JobState.FAILED, info={"failure": "user"}
         )
         assert (await store.events_since(0))[-1].failure == "user"
-        assert [j.id for j in await store.list_jobs(name=job.id)] == [job.id]  # the name index
+        assert [j.id for j in await store.list_jobs(JobQuery(name=job.id))] == [
+            job.id
+        ]  # the name index
         await store.remember_definition("ecs", "d" * 64, "arn:td")  # version 4's table
         assert await store.definition("ecs", "d" * 64) == "arn:td"
         assert await store.dependents(job.id) == [waiting[0].id]  # filled in from the specs
