@@ -18,7 +18,7 @@ from orchestrator.client import Client
 from orchestrator.store.protocol import AttemptEntry, HistoryEntry
 from orchestrator.testing import make_settings
 from tests.integration.test_aws import batch_section, ecs_section, stopped_with
-from tests.support.daemon import accepted, running, until_state
+from tests.support.daemon import accepted, running
 from tests.support.faultproxy import Reply, Request, Rule
 from tests.support.moto import BatchEnv, EcsEnv
 
@@ -193,9 +193,11 @@ async def test_a_retry_waiting_over_a_restart_runs_once_when_due(short_tmp: Path
                 "retry": {"exit_codes": [75], "backoff_s": 3},
             }
         )
-        await until_state(client, job["id"], "QUEUED")  # accepted...
-        async for reply in client.watch(job["id"]):  # ...and sent back by its retry
-            if (reply.get("event") or {}).get("to") == "QUEUED":
+        # Every event of the job from its acceptance on (`since=0`: a retry recorded before
+        # the watch began is not missed), until the one that sent it back for its retry.
+        async for reply in client.watch(job["id"], since=0):
+            event = reply.get("event") or {}
+            if event.get("to") == "QUEUED" and event.get("from") is not None:
                 break
     assert runs_of(runs) == 1
     async with running(settings), Client(short_tmp / "o.sock") as client:
