@@ -125,16 +125,22 @@ def test_the_lock_goes_with_a_daemon_killed_by_sigkill_and_no_job_holds_it(
 
 
 def processes_in_group(pgid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.getpgid(int(name)) == pgid:
-                    found.append(int(name))
-            except ProcessLookupError:
-                continue
-    assert found, f"no process in group {pgid}"
-    return found
+    """The processes of the job's group: once there is one (the job is RUNNING as soon as it
+    is forked, a moment before its first process makes the group with setsid)."""
+
+    def members() -> list[int]:
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.getpgid(int(name)) == pgid:
+                        found.append(int(name))
+                except ProcessLookupError:
+                    continue
+        return found
+
+    wait_for(lambda: bool(members()), f"a process in group {pgid}", timeout_s=10.0)
+    return members()
 
 
 def _empty(path: Path) -> str:
