@@ -114,6 +114,11 @@ class ServerSettings(_Section):
     shutdown_grace_s: _Seconds = 5.0
 
 
+def without_password(url: str) -> str:
+    """A database URL as logs and messages show it: its password left out."""
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", url)
+
+
 class StoreSettings(_Section):
     path: Path = pydantic.Field(default_factory=lambda: state_dir() / "orchestrator.db")
     # A PostgreSQL database instead of the SQLite file at `path` ("postgresql://user@host/db";
@@ -130,7 +135,7 @@ class StoreSettings(_Section):
     @property
     def url_shown(self) -> str | None:
         """`url` as logs and messages show it: without its password."""
-        return None if self.url is None else re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", self.url)
+        return None if self.url is None else without_password(self.url)
 
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retention_days: Annotated[float, pydantic.Field(ge=0)] = 30.0  # 0 keeps terminal jobs forever

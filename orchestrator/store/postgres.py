@@ -18,6 +18,7 @@ refused) are `StoreError`s.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 from orchestrator import errors, events, models
 from orchestrator.engine import tracking
+from orchestrator.settings import without_password
 from orchestrator.store import rows
 from orchestrator.store.protocol import (
     ALL_JOBS,
@@ -202,7 +204,7 @@ class PostgresStore(Store):
             found = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
             version = int(found) if found is not None else 0
             if version > SCHEMA_VERSION:
-                raise errors.StoreTooNew(self._where(), version, SCHEMA_VERSION)
+                raise errors.StoreTooNew(without_password(self._url), version, SCHEMA_VERSION)
             if version == SCHEMA_VERSION:
                 return
         async with conn.transaction():
@@ -212,10 +214,6 @@ class PostgresStore(Store):
                 "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 str(SCHEMA_VERSION),
             )
-
-    def _where(self) -> str:
-        """The database, as said in messages: its URL without a password."""
-        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", self._url)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -300,15 +298,9 @@ class PostgresStore(Store):
         seq = await conn.fetchval(
             "INSERT INTO events (job_id, at, from_state, to_state, reason, exit_code, failure) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
-            event.job_id,
-            event.at,
-            None if event.from_state is None else event.from_state.value,
-            event.to_state.value,
-            event.reason,
-            event.exit_code,
-            event.failure,
+            *rows.event_row(event),
         )
-        return models.Event(**{**_fields(event), "seq": int(seq)})
+        return dataclasses.replace(event, seq=int(seq))
 
     async def _apply(
         self,
@@ -924,7 +916,7 @@ class _NewJobs:
         )
         seqs = sorted(int(r[0]) for r in found)
         self.accepted += [
-            models.Event(**{**_fields(e), "seq": seq}) for e, seq in zip(events, seqs, strict=True)
+            dataclasses.replace(e, seq=seq) for e, seq in zip(events, seqs, strict=True)
         ]
         self._rows.clear()
         self._dependencies.clear()
@@ -933,10 +925,6 @@ class _NewJobs:
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _fields(event: models.Event) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in models.Event.__dataclass_fields__}
 
 
 def _unreachable(exc: BaseException) -> str | None:

@@ -73,7 +73,7 @@ def fetch(conn: sqlite3.Connection, job_id: str) -> models.Job:
     return job_from_row(row)
 
 
-def _event_row(event: models.Event) -> tuple[Any, ...]:
+def event_row(event: models.Event) -> tuple[Any, ...]:
     return (
         event.job_id,
         event.at,
@@ -87,7 +87,7 @@ def _event_row(event: models.Event) -> tuple[Any, ...]:
 
 def insert_event(conn: sqlite3.Connection, event: models.Event) -> models.Event:
     """Write `event`'s row: the event with its `seq` (the row's key: it grows with each)."""
-    seq = conn.execute(_INSERT_EVENT, _event_row(event)).lastrowid
+    seq = conn.execute(_INSERT_EVENT, event_row(event)).lastrowid
     assert seq is not None
     return dataclasses.replace(event, seq=seq)
 
@@ -150,7 +150,7 @@ class NewJobs:
     def flush(self) -> None:
         if self._jobs:
             self._conn.executemany(_INSERT_JOB, self._jobs)
-            self._conn.executemany(_INSERT_EVENT, [_event_row(e) for e in self._events])
+            self._conn.executemany(_INSERT_EVENT, [event_row(e) for e in self._events])
             if self._dependencies:
                 self._conn.executemany(_INSERT_DEPENDENCY, self._dependencies)
                 self._dependencies.clear()
