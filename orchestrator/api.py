@@ -17,10 +17,9 @@ import structlog
 from orchestrator import __version__, access, errors, events, faults, models, protocol, snapshot
 from orchestrator.backends import base
 from orchestrator.backends.base import Backend
-from orchestrator.dispatcher import Dispatcher
+from orchestrator.drivers import Router
 from orchestrator.engine import arrays
 from orchestrator.health import Health
-from orchestrator.poller import Poller
 from orchestrator.settings import JobDefaults
 from orchestrator.store import JobQuery, Store
 
@@ -38,14 +37,14 @@ class Api:
         self,
         defaults: JobDefaults,
         store: Store,
-        dispatcher: Dispatcher,
-        poller: Poller,
+        drivers: Router,
         backends: Mapping[str, Backend],
         hub: events.Hub,
         *,
         policy: access.Policy,
         crash: faults.Faults | None = None,
         health: Health | None = None,
+        cluster: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._crash = crash or faults.Faults()
         self._health = health or Health(store)
@@ -55,8 +54,8 @@ class Api:
         self._stored_retry = None if self._retry == models.DEFAULT_RETRY else self._retry
         self._policy = policy
         self._store = store
-        self._dispatcher = dispatcher
-        self._poller = poller
+        self._drivers = drivers  # who launches and tracks each backend's jobs here
+        self._cluster = cluster  # a shared PostgreSQL: who this daemon is, who leads
         self._backends = backends
         self._hub = hub
         self._started = time.monotonic()
@@ -187,6 +186,7 @@ class Api:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "jobs": counts,
             "backends": sorted(self._backends),
+            **({} if self._cluster is None else {"cluster": self._cluster()}),
         }
 
     async def top(self, query: snapshot.Query, peer: models.Peer) -> dict[str, object]:
@@ -198,8 +198,9 @@ class Api:
             owner=self._policy.owner(peer),
             telemetry={name: backend.telemetry() for name, backend in self._backends.items()},
             lanes={
-                name: snapshot.Lane(self._dispatcher.in_flight(name), self._dispatcher.queued(name))
+                name: snapshot.Lane(in_flight, self._drivers.queued(name) or 0)
                 for name in self._backends
+                if (in_flight := self._drivers.in_flight(name)) is not None
             },
             show_lanes=self._policy.is_admin(peer),
             problems=self._health.problems(),
@@ -390,7 +391,7 @@ class Api:
                 **({"image": spec.image} if spec.image else {}),
                 **({"array_size": spec.array_size} if spec.array_size else {}),
             )
-            self._dispatcher.enqueue(job)
+            self._drivers.enqueue(job)
         return outcomes
 
     async def resolve(self, ref: str, peer: models.Peer, *, children: bool = False) -> models.Job:
@@ -533,9 +534,9 @@ class Api:
             return await self._cancel_unrecorded(job_id, exc)
         log.info("job.cancel_requested", job_id=job_id, state=job.state.value)
         if arrays.expands(job) and not job.state.terminal:
-            self._dispatcher.watch_array(job.id)  # its children are stopped with it
+            self._drivers.watch_array(job)  # its children are stopped with it
         else:
-            self._poller.update(job)
+            self._drivers.update(job)
         return job, True
 
     async def _cancel_unrecorded(
@@ -547,7 +548,7 @@ class Api:
         log.warning(
             "job.cancel_unrecorded", job_id=job_id, state=job.state.value, error=exc.message
         )
-        self._poller.stop_unrecorded(job_id, "cancel")  # records it, retrying; gates dispatch
+        self._drivers.stop_unrecorded(job, "cancel")  # records it, retrying; gates dispatch
         job = dataclasses.replace(job, stop_reason="cancel")
         backend = self._backends.get(job.backend)
         if backend is not None and job.external_id is not None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import resource
 import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -23,14 +26,16 @@ from orchestrator import access, errors, events, faults, logs, metrics, models, 
 from orchestrator.api import Api
 from orchestrator.backends.base import Backend
 from orchestrator.backends.local import LocalBackend
-from orchestrator.dispatcher import Dispatcher
+from orchestrator.drivers import Drivers, Router
 from orchestrator.engine import recovery
 from orchestrator.health import Health
-from orchestrator.poller import Poller
 from orchestrator.ratelimit import TokenBucket
 from orchestrator.server import Server
 from orchestrator.settings import Settings
 from orchestrator.store import PROBLEM_REASONS, SqliteStore, Store
+
+if TYPE_CHECKING:
+    from orchestrator.cluster import Cluster
 
 log = structlog.get_logger("orchestrator.daemon")
 
@@ -43,7 +48,7 @@ def open_store(settings: Settings, hub: events.Hub) -> Store:
     if settings.store.url:
         from orchestrator.store.postgres import PostgresStore  # imports asyncpg: only when used
 
-        return PostgresStore(settings.store.url, hub)
+        return PostgresStore(settings.store.url, hub, node=settings.cluster.node)
     return SqliteStore(settings.store, hub)
 
 
@@ -87,28 +92,41 @@ class Daemon:
         self.backends = build_backends(settings, self.store) if backends is None else backends
         self.metrics = metrics.Metrics()
         self.health = Health(self.store)
-        self.poller = Poller(
-            settings.poller,
-            self.store,
-            self.backends,
-            on_detected=self.metrics.detected,
-            crash=self.faults,
-            health=self.health,
-        )
-        self.dispatcher = Dispatcher(
-            settings.dispatcher,
-            self.store,
-            self.backends,
-            self.poller,
-            self.hub,
-            crash=self.faults,
-            health=self.health,
-        )
+        self.router = Router()
+        # The drivers this daemon runs for as long as it runs: on SQLite, every backend's; on
+        # a shared PostgreSQL, the local backend's (its own local jobs), while the AWS
+        # backends' run only while it leads (`cluster`).
+        self.drivers: list[Drivers] = []
+        self.cluster: Cluster | None = None
+        if settings.store.url:  # several daemons may share it (imports asyncpg: only then)
+            from orchestrator.cluster import Cluster, owns_local
+            from orchestrator.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            node = settings.cluster.node
+            local = {name: b for name, b in self.backends.items() if name == "local"}
+            aws = {name: b for name, b in self.backends.items() if name != "local"}
+            if local:
+                self.drivers.append(self._drivers(local, owns_local(node)))
+            self.cluster = Cluster(
+                self.store,
+                self.hub,
+                self.router,
+                node=node,
+                lease_ttl_s=settings.cluster.lease_ttl_s,
+                orphan_timeout_s=settings.local.orphan_timeout_s,
+                make_drivers=(lambda: self._drivers(aws, may_launch=self._may_launch))
+                if aws
+                else None,
+            )
+        else:
+            self.drivers.append(self._drivers(self.backends))
+        for drivers in self.drivers:
+            self.router.attach(drivers)
         self.api = Api(
             settings.jobs,
             self.store,
-            self.dispatcher,
-            self.poller,
+            self.router,
             self.backends,
             self.hub,
             policy=access.Policy(
@@ -118,6 +136,7 @@ class Daemon:
             ),
             crash=self.faults,
             health=self.health,
+            cluster=None if self.cluster is None else self.cluster.describe,
         )
         self.api.on_shutdown = self.request_stop
         self.server = Server(settings.server, self.api)
@@ -132,7 +151,7 @@ class Daemon:
                 ],
             )
         )
-        self.hub.listen(self.metrics.on_event)
+        self.hub.listen(self.metrics.on_event, "own")
         self._endpoint = (
             metrics.Endpoint(self.metrics, settings.metrics.listen, self._refresh_metrics)
             if settings.metrics.listen
@@ -143,9 +162,30 @@ class Daemon:
         self._force = asyncio.Event()
         self._signals: list[str] = []  # names of the signals received, in order
         self._signals_logged = 0
-        self.hub.listen(logs.log_transition)
-        for backend in self.backends.values():
-            backend.set_wake(self.poller.poke)
+        self.hub.listen(logs.log_transition, "own")
+        for name, backend in self.backends.items():
+            backend.set_wake(functools.partial(self.router.poke, name))
+
+    def _drivers(
+        self,
+        backends: dict[str, Backend],
+        owns: Callable[[models.Job], bool] = lambda job: True,
+        may_launch: Callable[[], bool] = lambda: True,
+    ) -> Drivers:
+        return Drivers(
+            self.settings,
+            self.store,
+            backends,
+            self.hub,
+            on_detected=self.metrics.detected,
+            crash=self.faults,
+            health=self.health,
+            owns=owns,
+            may_launch=may_launch,
+        )
+
+    def _may_launch(self) -> bool:
+        return self.cluster is not None and self.cluster.may_launch()
 
     @property
     def metrics_address(self) -> str | None:
@@ -214,11 +254,12 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.server.serve(), name="server"),
-                    tg.create_task(self.dispatcher.run(), name="dispatcher"),
-                    tg.create_task(self.poller.run(), name="poller"),
+                    *(tg.create_task(d.run(), name="drivers") for d in self.drivers),
                     tg.create_task(self._retention(), name="retention"),
                     tg.create_task(self._watchdog(), name="watchdog"),
                 ]
+                if self.cluster is not None:
+                    tasks.append(tg.create_task(self.cluster.run(), name="cluster"))
                 await self._stop.wait()
                 self._log_signals()
                 await self._shutdown(tasks)
@@ -232,31 +273,31 @@ class Daemon:
             log.info("daemon.stopped")
 
     async def _recover(self) -> int:
-        """Hand every unfinished job back to the component that owns its next step."""
+        """Hand every unfinished job this daemon drives to the drivers of its backend (on a
+        shared PostgreSQL, the AWS jobs wait for whoever leads: `cluster`)."""
         jobs = await self.store.unfinished()
-        launching: list[models.Job] = []
+        if self.cluster is None:
+            for job in jobs:
+                if recovery.recover(job, self.backends) is recovery.Recovery.ORPHANED:
+                    log.warning("job.backend_disabled", job_id=job.id, backend=job.backend)
+        else:
+            await self._back_again(jobs)
+        counts = await asyncio.gather(*(drivers.recover(jobs) for drivers in self.drivers))
+        return sum(counts)
+
+    async def _back_again(self, jobs: list[models.Job]) -> None:
+        """This node's local jobs that others saw as orphaned (it was away): it is back."""
+        assert self.cluster is not None
+        node = self.cluster.node
         for job in jobs:
-            step = recovery.recover(job, self.backends)
-            if step is recovery.Recovery.ORPHANED:
-                log.warning("job.backend_disabled", job_id=job.id, backend=job.backend)
-            elif step is recovery.Recovery.SETTLE:
-                launching.append(job)
-            elif step is recovery.Recovery.STOP:
-                assert job.stop_reason is not None
-                try:
-                    await self.store.request_stop(job.id, job.stop_reason)
-                except errors.StoreError:  # a full disk must not keep us from serving
-                    self.poller.stop_unrecorded(job.id, job.stop_reason)
-            elif step is recovery.Recovery.ENQUEUE:
-                self.dispatcher.enqueue(job)
-            elif step is recovery.Recovery.ARRAY:
-                self.dispatcher.watch_array(job.id)
-            else:
-                self.dispatcher.adopt(job)
-                self.poller.track(job)
-        # Attempts cut short by a crash: settle each one (did it launch?) before serving.
-        await asyncio.gather(*(self.dispatcher.settle_at_start(job) for job in launching))
-        return len(jobs)
+            if job.info.get("owner") == node and job.info.get("owner_unreachable_since"):
+                with contextlib.suppress(errors.StoreError):
+                    await self.store.observe(
+                        job.id,
+                        vendor_status=job.vendor_status,
+                        reason=f"owner {node} is back",
+                        info={"owner_unreachable_since": None},
+                    )
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         grace_s = self.settings.server.shutdown_grace_s
@@ -297,13 +338,19 @@ class Daemon:
     def status_line(self) -> str:
         """One line for `systemctl status`: degraded or not (and why), what is in flight where."""
         parts = [
-            f"{name}: {self.dispatcher.in_flight(name)} in flight, "
-            f"{self.dispatcher.queued(name)} queued"
+            f"{name}: {self.router.in_flight(name)} in flight, {self.router.queued(name)} queued"
+            if self.router.drives_backend(name)
+            else f"{name}: led by {self._leader()}"
             for name in sorted(self.backends)
         ]
         problems = self.health.problems()
         head = "degraded (" + "; ".join(p.message for p in problems) + ")" if problems else "ready"
         return f"{head}; " + "; ".join(parts)
+
+    def _leader(self) -> str:
+        described = {} if self.cluster is None else self.cluster.describe()
+        leader = described.get("leader")
+        return "nobody yet" if not leader else str(leader["node"])
 
     async def _retention(self) -> None:
         """Delete terminal jobs older than `store.retention_days`, with their local files."""

@@ -54,8 +54,17 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         crash: faults.Faults | None = None,
         health: Health | None = None,
+        owns: Callable[[models.Job], bool] = lambda job: True,
+        may_launch: Callable[[], bool] = lambda: True,
     ) -> None:
         self._crash = crash or faults.Faults()  # unarmed unless the daemon hands its own
+        # Whether a job of these backends is this daemon's to drive (on a shared PostgreSQL, a
+        # local job is its node's): another's array parent is not judged here.
+        self._owns = owns
+        # Checked right before every launch: a leader whose lease may have passed to another
+        # daemon (it was paused, or cut off) launches nothing more (`cluster`).
+        self._may_launch = may_launch
+        self._hub = hub
         self._health = health or Health(store)
         self._settings = settings
         self._store = store
@@ -141,12 +150,27 @@ class Dispatcher:
     def queued(self, backend: str) -> int:
         return self._lanes[backend].lane.queued
 
+    def knows(self, job_id: str) -> bool:
+        """Whether the job is in a lane (queued or in flight) or waits for others here."""
+        return any(
+            shell.lane.is_queued(job_id) or shell.lane.is_in_flight(job_id)
+            for shell in self._lanes.values()
+        ) or any(job_id in waiting for waiting in self._waiting.values())
+
+    def close(self) -> None:
+        """Hear no more events (these drivers are done: another daemon leads)."""
+        self._hub.unlisten(self._on_event)
+
     def _on_event(self, event: models.Event) -> None:
-        if event.to_state.terminal and (shell := self._lanes.get(event.backend)) is not None:
-            shell.lane.ended(event.job_id)
+        # Every job's end wakes the jobs waiting for it, whoever drives it; the rest concerns
+        # only the backends this dispatcher drives.
         if event.to_state.terminal:
             for waiting in self._waiting.pop(event.job_id, ()):
                 self._check_later(waiting)
+        if (shell := self._lanes.get(event.backend)) is None:
+            return
+        if event.to_state.terminal:
+            shell.lane.ended(event.job_id)
         if event.from_state is not None and (child := arrays.split(event.job_id)) is not None:
             self.watch_array(child[0])
 
@@ -180,7 +204,7 @@ class Dispatcher:
         self._arrays_changed.discard(parent_id)
         try:
             parent = await self._store.get(parent_id)
-            if parent.state.terminal or not arrays.expands(parent):
+            if parent.state.terminal or not arrays.expands(parent) or not self._owns(parent):
                 return
             size, children = parent.spec.array_size or 0, f"{parent_id}:"
             if parent.stop_reason is not None:  # stopped: so is every child that has not ended
@@ -339,6 +363,10 @@ class Dispatcher:
         lane = shell.lane
         if devices := lane.devices_of(job.id):  # the lane's pick: the backend hands them on
             job = dataclasses.replace(job, info={**job.info, "gpus": list(devices)})
+        if not self._may_launch():  # whoever leads next settles the attempt, as after a crash
+            log.warning("job.launch_withheld", job_id=job.id, attempt=job.attempt)
+            lane.settle_at(job.id, self._clock() + self._settings.retry_cap_s)
+            return
         try:
             submitted = await shell.backend.submit(job)
         except errors.StartFailed as exc:

@@ -178,6 +178,14 @@ class StoreError(OrchestratorError):
     code = "store_error"
 
 
+class Fenced(StoreError):
+    """A write refused because this daemon may no longer make it (issue #16): its lease on
+    the AWS backends lapsed or passed to another daemon (the fencing token it wrote with is no
+    longer the current one), or a local job belongs to another daemon. Nothing was written."""
+
+    code = "fenced"
+
+
 class StoreFull(StoreError):
     """The store's file system is short of space: new jobs are refused, accepted ones go on."""
 

@@ -1,7 +1,9 @@
 """In-process fan-out of committed state changes.
 
 Listeners are plain callbacks run in the event loop right after a commit (the log line, the
-dispatcher's slot accounting, metrics); they must not block. Watchers get a bounded queue each: a
+dispatcher's slot accounting, metrics); they must not block. On a PostgreSQL shared by several
+daemons, the changes other daemons commit are published here too, in the same order (the
+store's feed), marked as not this daemon's own. Watchers get a bounded queue each: a
 watcher that falls behind is dropped with a reason, never allowed to slow the daemon.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import Literal
 
 import structlog
 
@@ -18,6 +21,7 @@ from orchestrator import errors, models
 log = structlog.get_logger("orchestrator.events")
 
 Listener = Callable[[models.Event], None]
+Whose = Literal["all", "own", "others"]
 
 
 class Subscription:
@@ -79,15 +83,21 @@ class Subscription:
 
 class Hub:
     def __init__(self, watcher_queue_size: int = 10_000) -> None:
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, Whose]] = []
         self._all: set[Subscription] = set()
         self._by_job: dict[str, set[Subscription]] = {}
         self._queue_size = watcher_queue_size
         # The number of the last event committed (`Event.seq`): a new watcher's starting point.
         self.last_seq = 0
 
-    def listen(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def listen(self, listener: Listener, whose: Whose = "all") -> None:
+        """Call `listener` with every change; or only with those this daemon committed
+        ("own": its log lines and counters, as other daemons on a shared PostgreSQL log and
+        count theirs), or only with those of the others ("others")."""
+        self._listeners.append((listener, whose))
+
+    def unlisten(self, listener: Listener) -> None:
+        self._listeners = [(known, own) for known, own in self._listeners if known != listener]
 
     def subscribe(self, job_id: str | None = None, *, peer_uid: int | None = None) -> Subscription:
         """Events of one job (or all), only of the jobs `peer_uid` submitted if given."""
@@ -112,9 +122,13 @@ class Hub:
         """The store holds events up to `seq` (it says so when it opens)."""
         self.last_seq = max(self.last_seq, seq)
 
-    def publish(self, event: models.Event) -> None:
+    def publish(self, event: models.Event, *, own: bool = True) -> None:
+        """Hand on a committed change: `own` when this daemon committed it, else another
+        daemon sharing the store did (PostgreSQL: `store.postgres`' feed)."""
         self.last_seq = max(self.last_seq, event.seq)
-        for listener in self._listeners:
+        for listener, whose in self._listeners:
+            if whose != "all" and (whose == "own") != own:
+                continue
             try:
                 listener(event)
             except Exception:

@@ -90,6 +90,9 @@ class Poller:
         self._tracker.stop_unrecorded(job_id, why, self._clock())
         self._unrecorded_added.set()
 
+    def tracks(self, job_id: str) -> bool:
+        return self._tracker.get(job_id) is not None
+
     def pending_stop(self, job_id: str) -> models.StopReason | None:
         """The stop asked for this job that the store has not recorded yet, if any."""
         return self._tracker.pending_stop(job_id)

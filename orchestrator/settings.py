@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -146,6 +147,27 @@ class StoreSettings(_Section):
     min_free_bytes: Annotated[int, pydantic.Field(ge=0)] = 64 * 1024 * 1024
 
 
+class ClusterSettings(_Section):
+    """Several daemons sharing one PostgreSQL (`store.url`; issue #16): who this one is, and
+    the lease that makes one of them at a time the leader for the AWS backends."""
+
+    # This daemon's name among those sharing the database: local jobs belong to the node that
+    # accepted them. Unique per daemon; default: the host's name.
+    node: str = pydantic.Field(default_factory=socket.gethostname)
+    # How long the leader's lease lasts unrenewed (on the database's clock): a follower takes
+    # over at most this long after the leader stops renewing it. Renewed every third of it.
+    lease_ttl_s: Annotated[float, pydantic.Field(ge=1.0, le=3600.0, allow_inf_nan=False)] = 10.0
+
+    @pydantic.field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        if not value or len(value) > 128 or not value.isprintable() or value != value.strip():
+            raise ValueError(
+                "must be 1 to 128 printable characters, without leading or trailing spaces"
+            )
+        return value
+
+
 class RetrySettings(_Section):
     """The retry policy of a job that does not give its own (`models.Retry` says what each
     field means and checks it)."""
@@ -227,6 +249,10 @@ class LocalSettings(_Section):
     # `resources.gpus`, each job told its own in CUDA_VISIBLE_DEVICES (and jobs that ask for
     # none, none); a job waits until enough are free. Empty: jobs asking for GPUs are refused.
     gpus: _StrList = pydantic.Field(default_factory=list)
+    # On a PostgreSQL shared by several daemons: a local job whose daemon (its node) stopped
+    # renewing its presence this long ago is LOST (until then it says its owner is unreachable,
+    # and that daemon takes it back if it returns).
+    orphan_timeout_s: _Seconds = 900.0
 
     @pydantic.field_validator("gpus")
     @classmethod
@@ -437,6 +463,7 @@ class Settings(pydantic_settings.BaseSettings):
 
     server: ServerSettings = pydantic.Field(default_factory=ServerSettings)
     store: StoreSettings = pydantic.Field(default_factory=StoreSettings)
+    cluster: ClusterSettings = pydantic.Field(default_factory=ClusterSettings)
     jobs: JobDefaults = pydantic.Field(default_factory=JobDefaults)
     dispatcher: DispatcherSettings = pydantic.Field(default_factory=DispatcherSettings)
     poller: PollerSettings = pydantic.Field(default_factory=PollerSettings)

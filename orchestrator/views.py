@@ -101,6 +101,20 @@ class Problem(TypedDict):
     message: str
 
 
+class Leader(TypedDict):
+    node: str
+    since: str  # when it took the lease (the database's clock)
+    token: int  # the lease's fencing token
+    expires_in_s: float  # unless renewed (renewed every third of the TTL)
+
+
+class Cluster(TypedDict):
+    node: str  # this daemon's
+    candidate: bool  # stands for the lease (it has an AWS backend)
+    leading: bool
+    leader: Leader | None  # None: nobody holds the lease now
+
+
 class Ping(TypedDict):
     pong: bool
     status: Literal["ok", "degraded"]
@@ -111,3 +125,4 @@ class Ping(TypedDict):
     uptime_s: float
     jobs: dict[str, int] | None  # None: the store cannot be read now (a problem says why)
     backends: list[str]
+    cluster: NotRequired[Cluster]  # on a PostgreSQL several daemons may share

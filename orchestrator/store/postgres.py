@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import orjson
+import structlog
 from asyncpg import Record
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from orchestrator import errors, events, models
+from orchestrator import backoff, errors, events, models
 from orchestrator.engine import tracking
 from orchestrator.settings import without_password
 from orchestrator.store import rows
@@ -47,10 +48,19 @@ from orchestrator.store.protocol import (
     check_same_spec,
     job_event,
 )
-from orchestrator.store.schema import SCHEMA_VERSION
 
 T = TypeVar("T")
 S = models.JobState
+log = structlog.get_logger("orchestrator.store")
+# The PostgreSQL schema's version: 4 as the SQLite store's; 5 adds what several daemons share
+# (the lease, the nodes, the events' notification).
+SCHEMA_VERSION = 5
+LOCAL = "local"  # the backend whose jobs belong to one daemon (node); every other needs the lease
+LEASE = "aws"  # the one lease: who dispatches and tracks the AWS backends
+EVENTS_CHANNEL = "orchestrator_events"  # NOTIFY: events were committed (the feed reads them)
+STOPS_CHANNEL = "orchestrator_stops"  # NOTIFY <job id>: a stop was recorded for a running job
+_FEED_PAGE = 1000
+_FEED_CHECK_S = 5.0  # the feed's connection is checked this often when nothing arrives
 _MIGRATION_LOCK = 0x6F72636865737472  # pg_advisory_lock key: creating or migrating the schema
 _EVENTS_LOCK = 0x6F72636865657674  # pg_advisory_xact_lock key: numbering events in commit order
 _TERMINAL = [s.value for s in sorted(models.TERMINAL)]
@@ -124,6 +134,30 @@ CREATE TABLE IF NOT EXISTS dependencies (
 );
 CREATE INDEX IF NOT EXISTS dependencies_job ON dependencies(job_id);
 """
+_CLUSTER = f"""
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token BIGINT NOT NULL,
+    acquired_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT COLLATE "C" PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL,
+    seen_at TIMESTAMPTZ NOT NULL,
+    pid BIGINT,
+    version TEXT
+);
+CREATE OR REPLACE FUNCTION orchestrator_events_committed() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('{EVENTS_CHANNEL}', ''); RETURN NULL; END $$;
+DROP TRIGGER IF EXISTS events_notify ON events;
+CREATE TRIGGER events_notify AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION orchestrator_events_committed();
+"""
+# What each version added, applied in order (in one transaction, under the advisory lock) to a
+# database written by an older one: version → its statements.
+MIGRATIONS: dict[int, str] = {5: _CLUSTER}
 _Written = tuple[models.Job, list[models.Event]]
 if TYPE_CHECKING:
     _Conn = PoolConnectionProxy[Record]  # every connection comes from the pool
@@ -164,6 +198,7 @@ class PostgresStore(Store):
         clock: Callable[[], float] = time.time,
         *,
         pool_size: int = 4,
+        node: str | None = None,
     ) -> None:
         self._url = url
         self._hub = hub
@@ -173,6 +208,21 @@ class PostgresStore(Store):
         self._write_lock = asyncio.Lock()
         self._commit_failure: str | None = None
         self._unreachable: str | None = None  # why the server cannot be reached, if it cannot
+        # Sharing the database with other daemons (issue #16): this daemon's node name, which
+        # fences its writes (`_fence`). None: the only daemon on it (the conformance suite).
+        self.node = node
+        # The fencing token of the lease this daemon holds (`cluster.Leadership` sets it), which
+        # every write it makes to an AWS job checks in its transaction; None: not the leader.
+        self.lease_token: int | None = None
+        self.on_fenced: Callable[[str], None] = lambda why: None  # a write was refused: why
+        # Publication (`_publish`): the last event number handed to the hub, and the numbers
+        # of events this daemon wrote that are not handed on yet.
+        self._published = 0
+        self._own: set[int] = set()
+        self._publish_lock = asyncio.Lock()
+        self._feeding = False  # `follow` runs: it hands on what a failed catch-up could not
+        self._feed_wake = asyncio.Event()
+        self._lease_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -196,11 +246,13 @@ class PostgresStore(Store):
             await pool.close()
             raise
         self._pool = pool
+        self._published = int(last)
         self._hub.committed_up_to(int(last))
 
     async def _check_or_create(self, conn: _Conn) -> None:
-        exists = await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL")
-        if exists:
+        """Create the schema whole, or bring an older one up to date; refuse a newer one."""
+        version = 0
+        if await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL"):
             found = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
             version = int(found) if found is not None else 0
             if version > SCHEMA_VERSION:
@@ -208,7 +260,12 @@ class PostgresStore(Store):
             if version == SCHEMA_VERSION:
                 return
         async with conn.transaction():
-            await conn.execute(SCHEMA)
+            if version < 4:  # new (or never finished): the whole DDL is version 4's
+                await conn.execute(SCHEMA)
+                version = 4
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[step])
+                log.info("store.migrated", version=step)
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', $1) "
                 "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
@@ -260,17 +317,105 @@ class PostgresStore(Store):
         """Run `op` in a transaction of its own; publish its events once committed."""
         pool = self._pool_or_fail()
         async with self._write_lock:
+            self._lease_checked = False  # checked once per transaction (`_fence`)
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     result, changes = await op(conn)
+                    self._own.update(event.seq for event in changes)  # before the feed sees them
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
                 self._unreachable = _unreachable(exc)
                 raise errors.StoreError(f"commit failed: {exc}") from exc
             self._commit_failure = self._unreachable = None
-            for event in changes:
-                self._hub.publish(event)
+            if changes:
+                await self._publish_own(changes)
         return result
+
+    # -- publication: every daemon's hub gets every change, in commit order ------------------
+
+    async def _publish_own(self, changes: list[models.Event]) -> None:
+        """Hand this daemon's committed events to the hub, after any other daemon's numbered
+        before them (read first: the hub's order is the commit order, which `watch` resumes
+        by). With nobody else writing, the numbers follow on and nothing is read."""
+        async with self._publish_lock:
+            if changes[0].seq > self._published + 1:
+                try:
+                    await self._catch_up()
+                except errors.StoreError:
+                    if self._feeding:  # the feed hands them on, in order, once it can read
+                        self._feed_wake.set()
+                        return
+            for event in changes:
+                if event.seq > self._published:
+                    self._publish(event)
+
+    def _publish(self, event: models.Event) -> None:
+        own = event.seq in self._own
+        self._own.discard(event.seq)
+        self._published = event.seq
+        self._hub.publish(event, own=own)
+
+    async def _catch_up(self) -> None:
+        """Publish every event committed after the last one published (the publish lock
+        held)."""
+        while True:
+            found = await self.events_since(self._published, limit=_FEED_PAGE)
+            for event in found:
+                self._publish(event)
+            if len(found) < _FEED_PAGE:
+                return
+
+    async def follow(
+        self, on_stop: Callable[[str], None], on_connected: Callable[[], None]
+    ) -> None:
+        """The feed (several daemons on one database): LISTEN for the events others commit and
+        publish them in order (`_catch_up`), and pass on the stops others record for running
+        jobs (`on_stop(job id)`). A notification is not durable: after every (re)connection
+        the feed reads what it missed, and `on_connected` has the caller look again at what
+        it drives. Runs until cancelled, reconnecting with back-off."""
+        self._feeding = True
+        delays = backoff.Policy(base_s=0.2, factor=2.0, cap_s=5.0, jitter="full")
+        rng, failures = backoff.default_rng(), 0
+        try:
+            while True:
+                conn: asyncpg.Connection[Record] | None = None
+                try:
+                    conn = await asyncpg.connect(self._url, timeout=10)
+                    await conn.add_listener(EVENTS_CHANNEL, lambda *_: self._feed_wake.set())
+                    await conn.add_listener(
+                        STOPS_CHANNEL, lambda _c, _p, _ch, payload: on_stop(str(payload))
+                    )
+                    if failures:
+                        log.info("store.feed_reconnected", after_failures=failures)
+                    failures = 0
+                    on_connected()
+                    self._feed_wake.set()
+                    while True:
+                        try:
+                            async with asyncio.timeout(_FEED_CHECK_S):
+                                await self._feed_wake.wait()
+                        except TimeoutError:  # quiet: is the connection still there?
+                            await conn.fetchval("SELECT 1", timeout=_FEED_CHECK_S)
+                            continue
+                        self._feed_wake.clear()
+                        async with self._publish_lock:
+                            await self._catch_up()
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    errors.StoreError,
+                ) as exc:
+                    failures += 1
+                    if failures == 1:
+                        log.warning("store.feed_lost", error=str(exc) or type(exc).__name__)
+                finally:
+                    if conn is not None:
+                        conn.terminate()
+                await asyncio.sleep(delays.delay(failures, rng))
+        finally:
+            self._feeding = False
 
     async def _read(self, op: Callable[[_Conn], Awaitable[T]]) -> T:
         pool = self._pool_or_fail()
@@ -286,11 +431,53 @@ class PostgresStore(Store):
     # -- rows ------------------------------------------------------------------------------
 
     @staticmethod
-    async def _fetch(conn: _Conn, job_id: str) -> models.Job:
-        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM jobs WHERE id = $1", job_id)
+    async def _fetch(conn: _Conn, job_id: str, *, lock: bool = False) -> models.Job:
+        """The job's row; with `lock`, locked until the transaction ends (another daemon's
+        write to it waits: each write reads the state it changes)."""
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM jobs WHERE id = $1{' FOR UPDATE' if lock else ''}", job_id
+        )
         if row is None:
             raise errors.JobNotFound(job_id)
         return rows.job_from_row(tuple(row))
+
+    async def _locked(self, conn: _Conn, job_id: str) -> models.Job:
+        """The job's row, locked, for a write only its driver may make (`_fence`)."""
+        job = await self._fetch(conn, job_id, lock=True)
+        await self._fence(conn, job)
+        return job
+
+    async def _fence(self, conn: _Conn, job: models.Job) -> None:
+        """Refuse (`Fenced`) a write this daemon may not make on a database it shares: to a
+        local job another daemon owns, or to an AWS job unless the lease it holds is still the
+        current one — checked in the write's own transaction, the lease row locked (FOR SHARE)
+        so that no daemon takes the lease over until this write has committed or failed."""
+        if self.node is None:
+            return
+        if job.backend == LOCAL:
+            owner = job.info.get("owner")
+            if owner is None or owner == self.node:
+                return
+            raise errors.Fenced(
+                f"write refused: local job {job.id} belongs to {owner}, not to {self.node}"
+            )
+        if self._lease_checked:
+            return
+        elif self.lease_token is None:
+            why = f"{self.node} does not hold the lease on the AWS backends"
+        else:
+            current = await conn.fetchval(
+                "SELECT token FROM leases WHERE name = $1 AND token = $2 "
+                "AND expires_at > clock_timestamp() FOR SHARE",
+                LEASE,
+                self.lease_token,
+            )
+            if current is not None:
+                self._lease_checked = True
+                return
+            why = f"the lease with fencing token {self.lease_token} is no longer {self.node}'s"
+        self.on_fenced(why)
+        raise errors.Fenced(f"write refused: {why}")
 
     @staticmethod
     async def _insert_event(conn: _Conn, event: models.Event) -> models.Event:
@@ -347,7 +534,7 @@ class PostgresStore(Store):
 
         async def op(conn: _Conn) -> tuple[list[AcceptOutcome], list[models.Event]]:
             outcomes: list[AcceptOutcome] = []
-            new_jobs = _NewJobs(conn, peer, now)
+            new_jobs = _NewJobs(conn, peer, now, self.node)
             for spec, backend, data in encoded:
                 try:
                     outcomes.append(await new_jobs.add(spec, backend, data))
@@ -371,7 +558,7 @@ class PostgresStore(Store):
         info: dict[str, Any] | None = None,
     ) -> models.Job:
         async def op(conn: _Conn) -> _Written:
-            job = await self._fetch(conn, job_id)
+            job = await self._locked(conn, job_id)
             if job.state != expected:
                 raise errors.StaleState(job_id, expected.value, job.state.value)
             return await self._apply(
@@ -396,7 +583,7 @@ class PostgresStore(Store):
         info: dict[str, Any] | None = None,
     ) -> models.Job:
         async def op(conn: _Conn) -> _Written:
-            job = await self._fetch(conn, job_id)
+            job = await self._locked(conn, job_id)
             await conn.execute(
                 "UPDATE jobs SET vendor_status = $1, reason = COALESCE($2, reason), info = $3 "
                 "WHERE id = $4",
@@ -411,7 +598,7 @@ class PostgresStore(Store):
 
     async def relocate(self, job_id: str, external_id: str) -> models.Job:
         async def op(conn: _Conn) -> _Written:
-            job = await self._fetch(conn, job_id)
+            job = await self._locked(conn, job_id)
             await conn.execute(
                 "UPDATE jobs SET external_id = $1 WHERE id = $2", external_id, job_id
             )
@@ -427,7 +614,7 @@ class PostgresStore(Store):
 
     async def begin_attempt(self, job_id: str) -> models.Job | None:
         async def op(conn: _Conn) -> tuple[models.Job | None, list[models.Event]]:
-            job = await self._fetch(conn, job_id)
+            job = await self._locked(conn, job_id)
             if job.state != S.QUEUED or job.launching or job.stop_reason:
                 return None, []
             attempt, now = job.attempt + 1, self._clock()
@@ -453,7 +640,7 @@ class PostgresStore(Store):
         return await self._write(op)
 
     async def _launching(self, conn: _Conn, job_id: str) -> models.Job:
-        job = await self._fetch(conn, job_id)
+        job = await self._locked(conn, job_id)
         if job.state != S.QUEUED or not job.launching:
             raise errors.StaleState(job_id, "QUEUED (launching)", job.state.value)
         return job
@@ -520,7 +707,7 @@ class PostgresStore(Store):
         info: dict[str, Any] | None = None,
     ) -> models.Job:
         async def op(conn: _Conn) -> _Written:
-            job = await self._fetch(conn, job_id)
+            job = await self._locked(conn, job_id)
             if job.state != expected:
                 raise errors.StaleState(job_id, expected.value, job.state.value)
             if job.stop_reason is not None:
@@ -559,10 +746,10 @@ class PostgresStore(Store):
         async def op(
             conn: _Conn,
         ) -> tuple[tuple[models.Job, list[models.Job]], list[models.Event]]:
-            parent = await self._fetch(conn, parent_id)
+            parent = await self._locked(conn, parent_id)
             if parent.state != S.QUEUED or parent.launching or parent.stop_reason is not None:
                 raise errors.StaleState(parent_id, "QUEUED", parent.state.value)
-            new_jobs = _NewJobs(conn, parent.peer, now)
+            new_jobs = _NewJobs(conn, parent.peer, now, parent.info.get("owner"))
             made = [
                 (await new_jobs.add(spec, parent.backend, data, f"{parent_id}:{index}"))[0]
                 for index, (spec, data) in enumerate(zip(children, encoded, strict=True))
@@ -598,8 +785,16 @@ class PostgresStore(Store):
         return await self._fetch(conn, job.id), []
 
     async def request_stop(self, job_id: str, why: models.StopReason) -> models.Job:
+        """Anyone's to record (a user's cancel, on any daemon); a job launched is stopped by
+        its driver, which a notification tells at the commit."""
+
         async def op(conn: _Conn) -> _Written:
-            return await self._stop(conn, await self._fetch(conn, job_id), why)
+            stopped, changes = await self._stop(
+                conn, await self._fetch(conn, job_id, lock=True), why
+            )
+            if self.node is not None and not stopped.state.terminal:
+                await conn.execute("SELECT pg_notify($1, $2)", STOPS_CHANNEL, job_id)
+            return stopped, changes
 
         return await self._write(op)
 
@@ -607,14 +802,17 @@ class PostgresStore(Store):
         async def op(conn: _Conn) -> tuple[list[models.Job], list[models.Event]]:
             found = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM jobs WHERE id > $1 AND id < $2 "
-                "AND NOT (state = ANY($3::text[])) AND stop_reason IS NULL ORDER BY id",
+                "AND NOT (state = ANY($3::text[])) AND stop_reason IS NULL ORDER BY id "
+                "FOR UPDATE",
                 f"{parent_id}:",
                 f"{parent_id};",
                 _TERMINAL,
             )
             launched, changes = [], []
             for row in found:
-                stopped, moved = await self._stop(conn, rows.job_from_row(tuple(row)), why)
+                child = rows.job_from_row(tuple(row))
+                await self._fence(conn, child)
+                stopped, moved = await self._stop(conn, child, why)
                 changes += moved
                 if not stopped.state.terminal:
                     launched.append(stopped)
@@ -660,6 +858,146 @@ class PostgresStore(Store):
             return None, []
 
         await self._write(op)
+
+    # -- several daemons: the lease, the nodes, orphaned local jobs ---------------------------
+
+    async def _lease_row(self, conn: _Conn, statement: str, *args: Any) -> Lease | None:
+        row = await conn.fetchrow(
+            statement + " RETURNING holder, token, extract(epoch FROM acquired_at), "
+            "extract(epoch FROM expires_at), extract(epoch FROM clock_timestamp())",
+            *args,
+        )
+        return None if row is None else Lease(str(row[0]), int(row[1]), *map(float, row[2:]))
+
+    async def lease(self) -> Lease | None:
+        """The lease as the database has it now (its holder may have let it lapse)."""
+
+        async def read(conn: _Conn) -> Lease | None:
+            row = await conn.fetchrow(
+                "SELECT holder, token, extract(epoch FROM acquired_at), "
+                "extract(epoch FROM expires_at), extract(epoch FROM clock_timestamp()) "
+                "FROM leases WHERE name = $1",
+                LEASE,
+            )
+            return None if row is None else Lease(str(row[0]), int(row[1]), *map(float, row[2:]))
+
+        return await self._read(read)
+
+    async def acquire_lease(self, ttl_s: float) -> Lease | None:
+        """Take the lease if nobody holds it or its holder let it lapse (on the database's
+        clock), with a fencing token one higher than any before; None if another holds it."""
+        assert self.node is not None
+        node = self.node
+
+        async def op(conn: _Conn) -> Lease | None:
+            return await self._lease_row(
+                conn,
+                "INSERT INTO leases AS l (name, holder, token, acquired_at, expires_at) "
+                "VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp() + $3 * interval '1s') "
+                "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, "
+                "token = l.token + 1, acquired_at = EXCLUDED.acquired_at, "
+                "expires_at = EXCLUDED.expires_at WHERE l.expires_at <= clock_timestamp()",
+                LEASE,
+                node,
+                ttl_s,
+            )
+
+        return await self._read(op)
+
+    async def renew_lease(self, token: int, ttl_s: float) -> Lease | None:
+        """Extend the lease held with `token`; None if it lapsed or passed to another."""
+
+        async def op(conn: _Conn) -> Lease | None:
+            return await self._lease_row(
+                conn,
+                "UPDATE leases SET expires_at = clock_timestamp() + $3 * interval '1s' "
+                "WHERE name = $1 AND token = $2 AND expires_at > clock_timestamp()",
+                LEASE,
+                token,
+                ttl_s,
+            )
+
+        return await self._read(op)
+
+    async def release_lease(self, token: int) -> None:
+        """Let the lease held with `token` lapse now (a clean shutdown: no wait for the TTL)."""
+
+        async def op(conn: _Conn) -> None:
+            await conn.execute(
+                "UPDATE leases SET expires_at = clock_timestamp() WHERE name = $1 AND token = $2",
+                LEASE,
+                token,
+            )
+
+        await self._read(op)
+
+    async def heartbeat(self, pid: int, version: str) -> None:
+        """Say this node is here (its local jobs are not orphans), on the database's clock."""
+        assert self.node is not None
+        node = self.node
+
+        async def op(conn: _Conn) -> None:
+            await conn.execute(
+                "INSERT INTO nodes (node, started_at, seen_at, pid, version) "
+                "VALUES ($1, clock_timestamp(), clock_timestamp(), $2, $3) "
+                "ON CONFLICT (node) DO UPDATE SET seen_at = clock_timestamp(), "
+                "pid = EXCLUDED.pid, version = EXCLUDED.version",
+                node,
+                pid,
+                version,
+            )
+
+        await self._read(op)
+
+    async def sweep_orphans(self, stale_s: float, timeout_s: float) -> list[models.Job]:
+        """The leader's look at local jobs whose node has not said it is here for `stale_s`:
+        each says so ("owner h2 unreachable since …"), and is LOST once that is `timeout_s`
+        ago. Fenced by the lease. The jobs changed."""
+
+        async def op(conn: _Conn) -> tuple[list[models.Job], list[models.Event]]:
+            found = await conn.fetch(
+                "SELECT j.id, j.info::jsonb ->> 'owner', extract(epoch FROM n.seen_at), "
+                "extract(epoch FROM clock_timestamp()) FROM jobs j LEFT JOIN nodes n "
+                "ON n.node = j.info::jsonb ->> 'owner' WHERE j.backend = $1 "
+                "AND NOT (j.state = ANY($2::text[])) AND j.info::jsonb ->> 'owner' <> $3 "
+                "AND (n.seen_at IS NULL "
+                "OR n.seen_at < clock_timestamp() - $4 * interval '1s')",
+                LOCAL,
+                _TERMINAL,
+                self.node,
+                stale_s,
+            )
+            changed, changes = [], []
+            for job_id, owner, seen, now in found:
+                job = await self._fetch(conn, job_id, lock=True)
+                if job.state.terminal:
+                    continue
+                await self._fence(conn, dataclasses.replace(job, backend=LEASE))  # the leader's
+                since = float(seen) if seen is not None else job.updated_at
+                said = f"owner {owner} unreachable since {models.iso(since)}"
+                if float(now) - since >= timeout_s:
+                    job, moved = await self._apply(
+                        conn,
+                        job,
+                        S.LOST,
+                        reason=f"{said}: lost after local.orphan_timeout_s ({timeout_s:g}s)",
+                        info={"failure": "infrastructure"},
+                    )
+                    changes += moved
+                elif job.info.get("owner_unreachable_since") is None:
+                    await conn.execute(
+                        "UPDATE jobs SET reason = $1, info = $2 WHERE id = $3",
+                        said,
+                        _json({**job.info, "owner_unreachable_since": models.iso(since)}),
+                        job_id,
+                    )
+                    job = await self._fetch(conn, job_id)
+                else:
+                    continue
+                changed.append(job)
+            return changed, changes
+
+        return await self._write(op)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -818,14 +1156,34 @@ class PostgresStore(Store):
         return await self._read(read)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """The AWS backends' lease as the database holds it; times on the database's clock."""
+
+    holder: str  # the node
+    token: int  # the fencing token: one higher at every acquisition
+    acquired_at: float
+    expires_at: float
+    now: float  # the database's clock when it was read
+
+    @property
+    def current(self) -> bool:
+        return self.expires_at > self.now
+
+
 class _NewJobs:
     """A run of new jobs written with one statement per table (the bulk ingest path spends
     its time per row otherwise), and their acceptance events numbered in order. A job with an
     idempotency key is looked up first, after the rows before it are written, so a key
     repeated within one run is found."""
 
-    def __init__(self, conn: _Conn, peer: models.Peer | None, now: float) -> None:
+    def __init__(
+        self, conn: _Conn, peer: models.Peer | None, now: float, owner: str | None
+    ) -> None:
         self._conn = conn
+        # The node a new local job belongs to (the daemon that accepted it), in its `info`.
+        self._owned = _json({"owner": owner}) if owner is not None else "{}"
+        self._owner = owner
         self._peer = peer
         self._now = now
         self._peer_columns = (None, None, None) if peer is None else (peer.uid, peer.gid, peer.pid)
@@ -864,6 +1222,7 @@ class _NewJobs:
             updated_at=now,
             state_times={S.QUEUED.value: now},
             peer=self._peer,
+            info={"owner": self._owner} if backend == LOCAL and self._owner is not None else {},
         )
         self._rows.append(
             (
@@ -876,6 +1235,7 @@ class _NewJobs:
                 now,
                 now,
                 self._state_times,
+                self._owned if backend == LOCAL else "{}",
             )
         )
         self._dependencies += [(dep, job.id) for dep in spec.depends_on]
@@ -888,8 +1248,8 @@ class _NewJobs:
         conn = self._conn
         await conn.executemany(
             "INSERT INTO jobs (id, idempotency_key, backend, spec, state, peer_uid, peer_gid, "
-            "peer_pid, created_at, updated_at, state_times) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "peer_pid, created_at, updated_at, state_times, info) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             self._rows,
         )
         if self._dependencies:

@@ -282,7 +282,7 @@ async def test_a_job_with_no_recorded_submitter_is_not_run(daemon: Daemon, short
     (outcome,) = await daemon.store.accept_many([(spec, "local")], None)
     assert isinstance(outcome, tuple), outcome
     job = outcome[0]
-    daemon.dispatcher.enqueue(job)
+    daemon.router.enqueue(job)
     async with Client(daemon.settings.server.socket_path) as admin:
         final = await admin.wait(job.id)
         attempts = (await admin.get(job.id, history=True))["attempts"]

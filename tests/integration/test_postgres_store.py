@@ -13,7 +13,7 @@ import pytest
 from orchestrator import errors
 from orchestrator.client import Client
 from orchestrator.daemon import Daemon
-from orchestrator.store import SCHEMA_VERSION
+from orchestrator.store.postgres import SCHEMA_VERSION
 from orchestrator.testing import make_settings
 from tests.support.daemon import running
 from tests.support.postgres import PostgresServer

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator import events
 from orchestrator.settings import StoreSettings
-from orchestrator.store import SCHEMA_VERSION, SqliteStore, Store
+from orchestrator.store import SCHEMA_VERSION, SqliteStore, Store, postgres
 from orchestrator.store.postgres import PostgresStore
 from orchestrator.testing import InMemoryStore, MemoryData
 from tests import store_conformance
@@ -67,7 +67,7 @@ class PostgresBacking:
             try:
                 await conn.execute(
                     "UPDATE meta SET value = $1 WHERE key = 'schema_version'",
-                    str(SCHEMA_VERSION + 1),
+                    str(postgres.SCHEMA_VERSION + 1),
                 )
             finally:
                 await conn.close()

@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator import access, client, errors, events, models, views
 from orchestrator.api import Api
+from orchestrator.drivers import Router
 from orchestrator.settings import JobDefaults
 from orchestrator.testing import InMemoryStore
 from tests.unit.engine.support import make_job
@@ -37,9 +38,26 @@ async def test_a_ping_view_has_the_keys_of_a_ping(tmp_path: Path) -> None:
     hub = events.Hub()
     store = InMemoryStore(hub)
     await store.open()
-    api = Api(JobDefaults(), store, None, None, {}, hub, policy=access.Policy())  # type: ignore[arg-type]
+    api = Api(JobDefaults(), store, Router(), {}, hub, policy=access.Policy())
     sent = await api.ping(models.Peer(uid=0, gid=0, pid=1))
-    assert required(views.Ping) == keys(views.Ping) == set(sent)
+    assert required(views.Ping) == set(sent)
+    assert keys(views.Ping) == {*sent, "cluster"}  # only on a shared PostgreSQL
+
+
+async def test_a_ping_on_a_shared_database_says_who_leads(tmp_path: Path) -> None:
+    hub = events.Hub()
+    store = InMemoryStore(hub)
+    await store.open()
+    leader = {"node": "h2", "since": "2026-11-29T00:00:00.000Z", "token": 3, "expires_in_s": 7.5}
+    described = {"node": "h1", "candidate": True, "leading": False, "leader": leader}
+    api = Api(
+        JobDefaults(), store, Router(), {}, hub, policy=access.Policy(), cluster=lambda: described
+    )
+    sent = await api.ping(models.Peer(uid=0, gid=0, pid=1))
+    assert keys(views.Ping) == set(sent)
+    assert sent["cluster"] == described
+    assert required(views.Cluster) == set(described)
+    assert required(views.Leader) == set(leader)
 
 
 @pytest.mark.parametrize(
