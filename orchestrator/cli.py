@@ -309,6 +309,80 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
         click.echo(f"{key:<{width}} = {rendered}  # {loaded.source_of(key)}")
 
 
+@main.group("store")
+def store_group() -> None:
+    """Manage the job store."""
+
+
+@store_group.command("move")
+@config_option
+@click.option(
+    "--from",
+    "from_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The SQLite store to move (default: the configured store.path).",
+)
+@click.option(
+    "--to",
+    "to_url",
+    metavar="URL",
+    help="The PostgreSQL database to move it into, which must hold no jobs "
+    "(default: the configured store.url).",
+)
+@click.option(
+    "--node",
+    metavar="NAME",
+    help="The daemon the store's unfinished local jobs belong to from now on (default: the "
+    "configured cluster.node, else this host's name).",
+)
+def store_move(
+    config_path: Path | None, from_path: Path | None, to_url: str | None, node: str | None
+) -> None:
+    """Move an SQLite store into PostgreSQL: every job, with its history, into a database that
+    holds none yet, all or nothing. Stop the daemon serving the store first; the SQLite file
+    is left as it was (keep it as a backup). Then run the daemon with store.url set."""
+    from orchestrator.store import move
+
+    try:
+        loaded = settings.load(config_path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    url = to_url or loaded.settings.store.url
+    if url is None:
+        raise click.UsageError("no database to move into: --to postgresql://USER@HOST/DB")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise click.BadParameter(
+            f"{settings.without_password(url)!r} is not a postgresql:// URL", param_hint="--to"
+        )
+    if node is not None:
+        import pydantic
+
+        try:
+            settings.ClusterSettings(node=node)  # as a daemon's cluster.node must be
+        except pydantic.ValidationError as exc:
+            said = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+            raise click.BadParameter(f"{node!r}: {said}", param_hint="--node") from None
+    source = from_path or loaded.settings.store.path
+    # The stores' own log lines: only warnings, and on stderr (stdout says what was moved).
+    logs.configure(loaded.settings.logging.model_copy(update={"level": "WARNING"}), sys.stderr)
+    report: move.MoveReport | None = None
+    try:
+        report = asyncio.run(move.move(source, url, node=node or loaded.settings.cluster.node))
+    except errors.OrchestratorError as exc:
+        failure = exc.message
+    except KeyboardInterrupt:
+        logs.flush(_LOG_FLUSH_S)
+        sys.exit(130)
+    logs.flush(_LOG_FLUSH_S)
+    if report is None:
+        _fail(f"not moved: {failure}")
+    click.echo(
+        f"moved {report.jobs} jobs ({report.events} events, {report.attempts} attempts, "
+        f"{report.definitions} definitions, {report.dependencies} dependencies) "
+        f"from {source} to {settings.without_password(url)}"
+    )
+
+
 # -- client commands ---------------------------------------------------------------------------
 
 
