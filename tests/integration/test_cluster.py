@@ -4,10 +4,18 @@ accepts and answers, one leader launches and tracks the AWS jobs, every job exac
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from tests.integration.test_aws_crash import ecs_tasks
+from orchestrator import views
+from orchestrator.client import Client
+from tests.integration.test_aws_crash import TERMINAL, WAIT_S, ecs_tasks, wait_for
 from tests.support.cluster import NodeFactory, leader_of, ping, submit, wait_job
+from tests.support.daemon import DaemonProcess
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto import EcsEnv, MotoServer
 
@@ -52,3 +60,104 @@ def test_three_daemons_accept_answer_and_run_every_job_once(
     }
     assert dispatched[leader.root.name] == 24 + 1, dispatched
     assert all(dispatched[d.root.name] == 1 for d in daemons if d is not leader), dispatched
+
+
+def get(daemon: DaemonProcess, job_id: str) -> views.Job:
+    with daemon.client() as client:
+        return client.get(job_id)
+
+
+def test_a_cancel_through_a_follower_is_carried_out_by_the_leader(
+    make_node: NodeFactory, fault_proxy: FaultProxy, ecs_env: EcsEnv, moto: MotoServer
+) -> None:
+    moto.set_transition("ecs::task", "manual", times=10_000)  # RUNNING until stopped
+    daemons = [make_node(f"h{i}") for i in (1, 2)]
+    for daemon in daemons:
+        daemon.start()
+    leader = leader_of(daemons)
+    (follower,) = [d for d in daemons if d is not leader]
+    job_id = submit(follower, {"command": ["sleep", "3600"]})
+    wait_for(lambda: get(follower, job_id)["state"] == "RUNNING", "the task to run")
+    with follower.client() as client:
+        asked = client.cancel(job_id)
+    assert (asked["state"], asked["stop_reason"]) == ("RUNNING", "cancel")
+    final = wait_job(follower, job_id)  # the follower's watchers hear the leader's change
+    assert (final["state"], final["reason"]) == ("CANCELLED", "cancelled by request")
+    (task,) = ecs_tasks(moto, ecs_env.cluster)
+    assert (task["lastStatus"], task["stoppedReason"]) == ("STOPPED", "orchestrator: cancel")
+    assert fault_proxy.forwarded[("ecs", "StopTask")] >= 1
+
+
+def test_a_watch_on_a_follower_gets_every_change_in_commit_order(
+    make_node: NodeFactory, fault_proxy: FaultProxy
+) -> None:
+    daemons = [make_node(f"h{i}") for i in (1, 2, 3)]
+    for daemon in daemons:
+        daemon.start()
+    leader = leader_of(daemons)
+    follower = next(d for d in daemons if d is not leader)
+    seen: list[dict[str, Any]] = []
+    started = threading.Event()
+
+    async def watch(daemon: DaemonProcess, since: int | None, into: list[dict[str, Any]]) -> None:
+        async with Client(daemon.socket_path) as client:
+            async for reply in client.watch(since=since):
+                if reply.get("watching"):
+                    started.set()
+                    continue
+                into.append(reply["event"])
+                if sum(e["to"] in TERMINAL for e in into) == 12:
+                    return
+
+    watcher = threading.Thread(target=lambda: asyncio.run(watch(follower, None, seen)))
+    watcher.start()
+    assert started.wait(WAIT_S)
+    ids = [submit(daemons[i % 3], {"command": ["echo", str(i)]}) for i in range(12)]
+    watcher.join(WAIT_S * 2)
+    assert not watcher.is_alive()
+    stored: list[dict[str, Any]] = []  # the same, read back from the store by another daemon
+    asyncio.run(watch(leader, seen[0]["seq"] - 1, stored))
+    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)  # in order
+    assert [(e["seq"], e["job_id"], e["to"]) for e in seen] == [
+        (e["seq"], e["job_id"], e["to"]) for e in stored
+    ]  # none missed, none made up: as the store has them
+    assert {e["job_id"] for e in seen} == set(ids)
+
+
+def test_a_local_job_waits_for_its_node_then_is_lost(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """A local job stays on the node that accepted it: while that daemon is away the job says
+    so, the daemon takes it back when it returns, and it is LOST once away too long."""
+    orphans = {"local": {"orphan_timeout_s": 6.0}}
+    h1, h2 = make_node("h1", **orphans), make_node("h2", **orphans)
+    h1.start()
+    h2.start()
+    marker = short_tmp / "go"
+    waits = ["sh", "-c", f"while [ ! -e {marker} ]; do sleep 0.05; done"]
+    job_id = submit(h2, {"command": waits, "backend": "local"})
+    wait_for(lambda: get(h1, job_id)["state"] == "RUNNING", "the job to run on h2")
+
+    h2.kill()  # its keeper keeps the job running
+    said = wait_for(
+        lambda: (get(h1, job_id)["reason"] or "").startswith("owner h2 unreachable since"),
+        "h1 to say h2 is unreachable",
+    )
+    assert said
+    job = get(h1, job_id)
+    assert (job["state"], job["info"]["owner"]) == ("RUNNING", "h2")
+    h2.start()  # back in time: it takes its job back, and sees it end
+    assert get(h2, job_id)["reason"] == "owner h2 is back"
+    marker.touch()
+    assert wait_job(h1, job_id)["state"] == "SUCCEEDED"
+
+    marker.unlink()
+    second = submit(h2, {"command": waits, "backend": "local"})
+    wait_for(lambda: get(h1, second)["state"] == "RUNNING", "the second job to run")
+    h2.kill()
+    final = wait_job(h1, second)
+    assert final["state"] == "LOST"
+    assert (final["reason"] or "").startswith("owner h2 unreachable since")
+    assert "local.orphan_timeout_s (6s)" in (final["reason"] or "")
+    assert final["failure"] == "infrastructure"
+    marker.touch()  # the job's process, still there under the keeper, ends
