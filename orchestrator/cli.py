@@ -461,9 +461,24 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
             f"orchestrator {reply['version']} pid {reply['pid']} up {reply['uptime_s']:.0f}s; "
             f"{reply.get('status', 'ok')}; "
             f"backends: {', '.join(reply['backends'])}; jobs: {jobs or 'none'}"
+            + _cluster_line(reply.get("cluster"))
         )
     for problem in reply.get("problems", []):
         _echo(f"orchestrator: degraded: {problem['message']}", err=True)
+
+
+def _cluster_line(cluster: dict[str, Any] | None) -> str:
+    """`ping`'s words on a shared PostgreSQL: this node, and who leads the AWS backends."""
+    if not cluster:
+        return ""
+    leader = cluster.get("leader")
+    if cluster.get("leading"):
+        led = f"leading since {leader['since']} (token {leader['token']})" if leader else "leading"
+    elif leader:
+        led = f"leader {leader['node']} since {leader['since']}"
+    else:
+        led = "no leader now"
+    return f"; node {cluster['node']}, {led}"
 
 
 @main.command()

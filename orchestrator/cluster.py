@@ -29,6 +29,7 @@ import structlog
 
 from orchestrator import __version__, errors, events, models
 from orchestrator.drivers import Drivers, Router
+from orchestrator.metrics import Metrics
 from orchestrator.store.postgres import LOCAL, Lease, PostgresStore
 
 log = structlog.get_logger("orchestrator.cluster")
@@ -94,6 +95,16 @@ class Cluster:
             "leading": self.leading,
             "leader": leader,
         }
+
+    def export(self, metrics: Metrics) -> None:
+        """Who leads, for `/metrics`."""
+        metrics.leading.set(1 if self.leading else 0)
+        metrics.leader.clear()
+        lease = self.lease
+        if lease is not None and lease.current:
+            metrics.leader.labels(lease.holder).set(1)
+            metrics.leader_since.set(lease.acquired_at)
+            metrics.lease_token.set(lease.token)
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -322,6 +322,8 @@ class Daemon:
             self.metrics.degraded.labels(reason).set(1 if reason in degraded else 0)
         free = self.store.free_bytes()
         self.metrics.store_free_bytes.set(-1 if free is None else free)
+        if self.cluster is not None:
+            self.cluster.export(self.metrics)
 
     async def _watchdog(self) -> None:
         """systemd's watchdog: WATCHDOG=1 (with a STATUS= line) at half of WATCHDOG_USEC, each

@@ -78,6 +78,27 @@ class Metrics:
             "Free space on the store's file system (-1: cannot be measured)",
             registry=r,
         )
+        self.leading = Gauge(
+            "orchestrator_cluster_leading",
+            "1 while this daemon holds the lease on the AWS backends (a shared PostgreSQL)",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "orchestrator_cluster_leader",
+            "1 for the node that holds the lease now, as this daemon last saw it",
+            ["node"],
+            registry=r,
+        )
+        self.leader_since = Gauge(
+            "orchestrator_cluster_leader_since_seconds",
+            "When the current leader took the lease (Unix time, the database's clock)",
+            registry=r,
+        )
+        self.lease_token = Gauge(
+            "orchestrator_cluster_lease_token",
+            "The current lease's fencing token (one higher at every acquisition)",
+            registry=r,
+        )
         Info("orchestrator_build", "Build information", registry=r).info(
             {"version": __version__, "python": platform.python_version()}
         )

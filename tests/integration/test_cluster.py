@@ -14,6 +14,7 @@ import pytest
 from orchestrator import views
 from orchestrator.client import Client
 from tests.integration.test_aws_crash import TERMINAL, WAIT_S, ecs_tasks, wait_for
+from tests.integration.test_metrics import scrape
 from tests.support.cluster import NodeFactory, leader_of, ping, submit, wait_job
 from tests.support.daemon import DaemonProcess
 from tests.support.faultproxy import FaultProxy
@@ -25,11 +26,26 @@ pytestmark = pytest.mark.timeout(180)
 def test_three_daemons_accept_answer_and_run_every_job_once(
     make_node: NodeFactory, fault_proxy: FaultProxy, ecs_env: EcsEnv, moto: MotoServer
 ) -> None:
-    daemons = [make_node(f"h{i}") for i in (1, 2, 3)]
+    daemons = [make_node(f"h{i}", metrics={"listen": "127.0.0.1:0"}) for i in (1, 2, 3)]
     for daemon in daemons:
         daemon.start()
     leader = leader_of(daemons)
-    assert ping(leader)["cluster"]["leader"]["token"] >= 1
+    said = ping(leader)["cluster"]
+    assert said["leader"]["token"] >= 1
+    assert said["node"] == leader.root.name
+    for daemon in daemons:  # `ping` and /metrics say who leads, on every daemon
+        line = daemon.cli("ping").stdout
+        if daemon is leader:
+            assert f"; node {leader.root.name}, leading since " in line, line
+        else:
+            assert f"; node {daemon.root.name}, leader {leader.root.name} since " in line, line
+        (address,) = [
+            e["address"] for e in daemon.log_events() if e.get("event") == "metrics.listening"
+        ]
+        text = scrape(address)
+        assert f'orchestrator_cluster_leader{{node="{leader.root.name}"}} 1.0' in text
+        leading = "1.0" if daemon is leader else "0.0"
+        assert f"orchestrator_cluster_leading {leading}" in text
 
     ecs_ids = [
         submit(daemons[i % 3], {"command": ["echo", str(i)], "idempotency_key": f"e{i}"})
@@ -48,6 +64,10 @@ def test_three_daemons_accept_answer_and_run_every_job_once(
         other = daemons[(daemons.index(daemon) + 1) % 3]
         final = wait_job(other, job_id)
         assert (final["state"], final["info"]["owner"]) == ("SUCCEEDED", daemon.root.name)
+        assert daemon.cli("logs", job_id).stdout == "on sh\n"  # on the host that ran it
+        elsewhere = other.cli("logs", job_id)
+        assert elsewhere.returncode != 0
+        assert f"runs on the daemon of node {daemon.root.name}" in elsewhere.stderr
     # Every daemon lists every job.
     for daemon in daemons:
         with daemon.client() as client:
