@@ -5,15 +5,17 @@ that is unreachable at start-up is said so."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from orchestrator import errors
+from orchestrator import errors, events
 from orchestrator.client import Client
 from orchestrator.daemon import Daemon
-from orchestrator.store.postgres import SCHEMA_VERSION
+from orchestrator.store import postgres
+from orchestrator.store.postgres import SCHEMA_VERSION, PostgresStore
 from orchestrator.testing import make_settings
 from tests.support.daemon import running
 from tests.support.postgres import PostgresServer
@@ -75,3 +77,47 @@ async def test_a_newer_schema_is_refused_and_an_unreachable_database_said_so(
 def test_a_store_url_that_is_not_postgresql_is_refused(short_tmp: Path) -> None:
     with pytest.raises(Exception, match="postgresql://"):
         make_settings(short_tmp, store={"url": "mysql://x/y"})
+
+
+async def test_a_database_of_schema_4_is_migrated_at_start_and_its_jobs_go_on(
+    short_tmp: Path, postgres_server: PostgresServer
+) -> None:
+    """A database the previous version wrote (schema 4: no lease, nodes, or notification) is
+    brought up to date under the advisory lock by several daemons starting at once, once."""
+    url = await postgres_server.new_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(postgres.SCHEMA)  # version 4's DDL, whole
+        await conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '4')")
+        await conn.execute(
+            "INSERT INTO jobs (id, backend, spec, state, created_at, updated_at, state_times) "
+            "VALUES ('old1', 'local', '{\"command\": [\"true\"]}', 'QUEUED', 1, 1, '{}')"
+        )
+    finally:
+        await conn.close()
+    stores = [PostgresStore(url, events.Hub(), node=f"n{i}") for i in range(3)]
+    await asyncio.gather(*(store.open() for store in stores))
+    for store in stores:
+        await store.close()
+    conn = await asyncpg.connect(url)
+    try:
+        version = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+        tables = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+        triggers = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'events_notify'"
+        )
+    finally:
+        await conn.close()
+    assert (version, triggers) == (str(SCHEMA_VERSION), 1)
+    assert {"leases", "nodes"} <= tables
+    async with (
+        running(make_settings(short_tmp, store={"url": url})),
+        Client(short_tmp / "o.sock") as client,
+    ):
+        old = await client.wait("old1")  # recovered and run by the migrated daemon
+    assert old["state"] == "SUCCEEDED"
