@@ -616,3 +616,58 @@ def test_a_plain_install_brings_everything_the_package_imports() -> None:
         if not {canonicalize_name(dist) for dist in providers.get(module, [])} & installed
     }
     assert not missing, f"imported but not brought by [project].dependencies: {sorted(missing)}"
+
+
+# -- several hosts on one PostgreSQL (issue #16) -----------------------------------------------
+
+POSTGRESQL_DROP_IN = REPO / "deploy" / "systemd" / "postgresql.conf"
+COMPOSE = REPO / "deploy" / "cluster" / "compose.yaml"
+
+
+@needs_systemd_analyze
+def test_the_postgresql_drop_in_passes_verify_and_exposes_nothing_more(tmp_path: Path) -> None:
+    service = SERVICE.read_text().replace(
+        "/usr/local/bin/orchestrator", str(VENV_BIN / "orchestrator")
+    )
+    (tmp_path / SERVICE.name).write_text(service)
+    (tmp_path / f"{SERVICE.name}.d").mkdir()
+    shutil.copy(POSTGRESQL_DROP_IN, tmp_path / f"{SERVICE.name}.d" / POSTGRESQL_DROP_IN.name)
+    result = run(["systemd-analyze", "verify", "--man=no", str(tmp_path / SERVICE.name)])
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    root = with_drop_in(tmp_path / "root", POSTGRESQL_DROP_IN)
+    security = ["systemd-analyze", "security", "--offline=true", "--threshold=20"]
+    with_it = run([*security, f"--root={root}", SERVICE.name])
+    plain = run([*security, str(SERVICE)])
+    assert with_it.returncode == 0, with_it.stdout
+    assert exposures(with_it.stdout) == exposures(plain.stdout)
+    unit = read_unit(POSTGRESQL_DROP_IN)
+    assert unit["Service"]["EnvironmentFile"] == "/etc/orchestrator/store.env"  # 0600, root's
+    assert "network-online.target" in unit["Unit"]["After"]
+
+
+def test_the_compose_file_runs_three_daemons_with_valid_settings_on_one_database() -> None:
+    import yaml  # type: ignore[import-untyped]  # (moto[server] brings it; no stubs)
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    db = services.pop("db")
+    daemons = {name: s for name, s in services.items() if s.get("image") == "orchestrator"}
+    assert sorted(daemons) == ["h1", "h2", "h3"]
+    nodes, volumes = set(), set()
+    for name, service in daemons.items():
+        env = {k: str(v) for k, v in service["environment"].items()}
+        loaded = settings.load(None, environ=env).settings  # every key a setting, valid
+        assert loaded.cluster.node == name
+        nodes.add(loaded.cluster.node)
+        url = loaded.store.url or ""
+        user, password, database = (
+            db["environment"][k] for k in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
+        )
+        assert url == f"postgresql://{user}:{password}@db/{database}"
+        assert service["depends_on"]["db"]["condition"] == "service_healthy"
+        mounts = dict(volume.split(":") for volume in service["volumes"])
+        assert set(mounts.values()) == {"/var/lib/orchestrator", "/run/orchestrator"}
+        volumes |= set(mounts)
+    assert len(nodes) == 3
+    assert len(volumes) == 6  # each daemon its own state and socket: none shared but the database
+    assert set(compose["volumes"]) == volumes | {"db"}
