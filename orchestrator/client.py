@@ -143,7 +143,8 @@ class ShuttingDown(errors.RemoteError):
 
 
 class StoreUnavailable(errors.RemoteError):
-    """`store_error`, `store_full`: the daemon could not record the request; nothing of it
+    """`store_error`, `store_unavailable`, `store_full`: the daemon could not record the
+    request (its PostgreSQL cannot be reached, its disk is full); nothing of it
     was."""
 
 
@@ -169,6 +170,7 @@ REMOTE_ERRORS: dict[str, type[errors.RemoteError]] = {
     "timeout": Overloaded,
     "shutting_down": ShuttingDown,
     "store_error": StoreUnavailable,
+    "store_unavailable": StoreUnavailable,
     "store_full": StoreUnavailable,
     "logs_unavailable": LogsUnavailable,
 }

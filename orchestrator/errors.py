@@ -178,6 +178,13 @@ class StoreError(OrchestratorError):
     code = "store_error"
 
 
+class StoreUnavailable(StoreError):
+    """The store's server (PostgreSQL) cannot be reached now: nothing was written; the daemon
+    reconnects by itself, and the same request later may succeed."""
+
+    code = "store_unavailable"
+
+
 class Fenced(StoreError):
     """A write refused because this daemon may no longer make it (issue #16): its lease on
     the AWS backends lapsed or passed to another daemon (the fencing token it wrote with is no

@@ -325,6 +325,10 @@ class PostgresStore(Store):
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
                 self._unreachable = _unreachable(exc)
+                if self._unreachable is not None:
+                    raise errors.StoreUnavailable(
+                        f"not recorded: PostgreSQL cannot be reached: {self._unreachable}"
+                    ) from exc
                 raise errors.StoreError(f"commit failed: {exc}") from exc
             self._commit_failure = self._unreachable = None
             if changes:
@@ -424,6 +428,10 @@ class PostgresStore(Store):
                 found = await op(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._unreachable = _unreachable(exc)
+            if self._unreachable is not None:
+                raise errors.StoreUnavailable(
+                    f"PostgreSQL cannot be reached: {self._unreachable}"
+                ) from exc
             raise errors.StoreError(f"read failed: {exc}") from exc
         self._unreachable = None
         return found

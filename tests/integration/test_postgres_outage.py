@@ -61,7 +61,8 @@ async def test_a_restarted_database_is_ridden_out_and_nothing_acknowledged_is_lo
         listed, _ = await client.list_page()
         up = await client.ping()
     assert before["state"] == "SUCCEEDED"
-    assert refused.value.code.startswith("store"), refused.value
+    assert refused.value.code == "store_unavailable", refused.value
+    assert "PostgreSQL cannot be reached" in refused.value.message
     assert down["status"] == "degraded"
     assert after is not None
     assert after["state"] == "SUCCEEDED"

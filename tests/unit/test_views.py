@@ -70,6 +70,7 @@ async def test_a_ping_on_a_shared_database_says_who_leads(tmp_path: Path) -> Non
         ("forbidden", client.Forbidden),
         ("shutting_down", client.ShuttingDown),
         ("store_full", client.StoreUnavailable),
+        ("store_unavailable", client.StoreUnavailable),
         ("overloaded", client.Overloaded),
         ("something_new", errors.RemoteError),
     ],
@@ -105,6 +106,7 @@ def test_every_error_code_the_daemon_sends_has_its_class() -> None:
         "overloaded",
         "shutting_down",
         "store_error",
+        "store_unavailable",
         "store_full",
         "logs_unavailable",
     }
