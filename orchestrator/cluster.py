@@ -76,7 +76,7 @@ class Cluster:
         """Whether this daemon's lease is surely still its own for a while (its own clock,
         counted from before the last renewal was sent): a leader that was paused launches
         nothing after the lease may have passed on."""
-        return self.leading and self._clock() < self._valid_until - _MARGIN * self._ttl
+        return self.leading and self._surely_ours()
 
     def describe(self) -> dict[str, Any]:
         """`ping`'s `cluster`: this node, and who leads since when (as last seen)."""
@@ -108,6 +108,12 @@ class Cluster:
 
     # -- the loop --------------------------------------------------------------------------
 
+    async def announce(self) -> None:
+        """Say this node is here before it recovers its jobs: another daemon's sweep must not
+        take a returning node's jobs for orphans meanwhile."""
+        with contextlib.suppress(errors.StoreError):
+            await self._store.heartbeat(os.getpid(), __version__)
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
@@ -119,22 +125,33 @@ class Cluster:
                 await self._step_down("stopping", release=True)
 
     async def _lease_loop(self) -> None:
+        # Each call is given a third of the TTL: a database that stalls (a cut link) must not
+        # keep a leader from noticing that its lease may have lapsed.
+        bound_s = self._ttl / 3
         while True:
-            sent = self._clock()
-            with contextlib.suppress(errors.StoreError):  # the store's problem says so
-                await self._store.heartbeat(os.getpid(), __version__)
-            if self._make is not None:
-                try:
-                    await self._look_at_lease(sent)
-                except errors.StoreError as exc:
-                    if self.leading and self._clock() >= self._valid_until - _MARGIN * self._ttl:
-                        await self._step_down(f"the lease could not be renewed: {exc.message}")
+            with contextlib.suppress(errors.StoreError, TimeoutError):  # the store says so
+                async with asyncio.timeout(bound_s):
+                    await self._store.heartbeat(os.getpid(), __version__)
+            if self._make is None:
+                with contextlib.suppress(errors.StoreError, TimeoutError):
+                    async with asyncio.timeout(bound_s):
+                        self.lease = await self._store.lease()
             else:
-                with contextlib.suppress(errors.StoreError):
-                    self.lease = await self._store.lease()
-            await asyncio.sleep(self._ttl / 3 if self.leading else _FOLLOWER_LOOK_S)
+                failed = None
+                try:
+                    async with asyncio.timeout(bound_s):
+                        await self._look_at_lease()
+                except (errors.StoreError, TimeoutError) as exc:
+                    failed = str(exc) or "no answer in time"
+                if self.leading and not self._surely_ours():
+                    await self._step_down(f"the lease could not be renewed: {failed}")
+            await asyncio.sleep(bound_s if self.leading else _FOLLOWER_LOOK_S)
 
-    async def _look_at_lease(self, sent: float) -> None:
+    def _surely_ours(self) -> bool:
+        return self._clock() < self._valid_until - _MARGIN * self._ttl
+
+    async def _look_at_lease(self) -> None:
+        sent = self._clock()  # before the call: the lease runs from no earlier than this
         if self._token is not None:
             renewed = await self._store.renew_lease(self._token, self._ttl)
             if renewed is None:
@@ -147,6 +164,7 @@ class Cluster:
         self.lease = seen
         if seen is not None and seen.current:
             return
+        sent = self._clock()
         taken = await self._store.acquire_lease(self._ttl)
         if taken is not None:
             self.lease = taken
@@ -208,8 +226,13 @@ class Cluster:
     # -- changes made elsewhere ------------------------------------------------------------
 
     def _on_event(self, event: models.Event) -> None:
-        # A job another daemon accepted: the drivers of its backend here (if any) take it.
-        if event.from_state is None and self._router.drives_backend(event.backend):
+        # A job another daemon accepted: the drivers of its backend here (if any) take it. A
+        # local job is its accepting daemon's: never another's to take.
+        if (
+            event.from_state is None
+            and event.backend != LOCAL
+            and self._router.drives_backend(event.backend)
+        ):
             self._later(event.job_id)
 
     def _on_stop(self, job_id: str) -> None:

@@ -236,6 +236,8 @@ class Daemon:
             for backend in self.backends.values():
                 await backend.start()
             lap("backends_s")
+            if self.cluster is not None:
+                await self.cluster.announce()
             recovered = await self._recover()
             lap("recover_s")
             await self.server.start(self._inherited_socket)

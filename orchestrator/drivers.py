@@ -108,6 +108,8 @@ class Drivers:
         if job.state == models.JobState.QUEUED and not job.launching:
             if not self.knows(job.id) and job.stop_reason is None:
                 self.dispatcher.enqueue(job)
+        elif job.stop_reason is None:
+            return  # in hand already: nothing another daemon may change but a stop
         elif arrays.expands(job):
             self.dispatcher.watch_array(job.id)
         else:

@@ -958,9 +958,10 @@ class PostgresStore(Store):
         await self._read(op)
 
     async def sweep_orphans(self, stale_s: float, timeout_s: float) -> list[models.Job]:
-        """The leader's look at local jobs whose node has not said it is here for `stale_s`:
-        each says so ("owner h2 unreachable since …"), and is LOST once that is `timeout_s`
-        ago. Fenced by the lease. The jobs changed."""
+        """Any daemon's look at the local jobs of nodes not seen for `stale_s`: each says so
+        ("owner h2 unreachable since …"), and is LOST once that is `timeout_s` ago. Each job's
+        row is locked and read again, so that the same sweep made by two daemons (or an owner
+        back meanwhile) changes it once. The jobs changed."""
 
         async def op(conn: _Conn) -> tuple[list[models.Job], list[models.Event]]:
             found = await conn.fetch(
@@ -980,7 +981,6 @@ class PostgresStore(Store):
                 job = await self._fetch(conn, job_id, lock=True)
                 if job.state.terminal:
                     continue
-                await self._fence(conn, dataclasses.replace(job, backend=LEASE))  # the leader's
                 since = float(seen) if seen is not None else job.updated_at
                 said = f"owner {owner} unreachable since {models.iso(since)}"
                 if float(now) - since >= timeout_s:

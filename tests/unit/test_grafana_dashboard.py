@@ -66,6 +66,7 @@ def _representative_metrics() -> metrics.Metrics:
         m.jobs.labels(state.value).set(1)
     m.degraded.labels("store_low_space").set(0)
     m.store_free_bytes.set(1 << 30)
+    m.leader.labels("h1").set(1)  # `Cluster.export`, on a shared PostgreSQL
     return m
 
 
