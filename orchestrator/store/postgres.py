@@ -2,24 +2,27 @@
 protocol's operations as SQL through asyncpg, passing the conformance suite the SQLite store
 passes.
 
-One daemon's writes go through one connection at a time (an asyncio lock), each operation in a
-transaction of its own, and the events a transaction wrote are published after its commit: so a
-daemon publishes in commit order. Event numbers (`events.seq`) come from a sequence; a
-transaction that writes events first takes a transaction-scoped advisory lock, so that numbers
-are handed out in commit order across daemons too (a reader catching up with `events_since`
-never finds a lower number committed after a higher one it has seen). Reads go through a pool.
+About 1,000 lines: the whole protocol in SQL, one short method per operation, as `sqlite.py` is
+for SQLite (the schema is `pg_schema`'s, the lease's SQL `pg_lease`'s, publication `pg_feed`'s).
 
-The schema is created whole at the current version, under a session advisory lock (several
-daemons starting at once create it once); a database written by a newer version is refused
-(`StoreTooNew`) before anything is written. PostgreSQL's own failures (unreachable, restarting,
-refused) are `StoreError`s.
+One daemon's writes go through one connection at a time (an asyncio lock), each operation in a
+transaction of its own that locks the rows it changes (`FOR UPDATE`: several daemons may share
+the database). Event numbers (`events.seq`) come from a sequence; a transaction that writes
+events first takes a transaction-scoped advisory lock, so that numbers are handed out in commit
+order across daemons (a reader catching up with `events_since` never finds a lower number
+committed after a higher one it has seen); `pg_feed` publishes every daemon's events in that
+order. Writes to a job only its driver may make are fenced (`_fence`): an AWS job's by the
+lease's token, a local job's by its owner node. Reads go through a pool.
+
+PostgreSQL's own failures are `StoreError`s; one that says the server cannot be reached
+(refused, lost, restarting) is `StoreUnavailable`, and the problem `store_unreachable` until a
+read or write reaches it again (the pool reconnects by itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,10 +35,10 @@ from asyncpg import Record
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from orchestrator import backoff, errors, events, models
+from orchestrator import errors, events, models
 from orchestrator.engine import tracking
 from orchestrator.settings import without_password
-from orchestrator.store import rows
+from orchestrator.store import pg_feed, pg_lease, pg_schema, rows
 from orchestrator.store.protocol import (
     ALL_JOBS,
     PURGE_SLICE,
@@ -49,19 +52,18 @@ from orchestrator.store.protocol import (
     job_event,
 )
 
+# What the rest of the package (and the tests) take from here.
+SCHEMA, SCHEMA_VERSION, sql, glob_regex = (
+    pg_schema.SCHEMA,
+    pg_schema.SCHEMA_VERSION,
+    pg_schema.sql,
+    pg_schema.glob_regex,
+)
+Lease = pg_lease.Lease
 T = TypeVar("T")
 S = models.JobState
 log = structlog.get_logger("orchestrator.store")
-# The PostgreSQL schema's version: 4 as the SQLite store's; 5 adds what several daemons share
-# (the lease, the nodes, the events' notification).
-SCHEMA_VERSION = 5
 LOCAL = "local"  # the backend whose jobs belong to one daemon (node); every other needs the lease
-LEASE = "aws"  # the one lease: who dispatches and tracks the AWS backends
-EVENTS_CHANNEL = "orchestrator_events"  # NOTIFY: events were committed (the feed reads them)
-STOPS_CHANNEL = "orchestrator_stops"  # NOTIFY <job id>: a stop was recorded for a running job
-_FEED_PAGE = 1000
-_FEED_CHECK_S = 5.0  # the feed's connection is checked this often when nothing arrives
-_MIGRATION_LOCK = 0x6F72636865737472  # pg_advisory_lock key: creating or migrating the schema
 _EVENTS_LOCK = 0x6F72636865657674  # pg_advisory_xact_lock key: numbering events in commit order
 _TERMINAL = [s.value for s in sorted(models.TERMINAL)]
 _COLUMNS = rows.COLUMNS
@@ -69,125 +71,9 @@ _EVENT_COLUMNS = (
     "e.seq, e.job_id, j.backend, COALESCE(j.name, j.id), e.from_state, e.to_state, e.at, "
     "e.reason, e.exit_code, j.created_at, j.peer_uid, e.failure"
 )
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT COLLATE "C" PRIMARY KEY,
-    idempotency_key TEXT UNIQUE,
-    backend TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    launching BOOLEAN NOT NULL DEFAULT false,
-    token TEXT,
-    external_id TEXT,
-    exit_code INTEGER,
-    reason TEXT,
-    vendor_status TEXT,
-    stop_reason TEXT,
-    peer_uid BIGINT,
-    peer_gid BIGINT,
-    peer_pid BIGINT,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    state_times TEXT NOT NULL,
-    info TEXT NOT NULL DEFAULT '{}',
-    name TEXT COLLATE "C" GENERATED ALWAYS AS (spec::jsonb ->> 'name') STORED
-);
-CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name);
-CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state)
-    WHERE state NOT IN ('CANCELLED', 'FAILED', 'LOST', 'SUCCEEDED');
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at)
-    WHERE state IN ('CANCELLED', 'FAILED', 'LOST', 'SUCCEEDED');
-CREATE INDEX IF NOT EXISTS jobs_peer ON jobs(peer_uid, id);
-CREATE TABLE IF NOT EXISTS events (
-    seq BIGSERIAL PRIMARY KEY,
-    job_id TEXT COLLATE "C" NOT NULL,
-    at DOUBLE PRECISION NOT NULL,
-    from_state TEXT,
-    to_state TEXT NOT NULL,
-    reason TEXT,
-    exit_code INTEGER,
-    failure TEXT
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT COLLATE "C" NOT NULL,
-    attempt INTEGER NOT NULL,
-    token TEXT NOT NULL,
-    external_id TEXT,
-    started_at DOUBLE PRECISION NOT NULL,
-    outcome TEXT,
-    PRIMARY KEY (job_id, attempt)
-);
-CREATE TABLE IF NOT EXISTS definitions (
-    backend TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    arn TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (backend, digest)
-);
-CREATE TABLE IF NOT EXISTS dependencies (
-    depends_on TEXT COLLATE "C" NOT NULL,
-    job_id TEXT COLLATE "C" NOT NULL,
-    PRIMARY KEY (depends_on, job_id)
-);
-CREATE INDEX IF NOT EXISTS dependencies_job ON dependencies(job_id);
-"""
-_CLUSTER = f"""
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    token BIGINT NOT NULL,
-    acquired_at TIMESTAMPTZ NOT NULL,
-    expires_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    node TEXT COLLATE "C" PRIMARY KEY,
-    started_at TIMESTAMPTZ NOT NULL,
-    seen_at TIMESTAMPTZ NOT NULL,
-    pid BIGINT,
-    version TEXT
-);
-CREATE OR REPLACE FUNCTION orchestrator_events_committed() RETURNS trigger
-    LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('{EVENTS_CHANNEL}', ''); RETURN NULL; END $$;
-DROP TRIGGER IF EXISTS events_notify ON events;
-CREATE TRIGGER events_notify AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION orchestrator_events_committed();
-"""
-# What each version added, applied in order (in one transaction, under the advisory lock) to a
-# database written by an older one: version → its statements.
-MIGRATIONS: dict[int, str] = {5: _CLUSTER}
 _Written = tuple[models.Job, list[models.Event]]
 if TYPE_CHECKING:
     _Conn = PoolConnectionProxy[Record]  # every connection comes from the pool
-
-
-def sql(text: str) -> str:
-    """`?` placeholders (as the SQLite store writes them) as asyncpg's `$1, $2, …`."""
-    count = iter(range(1, 10_000))
-    return re.sub(r"\?", lambda _: f"${next(count)}", text)
-
-
-def glob_regex(pattern: str) -> str:
-    """A `list_jobs` name glob (`*`, `?`, `[…]`, `[!…]`) as an anchored POSIX regex."""
-    out, i = ["^"], 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
-            inner = pattern[i + 1 : end]
-            negate = inner.startswith("!")
-            inner = inner[1:] if negate else inner
-            out.append("[" + ("^" if negate else "") + inner.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(char))
-        i += 1
-    return "".join(out) + "$"
 
 
 class PostgresStore(Store):
@@ -215,13 +101,8 @@ class PostgresStore(Store):
         # every write it makes to an AWS job checks in its transaction; None: not the leader.
         self.lease_token: int | None = None
         self.on_fenced: Callable[[str], None] = lambda why: None  # a write was refused: why
-        # Publication (`_publish`): the last event number handed to the hub, and the numbers
-        # of events this daemon wrote that are not handed on yet.
-        self._published = 0
-        self._own: set[int] = set()
-        self._publish_lock = asyncio.Lock()
-        self._feeding = False  # `follow` runs: it hands on what a failed catch-up could not
-        self._feed_wake = asyncio.Event()
+        # Every daemon's committed changes to the hub, in commit order (`pg_feed`).
+        self._feed = pg_feed.Feed(hub, lambda since, limit: self.events_since(since, limit=limit))
         self._lease_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -236,41 +117,18 @@ class PostgresStore(Store):
         assert pool is not None
         try:
             async with pool.acquire() as conn:
-                await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+                await conn.execute("SELECT pg_advisory_lock($1)", pg_schema.MIGRATION_LOCK)
                 try:
-                    await self._check_or_create(conn)
+                    await pg_schema.check_or_create(conn, without_password(self._url))
                 finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+                    await conn.execute("SELECT pg_advisory_unlock($1)", pg_schema.MIGRATION_LOCK)
                 last = await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events")
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
-        self._published = int(last)
+        self._feed.published = int(last)
         self._hub.committed_up_to(int(last))
-
-    async def _check_or_create(self, conn: _Conn) -> None:
-        """Create the schema whole, or bring an older one up to date; refuse a newer one."""
-        version = 0
-        if await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL"):
-            found = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
-            version = int(found) if found is not None else 0
-            if version > SCHEMA_VERSION:
-                raise errors.StoreTooNew(without_password(self._url), version, SCHEMA_VERSION)
-            if version == SCHEMA_VERSION:
-                return
-        async with conn.transaction():
-            if version < 4:  # new (or never finished): the whole DDL is version 4's
-                await conn.execute(SCHEMA)
-                version = 4
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                await conn.execute(MIGRATIONS[step])
-                log.info("store.migrated", version=step)
-            await conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', $1) "
-                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                str(SCHEMA_VERSION),
-            )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -321,7 +179,7 @@ class PostgresStore(Store):
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     result, changes = await op(conn)
-                    self._own.update(event.seq for event in changes)  # before the feed sees them
+                    self._feed.mine(changes)  # before the feed can see them
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
                 self._unreachable = _unreachable(exc)
@@ -332,94 +190,14 @@ class PostgresStore(Store):
                 raise errors.StoreError(f"commit failed: {exc}") from exc
             self._commit_failure = self._unreachable = None
             if changes:
-                await self._publish_own(changes)
+                await self._feed.publish_mine(changes)
         return result
-
-    # -- publication: every daemon's hub gets every change, in commit order ------------------
-
-    async def _publish_own(self, changes: list[models.Event]) -> None:
-        """Hand this daemon's committed events to the hub, after any other daemon's numbered
-        before them (read first: the hub's order is the commit order, which `watch` resumes
-        by). With nobody else writing, the numbers follow on and nothing is read."""
-        async with self._publish_lock:
-            if changes[0].seq > self._published + 1:
-                try:
-                    await self._catch_up()
-                except errors.StoreError:
-                    if self._feeding:  # the feed hands them on, in order, once it can read
-                        self._feed_wake.set()
-                        return
-            for event in changes:
-                if event.seq > self._published:
-                    self._publish(event)
-
-    def _publish(self, event: models.Event) -> None:
-        own = event.seq in self._own
-        self._own.discard(event.seq)
-        self._published = event.seq
-        self._hub.publish(event, own=own)
-
-    async def _catch_up(self) -> None:
-        """Publish every event committed after the last one published (the publish lock
-        held)."""
-        while True:
-            found = await self.events_since(self._published, limit=_FEED_PAGE)
-            for event in found:
-                self._publish(event)
-            if len(found) < _FEED_PAGE:
-                return
 
     async def follow(
         self, on_stop: Callable[[str], None], on_connected: Callable[[], None]
     ) -> None:
-        """The feed (several daemons on one database): LISTEN for the events others commit and
-        publish them in order (`_catch_up`), and pass on the stops others record for running
-        jobs (`on_stop(job id)`). A notification is not durable: after every (re)connection
-        the feed reads what it missed, and `on_connected` has the caller look again at what
-        it drives. Runs until cancelled, reconnecting with back-off."""
-        self._feeding = True
-        delays = backoff.Policy(base_s=0.2, factor=2.0, cap_s=5.0, jitter="full")
-        rng, failures = backoff.default_rng(), 0
-        try:
-            while True:
-                conn: asyncpg.Connection[Record] | None = None
-                try:
-                    conn = await asyncpg.connect(self._url, timeout=10)
-                    await conn.add_listener(EVENTS_CHANNEL, lambda *_: self._feed_wake.set())
-                    await conn.add_listener(
-                        STOPS_CHANNEL, lambda _c, _p, _ch, payload: on_stop(str(payload))
-                    )
-                    if failures:
-                        log.info("store.feed_reconnected", after_failures=failures)
-                    failures = 0
-                    on_connected()
-                    self._feed_wake.set()
-                    while True:
-                        try:
-                            async with asyncio.timeout(_FEED_CHECK_S):
-                                await self._feed_wake.wait()
-                        except TimeoutError:  # quiet: is the connection still there?
-                            await conn.fetchval("SELECT 1", timeout=_FEED_CHECK_S)
-                            continue
-                        self._feed_wake.clear()
-                        async with self._publish_lock:
-                            await self._catch_up()
-                except (
-                    OSError,
-                    TimeoutError,
-                    asyncpg.PostgresError,
-                    asyncpg.InterfaceError,
-                    errors.StoreError,
-                ) as exc:
-                    failures += 1
-                    if failures == 1:
-                        log.warning("store.feed_lost", error=str(exc) or type(exc).__name__)
-                finally:
-                    if conn is not None:
-                        conn.terminate()
-                await asyncio.sleep(delays.delay(failures, rng))
-        finally:
-            self._feeding = False
+        """The feed of every daemon's changes (`pg_feed.Feed.follow`): runs until cancelled."""
+        await self._feed.follow(self._url, on_stop, on_connected)
 
     async def _read(self, op: Callable[[_Conn], Awaitable[T]]) -> T:
         pool = self._pool_or_fail()
@@ -474,13 +252,7 @@ class PostgresStore(Store):
         elif self.lease_token is None:
             why = f"{self.node} does not hold the lease on the AWS backends"
         else:
-            current = await conn.fetchval(
-                "SELECT token FROM leases WHERE name = $1 AND token = $2 "
-                "AND expires_at > clock_timestamp() FOR SHARE",
-                LEASE,
-                self.lease_token,
-            )
-            if current is not None:
+            if await pg_lease.still_current(conn, self.lease_token):
                 self._lease_checked = True
                 return
             why = f"the lease with fencing token {self.lease_token} is no longer {self.node}'s"
@@ -801,7 +573,7 @@ class PostgresStore(Store):
                 conn, await self._fetch(conn, job_id, lock=True), why
             )
             if self.node is not None and not stopped.state.terminal:
-                await conn.execute("SELECT pg_notify($1, $2)", STOPS_CHANNEL, job_id)
+                await conn.execute("SELECT pg_notify($1, $2)", pg_feed.STOPS_CHANNEL, job_id)
             return stopped, changes
 
         return await self._write(op)
@@ -869,93 +641,30 @@ class PostgresStore(Store):
 
     # -- several daemons: the lease, the nodes, orphaned local jobs ---------------------------
 
-    async def _lease_row(self, conn: _Conn, statement: str, *args: Any) -> Lease | None:
-        row = await conn.fetchrow(
-            statement + " RETURNING holder, token, extract(epoch FROM acquired_at), "
-            "extract(epoch FROM expires_at), extract(epoch FROM clock_timestamp())",
-            *args,
-        )
-        return None if row is None else Lease(str(row[0]), int(row[1]), *map(float, row[2:]))
-
     async def lease(self) -> Lease | None:
         """The lease as the database has it now (its holder may have let it lapse)."""
-
-        async def read(conn: _Conn) -> Lease | None:
-            row = await conn.fetchrow(
-                "SELECT holder, token, extract(epoch FROM acquired_at), "
-                "extract(epoch FROM expires_at), extract(epoch FROM clock_timestamp()) "
-                "FROM leases WHERE name = $1",
-                LEASE,
-            )
-            return None if row is None else Lease(str(row[0]), int(row[1]), *map(float, row[2:]))
-
-        return await self._read(read)
+        return await self._read(pg_lease.read)
 
     async def acquire_lease(self, ttl_s: float) -> Lease | None:
         """Take the lease if nobody holds it or its holder let it lapse (on the database's
         clock), with a fencing token one higher than any before; None if another holds it."""
         assert self.node is not None
         node = self.node
-
-        async def op(conn: _Conn) -> Lease | None:
-            return await self._lease_row(
-                conn,
-                "INSERT INTO leases AS l (name, holder, token, acquired_at, expires_at) "
-                "VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp() + $3 * interval '1s') "
-                "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, "
-                "token = l.token + 1, acquired_at = EXCLUDED.acquired_at, "
-                "expires_at = EXCLUDED.expires_at WHERE l.expires_at <= clock_timestamp()",
-                LEASE,
-                node,
-                ttl_s,
-            )
-
-        return await self._read(op)
+        return await self._read(lambda conn: pg_lease.acquire(conn, node, ttl_s))
 
     async def renew_lease(self, token: int, ttl_s: float) -> Lease | None:
         """Extend the lease held with `token`; None if it lapsed or passed to another."""
-
-        async def op(conn: _Conn) -> Lease | None:
-            return await self._lease_row(
-                conn,
-                "UPDATE leases SET expires_at = clock_timestamp() + $3 * interval '1s' "
-                "WHERE name = $1 AND token = $2 AND expires_at > clock_timestamp()",
-                LEASE,
-                token,
-                ttl_s,
-            )
-
-        return await self._read(op)
+        return await self._read(lambda conn: pg_lease.renew(conn, token, ttl_s))
 
     async def release_lease(self, token: int) -> None:
-        """Let the lease held with `token` lapse now (a clean shutdown: no wait for the TTL)."""
-
-        async def op(conn: _Conn) -> None:
-            await conn.execute(
-                "UPDATE leases SET expires_at = clock_timestamp() WHERE name = $1 AND token = $2",
-                LEASE,
-                token,
-            )
-
-        await self._read(op)
+        """Let the lease held with `token` lapse now (a clean stop: no wait for the TTL)."""
+        await self._read(lambda conn: pg_lease.release(conn, token))
 
     async def heartbeat(self, pid: int, version: str) -> None:
         """Say this node is here (its local jobs are not orphans), on the database's clock."""
         assert self.node is not None
         node = self.node
-
-        async def op(conn: _Conn) -> None:
-            await conn.execute(
-                "INSERT INTO nodes (node, started_at, seen_at, pid, version) "
-                "VALUES ($1, clock_timestamp(), clock_timestamp(), $2, $3) "
-                "ON CONFLICT (node) DO UPDATE SET seen_at = clock_timestamp(), "
-                "pid = EXCLUDED.pid, version = EXCLUDED.version",
-                node,
-                pid,
-                version,
-            )
-
-        await self._read(op)
+        await self._read(lambda conn: pg_lease.heartbeat(conn, node, pid, version))
 
     async def sweep_orphans(self, stale_s: float, timeout_s: float) -> list[models.Job]:
         """Any daemon's look at the local jobs of nodes not seen for `stale_s`: each says so
@@ -1162,21 +871,6 @@ class PostgresStore(Store):
             return None if found is None else str(found)
 
         return await self._read(read)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Lease:
-    """The AWS backends' lease as the database holds it; times on the database's clock."""
-
-    holder: str  # the node
-    token: int  # the fencing token: one higher at every acquisition
-    acquired_at: float
-    expires_at: float
-    now: float  # the database's clock when it was read
-
-    @property
-    def current(self) -> bool:
-        return self.expires_at > self.now
 
 
 class _NewJobs:

@@ -149,7 +149,7 @@ def test_a_local_job_waits_for_its_node_then_is_lost(
 ) -> None:
     """A local job stays on the node that accepted it: while that daemon is away the job says
     so, the daemon takes it back when it returns, and it is LOST once away too long."""
-    orphans = {"local": {"orphan_timeout_s": 6.0}}
+    orphans = {"local": {"orphan_timeout_s": 15.0}}
     h1, h2 = make_node("h1", **orphans), make_node("h2", **orphans)
     h1.start()
     h2.start()
@@ -178,6 +178,6 @@ def test_a_local_job_waits_for_its_node_then_is_lost(
     final = wait_job(h1, second)
     assert final["state"] == "LOST"
     assert (final["reason"] or "").startswith("owner h2 unreachable since")
-    assert "local.orphan_timeout_s (6s)" in (final["reason"] or "")
+    assert "local.orphan_timeout_s (15s)" in (final["reason"] or "")
     assert final["failure"] == "infrastructure"
     marker.touch()  # the job's process, still there under the keeper, ends
