@@ -36,6 +36,7 @@ log = structlog.get_logger("orchestrator.cluster")
 
 _FOLLOWER_LOOK_S = 1.0  # a follower looks at the lease this often (takes over within it)
 _MARGIN = 0.2  # of the TTL: the leader stops launching this long before its lease may lapse
+_NEWS_PAGE = 1000  # jobs read at once for the news of other daemons
 
 
 class Cluster:
@@ -62,6 +63,8 @@ class Cluster:
         self._token: int | None = None  # the lease's fencing token while this daemon holds it
         self._valid_until = 0.0  # our clock: the lease cannot have lapsed before this
         self._lead_task: asyncio.Task[None] | None = None
+        self._news: set[str] = set()  # jobs another daemon accepted or asked to stop
+        self._reading_news = False
         self._tg: asyncio.TaskGroup | None = None
         store.on_fenced = self._fenced
         hub.listen(self._on_event, "others")
@@ -239,15 +242,27 @@ class Cluster:
         self._later(job_id)
 
     def _later(self, job_id: str) -> None:
-        if self._tg is not None:
-            self._tg.create_task(self._take(job_id), name=f"take-{job_id}")
+        """Look at this job soon: news of many jobs (a bulk submit elsewhere) is read in few
+        queries, by one task."""
+        self._news.add(job_id)
+        if self._tg is not None and not self._reading_news:
+            self._reading_news = True
+            self._tg.create_task(self._read_news(), name="news")
 
-    async def _take(self, job_id: str) -> None:
+    async def _read_news(self) -> None:
         try:
-            job = await self._store.get(job_id)
-        except errors.OrchestratorError:
-            return  # gone (purged), or the store cannot be read: the catch-up looks again
-        self._router.take(job)
+            while self._news:
+                await asyncio.sleep(0)  # the rest of a burst of notifications first
+                waiting = sorted(self._news)
+                ids, self._news = waiting[:_NEWS_PAGE], set(waiting[_NEWS_PAGE:])
+                try:
+                    found = await self._store.get_many(ids)
+                except errors.StoreError:
+                    return  # the feed's next connection looks at everything again
+                for job in found:
+                    self._router.take(job)
+        finally:
+            self._reading_news = False
 
     def _look_again(self) -> None:
         """The feed (re)connected: notifications may have been missed while it was down."""

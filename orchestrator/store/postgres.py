@@ -679,7 +679,7 @@ class PostgresStore(Store):
                 "ON n.node = j.info::jsonb ->> 'owner' WHERE j.backend = $1 "
                 "AND NOT (j.state = ANY($2::text[])) AND j.info::jsonb ->> 'owner' <> $3 "
                 "AND (n.seen_at IS NULL "
-                "OR n.seen_at < clock_timestamp() - $4 * interval '1s')",
+                "OR n.seen_at < clock_timestamp() - $4 * interval '1s') ORDER BY j.id",
                 LOCAL,
                 _TERMINAL,
                 self.node,
@@ -720,6 +720,17 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> models.Job:
         return await self._read(lambda conn: self._fetch(conn, job_id))
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[models.Job]:
+        """The jobs of these ids that exist (another daemon's news, taken in one read)."""
+
+        async def read(conn: _Conn) -> list[models.Job]:
+            found = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ANY($1::text[])", list(job_ids)
+            )
+            return [rows.job_from_row(tuple(row)) for row in found]
+
+        return await self._read(read)
 
     async def list_jobs(self, query: JobQuery = ALL_JOBS) -> list[models.Job]:
         q = query
