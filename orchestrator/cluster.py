@@ -63,6 +63,7 @@ class Cluster:
         self._token: int | None = None  # the lease's fencing token while this daemon holds it
         self._valid_until = 0.0  # our clock: the lease cannot have lapsed before this
         self._lead_task: asyncio.Task[None] | None = None
+        self._seen: float | None = None  # when this node last said it was here (our clock)
         self._news: set[str] = set()  # jobs another daemon accepted or asked to stop
         self._reading_news = False
         self._tg: asyncio.TaskGroup | None = None
@@ -116,6 +117,34 @@ class Cluster:
         take a returning node's jobs for orphans meanwhile."""
         with contextlib.suppress(errors.StoreError):
             await self._store.heartbeat(os.getpid(), __version__)
+            self._seen = self._clock()
+
+    async def back_again(self, jobs: list[models.Job]) -> None:
+        """This node's local jobs that others took for orphans while it was away (stopped, or
+        cut off from the database): it is back, and says so."""
+        for job in jobs:
+            if job.info.get("owner") == self.node and job.info.get("owner_unreachable_since"):
+                with contextlib.suppress(errors.StoreError):
+                    await self._store.observe(
+                        job.id,
+                        vendor_status=job.vendor_status,
+                        reason=f"owner {self.node} is back",
+                        info={"owner_unreachable_since": None},
+                    )
+
+    async def _heartbeat(self) -> None:
+        """Say this node is here; back after long enough for others to have taken its jobs for
+        orphans (twice the TTL), look at them again."""
+        await self._store.heartbeat(os.getpid(), __version__)
+        now, seen, self._seen = self._clock(), self._seen, self._clock()
+        if seen is not None and now - seen >= 2 * self._ttl:
+            log.info("cluster.back", node=self.node, away_s=round(now - seen, 3))
+            if self._tg is not None:
+                self._tg.create_task(self._back_again_now(), name="back-again")
+
+    async def _back_again_now(self) -> None:
+        with contextlib.suppress(errors.StoreError):
+            await self.back_again(await self._store.unfinished())
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -134,7 +163,7 @@ class Cluster:
         while True:
             with contextlib.suppress(errors.StoreError, TimeoutError):  # the store says so
                 async with asyncio.timeout(bound_s):
-                    await self._store.heartbeat(os.getpid(), __version__)
+                    await self._heartbeat()
             if self._make is None:
                 with contextlib.suppress(errors.StoreError, TimeoutError):
                     async with asyncio.timeout(bound_s):

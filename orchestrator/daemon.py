@@ -283,23 +283,9 @@ class Daemon:
                 if recovery.recover(job, self.backends) is recovery.Recovery.ORPHANED:
                     log.warning("job.backend_disabled", job_id=job.id, backend=job.backend)
         else:
-            await self._back_again(jobs)
+            await self.cluster.back_again(jobs)
         counts = await asyncio.gather(*(drivers.recover(jobs) for drivers in self.drivers))
         return sum(counts)
-
-    async def _back_again(self, jobs: list[models.Job]) -> None:
-        """This node's local jobs that others saw as orphaned (it was away): it is back."""
-        assert self.cluster is not None
-        node = self.cluster.node
-        for job in jobs:
-            if job.info.get("owner") == node and job.info.get("owner_unreachable_since"):
-                with contextlib.suppress(errors.StoreError):
-                    await self.store.observe(
-                        job.id,
-                        vendor_status=job.vendor_status,
-                        reason=f"owner {node} is back",
-                        info={"owner_unreachable_since": None},
-                    )
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         grace_s = self.settings.server.shutdown_grace_s
