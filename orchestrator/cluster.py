@@ -199,15 +199,14 @@ class Cluster:
         sent = self._clock()
         taken = await self._store.acquire_lease(self._ttl)
         if taken is not None:
+            self._elect(taken, sent, previous=None if seen is None else seen.holder)
             self.lease = taken
-            self._elect(taken, sent)
 
-    def _elect(self, lease: Lease, sent: float) -> None:
+    def _elect(self, lease: Lease, sent: float, *, previous: str | None) -> None:
         assert self._make is not None
         assert self._tg is not None
         self._token = self._store.lease_token = lease.token
         self._valid_until = sent + self._ttl
-        previous = None if self.lease is None else self.lease.holder
         log.info(
             "cluster.elected",
             node=self.node,

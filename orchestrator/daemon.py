@@ -48,7 +48,14 @@ def open_store(settings: Settings, hub: events.Hub) -> Store:
     if settings.store.url:
         from orchestrator.store.postgres import PostgresStore  # imports asyncpg: only when used
 
-        return PostgresStore(settings.store.url, hub, node=settings.cluster.node)
+        return PostgresStore(
+            settings.store.url,
+            hub,
+            node=settings.cluster.node,
+            # A leader's transaction cut off mid-way holds the lease's row: ended well within
+            # the TTL, so that a follower can take over in time.
+            idle_in_transaction_s=max(1.0, settings.cluster.lease_ttl_s / 4),
+        )
     return SqliteStore(settings.store, hub)
 
 

@@ -499,6 +499,9 @@ class Dispatcher:
             elif job.state == models.JobState.QUEUED:  # the attempt was never recorded
                 shell.lane.release(job_id)
                 self.enqueue(job)
+            elif not job.state.terminal:  # launched, though its record's answer was lost
+                shell.lane.settled(job_id)
+                self._poller.track(job)
         except Exception:
             log.exception("dispatch.settle_failed", job_id=job_id)
             shell.lane.settle_at(job_id, self._clock() + self._settings.retry_cap_s)

@@ -85,11 +85,16 @@ class PostgresStore(Store):
         *,
         pool_size: int = 4,
         node: str | None = None,
+        idle_in_transaction_s: float = 5.0,
     ) -> None:
         self._url = url
         self._hub = hub
         self._clock = clock
         self._pool_size = pool_size
+        self._idle_s = idle_in_transaction_s
+        self._in_doubt_s = (
+            idle_in_transaction_s + 5.0
+        )  # how long an unanswered COMMIT is asked about
         self._pool: asyncpg.Pool[Record] | None = None
         self._write_lock = asyncio.Lock()
         self._commit_failure: str | None = None
@@ -110,7 +115,16 @@ class PostgresStore(Store):
     async def open(self) -> None:
         try:
             pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=self._pool_size, command_timeout=60
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=60,
+                # A transaction whose client went silent (a stalled link) must not hold its
+                # locks (a job's row, the lease's, the events' numbering) for long: the server
+                # ends it. Ours never wait for anything but the server within a transaction.
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(int(self._idle_s * 1000))
+                },
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise errors.StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -172,26 +186,59 @@ class PostgresStore(Store):
         return self._pool
 
     async def _write(self, op: Callable[[_Conn], Awaitable[tuple[T, list[models.Event]]]]) -> T:
-        """Run `op` in a transaction of its own; publish its events once committed."""
+        """Run `op` in a transaction of its own; publish its events once committed. A
+        connection lost while committing leaves the outcome in doubt: the transaction's id
+        says, once the server can be asked, whether it committed (`_committed`)."""
         pool = self._pool_or_fail()
         async with self._write_lock:
             self._lease_checked = False  # checked once per transaction (`_fence`)
+            txid, committing = 0, False
             try:
                 async with pool.acquire() as conn, conn.transaction():
+                    txid = int(await conn.fetchval("SELECT txid_current()"))
                     result, changes = await op(conn)
                     self._feed.mine(changes)  # before the feed can see them
+                    committing = True
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
                 self._unreachable = _unreachable(exc)
-                if self._unreachable is not None:
-                    raise errors.StoreUnavailable(
-                        f"not recorded: PostgreSQL cannot be reached: {self._unreachable}"
+                outcome = await self._committed(pool, txid) if committing else False
+                if outcome is None:
+                    raise errors.StoreError(
+                        "the connection to PostgreSQL was lost while committing, and whether "
+                        f"this was recorded cannot be known yet: {exc}"
                     ) from exc
-                raise errors.StoreError(f"commit failed: {exc}") from exc
+                if not outcome:
+                    if self._unreachable is not None:
+                        raise errors.StoreUnavailable(
+                            f"not recorded: PostgreSQL cannot be reached: {self._unreachable}"
+                        ) from exc
+                    raise errors.StoreError(f"commit failed: {exc}") from exc
+                log.info("store.commit_confirmed", txid=txid, error=str(exc))
             self._commit_failure = self._unreachable = None
             if changes:
                 await self._feed.publish_mine(changes)
         return result
+
+    async def _committed(self, pool: asyncpg.Pool[Record], txid: int) -> bool | None:
+        """Whether the transaction `txid`, whose COMMIT was sent and not answered, committed;
+        None if the server cannot tell in time. A transaction cut off before its COMMIT
+        reached the server is aborted once the server sees the session gone or idle for
+        `idle_in_transaction_session_timeout`: asked until then."""
+        deadline = time.monotonic() + self._in_doubt_s
+        delay = 0.05
+        while True:
+            try:
+                async with pool.acquire() as conn:
+                    status = await conn.fetchval("SELECT txid_status($1)", txid, timeout=2.0)
+                if status in ("committed", "aborted"):
+                    return bool(status == "committed")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     async def follow(
         self, on_stop: Callable[[str], None], on_connected: Callable[[], None]
