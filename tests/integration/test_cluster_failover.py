@@ -7,6 +7,7 @@ Every job launched once and ended once, whoever led."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import pytest
 from orchestrator import errors, events, faults, models, views
 from orchestrator.store.postgres import PostgresStore
 from tests.integration.test_aws_crash import (
+    ECS_RECONCILED,
     POINTS,
     TERMINAL,
     ecs_tasks,
@@ -112,11 +114,15 @@ def test_leader_killed_at_each_crash_point_fails_over_and_runs_every_job_once(
     new = leader_of([h2, h3])
     assert max(elected_tokens(new)) > first_token
     assert ping(new)["cluster"]["leader"]["node"] == new.root.name
+    (recovered,) = wait_for(lambda: logged(new, "cluster.recovered"), "the recovery")
+    assert recovered["jobs"] >= 1  # the dead leader left work in hand
 
     finals = {job_id: wait_job(daemons[1 + i % 2], job_id) for i, job_id in enumerate(ids)}
     assert [(f["state"], f["exit_code"]) for f in finals.values()] == [("SUCCEEDED", 0)] * JOBS
     assert all(ended_once(f) for f in finals.values()), finals
     assert_one_task_per_job(moto, ecs_env, fault_proxy, finals)
+    outcomes = {e["outcome"] for e in logged(new, "job.reconciled")}
+    assert set(ECS_RECONCILED.get(point, [])) <= outcomes, outcomes  # the point's own attempt
     received = fault_proxy.counts[("ecs", "RunTask")]
 
     # The killed daemon comes back unarmed: it follows, and launches nothing again.
@@ -159,7 +165,7 @@ def test_leader_paused_past_its_lease_steps_down_and_launches_nothing_twice(
             return client.get(job_id)["state"] == "RUNNING"
 
     wait_for(lambda: all(running(j) for j in before), "the first jobs to run")
-    assert dispatched_ids(old.log_events()) == set(before)
+    wait_for(lambda: dispatched_ids(old.log_events()) == set(before), "the launches logged")
 
     old.send_signal(signal.SIGSTOP)
     paused_at = time.monotonic()
@@ -174,9 +180,14 @@ def test_leader_paused_past_its_lease_steps_down_and_launches_nothing_twice(
         for i in range(3)
     ]
     wait_for(lambda: dispatched_ids(new.log_events()) >= set(after), "the new leader's launches")
-    time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused_at)))
-    said_before = len(old.log_events())
-    old.send_signal(signal.SIGCONT)
+    # A client of the sleeping old leader: connected (the socket's backlog takes it), answered
+    # only once it wakes, when the lease is another's.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        late = pool.submit(submit, old, {"command": ["echo", "late"], "idempotency_key": "late"})
+        time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused_at)))
+        said_before = len(old.log_events())
+        old.send_signal(signal.SIGCONT)
+        after.append(late.result(timeout=30))
 
     def stepped_down() -> bool:
         seen = ping(old)["cluster"]
@@ -195,22 +206,30 @@ def test_leader_paused_past_its_lease_steps_down_and_launches_nothing_twice(
     assert_one_task_per_job(moto, ecs_env, fault_proxy, finals)
     assert fault_proxy.counts[("ecs", "RunTask")] == len(finals)  # nobody even tried again
     (task,) = [
-        t for t in ecs_tasks(moto, ecs_env.cluster) if t["taskArn"] == finals[cancelled]["external_id"]
+        t
+        for t in ecs_tasks(moto, ecs_env.cluster)
+        if t["taskArn"] == finals[cancelled]["external_id"]
     ]
     assert task["stoppedReason"] == "orchestrator: cancel"
     # Whatever the old leader wrote once it woke was refused or withheld: it launched nothing.
     resumed = old.log_events()[said_before:]
-    import json; print("RESUMED", json.dumps([{k:v for k,v in e.items() if k in ("event","job_id","why","error","token","kind","attempt")} for e in resumed], indent=0))
-    print("NEWELECTED", logged(new, "cluster.elected"))
     assert dispatched_ids(resumed) == set(), resumed
     assert not [e for e in resumed if e.get("event") == "job.reconciled"], resumed
     (deposed,) = logged(old, "cluster.deposed")
     assert deposed["token"] == old_token
-    assert dispatched_ids(new.log_events()) == set(after)
+    assert dispatched_ids(new.log_events()) == set(after)  # the late job's launch too
     assert leader_of(daemons) is new
 
 
 # -- 3. the fencing itself, against the database -------------------------------------------------
+
+
+async def accept(store: PostgresStore, backend: str) -> models.Job:
+    (outcome,) = await store.accept_many([(models.JobSpec(command=["x"]), backend)], None)
+    assert not isinstance(outcome, errors.OrchestratorError), outcome
+    job, created = outcome
+    assert created
+    return job
 
 
 async def _lease_lapsed(store: PostgresStore) -> None:
@@ -235,10 +254,7 @@ async def test_a_deposed_leaders_writes_are_fenced_and_change_nothing(database: 
         assert taken.holder == "a"
         a.lease_token = taken.token
         assert await b.acquire_lease(1.0) is None  # held, and current
-        ((job, created),) = await a.accept_many(  # type: ignore[misc]
-            [(models.JobSpec(command=["x"]), "ecs")], None
-        )
-        assert created
+        job = await accept(a, "ecs")
         launching = await a.begin_attempt(job.id)
         assert launching is not None
         assert (launching.attempt, launching.launching) == (1, True)
@@ -278,9 +294,7 @@ async def test_a_deposed_leaders_writes_are_fenced_and_change_nothing(database: 
         assert await a.acquire_lease(1.0) is None
 
         # A local job is its node's: another node may not drive it, but anyone may stop it.
-        ((local, _),) = await a.accept_many(  # type: ignore[misc]
-            [(models.JobSpec(command=["y"]), "local")], None
-        )
+        local = await accept(a, "local")
         assert local.info.get("owner") == "a"
         with pytest.raises(errors.Fenced):
             await b.begin_attempt(local.id)
@@ -353,3 +367,16 @@ def test_a_leader_stopped_cleanly_hands_over_at_once(
     assert [f["state"] for f in finals.values()] == ["SUCCEEDED"] * len(jobs)
     assert all(ended_once(f) for f in finals.values()), finals
     assert_one_task_per_job(moto, ecs_env, fault_proxy, finals)
+
+
+def test_the_elected_event_names_the_previous_leader(make_node: NodeFactory) -> None:
+    """`cluster.elected` says whose lease was taken over (it once named the new leader)."""
+    h1, h2 = make_node("h1"), make_node("h2")
+    h1.start()
+    assert leader_of([h1]) is h1
+    h2.start()
+    assert leader_of([h1, h2]) is h1
+    assert h1.stop(signal.SIGTERM) == 0, h1.log()
+    assert leader_of([h2]) is h2
+    (elected,) = logged(h2, "cluster.elected")
+    assert (elected["token"], elected["previous"]) == (2, "h1"), elected
