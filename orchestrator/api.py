@@ -377,9 +377,14 @@ class Api:
         outcomes = await self._store.accept_many(specs, peer)
         self._crash.crashpoint("server.after_accept")
         for outcome in outcomes:
-            if isinstance(outcome, errors.OrchestratorError) or not outcome[1]:
+            if isinstance(outcome, errors.OrchestratorError):
                 continue
             job = outcome[0]
+            if not outcome[1]:
+                # Asked again under its key: in hand already, unless the first ask's commit was
+                # never answered (then nothing here took it): take it if not (a no-op if so).
+                self._drivers.take(job)
+                continue
             spec = job.spec
             log.info(
                 "job.accepted",
