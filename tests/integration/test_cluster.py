@@ -154,7 +154,8 @@ def test_a_local_job_waits_for_its_node_then_is_lost(
     h1.start()
     h2.start()
     marker = short_tmp / "go"
-    waits = ["sh", "-c", f"while [ ! -e {marker} ]; do sleep 0.05; done"]
+    # (bounded: a run that fails half-way leaves no process behind for long)
+    waits = ["timeout", "120", "sh", "-c", f"while [ ! -e {marker} ]; do sleep 0.05; done"]
     job_id = submit(h2, {"command": waits, "backend": "local"})
     wait_for(lambda: get(h1, job_id)["state"] == "RUNNING", "the job to run on h2")
 
