@@ -41,10 +41,14 @@ RECONNECT_S = 120.0
 
 
 def _resumable(exc: BaseException) -> bool:
-    """A connection lost to the daemon going away, which a new one can take up where it was."""
+    """A connection lost to the daemon going away, which a new one can take up where it was;
+    or a daemon whose PostgreSQL is away (`store_unavailable`: it reconnects by itself)."""
     if isinstance(exc, errors.DaemonUnreachable):
         return True
-    return isinstance(exc, errors.RemoteError) and exc.remote_code == "shutting_down"
+    return isinstance(exc, errors.RemoteError) and exc.remote_code in (
+        "shutting_down",
+        "store_unavailable",
+    )
 
 
 class _Reconnect:

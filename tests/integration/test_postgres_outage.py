@@ -68,3 +68,26 @@ async def test_a_restarted_database_is_ridden_out_and_nothing_acknowledged_is_lo
     assert after["state"] == "SUCCEEDED"
     assert {j["id"] for j in listed} == {before["id"], after["id"]}  # "during" never was
     assert up["status"] == "ok"
+
+
+async def test_a_wait_begun_while_the_database_is_away_waits_for_it(
+    short_tmp: Path, own_server: postgres.PostgresServer
+) -> None:
+    """`wait` (and `watch`, `logs`) outlive the database being away as they outlive a daemon
+    restart: `store_unavailable` is tried again within `reconnect_s`."""
+    url = await own_server.new_database()
+    async with (
+        running(make_settings(short_tmp, store={"url": url})),
+        Client(short_tmp / "o.sock") as client,
+    ):
+        job = await client.submit({"command": ["true"]})
+        await asyncio.to_thread(own_server.stop)
+        with pytest.raises(errors.RemoteError) as said:
+            await client.get(job["id"])  # a plain read says so at once
+        waiting = asyncio.create_task(client.wait(job["id"]))
+        await asyncio.sleep(1.0)  # the wait is being refused meanwhile, and tries again
+        assert not waiting.done()
+        await asyncio.to_thread(own_server.start, durable=True)
+        final = await asyncio.wait_for(waiting, 60)
+    assert said.value.code == "store_unavailable"
+    assert final["state"] == "SUCCEEDED"
