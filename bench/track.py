@@ -5,6 +5,7 @@ against the Airflow polling baseline, on the same stand-in, in the same run.
     python bench/track.py --jobs 500 --time-scale 30 --run-s 120
     python bench/track.py --backend ecs --no-baseline
     python bench/track.py --jobs 1000 --time-scale 2 --save /tmp/track.json  # for plots.py
+    python bench/track.py --jobs 10000 --time-scale 2 --no-baseline --postgres
 
 At the defaults (time scale 1, jobs of 30 s + 300 s ±50%) a side takes about the longest job
 plus the launch of all N (~10 min at N = 10,000) and the baseline's last, long poll intervals;
@@ -18,6 +19,10 @@ the same arguments and seed, so both sides get the same job lives:
 - orchestrator: `orchestrator serve` (a child, `tests/support/daemon.py`) with the Batch (or ECS)
   backend pointed at the stand-in; N jobs sent with `Client.submit_many`; `ping` (counts by
   state) until all N are terminal; then one `list` for their `state_times`.
+- orchestrator on PostgreSQL (`--postgres`): the same again, with `store.url` on a durable
+  PostgreSQL server (fsync, synchronous commits; Debian's binaries, started in a temporary
+  directory as `bench/ingest.py --postgres` starts it, a fresh database per N, reached on a unix
+  socket): one daemon, which takes the cluster lease at its start and leads alone.
 - baseline: `bench/airflow_baseline.py` in a child process: N Airflow task instances, each
   submitting its job and polling it the way `BatchClientHook` (ECS: the `tasks_stopped` waiter)
   does.
@@ -54,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -71,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import awsbench as ab
 from orchestrator.client import Client
+from tests.support import postgres
 from tests.support.daemon import DaemonProcess
 
 
@@ -78,6 +85,7 @@ from tests.support.daemon import DaemonProcess
 class Row:
     side: str
     jobs: int
+    store: str = ""  # orchestrator's store with --postgres ("SQLite", "PostgreSQL"); else ""
     failed: int = 0
     job_s_mean: float = math.nan  # unscaled lifetime at the stand-in
     job_hours: float = math.nan
@@ -98,7 +106,12 @@ class Row:
     rss_mb: float = math.nan
     cpu_s: float = math.nan
     wall_s: float = math.nan
+    launch_s: float = math.nan  # wall seconds from the first submit to the last job's creation
     note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.side} ({self.store})" if self.store else self.side
 
 
 def fake_config(args: argparse.Namespace) -> list[str]:
@@ -125,7 +138,7 @@ def default_timeout_s(args: argparse.Namespace, n: int, baseline: bool) -> float
     longest = (args.pending_s + args.run_s) * (1 + args.jitter) / scale
     if baseline:  # its delays grow to minutes; its throttle loop adds more
         return float(3 * longest + 60 + 3 * 630 / scale + n / 20)
-    return float(longest + 60 + n / 100)
+    return float(longest + 60 + n / 20)  # launching at 20/s at least (PostgreSQL: ~40/s)
 
 
 def fill_from_fake(
@@ -148,6 +161,8 @@ def fill_from_fake(
     row.standin_jobs = [
         [t["created_at"], t["terminal_at"], t["reported_at"]] for t in terminal.values()
     ]
+    if terminal:
+        row.launch_s = max(t["created_at"] for t in terminal.values()) - row.started_at
 
 
 def keep_samples(row: Row, sampler: ab.StatsSampler) -> None:
@@ -179,23 +194,28 @@ async def wait_terminal(
         raise TimeoutError(f"not all {n} jobs terminal after {timeout_s:.0f}s: {counts}")
 
 
-async def run_orchestrator(n: int, args: argparse.Namespace, root: Path) -> Row:
-    row = Row("orchestrator", n)
+async def run_orchestrator(
+    n: int, args: argparse.Namespace, root: Path, store: str = "", store_url: str | None = None
+) -> Row:
+    """The orchestrator side; on PostgreSQL at `store_url` if given (`store` names the store in
+    the report, "" without --postgres)."""
+    row = Row("orchestrator", n, store=store)
     timing = ab.PollerTiming(time_scale=args.time_scale)
-    fake = ab.FakeAwsProcess(fake_config(args), root / "fakeaws-orchestrator.log")
+    tag = f"-{store.lower()}" if store else ""
+    fake = ab.FakeAwsProcess(fake_config(args), root / f"fakeaws-orchestrator{tag}.log")
     fake.start()
-    daemon = DaemonProcess(
-        root / "daemon",
-        env=ab.daemon_env(
-            args.backend,
-            fake.url,
-            max_in_flight=n,
-            poller=timing,
-            launch=(ab.GENEROUS, ab.GENEROUS),
-            describe=(describe_wall_rate(args), args.describe_burst),
-            synchronous=args.synchronous,
-        ),
+    env = ab.daemon_env(
+        args.backend,
+        fake.url,
+        max_in_flight=n,
+        poller=timing,
+        launch=(ab.GENEROUS, ab.GENEROUS),
+        describe=(describe_wall_rate(args), args.describe_burst),
+        synchronous=args.synchronous,
     )
+    if store_url is not None:
+        env["ORCHESTRATOR__STORE__URL"] = store_url
+    daemon = DaemonProcess(root / f"daemon{tag}", env=env)
     daemon.root.mkdir(parents=True, exist_ok=True)
     try:
         daemon.start()
@@ -226,9 +246,9 @@ async def run_orchestrator(n: int, args: argparse.Namespace, root: Path) -> Row:
         keep_samples(row, sampler)
         if args.keep:
             dump = {"jobs": jobs, "terminal": terminal, "stats": stats}
-            (root / "orchestrator-jobs.json").write_bytes(orjson.dumps(dump))
+            (root / f"orchestrator{tag}-jobs.json").write_bytes(orjson.dumps(dump))
             samples = {"times": sampler.times, "counts": sampler.counts}
-            (root / "orchestrator-describes.json").write_bytes(orjson.dumps(samples))
+            (root / f"orchestrator{tag}-describes.json").write_bytes(orjson.dumps(samples))
         for job in jobs:
             at_fake = terminal.get(job.get("external_id") or "")
             stored = ab.terminal_time(job)
@@ -334,7 +354,7 @@ def report(n: int, rows: list[Row], args: argparse.Namespace) -> str:
         cpu_pct = 100 * r.cpu_s / (r.wall_s * args.time_scale) if r.wall_s else math.nan
         body.append(
             [
-                r.side,
+                r.label,
                 f"{r.jobs:,}",
                 r.failed,
                 ab.fmt(r.job_s_mean, 0),
@@ -354,7 +374,7 @@ def report(n: int, rows: list[Row], args: argparse.Namespace) -> str:
         )
     lines = [f"### N = {n:,} ({args.backend})", "", ab.table(headers, body), ""]
     for r in rows:
-        lines.append(f"- {r.side}: ids per describe call: {sizes_summary(r.sizes) or 'none'}")
+        lines.append(f"- {r.label}: ids per describe call: {sizes_summary(r.sizes) or 'none'}")
         if r.store_lags:
             lines.append(
                 f"  - lag split: stand-in's first terminal reply → store p50 "
@@ -364,8 +384,14 @@ def report(n: int, rows: list[Row], args: argparse.Namespace) -> str:
         if r.note:
             lines.append(f"  - {r.note}")
         lines.append(f"  - tracking phase: {r.wall_s:.1f} s of wall time")
-    orc = rows[0]
-    if orc.side == "orchestrator":
+        if not math.isnan(r.launch_s) and r.launch_s > 0:
+            lines.append(
+                f"  - all {len(r.standin_jobs):,} created at the stand-in {r.launch_s:.1f} s "
+                f"(wall) after the first submit: {len(r.standin_jobs) / r.launch_s:,.0f} jobs/s"
+            )
+    for orc in rows:
+        if orc.side != "orchestrator":
+            continue
         checks = [
             ("calls per poll round ≤ ceil(N/100)", per_round(orc) <= 1.0),
             ("detection lag p99 ≤ 5 s", ab.percentile(orc.lags, 99) <= 5.0),
@@ -374,7 +400,7 @@ def report(n: int, rows: list[Row], args: argparse.Namespace) -> str:
             ("0 failed", orc.failed == 0),
         ]
         lines.append(
-            "- targets (orchestrator): "
+            f"- targets ({orc.label}): "
             + "; ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks)
         )
     return "\n".join(lines)
@@ -396,11 +422,17 @@ def save(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     ab.save_json(args.save, "track", {"settings": settings, "runs": runs})
 
 
-async def amain(args: argparse.Namespace) -> None:
+async def amain(args: argparse.Namespace, server: postgres.PostgresServer | None) -> None:
     runs: list[dict[str, Any]] = []
     for n in args.jobs:
         root = Path(tempfile.mkdtemp(prefix=f"orc-track-{n}-", dir="/tmp"))
-        rows = [await run_orchestrator(n, args, root)]
+        if server is None:
+            rows = [await run_orchestrator(n, args, root)]
+        else:
+            rows = [
+                await run_orchestrator(n, args, root, "SQLite"),
+                await run_orchestrator(n, args, root, "PostgreSQL", await server.new_database()),
+            ]
         if not args.no_baseline:
             rows.append(await run_baseline(n, args, root))
         print(report(n, rows, args), flush=True)
@@ -441,6 +473,12 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the logs and stores in /tmp")
     p.add_argument("--save", type=Path, help="write the raw samples as JSON (for plots.py)")
+    p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="orchestrator twice, on SQLite and on PostgreSQL (`store.url`): a durable server "
+        "from Debian's binaries in a temporary directory, on a unix socket",
+    )
     args = p.parse_args()
     timing = ab.PollerTiming(time_scale=args.time_scale)
     print(f"# track: `{ab.command_line()}`")
@@ -450,7 +488,8 @@ def main() -> None:
         f"- time scale {args.time_scale:g}: job durations and every delay of both sides divided "
         f"by it; durations, lags and CPU % reported unscaled"
     )
-    print(f"- daemon: {timing.describe()}; store synchronous={args.synchronous}")
+    stores = "; PostgreSQL: durable (fsync, synchronous commits)" if args.postgres else ""
+    print(f"- daemon: {timing.describe()}; store synchronous={args.synchronous}{stores}")
     print(
         f"- jobs at the stand-in: pending {args.pending_s:g} s, run {args.run_s:g} s, "
         f"jitter ±{100 * args.jitter:g}% (unscaled), exit 0"
@@ -461,7 +500,13 @@ def main() -> None:
         f"time; launch buckets generous"
     )
     print()
-    asyncio.run(amain(args))
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.postgres:
+            server = stack.enter_context(postgres.running_server(durable=True))
+            if server is None:
+                sys.exit("--postgres: no PostgreSQL server binaries (apt-get install postgresql)")
+        asyncio.run(amain(args, server))
 
 
 if __name__ == "__main__":
