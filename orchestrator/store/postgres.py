@@ -5,9 +5,9 @@ passes.
 About 1,000 lines: the whole protocol in SQL, one short method per operation, as `sqlite.py` is
 for SQLite (the schema is `pg_schema`'s, the lease's SQL `pg_lease`'s, publication `pg_feed`'s).
 
-One daemon's writes go through one connection at a time (an asyncio lock), each operation in a
-transaction of its own that locks the rows it changes (`FOR UPDATE`: several daemons may share
-the database). Event numbers (`events.seq`) come from a sequence; a transaction that writes
+Each operation is a transaction of its own that locks the rows it changes (`FOR UPDATE`), so
+that writes run side by side, a daemon's own as well as several daemons' on one database; one
+that loses a race (a key two submissions share, a deadlock) is done again afresh. Event numbers (`events.seq`) come from a sequence; a transaction that writes
 events first takes a transaction-scoped advisory lock, so that numbers are handed out in commit
 order across daemons (a reader catching up with `events_since` never finds a lower number
 committed after a higher one it has seen); `pg_feed` publishes every daemon's events in that
@@ -72,6 +72,14 @@ _EVENT_COLUMNS = (
     "e.reason, e.exit_code, j.created_at, j.peer_uid, e.failure"
 )
 _Written = tuple[models.Job, list[models.Event]]
+# What a write does again (at most `_RETRIES` times), the transaction having lost a race with
+# another's: two new jobs under one idempotency key (the second finds the first), a deadlock.
+_RETRIES = 3
+_RETRIED = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
 if TYPE_CHECKING:
     _Conn = PoolConnectionProxy[Record]  # every connection comes from the pool
 
@@ -83,7 +91,7 @@ class PostgresStore(Store):
         hub: events.Hub,
         clock: Callable[[], float] = time.time,
         *,
-        pool_size: int = 4,
+        pool_size: int = 6,
         node: str | None = None,
         idle_in_transaction_s: float = 5.0,
     ) -> None:
@@ -96,7 +104,9 @@ class PostgresStore(Store):
             idle_in_transaction_s + 5.0
         )  # how long an unanswered COMMIT is asked about
         self._pool: asyncpg.Pool[Record] | None = None
-        self._write_lock = asyncio.Lock()
+        # Writes run side by side, each on a connection of the pool (row locks keep them
+        # apart); the connections whose transaction has checked the lease (`_fence`).
+        self._lease_checked: set[int] = set()
         self._commit_failure: str | None = None
         self._unreachable: str | None = None  # why the server cannot be reached, if it cannot
         # Sharing the database with other daemons (issue #16): this daemon's node name, which
@@ -108,7 +118,6 @@ class PostgresStore(Store):
         self.on_fenced: Callable[[str], None] = lambda why: None  # a write was refused: why
         # Every daemon's committed changes to the hub, in commit order (`pg_feed`).
         self._feed = pg_feed.Feed(hub, lambda since, limit: self.events_since(since, limit=limit))
-        self._lease_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -147,8 +156,7 @@ class PostgresStore(Store):
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            async with self._write_lock:  # the write under way finishes first
-                await pool.close()
+            await pool.close()  # the writes under way finish first
 
     # -- health ----------------------------------------------------------------------------
 
@@ -190,15 +198,19 @@ class PostgresStore(Store):
         connection lost while committing leaves the outcome in doubt: the transaction's id
         says, once the server can be asked, whether it committed (`_committed`)."""
         pool = self._pool_or_fail()
-        async with self._write_lock:
-            self._lease_checked = False  # checked once per transaction (`_fence`)
+        for retries_left in range(_RETRIES, -1, -1):
             txid, committing = 0, False
             try:
                 async with pool.acquire() as conn, conn.transaction():
+                    self._lease_checked.discard(id(conn))  # checked once per transaction
                     txid = int(await conn.fetchval("SELECT txid_current()"))
                     result, changes = await op(conn)
                     self._feed.mine(changes)  # before the feed can see them
                     committing = True
+            except _RETRIED as exc:  # another transaction won a race: do it again, afresh
+                if not retries_left:
+                    raise errors.StoreError(f"commit failed: {exc}") from exc
+                continue
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._commit_failure = str(exc)
                 self._unreachable = _unreachable(exc)
@@ -215,9 +227,10 @@ class PostgresStore(Store):
                         ) from exc
                     raise errors.StoreError(f"commit failed: {exc}") from exc
                 log.info("store.commit_confirmed", txid=txid, error=str(exc))
-            self._commit_failure = self._unreachable = None
-            if changes:
-                await self._feed.publish_mine(changes)
+            break
+        self._commit_failure = self._unreachable = None
+        if changes:
+            await self._feed.publish_mine(changes)
         return result
 
     async def _committed(self, pool: asyncpg.Pool[Record], txid: int) -> bool | None:
@@ -294,13 +307,13 @@ class PostgresStore(Store):
             raise errors.Fenced(
                 f"write refused: local job {job.id} belongs to {owner}, not to {self.node}"
             )
-        if self._lease_checked:
+        if id(conn) in self._lease_checked:
             return
         elif self.lease_token is None:
             why = f"{self.node} does not hold the lease on the AWS backends"
         else:
             if await pg_lease.still_current(conn, self.lease_token):
-                self._lease_checked = True
+                self._lease_checked.add(id(conn))
                 return
             why = f"the lease with fencing token {self.lease_token} is no longer {self.node}'s"
         self.on_fenced(why)
