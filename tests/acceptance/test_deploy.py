@@ -646,7 +646,7 @@ def test_the_postgresql_drop_in_passes_verify_and_exposes_nothing_more(tmp_path:
 
 
 def test_the_compose_file_runs_three_daemons_with_valid_settings_on_one_database() -> None:
-    import yaml  # type: ignore[import-untyped]  # (moto[server] brings it; no stubs)
+    import yaml  # type: ignore[import-untyped]  # (no stubs installed)
 
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
