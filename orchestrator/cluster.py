@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,13 +32,15 @@ import structlog
 from orchestrator import __version__, errors, events, models
 from orchestrator.drivers import Drivers, Router
 from orchestrator.metrics import Metrics
+from orchestrator.store import pg_lease
 from orchestrator.store.postgres import LOCAL, Lease, PostgresStore
 
 log = structlog.get_logger("orchestrator.cluster")
 
 _FOLLOWER_LOOK_S = 1.0  # a follower looks at the lease this often (takes over within it)
 _MARGIN = 0.2  # of the TTL: the leader stops launching this long before its lease may lapse
-_NEWS_PAGE = 1000  # jobs read at once for the news of other daemons
+_NEWS_PAGE = 1000
+_HOST = socket.gethostname()  # jobs read at once for the news of other daemons
 
 
 class Cluster:
@@ -113,10 +117,21 @@ class Cluster:
     # -- the loop --------------------------------------------------------------------------
 
     async def announce(self) -> None:
-        """Say this node is here before it recovers its jobs: another daemon's sweep must not
-        take a returning node's jobs for orphans meanwhile."""
+        """Say this node is here before it recovers its jobs (another daemon's sweep must not
+        take a returning node's jobs for orphans meanwhile) — unless another live daemon goes
+        by the same name (`NodeInUse`: two daemons would drive the same local jobs)."""
+        try:
+            seen = await self._store.presence()
+        except errors.StoreError:
+            return  # said once the database is back (the lease loop)
+        if seen is not None and seen.seen_s_ago < 2 * self._ttl and not _ours(seen):
+            raise errors.NodeInUse(
+                f"cluster.node {self.node!r} is taken: a daemon of that name on host "
+                f"{seen.host} (pid {seen.pid}) said it was here {seen.seen_s_ago:.1f} s ago; "
+                "give each daemon a name of its own (ORCHESTRATOR__CLUSTER__NODE)"
+            )
         with contextlib.suppress(errors.StoreError):
-            await self._store.heartbeat(os.getpid(), __version__)
+            await self._store.heartbeat(_HOST, os.getpid(), __version__)
             self._seen = self._clock()
 
     async def back_again(self, jobs: list[models.Job]) -> None:
@@ -135,7 +150,7 @@ class Cluster:
     async def _heartbeat(self) -> None:
         """Say this node is here; back after long enough for others to have taken its jobs for
         orphans (twice the TTL), look at them again."""
-        await self._store.heartbeat(os.getpid(), __version__)
+        await self._store.heartbeat(_HOST, os.getpid(), __version__)
         now, seen, self._seen = self._clock(), self._seen, self._clock()
         if seen is not None and now - seen >= 2 * self._ttl:
             log.info("cluster.back", node=self.node, away_s=round(now - seen, 3))
@@ -318,6 +333,20 @@ class Cluster:
                     state=job.state.value,
                     reason=job.reason,
                 )
+
+
+def _ours(seen: pg_lease.Presence) -> bool:
+    """Whether a node's fresh row is this daemon's or its dead predecessor's on this host (a
+    restart after a crash), rather than another live daemon's of the same name."""
+    if seen.host != _HOST or seen.pid is None:
+        return False
+    if seen.pid == os.getpid():
+        return True
+    try:
+        cmdline = Path(f"/proc/{seen.pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no such process here: the one that wrote it is gone
+    return b"orchestrator" not in cmdline  # its pid taken since by something else
 
 
 def owns_local(node: str) -> Callable[[models.Job], bool]:

@@ -244,6 +244,12 @@ class NotAStore(StoreUnusable):
         )
 
 
+class NodeInUse(StoreUnusable):
+    """Another live daemon on the same database goes by this daemon's `cluster.node`."""
+
+    code = "node_in_use"
+
+
 class StoreTooNew(StoreUnusable):
     """The store was written by a newer orchestrator than this one."""
 

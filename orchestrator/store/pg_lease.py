@@ -101,13 +101,34 @@ async def still_current(conn: _Conn, token: int) -> bool:
     return found is not None
 
 
-async def heartbeat(conn: _Conn, node: str, pid: int, version: str) -> None:
+async def heartbeat(conn: _Conn, node: str, host: str, pid: int, version: str) -> None:
     await conn.execute(
-        "INSERT INTO nodes (node, started_at, seen_at, pid, version) "
-        "VALUES ($1, clock_timestamp(), clock_timestamp(), $2, $3) "
+        "INSERT INTO nodes (node, started_at, seen_at, pid, version, host) "
+        "VALUES ($1, clock_timestamp(), clock_timestamp(), $2, $3, $4) "
         "ON CONFLICT (node) DO UPDATE SET seen_at = clock_timestamp(), "
-        "pid = EXCLUDED.pid, version = EXCLUDED.version",
+        "pid = EXCLUDED.pid, version = EXCLUDED.version, host = EXCLUDED.host",
         node,
         pid,
         version,
+        host,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Presence:
+    """A node's row: where its daemon said it was, and how long ago (the database's clock)."""
+
+    host: str | None
+    pid: int | None
+    seen_s_ago: float
+
+
+async def presence(conn: _Conn, node: str) -> Presence | None:
+    row = await conn.fetchrow(
+        "SELECT host, pid, extract(epoch FROM clock_timestamp() - seen_at) FROM nodes "
+        "WHERE node = $1",
+        node,
+    )
+    if row is None:
+        return None
+    return Presence(row[0], None if row[1] is None else int(row[1]), float(row[2]))

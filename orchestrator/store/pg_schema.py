@@ -102,7 +102,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     started_at TIMESTAMPTZ NOT NULL,
     seen_at TIMESTAMPTZ NOT NULL,
     pid BIGINT,
-    version TEXT
+    version TEXT,
+    host TEXT
 );
 CREATE OR REPLACE FUNCTION orchestrator_events_committed() RETURNS trigger
     LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('{EVENTS_CHANNEL}', ''); RETURN NULL; END $$;

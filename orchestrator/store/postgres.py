@@ -7,12 +7,13 @@ for SQLite (the schema is `pg_schema`'s, the lease's SQL `pg_lease`'s, publicati
 
 Each operation is a transaction of its own that locks the rows it changes (`FOR UPDATE`), so
 that writes run side by side, a daemon's own as well as several daemons' on one database; one
-that loses a race (a key two submissions share, a deadlock) is done again afresh. Event numbers (`events.seq`) come from a sequence; a transaction that writes
-events first takes a transaction-scoped advisory lock, so that numbers are handed out in commit
-order across daemons (a reader catching up with `events_since` never finds a lower number
-committed after a higher one it has seen); `pg_feed` publishes every daemon's events in that
-order. Writes to a job only its driver may make are fenced (`_fence`): an AWS job's by the
-lease's token, a local job's by its owner node. Reads go through a pool.
+that loses a race (a key two submissions share, a deadlock) is done again afresh. Event numbers
+(`events.seq`) come from a sequence; a transaction that writes events first takes a
+transaction-scoped advisory lock, so that numbers are handed out in commit order across daemons
+(a reader catching up with `events_since` never finds a lower number committed after a higher
+one it has seen); `pg_feed` publishes every daemon's events in that order. Writes to a job only
+its driver may make are fenced (`_fence`): an AWS job's by the lease's token, a local job's by
+its owner node. Reads go through a pool.
 
 PostgreSQL's own failures are `StoreError`s; one that says the server cannot be reached
 (refused, lost, restarting) is `StoreUnavailable`, and the problem `store_unreachable` until a
@@ -720,11 +721,17 @@ class PostgresStore(Store):
         """Let the lease held with `token` lapse now (a clean stop: no wait for the TTL)."""
         await self._read(lambda conn: pg_lease.release(conn, token))
 
-    async def heartbeat(self, pid: int, version: str) -> None:
+    async def heartbeat(self, host: str, pid: int, version: str) -> None:
         """Say this node is here (its local jobs are not orphans), on the database's clock."""
         assert self.node is not None
         node = self.node
-        await self._read(lambda conn: pg_lease.heartbeat(conn, node, pid, version))
+        await self._read(lambda conn: pg_lease.heartbeat(conn, node, host, pid, version))
+
+    async def presence(self) -> pg_lease.Presence | None:
+        """This node's row as the database has it (another daemon's of the same name?)."""
+        assert self.node is not None
+        node = self.node
+        return await self._read(lambda conn: pg_lease.presence(conn, node))
 
     async def sweep_orphans(self, stale_s: float, timeout_s: float) -> list[models.Job]:
         """Any daemon's look at the local jobs of nodes not seen for `stale_s`: each says so

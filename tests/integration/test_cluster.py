@@ -182,3 +182,21 @@ def test_a_local_job_waits_for_its_node_then_is_lost(
     assert "local.orphan_timeout_s (15s)" in (final["reason"] or "")
     assert final["failure"] == "infrastructure"
     marker.touch()  # the job's process, still there under the keeper, ends
+
+
+def test_a_second_daemon_of_the_same_node_name_is_refused_but_a_restart_is_not(
+    make_node: NodeFactory,
+) -> None:
+    """Two live daemons of one `cluster.node` would both drive its local jobs: the second is
+    refused at start-up (exit 2, naming the first). A daemon restarted after a crash, whose
+    row is still fresh, is its own predecessor and starts."""
+    first, twin = make_node("h1"), make_node("h1-twin")
+    twin.env["ORCHESTRATOR__CLUSTER__NODE"] = "h1"
+    first.start()
+    twin.start(wait=False)
+    assert twin.wait_exit() == 2, twin.log()
+    assert "cluster.node 'h1' is taken: a daemon of that name on host" in twin.log()
+    assert f"(pid {first.proc.pid if first.proc else '?'})" in twin.log()
+    first.kill()  # its row stays fresh for twice the TTL: a restart now finds it
+    first.start()
+    assert ping(first)["cluster"]["node"] == "h1"
