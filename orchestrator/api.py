@@ -647,10 +647,9 @@ class Api:
             backend = self._backends.get(job.backend)
             if backend is None:
                 raise errors.BackendUnavailable(job.backend)
-            elsewhere = job.info.get("owner")
-            if self._cluster is not None and elsewhere not in (None, self._cluster()["node"]):
+            if self._cluster is not None and job.owner not in (None, self._cluster()["node"]):
                 raise errors.LogsUnavailable(
-                    f"job {job.id} runs on the daemon of node {elsewhere}, and its output is on "
+                    f"job {job.id} runs on the daemon of node {job.owner}, and its output is on "
                     "that host: ask that daemon (orchestrator logs on that host)"
                 )
             cursor: object = None

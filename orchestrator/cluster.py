@@ -39,8 +39,8 @@ log = structlog.get_logger("orchestrator.cluster")
 
 _FOLLOWER_LOOK_S = 1.0  # a follower looks at the lease this often (takes over within it)
 _MARGIN = 0.2  # of the TTL: the leader stops launching this long before its lease may lapse
-_NEWS_PAGE = 1000
-_HOST = socket.gethostname()  # jobs read at once for the news of other daemons
+_NEWS_PAGE = 1000  # jobs read at once for the news of other daemons
+_HOST = socket.gethostname()
 
 
 class Cluster:
@@ -131,14 +131,13 @@ class Cluster:
                 "give each daemon a name of its own (ORCHESTRATOR__CLUSTER__NODE)"
             )
         with contextlib.suppress(errors.StoreError):
-            await self._store.heartbeat(_HOST, os.getpid(), __version__)
-            self._seen = self._clock()
+            await self._heartbeat()
 
     async def back_again(self, jobs: list[models.Job]) -> None:
         """This node's local jobs that others took for orphans while it was away (stopped, or
         cut off from the database): it is back, and says so."""
         for job in jobs:
-            if job.info.get("owner") == self.node and job.info.get("owner_unreachable_since"):
+            if job.owner == self.node and job.info.get("owner_unreachable_since"):
                 with contextlib.suppress(errors.StoreError):
                     await self._store.observe(
                         job.id,
@@ -329,7 +328,7 @@ class Cluster:
                 log.warning(
                     "job.owner_unreachable",
                     job_id=job.id,
-                    owner=job.info.get("owner"),
+                    owner=job.owner,
                     state=job.state.value,
                     reason=job.reason,
                 )
@@ -353,6 +352,6 @@ def owns_local(node: str) -> Callable[[models.Job], bool]:
     """The local drivers' share on a shared database: the local jobs this node accepted."""
 
     def owns(job: models.Job) -> bool:
-        return job.backend != LOCAL or job.info.get("owner") in (None, node)
+        return job.owner in (None, node)  # only local jobs have an owner
 
     return owns

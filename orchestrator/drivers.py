@@ -4,7 +4,7 @@ router that hands each job to the drivers of its backend (`Router`).
 On SQLite the daemon runs one `Drivers` for every backend, for as long as it runs. On a
 PostgreSQL shared by several daemons (issue #16) it runs one for the local backend (the local
 jobs it accepted, which stay on its host) and, only while it holds the lease
-(`cluster.Leadership`), one for the AWS backends: made anew at each election, recovering every
+(`cluster.Cluster`), one for the AWS backends: made anew at each election, recovering every
 unfinished AWS job exactly as a restart does, and cancelled when the lease is lost (what it
 had under way is settled by the next leader, as after a crash).
 """

@@ -461,6 +461,13 @@ class Job:
         return self.state_times.get(state.value)
 
     @property
+    def owner(self) -> str | None:
+        """The node whose daemon runs this local job, on a PostgreSQL several daemons share
+        (`info.owner`: the one that accepted it); None elsewhere."""
+        found = self.info.get("owner")
+        return found if isinstance(found, str) else None
+
+    @property
     def failure(self) -> str | None:
         """The failure class of a job that ended otherwise than SUCCEEDED (`failures.py`)."""
         if not self.state.terminal or self.state == JobState.SUCCEEDED:

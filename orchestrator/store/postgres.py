@@ -113,7 +113,7 @@ class PostgresStore(Store):
         # Sharing the database with other daemons (issue #16): this daemon's node name, which
         # fences its writes (`_fence`). None: the only daemon on it (the conformance suite).
         self.node = node
-        # The fencing token of the lease this daemon holds (`cluster.Leadership` sets it), which
+        # The fencing token of the lease this daemon holds (`cluster.Cluster` sets it), which
         # every write it makes to an AWS job checks in its transaction; None: not the leader.
         self.lease_token: int | None = None
         self.on_fenced: Callable[[str], None] = lambda why: None  # a write was refused: why
@@ -200,10 +200,10 @@ class PostgresStore(Store):
         says, once the server can be asked, whether it committed (`_committed`)."""
         pool = self._pool_or_fail()
         for retries_left in range(_RETRIES, -1, -1):
-            txid, committing = 0, False
+            txid, committing, checking = 0, False, 0
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    self._lease_checked.discard(id(conn))  # checked once per transaction
+                    checking = id(conn)  # whose lease check holds for this transaction only
                     txid = int(await conn.fetchval("SELECT txid_current()"))
                     result, changes = await op(conn)
                     self._feed.mine(changes)  # before the feed can see them
@@ -228,6 +228,8 @@ class PostgresStore(Store):
                         ) from exc
                     raise errors.StoreError(f"commit failed: {exc}") from exc
                 log.info("store.commit_confirmed", txid=txid, error=str(exc))
+            finally:
+                self._lease_checked.discard(checking)
             break
         self._commit_failure = self._unreachable = None
         if changes:
@@ -302,20 +304,19 @@ class PostgresStore(Store):
         if self.node is None:
             return
         if job.backend == LOCAL:
-            owner = job.info.get("owner")
-            if owner is None or owner == self.node:
+            if job.owner in (None, self.node):
                 return
             raise errors.Fenced(
-                f"write refused: local job {job.id} belongs to {owner}, not to {self.node}"
+                f"write refused: local job {job.id} belongs to {job.owner}, not to {self.node}"
             )
         if id(conn) in self._lease_checked:
             return
-        elif self.lease_token is None:
+        if self.lease_token is None:
             why = f"{self.node} does not hold the lease on the AWS backends"
+        elif await pg_lease.still_current(conn, self.lease_token):
+            self._lease_checked.add(id(conn))
+            return
         else:
-            if await pg_lease.still_current(conn, self.lease_token):
-                self._lease_checked.add(id(conn))
-                return
             why = f"the lease with fencing token {self.lease_token} is no longer {self.node}'s"
         self.on_fenced(why)
         raise errors.Fenced(f"write refused: {why}")
@@ -590,7 +591,7 @@ class PostgresStore(Store):
             parent = await self._locked(conn, parent_id)
             if parent.state != S.QUEUED or parent.launching or parent.stop_reason is not None:
                 raise errors.StaleState(parent_id, "QUEUED", parent.state.value)
-            new_jobs = _NewJobs(conn, parent.peer, now, parent.info.get("owner"))
+            new_jobs = _NewJobs(conn, parent.peer, now, parent.owner)
             made = [
                 (await new_jobs.add(spec, parent.backend, data, f"{parent_id}:{index}"))[0]
                 for index, (spec, data) in enumerate(zip(children, encoded, strict=True))
