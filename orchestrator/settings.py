@@ -264,6 +264,34 @@ class LocalSettings(_Section):
         return value
 
 
+class EventsSettings(_Section):
+    """Tracking by EventBridge state-change events read from an SQS queue (`[ecs.events]`,
+    `[batch.events]`; `orchestrator events setup` makes the queue and the rule). Without a
+    `queue_url` the backend is tracked by polling alone."""
+
+    queue_url: str | None = None
+    # While events flow, each tracked job is still described this often (the safety net)...
+    sweep_s: _Seconds = 60.0
+    # ... but the sweep takes at most this share of `describe_rate_per_s`: with many jobs in
+    # flight it comes round more slowly.
+    sweep_share: Annotated[float, pydantic.Field(gt=0, le=1)] = 0.1
+    max_receivers: _Count = 8  # ReceiveMessage long polls at once, as the backlog needs
+    wait_s: Annotated[int, pydantic.Field(ge=0, le=20)] = 20  # ReceiveMessage WaitTimeSeconds
+    visibility_timeout_s: Annotated[int, pydantic.Field(ge=1, le=43200)] = 60
+    # A change a describe found, which no event told within `grace_s` of it, is a miss; this
+    # many misses in a row (no event-told change between them) and the backend goes back to
+    # full polling until events flow again.
+    grace_s: _Seconds = 30.0
+    miss_limit: _Count = 3
+
+    @pydantic.field_validator("queue_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"must be an SQS queue URL (https://sqs.…/ACCOUNT/NAME): {value!r}")
+        return value or None
+
+
 class AwsBackendSettings(_Section):
     """What ECS and Batch share: credentials, retries, limits, tracking."""
 
@@ -282,6 +310,7 @@ class AwsBackendSettings(_Section):
     register_rate_per_s: _Rate = 1.0
     register_burst: _Rate = 5.0
     start_budget_s: _Seconds = 600.0  # wall-clock budget for retrying a job's start
+    events: EventsSettings = pydantic.Field(default_factory=EventsSettings)
 
     def _overlays(self) -> Mapping[str, pydantic.BaseModel]:
         """The section's named targets (`[ecs.targets.NAME]`…): its subclasses have them."""
