@@ -187,7 +187,11 @@ class Api:
             "jobs": counts,
             "backends": sorted(self._backends),
             **({} if self._cluster is None else {"cluster": self._cluster()}),
+            **({"events": feeds} if (feeds := self._events()) else {}),
         }
+
+    def _events(self) -> dict[str, object]:
+        return {name: feed.describe() for name, feed in self._drivers.feeds().items()}
 
     async def top(self, query: snapshot.Query, peer: models.Peer) -> dict[str, object]:
         """What `orchestrator top` shows (`snapshot.py`), of the jobs `peer` may see; the

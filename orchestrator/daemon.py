@@ -156,6 +156,10 @@ class Daemon:
                 local_read_errors=lambda: [
                     e for b in self.backends.values() for e in b.telemetry().read_errors
                 ],
+                events=lambda: [
+                    (name, feed.flowing, feed.counts, feed.describe()["receivers"])
+                    for name, feed in self.router.feeds().items()
+                ],
             )
         )
         self.hub.listen(self.metrics.on_event, "own")

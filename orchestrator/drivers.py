@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable, Mapping
 import structlog
 
 from orchestrator import errors, events, faults, models
-from orchestrator.backends.base import Backend
+from orchestrator.backends.base import Backend, EventBackend
+from orchestrator.changefeed import ChangeFeed
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import arrays, recovery
 from orchestrator.health import Health
 from orchestrator.poller import Poller
-from orchestrator.settings import Settings
+from orchestrator.settings import AwsBackendSettings, Settings
 from orchestrator.store import Store
 
 log = structlog.get_logger("orchestrator.drivers")
@@ -51,6 +52,22 @@ class Drivers:
         self.poller = Poller(
             settings.poller, store, backends, on_detected=on_detected, crash=crash, health=health
         )
+        # The backends tracked by their events too (`[ecs.events] queue_url`…).
+        self.feeds: dict[str, ChangeFeed] = {}
+        for name, backend in backends.items():
+            aws = getattr(settings, name, None)
+            api = getattr(backend, "events_api", None)
+            if isinstance(backend, EventBackend) and isinstance(aws, AwsBackendSettings) and api:
+                feed = ChangeFeed(
+                    backend,
+                    aws.events,
+                    api,
+                    self.poller,
+                    describe_rate_per_s=aws.describe_rate_per_s,
+                    health=health,
+                )
+                self.feeds[name] = feed
+                self.poller.attach_feed(feed)
         self.dispatcher = Dispatcher(
             settings.dispatcher,
             store,
@@ -119,6 +136,8 @@ class Drivers:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.dispatcher.run(), name="dispatcher")
             tg.create_task(self.poller.run(), name="poller")
+            for name, feed in self.feeds.items():
+                tg.create_task(feed.run(), name=f"events-{name}")
 
     def close(self) -> None:
         """These drivers stop for good (their tasks are cancelled): they hear no more events."""
@@ -177,6 +196,14 @@ class Router:
         """Jobs in flight on this backend as this daemon drives them (None: it does not)."""
         drivers = self._by_backend.get(backend)
         return None if drivers is None else drivers.dispatcher.in_flight(backend)
+
+    def feeds(self) -> dict[str, ChangeFeed]:
+        """The change feeds of the backends driven here, by backend."""
+        return {
+            name: drivers.feeds[name]
+            for name, drivers in self._by_backend.items()
+            if name in drivers.feeds
+        }
 
     def queued(self, backend: str) -> int | None:
         drivers = self._by_backend.get(backend)

@@ -15,6 +15,7 @@ class Health:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._backends: dict[tuple[str, str], str] = {}  # (backend, "launch"|"describe") → why
+        self._events: dict[str, str] = {}  # backend → why its events stopped (polled meanwhile)
 
     def backend_refused(self, backend: str, kind: str, why: str) -> bool:
         """The backend's credentials were refused on calls of `kind`; True if that is news."""
@@ -26,10 +27,21 @@ class Health:
         """A call of `kind` succeeded; True if the backend was degraded for it until now."""
         return self._backends.pop((backend, kind), None) is not None
 
+    def events_stopped(self, backend: str, why: str) -> None:
+        """The backend's events stopped flowing: it is tracked by full polling meanwhile."""
+        self._events[backend] = why
+
+    def events_flowing(self, backend: str) -> None:
+        self._events.pop(backend, None)
+
     def problems(self) -> list[Problem]:
         problems = list(self._store.problems())
         problems += [
             Problem("backend_credentials", f"{backend}: {why}")
             for (backend, _), why in sorted(self._backends.items())
+        ]
+        problems += [
+            Problem("events_stopped", f"{backend}: tracked by polling until events flow: {why}")
+            for backend, why in sorted(self._events.items())
         ]
         return problems

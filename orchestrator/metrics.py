@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import prometheus_client
@@ -24,6 +24,9 @@ from prometheus_client.registry import Collector
 from orchestrator import __version__, models
 
 log = structlog.get_logger("orchestrator.metrics")
+
+# (backend, flowing, message counts by outcome, receivers): one per change feed.
+EventsSample = tuple[str, bool, Mapping[str, int], int]
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
@@ -145,7 +148,9 @@ class Sampled(Collector):
         rejections: Callable[[], Iterable[tuple[str, int]]],
         log_drops: Callable[[], Iterable[tuple[str, int]]],
         local_read_errors: Callable[[], Iterable[tuple[str, int]]] = tuple,
+        events: Callable[[], Iterable[EventsSample]] = tuple,
     ) -> None:
+        self._events = events
         self._aws_calls = aws_calls
         self._buckets = buckets
         self._rejections = rejections
@@ -195,7 +200,40 @@ class Sampled(Collector):
         )
         for errno_name, count in self._local_read_errors():
             read_errors.add_metric([errno_name], count)
-        return [calls, throttles, rate, configured, rejected, log_dropped, read_errors]
+        return [
+            calls,
+            throttles,
+            rate,
+            configured,
+            rejected,
+            log_dropped,
+            read_errors,
+            *self._feeds(),
+        ]
+
+    def _feeds(self) -> list[Any]:
+        flowing = GaugeMetricFamily(
+            "orchestrator_events_flowing",
+            "1 while the backend is tracked by its events (describes only a sweep behind them), "
+            "0 while it is polled in full because they stopped",
+            labels=["backend"],
+        )
+        messages = CounterMetricFamily(
+            "orchestrator_events_messages",
+            "Event messages read from the backend's queue, by what came of them: applied, stale "
+            "(a duplicate or older than known), untracked (no job here has that id), foreign "
+            "(another source), undecodable, unrecorded (the store failed: delivered again), ...",
+            labels=["backend", "outcome"],
+        )
+        receivers = GaugeMetricFamily(
+            "orchestrator_events_receivers", "ReceiveMessage long polls running", labels=["backend"]
+        )
+        for backend, is_flowing, counts, n_receivers in self._events():
+            flowing.add_metric([backend], 1 if is_flowing else 0)
+            receivers.add_metric([backend], n_receivers)
+            for outcome, count in sorted(counts.items()):
+                messages.add_metric([backend, outcome], count)
+        return [flowing, messages, receivers]
 
 
 _MAX_CONNECTIONS = 16  # scrapers at once; more are closed at once

@@ -7,24 +7,55 @@ backend at once), and carries out what `tracking.judge` makes of each observatio
 timeouts) are issued here too, and issued again on every round until the backend reports the job
 ended. A stop the store cannot record (it cannot write: a full disk) is acted on from memory all
 the same, and recorded once it can.
+
+A backend tracked by events (`changefeed.ChangeFeed`, attached with `attach_feed`) has its
+observations applied here too (`apply_event`), by the same judgement as a describe's, one at a
+time per job; while its events flow, its jobs' describes come at the feed's sweep instead of
+their back-off, and a change a describe finds is reported to the feed, which counts those no
+event told.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import structlog
 
 from orchestrator import backoff, errors, faults, models, store
 from orchestrator.backends.base import Backend, Observation
-from orchestrator.engine import retries, tracking
+from orchestrator.engine import eventflow, retries, tracking
 from orchestrator.health import Health
 from orchestrator.settings import PollerSettings
 
 log = structlog.get_logger("orchestrator.poller")
+
+
+class Applied(enum.Enum):
+    """What an event's observation came to (its message may go once it is known)."""
+
+    APPLIED = "applied"  # judged, and what it said committed
+    STALE = "stale"  # a duplicate, or older than what is known: nothing to do
+    UNTRACKED = "untracked"  # no job tracked here has this external id
+
+
+class Feed(Protocol):
+    """What the poller needs of a backend's change feed (`changefeed.ChangeFeed`)."""
+
+    backend: str
+
+    def sweep_delay(self, job: models.Job, tracked: int) -> float | None:
+        """The delay until this job's next describe while events flow; None: its back-off."""
+
+    def described(self, job: models.Job, state: models.JobState) -> None:
+        """A describe found this job changed (an event should tell it too)."""
+
+    def tracked(self, job: models.Job) -> None:
+        """The job is tracked from now on (events held for its external id may apply)."""
 
 
 class Poller:
@@ -56,7 +87,11 @@ class Poller:
             fill_ahead_s=settings.fill_ahead_s,
             batch_size=lambda name: self._backends[name].describe_batch_size,
             wake=self._wake.set,
+            sweep=self._sweep_delay,
         )
+        self._feeds: dict[str, Feed] = {}
+        # One observation at a time per job: its lock, and how many hold or wait for it.
+        self._applying: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._describe_slots = {
             name: asyncio.Semaphore(settings.describe_concurrency) for name in backends
         }
@@ -74,6 +109,37 @@ class Poller:
         group = (job.backend, self._backends[job.backend].partition(job))
         if not self._tracker.track(job, group, self._clock()):
             self._backends[job.backend].settled(job)
+        elif (feed := self._feeds.get(job.backend)) is not None and job.external_id:
+            feed.tracked(job)
+
+    def attach_feed(self, feed: Feed) -> None:
+        """Track this backend by its events too (`changefeed.ChangeFeed`)."""
+        self._feeds[feed.backend] = feed
+
+    def polling_again(self, backend: str) -> int:
+        """The backend's events stopped: its jobs are described at their back-off again from
+        now (not at a far sweep). How many were brought forward."""
+        return self._tracker.reschedule(backend, self._clock())
+
+    def tracked_count(self, backend: str) -> int:
+        return self._tracker.count(backend)
+
+    async def apply_event(self, obs: Observation) -> Applied:
+        """An event's observation: judged and recorded as a describe's would be, unless it is
+        no news (a duplicate or a late one: the vendor's order says so). Returns once what it
+        said is committed; raises `StoreError` if it could not be (the message stays)."""
+        entry = self._tracker.by_external(obs.external_id)
+        if entry is None:
+            return Applied.UNTRACKED
+        async with self._lock(entry.job.id):
+            if self._tracker.get(entry.job.id) is not entry:
+                return Applied.UNTRACKED  # ended (or tracked anew) while this waited
+            if not eventflow.newer(obs.order, entry.order):
+                return Applied.STALE
+            await self._apply(self._backends[entry.job.backend], entry, obs, by_event=True)
+            if obs.order is not None:
+                entry.order = obs.order
+        return Applied.APPLIED
 
     def poke(self, job_id: str) -> None:
         """Poll this job as soon as possible (a local child exited, a cancel arrived)."""
@@ -152,10 +218,15 @@ class Poller:
         self, backend: Backend, entry: tracking.Tracked, observations: Mapping[str, Observation]
     ) -> None:
         external_id = entry.job.external_id or ""
+        obs = observations.get(external_id) or Observation(external_id, None)
         try:
-            await self._apply(
-                backend, entry, observations.get(external_id) or Observation(external_id, None)
-            )
+            async with self._lock(entry.job.id):
+                if not eventflow.newer(obs.order, entry.order):
+                    entry.n += 1  # an event told more already (described before it came)
+                    return
+                await self._apply(backend, entry, obs)
+                if obs.order is not None:
+                    entry.order = obs.order
         except errors.StoreError as exc:
             # The store cannot write (it said so once, loudly): observed again next round.
             log.debug("poll.apply_unrecorded", job_id=entry.job.id, error=exc.message)
@@ -183,9 +254,23 @@ class Poller:
         except Exception:
             log.exception("job.stop_failed", job_id=job.id, backend=backend.name)
 
-    async def _apply(self, backend: Backend, entry: tracking.Tracked, obs: Observation) -> None:
+    async def _apply(
+        self,
+        backend: Backend,
+        entry: tracking.Tracked,
+        obs: Observation,
+        *,
+        by_event: bool = False,
+    ) -> None:
         job = entry.job
         judgement = tracking.judge(job, obs, self._tracker.stop_reason(job))
+        if (
+            not by_event
+            and judgement.verdict is tracking.Verdict.TRANSITION
+            and (feed := self._feeds.get(backend.name)) is not None
+        ):
+            assert judgement.state is not None
+            feed.described(job, judgement.state)
         if judgement.verdict is tracking.Verdict.MISSING:
             await self._missing(backend, entry)
             return
@@ -288,6 +373,7 @@ class Poller:
             )
             entry.job = await self._store.relocate(job.id, located.external_id)
             entry.missing_since = None
+            self._tracker.reindex(entry)
             return
         reason = (
             f"{backend.name} has not known {job.external_id} for "
@@ -323,6 +409,48 @@ class Poller:
                 self._unrecorded_added.clear()
                 delay_s = self._settings.base_s
 
+    def _sweep_delay(self, entry: tracking.Tracked) -> float | None:
+        """While the job's backend's events flow, the delay until its next describe (the
+        sweep's), unless it needs its back-off: a stop is being carried out (re-issued each
+        round), or it is missing (looked for after a grace)."""
+        feed = self._feeds.get(entry.group[0])
+        if feed is None or entry.missing_since is not None:
+            return None
+        if self._tracker.stop_reason(entry.job) is not None:
+            return None
+        return feed.sweep_delay(entry.job, self._tracker.count(entry.group[0]))
+
+    def _lock(self, job_id: str) -> _JobLock:
+        return _JobLock(self._applying, job_id)
+
     def _settle(self, entry: tracking.Tracked, job: models.Job) -> None:
         if not self._tracker.settle(entry, job):
             self._backends[job.backend].settled(job)
+
+
+class _JobLock:
+    """One observation at a time per job (an event's and a describe's may cross); the lock is
+    kept only while someone holds or waits for it."""
+
+    def __init__(self, locks: dict[str, tuple[asyncio.Lock, list[int]]], job_id: str) -> None:
+        self._locks = locks
+        self._job_id = job_id
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.setdefault(self._job_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._locks[self._job_id][0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        users = self._locks[self._job_id][1]
+        users[0] -= 1
+        if not users[0]:
+            del self._locks[self._job_id]

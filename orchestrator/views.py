@@ -115,6 +115,15 @@ class Cluster(TypedDict):
     leader: Leader | None  # None: nobody holds the lease now
 
 
+class Events(TypedDict):
+    """How a backend with an events queue is tracked now (`changefeed.ChangeFeed.describe`)."""
+
+    tracking: Literal["events", "polling"]
+    why: str | None  # why it is polled (the queue unreadable, events missing), if it is
+    receivers: int  # ReceiveMessage long polls running
+    held: int  # events for jobs not tracked yet, held for them a while
+
+
 class Ping(TypedDict):
     pong: bool
     status: Literal["ok", "degraded"]
@@ -126,3 +135,4 @@ class Ping(TypedDict):
     jobs: dict[str, int] | None  # None: the store cannot be read now (a problem says why)
     backends: list[str]
     cluster: NotRequired[Cluster]  # on a PostgreSQL several daemons may share
+    events: NotRequired[dict[str, Events]]  # backends with an events queue, driven here

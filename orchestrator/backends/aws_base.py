@@ -42,6 +42,12 @@ class AwsBackendBase:
         common = client_options(settings)
         self.api = AwsApi(service, buckets=buckets, single_attempt=single_attempt, **common)
         self.logs = AwsApi("logs", buckets={"GetLogEvents": logs_bucket}, **common)
+        # The queue its state-change events arrive on (`changefeed`), if one is configured:
+        # read with long polls, so the read timeout outlasts their wait.
+        self.events_api: AwsApi | None = None
+        if settings.events.queue_url:
+            read_s = max(settings.read_timeout_s, settings.events.wait_s + 10.0)
+            self.events_api = AwsApi("sqs", buckets={}, **(common | {"read_timeout_s": read_s}))
         self.buckets = list(dict.fromkeys(buckets.values()))
         self.definitions: definitions.Registry  # set by each backend (its vendor's calls)
 
@@ -51,6 +57,8 @@ class AwsBackendBase:
     async def close(self) -> None:
         await self.api.close()
         await self.logs.close()
+        if self.events_api is not None:
+            await self.events_api.close()
 
     def set_wake(self, wake: base.Wake) -> None:
         pass  # AWS pushes nothing to us: the poller asks
@@ -59,7 +67,8 @@ class AwsBackendBase:
         pass  # nothing is kept per job: AWS keeps the record
 
     def telemetry(self) -> base.Telemetry:
-        return telemetry([self.api, self.logs], self.buckets)
+        apis = [self.api, self.logs] + ([self.events_api] if self.events_api else [])
+        return telemetry(apis, self.buckets)
 
     async def launch(
         self,

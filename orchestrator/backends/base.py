@@ -37,6 +37,9 @@ class Observation:
     # Why a terminal state other than SUCCEEDED came about, by class (`failures.py`): start,
     # infrastructure, user, rejected; None: let the engine tell (a non-zero exit: user).
     failure: str | None = None
+    # The vendor's order of this job's changes, where it has one (ECS: the task's `version`;
+    # Batch: attempts made, then status rank): an event older than the last applied is no news.
+    order: tuple[int, ...] | None = None
 
     @property
     def missing(self) -> bool:
@@ -163,3 +166,19 @@ class ArrayBackend(Protocol):
     """A backend that runs array jobs itself (Batch): its children are described on demand."""
 
     async def describe_child(self, parent: models.Job, index: int) -> Observation | None: ...
+
+
+@runtime_checkable
+class EventBackend(Protocol):
+    """A backend whose vendor publishes each job's state changes as EventBridge events (ECS
+    Task State Change, Batch Job State Change): tracked by them where a queue is configured
+    (`changefeed.py`), its describes then only a sweep behind them."""
+
+    event_source: str  # the events' `source`, e.g. "aws.ecs"
+    event_detail_type: str  # their `detail-type`, e.g. "ECS Task State Change"
+    event_silent_statuses: frozenset[str]  # vendor statuses no event tells (polled as ever)
+
+    def observe_event(self, detail: Mapping[str, Any]) -> Observation:
+        """What an event's `detail` says, exactly as a describe of that moment would have
+        (with the vendor's `order`); raise `eventflow.Undecodable` if it cannot be read."""
+        ...

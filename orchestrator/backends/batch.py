@@ -24,7 +24,7 @@ from orchestrator.backends.aws_base import (
     pick_target,
     read_cloudwatch,
 )
-from orchestrator.engine import retries
+from orchestrator.engine import eventflow, retries
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import BatchSettings
 
@@ -40,6 +40,8 @@ STATUS: Mapping[str, models.JobState] = {
     "SUCCEEDED": S.SUCCEEDED,
     "FAILED": S.FAILED,
 }
+_RANK = {status: rank for rank, status in enumerate(STATUS)}  # SUCCEEDED, FAILED: both last
+_RANK["FAILED"] = _RANK["SUCCEEDED"]
 DEFAULT_LOG_GROUP = "/aws/batch/job"
 
 
@@ -52,6 +54,9 @@ _NAMES = {"job_name": "jobName", "job_queue": "jobQueue"}  # job.info key → De
 
 class BatchBackend(AwsBackendBase):
     name = "batch"
+    event_source = "aws.batch"
+    event_detail_type = "Batch Job State Change"
+    event_silent_statuses = frozenset({"SUBMITTED"})  # Batch sends no event for it
 
     def __init__(
         self,
@@ -292,6 +297,12 @@ class BatchBackend(AwsBackendBase):
         reply = await self.api.call("DescribeJobs", Priority.HIGH, jobs=ids)
         return {detail["jobId"]: self._observe(detail) for detail in reply.get("jobs", [])}
 
+    def observe_event(self, detail: Mapping[str, Any]) -> base.Observation:
+        """A Batch Job State Change event's `detail` is the job as DescribeJobs tells it."""
+        if not isinstance(detail.get("jobId"), str):
+            raise eventflow.Undecodable("a Batch Job State Change without a jobId")
+        return self._observe(detail)
+
     def _observe(self, detail: Mapping[str, Any]) -> base.Observation:
         status = str(detail.get("status", ""))
         state = STATUS.get(status, S.SUBMITTED)
@@ -343,6 +354,9 @@ class BatchBackend(AwsBackendBase):
             exit_code=exit_code,
             info=info,
             failure=failure,
+            # Attempts made, then how far this one got: a retried job's RUNNABLE comes after
+            # its failed attempt's RUNNING.
+            order=(len(detail.get("attempts") or []), _RANK.get(status, 0)),
         )
 
     async def describe_child(self, parent: models.Job, index: int) -> base.Observation | None:

@@ -27,6 +27,7 @@ from orchestrator.backends.aws_base import (
     pick_target,
     read_cloudwatch,
 )
+from orchestrator.engine import eventflow
 from orchestrator.ratelimit import Priority, TokenBucket
 from orchestrator.settings import EcsSettings
 
@@ -46,6 +47,8 @@ STATUS: Mapping[str, models.JobState] = {
 }
 # RunTask `failures[].reason`: worth another attempt, or not.
 _RETRYABLE_FAILURE_PREFIXES = ("RESOURCE:", "AGENT", "Capacity is unavailable", "LOCATION")
+# A task's times, which events give as ISO 8601 strings.
+_TIMES = ("createdAt", "startedAt", "stoppingAt", "stoppedAt", "pullStartedAt", "pullStoppedAt")
 TOKEN_LIFETIME_S = 23 * 3600  # ECS keeps client tokens ~24 h; stay clear of the edge
 
 
@@ -56,6 +59,9 @@ def classify_failure(reason: str) -> bool:
 
 class EcsBackend(AwsBackendBase):
     name = "ecs"
+    event_source = "aws.ecs"
+    event_detail_type = "ECS Task State Change"
+    event_silent_statuses: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -349,12 +355,26 @@ class EcsBackend(AwsBackendBase):
         )
         return {task["taskArn"]: self._observe(task) for task in reply.get("tasks", [])}
 
+    def observe_event(self, detail: Mapping[str, Any]) -> base.Observation:
+        """An ECS Task State Change event's `detail` is the task as DescribeTasks tells it,
+        but for its times (ISO 8601 strings there, datetimes here)."""
+        if not isinstance(detail.get("taskArn"), str):
+            raise eventflow.Undecodable("an ECS Task State Change without a taskArn")
+        task = dict(detail)
+        for key in _TIMES:
+            if isinstance(value := task.get(key), str):
+                task[key] = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return self._observe(task)
+
     def _observe(self, task: Mapping[str, Any]) -> base.Observation:
         arn = task["taskArn"]
         status = str(task.get("lastStatus", ""))
         info: dict[str, Any] = {"task_definition": task.get("taskDefinitionArn")}
+        # `version` grows at every change of the task (events carry it; so may describes).
+        order = (version,) if isinstance(version := task.get("version"), int) else None
         if status != "STOPPED":
-            return base.Observation(arn, STATUS.get(status, S.SUBMITTED), status, info=info)
+            state = STATUS.get(status, S.SUBMITTED)
+            return base.Observation(arn, state, status, info=info, order=order)
         if isinstance(stopped_at := task.get("stoppedAt"), datetime):
             info["finished_at"] = stopped_at.timestamp()
         container: Mapping[str, Any] = next(
@@ -374,7 +394,9 @@ class EcsBackend(AwsBackendBase):
             task.get("stoppedReason", "")
         ).startswith("orchestrator:")
         if exit_code == 0 and not stopped_on_request:
-            return base.Observation(arn, S.SUCCEEDED, status, reason=None, exit_code=0, info=info)
+            return base.Observation(
+                arn, S.SUCCEEDED, status, reason=None, exit_code=0, info=info, order=order
+            )
         if exit_code is not None:
             reason = f"exit code {exit_code}" + (f" ({reason})" if reason else "")
         classified = failures.ecs_task(task, self._settings.container_name or "")
@@ -386,6 +408,7 @@ class EcsBackend(AwsBackendBase):
             exit_code=exit_code,
             info=info,
             failure=None if classified is None else classified.failure,
+            order=order,
         )
 
     # -- stop, locate ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Tracked:
     busy: bool = False  # a describe for it is in flight
     poked: bool = False  # poked while busy: poll again at once after this round
     missing_since: float | None = None
+    order: tuple[int, ...] | None = None  # the vendor's order of the last change applied
 
 
 class Tracker:
@@ -47,12 +48,18 @@ class Tracker:
         fill_ahead_s: float,
         batch_size: Callable[[str], int],
         wake: Callable[[], None] = lambda: None,
+        sweep: Callable[[Tracked], float | None] = lambda entry: None,
     ) -> None:
         self._policy = policy
         self._rng = rng
         self._fill_ahead_s = fill_ahead_s
         self._batch_size = batch_size  # describe size, by backend
         self._wake = wake  # the earliest due time moved earlier
+        # While a backend's events flow, the delay until a job's next describe (the sweep's),
+        # instead of its back-off; None: its back-off (polling, or a job events do not cover).
+        self._sweep = sweep
+        self._by_external: dict[str, str] = {}  # external id → job id (checked on use)
+        self._per_backend: dict[str, int] = {}
         self._tracked: dict[str, Tracked] = {}
         self._queues: dict[Group, list[_Entry]] = {}
         self._seq = itertools.count()
@@ -65,6 +72,15 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self._tracked)
+
+    def by_external(self, external_id: str) -> Tracked | None:
+        """The tracked job with this external id (a task ARN, a Batch job id), if any."""
+        entry = self._tracked.get(self._by_external.get(external_id, ""))
+        return entry if entry is not None and entry.job.external_id == external_id else None
+
+    def count(self, backend: str) -> int:
+        """How many jobs of this backend are tracked."""
+        return self._per_backend.get(backend, 0)
 
     def stop_reason(self, job: models.Job) -> models.StopReason | None:
         """Why the job is being stopped, recorded or not."""
@@ -87,11 +103,16 @@ class Tracker:
         """Follow `job` from now on (again), with a fresh back-off; False (and untracked) if it
         is terminal."""
         if job.state.terminal:
-            self._tracked.pop(job.id, None)
+            self.untrack(job.id)
             return False
         entry = Tracked(job, group)
+        if (old := self._tracked.get(job.id)) is not None:
+            entry.order = old.order
+        else:
+            self._per_backend[group[0]] = self.count(group[0]) + 1
         self._tracked[job.id] = entry
-        self._schedule(entry, now, 0.0 if self.stop_reason(job) else self._delay(0))
+        self._index(entry)
+        self._schedule(entry, now, 0.0 if self.stop_reason(job) else self._next_delay(entry))
         return True
 
     def poke(self, job_id: str, now: float) -> None:
@@ -108,6 +129,7 @@ class Tracker:
         if entry is None:
             return
         entry.job = job
+        self._index(entry)
         entry.n = 0
         if entry.busy:
             entry.poked = True  # the describe in flight may have looked before the change
@@ -132,14 +154,37 @@ class Tracker:
         """The job changed (a transition recorded): a fresh back-off; False (and untracked) once
         it is terminal."""
         entry.job = job
+        self._index(entry)
         entry.n = 0
         if job.state.terminal:
-            self._tracked.pop(job.id, None)
+            self.untrack(job.id)
             return False
         return True
 
     def untrack(self, job_id: str) -> None:
-        self._tracked.pop(job_id, None)
+        entry = self._tracked.pop(job_id, None)
+        if entry is None:
+            return
+        self._per_backend[entry.group[0]] -= 1
+        if entry.job.external_id is not None:
+            self._by_external.pop(entry.job.external_id, None)
+
+    def reindex(self, entry: Tracked) -> None:
+        """Its job's external id may have changed (relocated): find it by the new one."""
+        self._index(entry)
+
+    def reschedule(self, backend: str, now: float) -> int:
+        """This backend's jobs are polled again (its events stopped): each due within its
+        back-off from now, not at a far sweep. How many were brought forward."""
+        moved = 0
+        for entry in self._tracked.values():
+            if entry.group[0] != backend or entry.busy:
+                continue
+            delay = self._next_delay(entry)
+            if entry.due > now + delay:
+                self._schedule(entry, now, delay)
+                moved += 1
+        return moved
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -164,12 +209,20 @@ class Tracker:
         entry.busy = False
         poked, entry.poked = entry.poked, False
         if self._tracked.get(entry.job.id) is entry:
-            self._schedule(entry, now, 0.0 if poked else self._delay(entry.n))
+            self._schedule(entry, now, 0.0 if poked else self._next_delay(entry))
 
     # -- inside ----------------------------------------------------------------------------
 
     def _delay(self, n: int) -> float:
         return self._policy.delay(n, self._rng)
+
+    def _next_delay(self, entry: Tracked) -> float:
+        sweep = self._sweep(entry)
+        return self._delay(entry.n) if sweep is None else sweep
+
+    def _index(self, entry: Tracked) -> None:
+        if entry.job.external_id is not None:
+            self._by_external[entry.job.external_id] = entry.job.id
 
     def _schedule(self, entry: Tracked, now: float, delay_s: float) -> None:
         due = now + delay_s

@@ -53,13 +53,18 @@ from orchestrator import errors, models
 AcceptOutcome = tuple[models.Job, bool] | errors.OrchestratorError
 
 ProblemReason = Literal[
-    "store_commit_failed", "store_low_space", "store_unreachable", "backend_credentials"
+    "store_commit_failed",
+    "store_low_space",
+    "store_unreachable",
+    "backend_credentials",
+    "events_stopped",
 ]
 PROBLEM_REASONS: tuple[ProblemReason, ...] = (
     "store_commit_failed",
     "store_low_space",
     "store_unreachable",  # a database server that cannot be reached (PostgreSQL)
     "backend_credentials",  # not the store's: `health.Health` adds it for a backend
+    "events_stopped",  # a backend's events stopped: tracked by full polling (`changefeed`)
 )
 
 # Deleted by one `purge` call at most: a purge goes in slices so that writes keep flowing.
