@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from orchestrator import backoff, errors, models
+from orchestrator import backoff, errors, faults, models
 from orchestrator.backends.base import Backend, EventBackend, Observation
 from orchestrator.engine import eventflow
 from orchestrator.health import Health
@@ -78,7 +78,9 @@ class ChangeFeed:
         health: Health | None = None,
         rng: backoff.Uniform | None = None,
         clock: Callable[[], float] = time.monotonic,
+        crash: faults.Faults | None = None,
     ) -> None:
+        self._crash = crash or faults.Faults()
         assert isinstance(backend, EventBackend)
         assert settings.queue_url
         self.backend = backend.name
@@ -185,8 +187,12 @@ class ChangeFeed:
 
     async def _handle(self, messages: Sequence[dict[str, Any]]) -> None:
         self.counts["received"] += len(messages)
+        if messages:
+            self._crash.crashpoint("events.received")
         outcomes = await asyncio.gather(*(self._one(m) for m in messages))
         self._switch(self.flow.received(sum(ours for ours, _ in outcomes)))
+        if messages:
+            self._crash.crashpoint("events.before_delete")
         await self._delete([handle for _, handle in outcomes if handle is not None])
 
     async def _one(self, message: dict[str, Any]) -> tuple[int, str | None]:

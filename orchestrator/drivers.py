@@ -65,6 +65,7 @@ class Drivers:
                     self.poller,
                     describe_rate_per_s=aws.describe_rate_per_s,
                     health=health,
+                    crash=crash,
                 )
                 self.feeds[name] = feed
                 self.poller.attach_feed(feed)

@@ -22,6 +22,8 @@ POINTS = frozenset(
         "poller.before_transition",  # an observed state change not yet committed
         "poller.before_retry",  # a failed attempt to retry, the retry not yet committed
         "server.after_accept",  # job committed, reply not yet sent
+        "events.received",  # event messages received, nothing they said applied yet
+        "events.before_delete",  # what event messages said committed, the messages not deleted
     }
 )
 
