@@ -522,7 +522,7 @@ async def test_a_job_task_size_on_ec2_is_not_checked(make_ecs: Any) -> None:
 async def test_the_backend_refuses_unvalidated_contradictory_settings_at_start() -> None:
     """Settings built without validation (as no caller does) still stop the backend."""
     values = {**ECS_REQUIRED, "launch_type": "EC2", "capacity_provider_strategy": SPOT}
-    s = EcsSettings.model_construct(**{**EcsSettings().model_dump(), **values})
+    s = EcsSettings.model_construct(**{**dict(EcsSettings()), **values})
     backend = EcsBackend(s, TokenBucket("l", 10, 10))
     try:
         with pytest.raises(errors.ConfigError, match="ecs settings / run_task_kwargs: launchType"):

@@ -39,6 +39,7 @@ def _representative_metrics() -> metrics.Metrics:
             rejections=lambda: [("too_many_connections", 2)],
             log_drops=lambda: [("queue_full", 3)],
             local_read_errors=lambda: [("EMFILE", 1)],
+            events=lambda: [("ecs", True, {"applied": 3, "deleted": 3}, 1)],
         )
     )
 

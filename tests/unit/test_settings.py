@@ -356,8 +356,9 @@ def test_flatten_covers_every_field_of_every_section() -> None:
     expected: dict[str, object] = {}
     for section, values in dumped.items():
         for name, value in values.items():
-            if name == "retry" and section == "jobs":  # the one section within a section
-                expected.update({f"jobs.retry.{k}": v for k, v in value.items()})
+            if (section, name) in {("jobs", "retry"), ("ecs", "events"), ("batch", "events")}:
+                # the sections within a section
+                expected.update({f"{section}.{name}.{k}": v for k, v in value.items()})
             else:
                 expected[f"{section}.{name}"] = value
     assert flat == expected

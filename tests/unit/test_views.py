@@ -41,7 +41,8 @@ async def test_a_ping_view_has_the_keys_of_a_ping(tmp_path: Path) -> None:
     api = Api(JobDefaults(), store, Router(), {}, hub, policy=access.Policy())
     sent = await api.ping(models.Peer(uid=0, gid=0, pid=1))
     assert required(views.Ping) == set(sent)
-    assert keys(views.Ping) == {*sent, "cluster"}  # only on a shared PostgreSQL
+    # "cluster": only on a shared PostgreSQL; "events": only with a backend's events queue
+    assert keys(views.Ping) == {*sent, "cluster", "events"}
 
 
 async def test_a_ping_on_a_shared_database_says_who_leads(tmp_path: Path) -> None:
@@ -54,7 +55,7 @@ async def test_a_ping_on_a_shared_database_says_who_leads(tmp_path: Path) -> Non
         JobDefaults(), store, Router(), {}, hub, policy=access.Policy(), cluster=lambda: described
     )
     sent = await api.ping(models.Peer(uid=0, gid=0, pid=1))
-    assert keys(views.Ping) == set(sent)
+    assert keys(views.Ping) == {*sent, "events"}
     assert sent["cluster"] == described
     assert required(views.Cluster) == set(described)
     assert required(views.Leader) == set(leader)
