@@ -383,6 +383,68 @@ def store_move(
     )
 
 
+@main.group("events")
+def events_group() -> None:
+    """Event-driven tracking: EventBridge state changes read from an SQS queue."""
+
+
+@events_group.command("setup")
+@config_option
+@click.option(
+    "--backend",
+    type=click.Choice(["ecs", "batch"]),
+    required=True,
+    help="Whose state changes: the section's and every target's clusters or job queues.",
+)
+@click.option(
+    "--queue-name", metavar="NAME", help="The SQS queue (default: orchestrator-<backend>-events)."
+)
+@click.option(
+    "--rule-name",
+    metavar="NAME",
+    help="The EventBridge rule (default: orchestrator-<backend>-state-changes).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be done; only read from AWS.")
+@json_option
+def events_setup(
+    config_path: Path | None,
+    backend: str,
+    queue_name: str | None,
+    rule_name: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Create or update the SQS queue, its policy and the EventBridge rule that sends the
+    backend's state changes to it; print the queue_url setting to add. Running it again
+    changes nothing that is already right."""
+    from orchestrator.backends import events_setup as setup
+
+    try:
+        loaded = settings.load(config_path)
+    except errors.ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    if queue_name is not None and (why := setup.bad_name("queue", queue_name)):
+        raise click.BadParameter(f"{queue_name!r}: {why}", param_hint="--queue-name")
+    if rule_name is not None and (why := setup.bad_name("rule", rule_name)):
+        raise click.BadParameter(f"{rule_name!r}: {why}", param_hint="--rule-name")
+    # AWS's log lines (throttling): warnings only, on stderr (stdout is the report).
+    logs.configure(loaded.settings.logging.model_copy(update={"level": "WARNING"}), sys.stderr)
+
+    async def go() -> setup.Outcome:
+        plan = await setup.plan(backend, loaded.settings, queue_name, rule_name)
+        return setup.dry_run(plan) if dry_run else await setup.apply(plan)
+
+    try:
+        outcome = _run(go)
+    finally:
+        logs.flush(_LOG_FLUSH_S)
+    if as_json:
+        _print_json(setup.to_dict(outcome))
+    else:
+        for line in setup.render(outcome):
+            click.echo(line)
+
+
 # -- client commands ---------------------------------------------------------------------------
 
 

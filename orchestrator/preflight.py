@@ -6,7 +6,9 @@ The store's directory must be writable; then every configured backend checks wha
 Batch — the queue ENABLED and VALID with an ENABLED compute environment that can scale; local —
 `backends/local_check.py`: a writable work directory, cgroups or the fallback to process groups,
 with `local.run_as = "submitter"` whether this process can switch users as the daemon must, and
-whether jobs will see the daemon's state).
+whether jobs will see the daemon's state). An AWS backend with `events.queue_url` set also
+checks its events (`backends/events_setup.check`): the queue readable, a rule sending its state
+changes there, a queue policy letting EventBridge send.
 Each check is a line with what was found; any failure makes the command exit non-zero.
 """
 
@@ -30,6 +32,12 @@ async def run(settings: Settings) -> list[Check]:
             checks += await backend.check()
         finally:
             await backend.close()
+    for name in ("ecs", "batch"):
+        section = getattr(settings, name)
+        if section.enabled and section.events.queue_url:
+            from orchestrator.backends import events_setup  # imports aioboto3: only when used
+
+            checks += await events_setup.check(name, settings)
     return checks
 
 
