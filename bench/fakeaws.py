@@ -4,14 +4,16 @@ moto answers about 20 DescribeTasks(100 ARNs) calls a second, too few to load th
 10,000 jobs. This server answers thousands: it keeps tasks and jobs in dicts, works out each
 one's state lazily from its creation time (no timers, so 100,000 jobs cost a few dicts), and
 caches each task's JSON per life-cycle phase. It speaks the wire protocols botocore uses (ECS
-and CloudWatch Logs: JSON 1.1 over ``POST /`` with ``X-Amz-Target``; Batch: REST-JSON on
-``/v1/<operation>``), accepts any signature, and enforces AWS-like token buckets with the real
-throttling replies, so botocore's retry modes behave as they do against AWS::
+and CloudWatch Logs: JSON 1.1 over ``POST /`` with ``X-Amz-Target``; SQS: JSON 1.0 likewise;
+Batch: REST-JSON on ``/v1/<operation>``), accepts any signature, and enforces AWS-like token
+buckets with the real throttling replies, so botocore's retry modes behave as they do against
+AWS::
 
     async with FakeAws(Config(pending_s=5, run_s=60, time_scale=60)) as aws:
         ...  # aioboto3 clients with endpoint_url=aws.endpoint_url, any credentials
         aws.stats()             # calls, throttled calls and describe batch sizes
         aws.terminal_times()    # when each job became terminal, and when a describe said so
+        aws.events()            # with events=True: each event's change, delivery and receive
 
     python bench/fakeaws.py --port 0 --pending-s 5 --run-s 60 --exit-code 0 --time-scale 10
 
@@ -20,7 +22,48 @@ The CLI prints the URL on its first line and the stats as JSON when SIGINT/SIGTE
 
 Operations: ECS RunTask, DescribeTasks, StopTask, ListTasks, DescribeClusters,
 DescribeTaskDefinition; Batch SubmitJob, DescribeJobs, TerminateJob, ListJobs,
-DescribeJobQueues; Logs GetLogEvents (always empty). Anything else gets a 400.
+DescribeJobQueues; Logs GetLogEvents (always empty); with events (below) SQS ReceiveMessage,
+DeleteMessage, DeleteMessageBatch, GetQueueAttributes, GetQueueUrl, CreateQueue. Anything else
+gets a 400.
+
+EventBridge → SQS, off unless ``Config(events=True)`` (a queue named "orchestrator-events") or
+``events="<queue name>"`` (CLI ``--events [QUEUE]``): every state change of a task or job is an
+EventBridge event in one SQS queue, ``aws.queue_url`` = ``<endpoint>/<account id>/<queue>``.
+ECS: "ECS Task State Change" from aws.ecs, its detail the task as DescribeTasks has it (its
+``version`` growing at each change) but for ISO-8601 timestamps ("2016-12-06T16:41:06.595Z"),
+an ``updatedAt`` and no tags; Batch: "Batch Job State Change" from aws.batch, the job as
+DescribeJobs has it. ``resources`` holds the ARN, ``time`` the change (whole seconds). Lives
+being known at creation, a new task's or job's events are planned at once (a Fargate task 4:
+PROVISIONING, PENDING, RUNNING, STOPPED; 7 with ``stopping_s``; a Batch job 5: none at
+SUBMITTED, as on AWS), about 100 bytes each, rendered only when received. A StopTask or
+TerminateJob re-plans: the events planned after it are superseded, its own added; an event
+shows the task as it was at its change. An array job's events are its parent's (PENDING, then
+SUCCEEDED/FAILED), none for its children. Each event is delivered at its change plus a delay
+drawn from a lognormal of median ``event_delay_median_s`` (0.5 s) and 99th percentile
+``event_delay_p99_s`` (3 s; AWS: "best effort", typically sub-second); 0 and 0: at once. The
+delays are seconds of the injected clock, NOT divided by ``time_scale`` (nor is the visibility
+timeout): they stand for AWS's latency, not for the jobs' lives. Each event independently is
+dropped with ``event_drop_ratio`` (0), else delivered twice with ``event_duplicate_ratio``
+(0.01: both copies share the event's id, each has its own delay). Delays cross, so a task's
+events come out of order as on AWS (ECS's ``detail.version`` orders them; Batch has none).
+
+SQS: ReceiveMessage returns up to MaxNumberOfMessages (1..10) visible messages, or waits for
+one up to WaitTimeSeconds (0..20; it answers as soon as one comes due); a received message is
+invisible for its VisibilityTimeout (else ``queue_visibility_timeout_s``, 30 s), then received
+again unless deleted. MessageSystemAttributeNames: SentTimestamp (its delivery),
+ApproximateReceiveCount, ApproximateFirstReceiveTimestamp, SenderId, All. A receipt handle
+from any receive of a message deletes it. GetQueueAttributes: QueueArn,
+ApproximateNumberOfMessages(NotVisible) and fixed ones; CreateQueue of that queue: its URL.
+``aws.set_queue_broken()`` (``POST /_fakeaws/queue?broken=true``; ``false`` repairs) makes every
+SQS call on the queue answer AWS.SimpleQueueService.NonExistentQueue (botocore's
+QueueDoesNotExist), as if deleted: its messages are lost, and the events due until it is
+repaired. ``stats()["events"]`` counts events (planned, superseded, due, dropped, lost) and
+messages (delivered, duplicated, received, redelivered, deleted, visible, in flight), and sums
+up the delays drawn and the receive lags; ``aws.events()`` (``GET /_fakeaws/events``, CLI
+``--dump-events PATH``) lists each event published with its change, delivery and first
+receive times; ``terminal_times()`` gains ``terminal_event_at`` (its first copy's delivery)
+and ``terminal_event_received_at``. Events come due lazily, when an SQS call (or ``stats()``)
+looks; a long poll looks at a hand-moved clock at least every 50 ms.
 
 Batch array jobs: a SubmitJob with ``arrayProperties: {"size": N}`` (2..10,000) makes a parent
 and N children ``<parent id>:<index>``, one SubmitJob call (one token) for all. Each child has
@@ -50,8 +93,10 @@ DescribeJobs+ListJobs, burst 100, 20/s — AWS documents no limit for it, this i
 ``logs.get`` GetLogEvents, 25/s. Other operations are never throttled.
 
 Known simplifications: tags are always returned (ECS wants ``include=["TAGS"]``); stopped tasks
-and finished jobs are kept forever; every cluster and queue exists; Batch ``startedAt`` appears
-only once a job has started, as on AWS (botocore's model calls it required).
+and finished jobs are kept forever; every cluster and job queue exists; Batch ``startedAt`` appears
+only once a job has started, as on AWS (botocore's model calls it required). SQS: one queue,
+standard, no retention limit, no SendMessage, ChangeMessageVisibility or PurgeQueue; a
+redelivered message is first in line; planned events are kept for the server's life.
 """
 
 from __future__ import annotations
@@ -59,19 +104,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import dataclasses
+import hashlib
+import heapq
 import itertools
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
 import uuid
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -83,6 +133,8 @@ Service = Literal["ecs", "batch"]
 
 ECS_TARGET = "AmazonEC2ContainerServiceV20141113"
 LOGS_TARGET = "Logs_20140328"
+SQS_TARGET = "AmazonSQS"  # JSON 1.0
+TARGETS: Mapping[str, str] = {ECS_TARGET: "ecs", LOGS_TARGET: "logs", SQS_TARGET: "sqs"}
 BATCH_PATHS: Mapping[str, str] = {
     "/v1/submitjob": "SubmitJob",
     "/v1/describejobs": "DescribeJobs",
@@ -101,6 +153,12 @@ BATCH_LIFE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 BATCH_DONE = len(BATCH_LIFE)
 BATCH_STATUSES = (*BATCH_LIFE, "SUCCEEDED", "FAILED")  # an array's statusSummary keys
 ARRAY_FAILED = "Array Child Job failed"
+
+EVENT_QUEUE = "orchestrator-events"  # the queue's name for Config(events=True)
+Z99 = 2.3263478740408408  # the standard normal distribution's 99th percentile
+POLL_TICK_S = 0.05  # a long poll looks at the (maybe hand-moved) clock at least this often
+MAX_VISIBILITY_S = 43_200  # SQS: 12 hours
+NO_EVENTS = range(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +226,20 @@ class Config:
     log_stream_prefix: str = "ecs"
     throttle: bool = True
     buckets: Mapping[str, Bucket] = dataclasses.field(default_factory=lambda: dict(DEFAULT_BUCKETS))
+    # EventBridge → SQS (see the module's docstring). Delays are clock seconds, never scaled.
+    events: bool | str = False  # True: a queue named EVENT_QUEUE; a str: that queue's name
+    event_delay_median_s: float = 0.5  # lognormal; 0: every event at once
+    event_delay_p99_s: float = 3.0
+    event_duplicate_ratio: float = 0.01  # this share of events is delivered twice
+    event_drop_ratio: float = 0.0  # this share of events is never delivered
+    queue_visibility_timeout_s: float = 30.0  # the queue's VisibilityTimeout attribute
+
+    @property
+    def queue_name(self) -> str | None:
+        """The events' queue, None without events."""
+        if self.events is True:
+            return EVENT_QUEUE
+        return self.events or None
 
     def __post_init__(self) -> None:
         if self.time_scale <= 0 or not 0 <= self.jitter < 1 or not 0 <= self.failure_ratio <= 1:
@@ -176,6 +248,15 @@ class Config:
             raise ValueError("durations must not be negative")
         if unknown := set(self.buckets) - set(FAMILIES.values()):
             raise ValueError(f"unknown throttle families: {sorted(unknown)}")
+        if not 0 <= self.event_delay_median_s <= self.event_delay_p99_s:
+            raise ValueError("need 0 <= event_delay_median_s <= event_delay_p99_s")
+        if not 0 <= self.event_duplicate_ratio <= 1 or not 0 <= self.event_drop_ratio <= 1:
+            raise ValueError("need event ratios in [0, 1]")
+        if not 0 <= self.queue_visibility_timeout_s <= MAX_VISIBILITY_S:
+            raise ValueError(f"need 0 <= queue_visibility_timeout_s <= {MAX_VISIBILITY_S}")
+        name = self.queue_name
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,80}", name):
+            raise ValueError(f"bad queue name {name!r}: 1 to 80 letters, digits, - and _")
 
 
 class AwsError(Exception):
@@ -216,8 +297,8 @@ class _Job:
 
     __slots__ = (
         "arn", "array", "cached", "cached_phase", "command", "created_at", "definition",
-        "exit_at", "exit_code", "id", "name", "owner", "reported_at", "request", "running_at",
-        "service", "stop_at", "stop_reason", "stopping_s",
+        "events", "exit_at", "exit_code", "id", "name", "owner", "reported_at", "request",
+        "running_at", "service", "stop_at", "stop_reason", "stopping_s",
     )  # fmt: skip
 
     def __init__(
@@ -250,6 +331,7 @@ class _Job:
         self.cached_phase = -1
         self.cached = b""
         self.array: _Array | None = None  # a Batch array parent's children
+        self.events: range | list[int] = NO_EVENTS  # its planned events (_Events indexes)
 
     @property
     def end_at(self) -> float:
@@ -423,6 +505,338 @@ def _name(ref: Any, default: str = "default") -> str:
     return ref.rpartition("/")[2] if ref.startswith("arn:") else ref
 
 
+def _iso(t: float) -> str:
+    """An ECS event's timestamp: ``2016-12-06T16:41:06.595Z``."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _changes(job: _Job) -> list[tuple[float, int]]:
+    """Each (moment, phase) at which the job's phase changes as its life now stands, its
+    creation first: the moments `_Job.phase` turns (float rounding may put a turn a few ulps
+    after the mark computed for it: the mark is moved there)."""
+    start, end = job.created_at, job.end_at
+    if job.array is not None:
+        marks = [start, job.array.runnable_from, end + job.stopping_s]
+    else:
+        ecs = job.service == "ecs"
+        parts, span = (2 if ecs else 4), job.running_at - start
+        marks = [start + span * k / parts for k in range(parts)]
+        marks += (job.running_at, end)
+        if ecs:
+            s = job.stopping_s
+            marks += (end + s / 3, end + s * 2 / 3, end + s)
+    changes: list[tuple[float, int]] = []
+    last = -1
+    for mark in sorted(set(marks)):
+        at, phase = mark, job.phase(mark)
+        for _ in range(4):
+            if phase > last:
+                break
+            at = math.nextafter(at, math.inf)
+            phase = job.phase(at)
+        if phase > last:
+            changes.append((at, phase))
+            last = phase
+    return changes
+
+
+# _Events.flags bits, per event
+_DROPPED, _DUPLICATED, _SUPERSEDED, _DUE = 1, 2, 4, 8
+_SEQ_BITS = 32
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_UUID_MASK = (1 << 128) - 1
+_UUID_STEP = 0x9E3779B97F4A7C15F39CC0605CEDC835  # odd: seq → id is one-to-one
+# _Message.state
+_VISIBLE, _IN_FLIGHT, _GONE = 0, 1, 2
+
+
+class _Message:
+    """One copy of an event in the queue, from the moment it came due until deleted."""
+
+    __slots__ = ("deliver_at", "first_received_at", "no", "receives", "seq", "state", "visible_at")
+
+    def __init__(self, no: int, seq: int, deliver_at: float) -> None:
+        self.no, self.seq, self.deliver_at = no, seq, deliver_at
+        self.receives = 0
+        self.first_received_at = self.visible_at = 0.0
+        self.state = _VISIBLE
+
+
+class _Events:
+    """EventBridge into one SQS queue: every state change of every task and job, planned when
+    it is created (and re-planned when stopped), and the queue's messages.
+
+    An event is an index (`seq`) into flat per-event arrays; the heap holds one int per copy to
+    deliver, ``(delivery µs << 32) | seq``, so a planned event costs about 100 bytes. Events come
+    due lazily, when an SQS call looks (no timers); one is rendered to JSON only when a
+    ReceiveMessage returns it."""
+
+    def __init__(self, c: Config) -> None:
+        assert c.queue_name is not None
+        self.name = c.queue_name
+        self.arn = f"arn:aws:sqs:{c.region}:{c.account_id}:{self.name}"
+        self.rng = random.Random(f"{c.seed}/events")  # its own: the lives drawn stay the same
+        self.event_salt, self.message_salt = self.rng.getrandbits(128), self.rng.getrandbits(128)
+        self.median, self.p99 = c.event_delay_median_s, c.event_delay_p99_s
+        self.sigma = math.log(self.p99 / self.median) / Z99 if self.median else 0.0
+        self.duplicate_ratio, self.drop_ratio = c.event_duplicate_ratio, c.event_drop_ratio
+        self.visibility_s = c.queue_visibility_timeout_s
+        # Per event, by seq.
+        self.jobs: list[_Job] = []
+        self.change_at = array("d")
+        self.deliver_at = array("d")  # its first copy's delivery (NaN: dropped)
+        self.received_at = array("d")  # the first receive of a copy (NaN: none yet)
+        self.phase = array("b")
+        self.flags = bytearray()
+        self.second_at: dict[int, float] = {}  # a duplicated event's second copy's delivery
+        self.heap: list[int] = []  # a key per copy not yet due
+        # The queue.
+        self.live: dict[int, _Message] = {}  # message number → visible or in-flight message
+        self.visible: deque[_Message] = deque()  # may hold messages deleted meanwhile
+        self.timeouts: list[tuple[float, int, _Message]] = []  # heap: (visible again at, no, m)
+        self.last_no = 0
+        self.n_visible = self.n_in_flight = 0
+        self.broken = self.closing = False
+        self.waiters = 0
+        self.changed = asyncio.Event()  # replaced by a fresh one at each wake-up
+        self.counts: Counter[str] = Counter()
+        self.delays = array("d")  # per delivered copy: delivery - change
+        self.lags = array("d")  # per message: its first receive - its delivery
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def delay(self) -> float:
+        if not self.median:
+            return 0.0
+        return self.median * math.exp(self.sigma * self.rng.gauss(0.0, 1.0))
+
+    def _push(self, at: float, seq: int) -> None:
+        heapq.heappush(self.heap, (int(at * 1_000_000) << _SEQ_BITS) | seq)
+
+    def _add(self, job: _Job, at: float, phase: int) -> None:
+        seq, rng = len(self.flags), self.rng
+        self.jobs.append(job)
+        self.change_at.append(at)
+        self.phase.append(phase)
+        self.received_at.append(math.nan)
+        if self.drop_ratio and rng.random() < self.drop_ratio:
+            self.flags.append(_DROPPED)
+            self.deliver_at.append(math.nan)
+            self._push(at, seq)  # to count it as due (and dropped) when its change happens
+        else:
+            deliver_at = at + self.delay()
+            self.deliver_at.append(deliver_at)
+            self._push(deliver_at, seq)
+            if self.duplicate_ratio and rng.random() < self.duplicate_ratio:
+                second_at = self.second_at[seq] = at + self.delay()
+                self._push(second_at, seq)
+                self.flags.append(_DUPLICATED)
+            else:
+                self.flags.append(0)
+        self.counts["planned"] += 1
+
+    def plan(self, job: _Job, changes: Iterable[tuple[float, int]], now: float) -> None:
+        """A new job's events, or a stopped job's new future: the events it had planned after
+        `now` are superseded (dropped unseen), those of `changes` from `now` on are added."""
+        kept: list[int] = []
+        for seq in job.events:
+            flags = self.flags[seq]
+            if flags & _SUPERSEDED:
+                continue
+            if self.change_at[seq] > now:
+                self.flags[seq] = flags | _SUPERSEDED
+                self.counts["planned"] -= 1
+                self.counts["superseded"] += 1
+            else:
+                kept.append(seq)
+        had = {(self.change_at[seq], self.phase[seq]) for seq in kept}
+        first = len(self.flags)
+        for at, phase in changes:
+            if at >= now and (at, phase) not in had:
+                self._add(job, at, phase)
+        added = range(first, len(self.flags))
+        job.events = kept + list(added) if kept else added
+        self.wake()
+
+    # -- the queue -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Wake the long polls up to look again."""
+        if self.waiters:
+            self.changed.set()
+            self.changed = asyncio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        changed = self.changed
+        self.waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await changed.wait()
+        finally:
+            self.waiters -= 1
+
+    def advance(self, now: float) -> None:
+        """The copies due by `now` into the queue; in-flight messages whose visibility timeout
+        has passed visible again (first in line)."""
+        heap, flags, counts = self.heap, self.flags, self.counts
+        now_us = int(now * 1_000_000)
+        while heap and heap[0] >> _SEQ_BITS <= now_us:
+            key = heapq.heappop(heap)
+            seq = key & _SEQ_MASK
+            f = flags[seq]
+            if f & _SUPERSEDED:
+                continue
+            if not f & _DUE:
+                flags[seq] = f | _DUE
+                counts["due"] += 1
+            if f & _DROPPED:
+                counts["dropped"] += 1
+                continue
+            if self.broken:
+                counts["lost"] += 1
+                continue
+            at = (key >> _SEQ_BITS) / 1_000_000
+            counts["delivered"] += 1
+            if f & _DUE:  # the second copy of a duplicated event
+                counts["duplicated"] += 1
+            self.delays.append(at - self.change_at[seq])
+            self.last_no += 1
+            message = self.live[self.last_no] = _Message(self.last_no, seq, at)
+            self.visible.append(message)
+            self.n_visible += 1
+        timeouts = self.timeouts
+        while timeouts and timeouts[0][0] <= now:
+            until, _, message = heapq.heappop(timeouts)
+            if message.state == _IN_FLIGHT and message.visible_at == until:
+                message.state = _VISIBLE
+                self.visible.appendleft(message)
+                self.n_in_flight -= 1
+                self.n_visible += 1
+
+    def next_due(self) -> float | None:
+        """When the next copy comes due or in-flight message turns visible (clock seconds)."""
+        times = [(self.heap[0] >> _SEQ_BITS) / 1_000_000] if self.heap else []
+        if self.timeouts:
+            times.append(self.timeouts[0][0])
+        return min(times, default=None)
+
+    def take(self, now: float, n: int, visibility_s: float) -> list[_Message]:
+        """Up to `n` visible messages, in flight for `visibility_s` from now on."""
+        self.advance(now)
+        taken: list[_Message] = []
+        visible, counts = self.visible, self.counts
+        while visible and len(taken) < n:
+            message = visible.popleft()
+            if message.state != _VISIBLE:  # deleted meanwhile
+                continue
+            message.state = _IN_FLIGHT
+            message.receives += 1
+            message.visible_at = now + visibility_s
+            heapq.heappush(self.timeouts, (message.visible_at, message.no, message))
+            self.n_visible -= 1
+            self.n_in_flight += 1
+            counts["received"] += 1
+            if message.receives == 1:
+                message.first_received_at = now
+                self.lags.append(now - message.deliver_at)
+                if math.isnan(self.received_at[message.seq]):
+                    self.received_at[message.seq] = now
+            else:
+                counts["redelivered"] += 1
+            taken.append(message)
+        return taken
+
+    @staticmethod
+    def handle(message: _Message) -> str:
+        return f"fake-{message.no:x}-{message.receives}"
+
+    def delete(self, handle: Any) -> bool:
+        """Delete the message a receipt handle was given for (whichever receive gave it, and
+        again after: both succeed, as on SQS). False for a handle this queue never gave."""
+        found = (
+            re.fullmatch(r"fake-([0-9a-f]+)-[0-9]+", handle) if isinstance(handle, str) else None
+        )
+        if found is None:
+            return False
+        no = int(found[1], 16)
+        message = self.live.pop(no, None)
+        if message is None:
+            return 0 < no <= self.last_no
+        if message.state == _VISIBLE:
+            self.n_visible -= 1
+        else:
+            self.n_in_flight -= 1
+        message.state = _GONE
+        self.counts["deleted"] += 1
+        return True
+
+    def set_broken(self, broken: bool, now: float) -> None:
+        """Broken: deleted, as far as its callers can tell. Its messages are lost, and the
+        events falling due until it is repaired; repaired, it is empty and works again."""
+        self.advance(now)  # what came due before the change is on the queue's old side of it
+        if broken and not self.broken:
+            self.counts["lost"] += len(self.live)
+            for message in self.live.values():
+                message.state = _GONE
+            self.live.clear()
+            self.visible.clear()
+            self.timeouts.clear()
+            self.n_visible = self.n_in_flight = 0
+        self.broken = broken
+        self.wake()
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def event_id(self, seq: int) -> str:
+        """The EventBridge event's id (a duplicate's copies share it)."""
+        return str(uuid.UUID(int=(self.event_salt + seq * _UUID_STEP) & _UUID_MASK, version=4))
+
+    def message_id(self, no: int) -> str:
+        return str(uuid.UUID(int=(self.message_salt + no * _UUID_STEP) & _UUID_MASK, version=4))
+
+    def first_copy_at(self, seq: int) -> float | None:
+        """When the event's first copy is delivered; None if it is dropped."""
+        at = self.deliver_at[seq]
+        if math.isnan(at):
+            return None
+        return min(at, self.second_at.get(seq, at))
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counts
+        keys = ("planned", "superseded", "due", "dropped", "delivered", "duplicated", "lost",
+                "received", "redelivered", "deleted")  # fmt: skip
+        return {
+            "queue": self.name,
+            "broken": self.broken,
+            "model": {
+                "delay": "lognormal",
+                "median_s": self.median,
+                "p99_s": self.p99,
+                "sigma": round(self.sigma, 4),
+                "duplicate_ratio": self.duplicate_ratio,
+                "drop_ratio": self.drop_ratio,
+            },
+            **{key: c[key] for key in keys},
+            "visible": self.n_visible,
+            "in_flight": self.n_in_flight,
+            "delay_s": _summary(self.delays),
+            "receive_lag_s": _summary(self.lags),
+        }
+
+
+def _summary(values: Iterable[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return {"n": 0}
+
+    def at(q: float) -> float:
+        return round(ordered[min(n - 1, int(q * n))], 4)
+
+    return {"n": n, "median": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1)}
+
+
 class FakeAws:
     """The server: ``async with FakeAws(config) as aws`` (or `start`/`close`). Not thread-safe:
     use it from the loop it runs on, or run the CLI in its own process."""
@@ -456,6 +870,14 @@ class FakeAws:
             "batch.DescribeJobQueues": self._describe_job_queues,
             "logs.GetLogEvents": self._get_log_events,
         }
+        self._events = _Events(c) if c.queue_name is not None else None
+        self._sqs_handlers: dict[str, Callable[[dict[str, Any], float], bytes]] = {
+            "GetQueueUrl": self._get_queue_url,
+            "CreateQueue": self._create_queue,
+            "GetQueueAttributes": self._get_queue_attributes,
+            "DeleteMessage": self._delete_message,
+            "DeleteMessageBatch": self._delete_message_batch,
+        }  # and ReceiveMessage, which waits
         self._request_ids = itertools.count(1)
         self.calls: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
@@ -472,6 +894,8 @@ class FakeAws:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._events is not None:
+            self._events.closing = False
         server = web.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         try:
@@ -484,6 +908,9 @@ class FakeAws:
             raise
 
     async def close(self) -> None:
+        if self._events is not None:  # long polls answer at once
+            self._events.closing = True
+            self._events.wake()
         self._endpoint_url = None
         if self._runner is not None:
             await self._runner.cleanup()  # stop listening, let in-flight replies finish
@@ -523,6 +950,10 @@ class FakeAws:
                 "round_calls": round(self._round_calls[op], 3),
             }
         total = sum(self.calls.values())
+        events: dict[str, Any] = {}
+        if self._events is not None:
+            self._events.advance(self._clock())
+            events["events"] = self._events.stats()
         return {
             "elapsed_s": round(elapsed_s, 3),
             "calls_total": total,
@@ -535,6 +966,7 @@ class FakeAws:
                 "batch": len(self._jobs),
                 "batch_children": self._children,
             },
+            **events,
         }
 
     def reset_counts(self) -> None:
@@ -583,9 +1015,61 @@ class FakeAws:
                         "children_failed": job.array.summary(now)["FAILED"],
                     }
                 ),
+                **({} if self._events is None else self._terminal_event(job, now)),
             }
             for job in itertools.chain(self._tasks.values(), self._jobs.values())
         }
+
+    def _terminal_event(self, job: _Job, now: float) -> dict[str, float | None]:
+        """When the job's terminal event's first copy was delivered (None: not yet, or dropped)
+        and first received."""
+        ev = self._events
+        assert ev is not None
+        done = ECS_STOPPED if job.service == "ecs" else BATCH_DONE
+        for seq in reversed(job.events):
+            if ev.phase[seq] == done and not ev.flags[seq] & _SUPERSEDED:
+                at, received = ev.first_copy_at(seq), ev.received_at[seq]
+                return {
+                    "terminal_event_at": at if at is not None and at <= now else None,
+                    "terminal_event_received_at": None if math.isnan(received) else received,
+                }
+        return {"terminal_event_at": None, "terminal_event_received_at": None}
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event published so far (its change has happened; superseded ones are not):
+        its id, task (ARN) or job (id), status, change time, its copies' delivery times
+        (planned: maybe still ahead), whether it was dropped, and its first receive. In
+        planning order: by job, then by change."""
+        ev = self._queue_events()
+        now = self._clock()
+        log = []
+        for seq, flags in enumerate(ev.flags):
+            at = ev.change_at[seq]
+            if flags & _SUPERSEDED or at > now:
+                continue
+            job, phase = ev.jobs[seq], ev.phase[seq]
+            received = ev.received_at[seq]
+            log.append(
+                {
+                    "id": ev.event_id(seq),
+                    "service": job.service,
+                    "job": job.arn if job.service == "ecs" else job.id,
+                    "status": self._event_status(job, phase, at),
+                    "change_at": at,
+                    "deliver_at": None if flags & _DROPPED else ev.deliver_at[seq],
+                    "duplicate_at": ev.second_at.get(seq),
+                    "dropped": bool(flags & _DROPPED),
+                    "received_at": None if math.isnan(received) else received,
+                }
+            )
+        return log
+
+    def _event_status(self, job: _Job, phase: int, at: float) -> str:
+        if job.service == "ecs":
+            return "STOPPED" if phase == ECS_STOPPED else ECS_LIFE[phase]
+        if phase < BATCH_DONE:
+            return BATCH_LIFE[phase]
+        return str(self._event_detail(job, phase, at)["status"])
 
     def _find(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id) or self._tasks.get(job_id.rpartition("/")[2])
@@ -613,7 +1097,7 @@ class FakeAws:
         target = request.headers.get("X-Amz-Target")
         if target is not None:
             prefix, _, operation = target.partition(".")
-            service = "ecs" if prefix == ECS_TARGET else "logs" if prefix == LOGS_TARGET else "?"
+            service = TARGETS.get(prefix, "?")
         elif (operation_ := BATCH_PATHS.get(request.path)) is not None:
             service, operation = "batch", operation_
         elif request.path.startswith("/_fakeaws/"):
@@ -622,6 +1106,8 @@ class FakeAws:
             service, operation = "batch", "Unknown"
         key = f"{service}.{operation}"
         self.calls[key] += 1
+        if service == "sqs":
+            return await self._handle_sqs(operation, body)
         try:
             bucket = self._buckets.get(FAMILIES.get(key, "")) if self.config.throttle else None
             if bucket is not None and not bucket.take():
@@ -642,6 +1128,8 @@ class FakeAws:
 
     def _headers(self, service: str) -> dict[str, str]:
         kind = "application/json" if service == "batch" else "application/x-amz-json-1.1"
+        if service == "sqs":
+            kind = "application/x-amz-json-1.0"
         return {"Content-Type": kind, "x-amzn-RequestId": f"fake-{next(self._request_ids)}"}
 
     def _error(self, service: str, exc: AwsError) -> web.Response:
@@ -649,6 +1137,10 @@ class FakeAws:
         if service == "batch":  # REST-JSON: the code travels in a header
             headers["x-amzn-ErrorType"] = exc.code
             body = {"message": exc.message, **exc.fields}
+        elif service == "sqs":  # JSON, "awsQueryCompatible": the old Query code in a header
+            fields = dict(exc.fields)
+            headers["x-amzn-query-error"] = f"{fields.pop('query', exc.code)};Sender"
+            body = {"__type": f"com.amazonaws.sqs#{exc.code}", "message": exc.message, **fields}
         else:
             body = {"__type": exc.code, "message": exc.message, **exc.fields}
         return web.Response(body=orjson.dumps(body), status=exc.status, headers=headers)
@@ -667,6 +1159,16 @@ class FakeAws:
         elif request.path == "/_fakeaws/reset" and request.method == "POST":
             self.reset_counts()
             payload = {"reset": True}
+        elif request.path == "/_fakeaws/events" and self._events is not None:
+            payload = self.events()
+        elif (
+            request.path == "/_fakeaws/queue"
+            and request.method == "POST"
+            and self._events is not None
+            and (broken := request.query.get("broken", "").lower()) in ("true", "false")
+        ):
+            self.set_queue_broken(broken == "true")
+            payload = {"broken": self._events.broken}
         else:
             return web.Response(status=404, text="unknown control path")
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
@@ -784,6 +1286,8 @@ class FakeAws:
         self._tasks[task_id] = task
         if isinstance(started_by, str):
             self._by_started_by[started_by].append(task)
+        if self._events is not None:
+            self._plan_events(task, now)
         return task
 
     def _ecs_task(self, task: _Job, phase: int) -> dict[str, Any]:
@@ -859,7 +1363,10 @@ class FakeAws:
         task = self._task_for(params.get("task"), _name(params.get("cluster")))
         if task is None:
             raise _invalid("The referenced task was not found.")
+        end = task.end_at
         task.stop(now, str(params.get("reason") or ""))
+        if self._events is not None and task.end_at != end:
+            self._plan_events(task, now)
         return b'{"task":' + self._render(task, now, report=False) + b"}"
 
     def _list_tasks(self, params: dict[str, Any], now: float) -> bytes:
@@ -982,6 +1489,8 @@ class FakeAws:
             job.exit_at = children.end_at  # the last child's end, to the float
         self._jobs[job_id] = job
         self._by_job_name[name.lower()].append(job)
+        if self._events is not None:
+            self._plan_events(job, now)
         return orjson.dumps({"jobArn": job.arn, "jobName": name, "jobId": job_id})
 
     def _batch_job(self, job: _Job, phase: int, now: float) -> dict[str, Any]:
@@ -1112,15 +1621,21 @@ class FakeAws:
         if (child := self._find_child(job_id)) is not None:  # one child; the parent waits on
             array, i = child
             parent = self._jobs[job_id.partition(":")[0]]
+            end = parent.end_at
             array.stop(i, now, reason)
             parent.exit_at, parent.cached_phase = array.end_at, -1
+            if self._events is not None and parent.end_at != end:
+                self._plan_events(parent, now)
             return b"{}"
         job = self._jobs.get(job_id)
         if job is None:
             raise _client_error(f"Job {params.get('jobId')} not found.")
+        end = job.end_at
         if job.array is not None:  # every child still going, then the parent with them
             job.array.stop_all(now, reason)
         job.stop(now, reason)
+        if self._events is not None and job.end_at != end:
+            self._plan_events(job, now)
         return b"{}"
 
     def _list_jobs(self, params: dict[str, Any], now: float) -> bytes:
@@ -1197,6 +1712,287 @@ class FakeAws:
             {"events": [], "nextForwardToken": token, "nextBackwardToken": "b/" + token[2:]}
         )
 
+    # -- EventBridge → SQS ---------------------------------------------------------------------
+
+    @property
+    def queue_url(self) -> str:
+        """``<endpoint>/<account>/<queue>``: the events' queue."""
+        return f"{self.endpoint_url}/{self.config.account_id}/{self._queue_events().name}"
+
+    def set_queue_broken(self, broken: bool = True) -> None:
+        """Broken: every SQS call on the queue answers AWS.SimpleQueueService.NonExistentQueue,
+        as if it had been deleted: the messages in it are lost, and so are the events falling
+        due until it is repaired (``set_queue_broken(False)``: empty, working again)."""
+        self._queue_events().set_broken(broken, self._clock())
+
+    def _queue_events(self) -> _Events:
+        if self._events is None:
+            raise RuntimeError("no events: FakeAws(events=True) or events=<queue name>")
+        return self._events
+
+    def _plan_events(self, job: _Job, now: float) -> None:
+        """Plan a new job's events, or re-plan a stopped one's. Batch sends none at SUBMITTED;
+        an array job's events are its parent's, none for its children."""
+        assert self._events is not None
+        changes = _changes(job)
+        if job.service == "batch":
+            changes = [(at, phase) for at, phase in changes if phase]
+        self._events.plan(job, changes, now)
+
+    def _event_detail(self, job: _Job, phase: int, at: float) -> dict[str, Any]:
+        """The task or job as described at `at`, when it turned `phase` (a stop asked for
+        later does not show yet)."""
+        stop = job.stop_at, job.stop_reason
+        if job.stop_at is not None and at < job.stop_at:
+            job.stop_at = None
+        try:
+            if job.service == "batch":
+                return self._batch_job(job, phase, at)
+            doc = self._ecs_task(job, phase)
+        finally:
+            job.stop_at, job.stop_reason = stop
+        del doc["tags"]  # ECS events carry no tags
+        for key in ("createdAt", "startedAt", "stoppingAt", "executionStoppedAt", "stoppedAt"):
+            if key in doc:
+                doc[key] = _iso(doc[key])
+        doc["updatedAt"] = _iso(at)
+        return doc
+
+    def _event_body(self, seq: int) -> bytes:
+        """The EventBridge event, as its SQS message's body."""
+        ev = self._queue_events()
+        job, at = ev.jobs[seq], ev.change_at[seq]
+        ecs = job.service == "ecs"
+        event = {
+            "version": "0",
+            "id": ev.event_id(seq),
+            "detail-type": "ECS Task State Change" if ecs else "Batch Job State Change",
+            "source": "aws.ecs" if ecs else "aws.batch",
+            "account": self.config.account_id,
+            "time": datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": self.config.region,
+            "resources": [job.arn],
+            "detail": self._event_detail(job, ev.phase[seq], at),
+        }
+        return orjson.dumps(event)
+
+    async def _handle_sqs(self, operation: str, body: bytes) -> web.Response:
+        try:
+            params = orjson.loads(body) if body else {}
+            if not isinstance(params, dict):
+                raise _sqs_invalid("the body is not a JSON object")
+            if operation == "ReceiveMessage":
+                payload = await self._receive_message(params)
+            elif (handler := self._sqs_handlers.get(operation)) is not None:
+                payload = handler(params, self._clock())
+            else:
+                raise AwsError(
+                    400,
+                    "UnsupportedOperation",
+                    f"sqs.{operation} is not faked",
+                    query="AWS.SimpleQueueService.UnsupportedOperation",
+                )
+        except AwsError as exc:
+            return self._error("sqs", exc)
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed request
+            return self._error("sqs", _sqs_invalid(f"bad request: {exc!r}"))
+        return web.Response(body=payload, headers=self._headers("sqs"))
+
+    def _queue(self, params: Mapping[str, Any]) -> _Events:
+        """The queue a QueueUrl names (any endpoint: its last path segment is its name)."""
+        url, ev = params.get("QueueUrl"), self._events
+        if ev is None or ev.broken or not isinstance(url, str):
+            raise _no_queue()
+        if url.rstrip("/").rpartition("/")[2] != ev.name:
+            raise _no_queue()
+        return ev
+
+    def _get_queue_url(self, params: dict[str, Any], now: float) -> bytes:
+        ev = self._events
+        if ev is None or ev.broken or params.get("QueueName") != ev.name:
+            raise _no_queue()
+        return orjson.dumps({"QueueUrl": self.queue_url})
+
+    def _create_queue(self, params: dict[str, Any], now: float) -> bytes:
+        """The events' queue's URL (it exists from the start); no other queue can be made."""
+        ev = self._events
+        if ev is None or params.get("QueueName") != ev.name:
+            name = "none" if ev is None else ev.name
+            raise _sqs_invalid(f"fakeaws has one queue ({name}), named by Config.events")
+        if ev.broken:
+            raise AwsError(
+                400,
+                "QueueDeletedRecently",
+                "You must wait 60 seconds after deleting a queue before you can create another "
+                "with the same name.",
+                query="AWS.SimpleQueueService.QueueDeletedRecently",
+            )
+        return orjson.dumps({"QueueUrl": self.queue_url})
+
+    async def _receive_message(self, params: dict[str, Any]) -> bytes:
+        ev = self._queue(params)
+        n = int(_sqs_int(params, "MaxNumberOfMessages", 1, 10, 1))
+        wait_s = _sqs_int(params, "WaitTimeSeconds", 0, 20, 0)
+        visibility_s = _sqs_int(params, "VisibilityTimeout", 0, MAX_VISIBILITY_S, ev.visibility_s)
+        wanted = {
+            *(params.get("MessageSystemAttributeNames") or ()),
+            *(params.get("AttributeNames") or ()),  # deprecated, still honoured
+        }
+        deadline = time.monotonic() + wait_s
+        while True:  # the long poll: until a message is visible or the wait is over
+            if ev.broken:
+                raise _no_queue()
+            now = self._clock()
+            taken = ev.take(now, n, visibility_s)
+            remaining = deadline - time.monotonic()
+            if taken or remaining <= 0 or ev.closing:
+                break
+            pause = min(remaining, POLL_TICK_S)  # a hand-moved clock is seen within a tick
+            if (due := ev.next_due()) is not None:  # the clock is assumed to run in real time
+                pause = min(pause, max(due - now, 0.001))
+            await ev.wait(pause)  # new events wake it up early
+        if not taken:
+            return b"{}"
+        return orjson.dumps({"Messages": [self._message(ev, m, wanted) for m in taken]})
+
+    def _message(self, ev: _Events, message: _Message, wanted: set[str]) -> dict[str, Any]:
+        body = self._event_body(message.seq)
+        rendered: dict[str, Any] = {
+            "MessageId": ev.message_id(message.no),
+            "ReceiptHandle": ev.handle(message),
+            "MD5OfBody": hashlib.md5(body, usedforsecurity=False).hexdigest(),
+            "Body": body.decode(),
+        }
+        if wanted:
+            attributes = {
+                "SenderId": "AIDAIEVENTBRIDGEFAKE",
+                "SentTimestamp": str(_ms(message.deliver_at)),
+                "ApproximateReceiveCount": str(message.receives),
+                "ApproximateFirstReceiveTimestamp": str(_ms(message.first_received_at)),
+            }
+            rendered["Attributes"] = {
+                k: v for k, v in attributes.items() if "All" in wanted or k in wanted
+            }
+        return rendered
+
+    def _delete_message(self, params: dict[str, Any], now: float) -> bytes:
+        ev = self._queue(params)
+        handle = params.get("ReceiptHandle")
+        if not ev.delete(handle):
+            raise _bad_handle(handle)
+        return b"{}"
+
+    def _delete_message_batch(self, params: dict[str, Any], now: float) -> bytes:
+        ev = self._queue(params)
+        entries = params.get("Entries") or []
+        if not entries:
+            raise AwsError(
+                400,
+                "EmptyBatchRequest",
+                "There should be at least one DeleteMessageBatchRequestEntry in the request.",
+                query="AWS.SimpleQueueService.EmptyBatchRequest",
+            )
+        if len(entries) > 10:
+            raise AwsError(
+                400,
+                "TooManyEntriesInBatchRequest",
+                f"Maximum number of entries per request are 10. You have sent {len(entries)}.",
+                query="AWS.SimpleQueueService.TooManyEntriesInBatchRequest",
+            )
+        ids = [entry.get("Id") for entry in entries]
+        for entry_id in ids:
+            if not isinstance(entry_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,80}", entry_id):
+                raise AwsError(
+                    400,
+                    "InvalidBatchEntryId",
+                    "A batch entry id can only contain alphanumeric characters, hyphens and "
+                    "underscores. It can be at most 80 letters long.",
+                    query="AWS.SimpleQueueService.InvalidBatchEntryId",
+                )
+        if len(set(ids)) < len(ids):
+            raise AwsError(
+                400,
+                "BatchEntryIdsNotDistinct",
+                "Two or more batch entries in the request have the same Id.",
+                query="AWS.SimpleQueueService.BatchEntryIdsNotDistinct",
+            )
+        successful, failed = [], []
+        for entry in entries:
+            handle = entry.get("ReceiptHandle")
+            if ev.delete(handle):
+                successful.append({"Id": entry["Id"]})
+            else:
+                error = _bad_handle(handle)
+                failed.append(
+                    {
+                        "Id": entry["Id"],
+                        "SenderFault": True,
+                        "Code": error.code,
+                        "Message": error.message,
+                    }
+                )
+        return orjson.dumps({"Successful": successful, "Failed": failed})
+
+    def _get_queue_attributes(self, params: dict[str, Any], now: float) -> bytes:
+        ev = self._queue(params)
+        ev.advance(now)
+        every = {
+            "QueueArn": ev.arn,
+            "ApproximateNumberOfMessages": str(ev.n_visible),
+            "ApproximateNumberOfMessagesNotVisible": str(ev.n_in_flight),
+            "ApproximateNumberOfMessagesDelayed": "0",
+            "VisibilityTimeout": str(int(ev.visibility_s)),
+            "ReceiveMessageWaitTimeSeconds": "0",
+            "DelaySeconds": "0",
+            "MessageRetentionPeriod": "345600",
+            "MaximumMessageSize": "262144",
+            "SqsManagedSseEnabled": "true",
+        }
+        names = params.get("AttributeNames") or []
+        if unknown := [n for n in names if n != "All" and n not in every]:
+            raise AwsError(
+                400,
+                "InvalidAttributeName",
+                f"Unknown Attribute {unknown[0]}.",
+                query="InvalidAttributeName",
+            )
+        attributes = every if "All" in names else {n: every[n] for n in names}
+        return orjson.dumps({"Attributes": attributes} if attributes else {})
+
+
+def _sqs_invalid(message: str) -> AwsError:
+    return AwsError(400, "InvalidParameterValue", message, query="InvalidParameterValue")
+
+
+def _no_queue() -> AwsError:
+    return AwsError(
+        400,
+        "QueueDoesNotExist",
+        "The specified queue does not exist.",
+        query="AWS.SimpleQueueService.NonExistentQueue",
+    )
+
+
+def _bad_handle(handle: Any) -> AwsError:
+    return AwsError(
+        400,
+        "ReceiptHandleIsInvalid",
+        f'The input receipt handle "{handle}" is not a valid receipt handle.',
+        query="ReceiptHandleIsInvalid",
+    )
+
+
+def _sqs_int(params: Mapping[str, Any], name: str, low: int, high: int, default: float) -> float:
+    value = params.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _sqs_invalid(
+            f"Value {value} for parameter {name} is invalid. Reason: Must be between {low} and "
+            f"{high}, if provided."
+        )
+    return value
+
 
 def _job_summary(detail: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("jobArn", "jobId", "jobName", "createdAt", "status", "statusReason", "startedAt",
@@ -1224,7 +2020,7 @@ def _page(items: list[Any], params: Mapping[str, Any], key: str, *, limit: int) 
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
+def _parse(argv: list[str] | None) -> tuple[Config, str | None, str | None, bool]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     add = p.add_argument
     add("--host", default="127.0.0.1")
@@ -1248,6 +2044,20 @@ def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
         add(f"--{flag}-rate", type=float, default=spec.rate_per_s, help=f"{family} calls/s")
         add(f"--{flag}-burst", type=float, default=spec.burst)
     add("--dump", metavar="PATH", help="write terminal_times() here as JSON on exit")
+    add(
+        "--events",
+        nargs="?",
+        const=EVENT_QUEUE,
+        default=False,
+        metavar="QUEUE",
+        help=f"EventBridge events into this SQS queue (default name: {EVENT_QUEUE})",
+    )
+    add("--event-delay-median-s", type=float, default=0.5, help="lognormal delivery delay")
+    add("--event-delay-p99-s", type=float, default=3.0)
+    add("--event-duplicate-ratio", type=float, default=0.01)
+    add("--event-drop-ratio", type=float, default=0.0)
+    add("--queue-visibility-timeout-s", type=float, default=30.0)
+    add("--dump-events", metavar="PATH", help="write events() here as JSON on exit")
     add("--no-uvloop", action="store_true")
     a = p.parse_args(argv)
     buckets = {
@@ -1259,13 +2069,17 @@ def _parse(argv: list[str] | None) -> tuple[Config, str | None, bool]:
     }
     plain = ("host", "port", "region", "pending_s", "run_s", "stopping_s", "array_settle_s",
              "jitter", "exit_code", "failure_ratio", "failure_exit_code", "seed", "time_scale",
-             "container_name", "log_group")  # fmt: skip
+             "container_name", "log_group", "events", "event_delay_median_s",
+             "event_delay_p99_s", "event_duplicate_ratio", "event_drop_ratio",
+             "queue_visibility_timeout_s")  # fmt: skip
     settings = {name: getattr(a, name) for name in plain}
     config = Config(**settings, throttle=not a.no_throttle, buckets=buckets)
-    return config, a.dump, not a.no_uvloop
+    return config, a.dump, a.dump_events, not a.no_uvloop
 
 
-async def serve(config: Config, dump: str | None = None) -> dict[str, Any]:
+async def serve(
+    config: Config, dump: str | None = None, dump_events: str | None = None
+) -> dict[str, Any]:
     """Run until SIGINT/SIGTERM (a second one exits at once); return the final stats."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1284,11 +2098,14 @@ async def serve(config: Config, dump: str | None = None) -> dict[str, Any]:
         if dump:
             data = orjson.dumps(aws.terminal_times())
             await asyncio.to_thread(Path(dump).write_bytes, data)
+        if dump_events:
+            data = orjson.dumps(aws.events())
+            await asyncio.to_thread(Path(dump_events).write_bytes, data)
     return stats
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, dump, use_uvloop = _parse(argv)
+    config, dump, dump_events, use_uvloop = _parse(argv)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if use_uvloop:
         try:
@@ -1298,7 +2115,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        stats = runner.run(serve(config, dump))
+        stats = runner.run(serve(config, dump, dump_events))
     sys.stdout.write(json.dumps(stats) + "\n")
     sys.stdout.flush()
 

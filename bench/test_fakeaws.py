@@ -16,20 +16,23 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import signal
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aioboto3  # type: ignore[import-untyped, unused-ignore]
+import aiohttp
 import pytest
 import pytest_asyncio
 from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
@@ -790,6 +793,434 @@ async def test_the_daemons_backends_work_against_it(
     assert done.info["finished_at"] == T0 + 14
 
 
+# -- EventBridge → SQS -------------------------------------------------------------------------
+
+QUEUE = fakeaws.EVENT_QUEUE
+ECS_LIFE = ["PROVISIONING", "PENDING", "RUNNING", "DEACTIVATING", "STOPPING", "DEPROVISIONING"]
+
+
+def events_config(clock: Clock, **extra: Any) -> fakeaws.Config:
+    settings: dict[str, Any] = {"clock": clock, "pending_s": 4, "run_s": 10, "events": True}
+    return fakeaws.Config(**(settings | extra))
+
+
+def at_once(clock: Clock, **extra: Any) -> fakeaws.Config:
+    """Events delivered at their change, once each."""
+    return events_config(
+        clock, event_delay_median_s=0, event_delay_p99_s=0, event_duplicate_ratio=0, **extra
+    )
+
+
+async def receive_all(sqs: Any, url: str) -> list[dict[str, Any]]:
+    """Every visible message, 10 a call, each batch deleted once received."""
+    received: list[dict[str, Any]] = []
+    while True:
+        reply = await sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"]
+        )
+        if not (messages := reply.get("Messages", [])):
+            return received
+        received += messages
+        entries = [
+            {"Id": f"m{i}", "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
+        ]
+        deleted = await sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+        assert len(deleted["Successful"]) == len(messages)
+
+
+def iso(offset_s: float) -> str:
+    return datetime.fromtimestamp(T0 + offset_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def status(event: dict[str, Any]) -> str:
+    detail = event["detail"]
+    return str(detail.get("lastStatus") or detail["status"])
+
+
+async def test_events_arrive_for_each_change_in_delivery_order(clock: Clock) -> None:
+    """One event per phase of an ECS task (7, with stopping phases) and of a Batch job (none at
+    SUBMITTED), received in the order of their drawn delivery times, as EventBridge has them."""
+    config = events_config(clock, stopping_s=3, event_duplicate_ratio=0)
+    async with fakeaws.FakeAws(config) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("batch") as batch, client("sqs") as sqs:
+            url = (await sqs.get_queue_url(QueueName=QUEUE))["QueueUrl"]
+            assert url == server.queue_url == f"{server.endpoint_url}/123456789012/{QUEUE}"
+            arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+            job = await batch.submit_job(jobName="j", jobQueue="jobs", jobDefinition="d:1")
+            clock.set(100)
+            messages = await receive_all(sqs, url)
+            log = server.events()
+            stats = server.stats()["events"]
+    events = [json.loads(m["Body"]) for m in messages]
+    assert all(m["MD5OfBody"] == hashlib.md5(m["Body"].encode()).hexdigest() for m in messages)
+    assert len({m["MessageId"] for m in messages}) == len(messages) == len(log) == 12
+    # Received in delivery order: the order of the schedule the server drew.
+    sent = [int(m["Attributes"]["SentTimestamp"]) for m in messages]
+    assert sent == sorted(sent)
+    schedule = sorted(log, key=lambda e: e["deliver_at"])
+    assert [e["id"] for e in events] == [e["id"] for e in schedule]
+    for message, planned in zip(messages, schedule, strict=True):
+        assert abs(int(message["Attributes"]["SentTimestamp"]) - planned["deliver_at"] * 1000) <= 1
+        assert message["Attributes"]["ApproximateReceiveCount"] == "1"
+        assert planned["received_at"] == T0 + 100
+    assert {e["source"] for e in events} == {"aws.ecs", "aws.batch"}
+    assert [e["status"] for e in log if e["service"] == "ecs"] == [*ECS_LIFE, "STOPPED"]
+    ecs_changes = [e["change_at"] - T0 for e in log if e["service"] == "ecs"]
+    assert ecs_changes == pytest.approx([0, 2, 4, 14, 15, 16, 17], abs=1e-6)
+    batch_log = [e for e in log if e["service"] == "batch"]
+    assert [e["status"] for e in batch_log] == [
+        "PENDING",
+        "RUNNABLE",
+        "STARTING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+    assert [e["change_at"] - T0 for e in batch_log] == pytest.approx([1, 2, 3, 4, 14], abs=1e-6)
+    # ECS: the task as DescribeTasks has it, ISO-8601 timestamps, `version` growing by change.
+    tasks = sorted(
+        (e for e in events if e["source"] == "aws.ecs"), key=lambda e: e["detail"]["version"]
+    )
+    assert [status(e) for e in tasks] == [*ECS_LIFE, "STOPPED"]
+    assert [e["detail"]["version"] for e in tasks] == list(range(1, 8))
+    stopped = tasks[-1]
+    assert {
+        k: stopped[k] for k in ("version", "detail-type", "account", "region", "resources")
+    } == {
+        "version": "0",
+        "detail-type": "ECS Task State Change",
+        "account": "123456789012",
+        "region": REGION,
+        "resources": [arn],
+    }
+    assert stopped["time"] == "2027-01-15T08:00:17Z"
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", stopped["id"]
+    )
+    detail = stopped["detail"]
+    assert (detail["taskArn"], detail["startedBy"], detail["desiredStatus"]) == (
+        arn,
+        "job1-1",
+        "STOPPED",
+    )
+    assert (detail["createdAt"], detail["startedAt"]) == (iso(0), iso(4))
+    assert (detail["stoppingAt"], detail["stoppedAt"], detail["updatedAt"]) == (
+        iso(14),
+        iso(17),
+        iso(17),
+    )
+    assert detail["stopCode"] == "EssentialContainerExited"
+    assert detail["containers"][0]["exitCode"] == 0
+    assert "tags" not in detail
+    assert "startedAt" not in tasks[1]["detail"]
+    # Batch: the job as DescribeJobs has it.
+    jobs = [e for e in events if e["source"] == "aws.batch"]
+    [succeeded] = [e for e in jobs if status(e) == "SUCCEEDED"]
+    assert succeeded["detail-type"] == "Batch Job State Change"
+    assert succeeded["resources"] == [job["jobArn"]]
+    assert succeeded["detail"]["jobId"] == job["jobId"]
+    assert succeeded["detail"]["jobQueue"].endswith(":job-queue/jobs")
+    assert succeeded["detail"]["createdAt"] == int(T0 * 1000)
+    assert succeeded["detail"]["stoppedAt"] == int((T0 + 14) * 1000)
+    assert succeeded["detail"]["container"]["exitCode"] == 0
+    assert stats["planned"] == stats["due"] == stats["delivered"] == stats["received"] == 12
+    assert stats["deleted"] == 12
+    assert (stats["visible"], stats["in_flight"], stats["duplicated"]) == (0, 0, 0)
+
+
+async def test_event_delays_duplicates_and_drops_follow_the_model(clock: Clock) -> None:
+    """4,000 events (1,000 tasks): the drawn delays have the configured median and 99th
+    percentile, 5 % of the events arrive twice (one id, two messages), 10 % never."""
+    config = events_config(clock, event_duplicate_ratio=0.05, event_drop_ratio=0.1, seed=7)
+    async with fakeaws.FakeAws(config) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("sqs") as sqs:
+            for i in range(100):
+                clock.set(i * 0.1)
+                await ecs.run_task(**run_kwargs(f"t{i}", count=10))
+            clock.set(1000)
+            messages = await receive_all(sqs, server.queue_url)
+            log = server.events()
+            stats = server.stats()["events"]
+    assert len(log) == 4000
+    dropped = [e for e in log if e["dropped"]]
+    delivered = [e for e in log if not e["dropped"]]
+    doubled = [e for e in delivered if e["duplicate_at"] is not None]
+    delays = sorted(
+        at - e["change_at"] for e in delivered for at in (e["deliver_at"], e["duplicate_at"]) if at
+    )
+    median, p99 = delays[len(delays) // 2], delays[int(len(delays) * 0.99)]
+    print(f"\n  delays: median {median:.3f} s, p99 {p99:.3f} s over {len(delays)}")
+    assert median == pytest.approx(0.5, rel=0.1)
+    assert p99 == pytest.approx(3.0, rel=0.3)
+    assert len(dropped) / len(log) == pytest.approx(0.1, abs=0.02)
+    assert len(doubled) / len(delivered) == pytest.approx(0.05, abs=0.015)
+    copies = Counter(json.loads(m["Body"])["id"] for m in messages)
+    assert {i for i, n in copies.items() if n == 2} == {e["id"] for e in doubled}
+    assert set(copies) == {e["id"] for e in delivered}  # a dropped event never arrives
+    assert max(copies.values()) == 2
+    assert len({m["MessageId"] for m in messages}) == len(messages)  # a copy: a message
+    assert stats["dropped"] == len(dropped)
+    assert stats["duplicated"] == len(doubled)
+    assert stats["delivered"] == stats["received"] == len(messages) == len(delays)
+    assert stats["delay_s"]["median"] == pytest.approx(median, abs=0.01)
+
+
+async def test_unacknowledged_messages_come_back_after_the_visibility_timeout(
+    clock: Clock,
+) -> None:
+    config = at_once(clock, pending_s=1000, run_s=1000)  # one event for a long while
+    async with fakeaws.FakeAws(config) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("sqs") as sqs:
+            url = server.queue_url
+
+            async def receive(**extra: Any) -> list[dict[str, Any]]:
+                reply = await sqs.receive_message(
+                    QueueUrl=url, MessageSystemAttributeNames=["ApproximateReceiveCount"], **extra
+                )
+                return list(reply.get("Messages", []))
+
+            await ecs.run_task(**run_kwargs())  # PROVISIONING, delivered at once
+            [first] = await receive(VisibilityTimeout=5)
+            hidden = [await receive()]
+            clock.set(4.9)
+            hidden.append(await receive())
+            clock.set(5)
+            [again] = await receive()  # the queue's VisibilityTimeout from now on: 30 s
+            attributes = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))[
+                "Attributes"
+            ]
+            clock.set(34.9)
+            hidden.append(await receive())
+            clock.set(35)
+            [third] = await receive()
+            # A handle from any receive of a message deletes it (and again: no error).
+            batch = await sqs.delete_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {"Id": "old", "ReceiptHandle": first["ReceiptHandle"]},
+                    {"Id": "bad", "ReceiptHandle": "nonsense"},
+                ],
+            )
+            await sqs.delete_message(QueueUrl=url, ReceiptHandle=third["ReceiptHandle"])
+            with pytest.raises(ClientError) as invalid:
+                await sqs.delete_message(QueueUrl=url, ReceiptHandle="nonsense")
+            clock.set(499)  # (the task turns PENDING at 500 s)
+            hidden.append(await receive())
+            stats = server.stats()["events"]
+    assert hidden == [[], [], [], []]
+    assert again["MessageId"] == third["MessageId"] == first["MessageId"]
+    assert again["Body"] == first["Body"]
+    assert len({m["ReceiptHandle"] for m in (first, again, third)}) == 3
+    counts = [m["Attributes"]["ApproximateReceiveCount"] for m in (first, again, third)]
+    assert counts == ["1", "2", "3"]
+    assert attributes["ApproximateNumberOfMessages"] == "0"
+    assert attributes["ApproximateNumberOfMessagesNotVisible"] == "1"
+    assert attributes["VisibilityTimeout"] == "30"
+    assert attributes["QueueArn"] == f"arn:aws:sqs:{REGION}:123456789012:{QUEUE}"
+    assert batch["Successful"] == [{"Id": "old"}]
+    [failed] = batch["Failed"]
+    assert (failed["Id"], failed["Code"], failed["SenderFault"]) == (
+        "bad",
+        "ReceiptHandleIsInvalid",
+        True,
+    )
+    assert invalid.value.response["Error"]["Code"] == "ReceiptHandleIsInvalid"
+    assert (stats["received"], stats["redelivered"], stats["deleted"]) == (3, 2, 1)
+    assert (stats["visible"], stats["in_flight"]) == (0, 0)
+
+
+async def test_a_long_poll_answers_as_soon_as_an_event_comes_due(clock: Clock) -> None:
+    """A long poll waits (WaitTimeSeconds 20) and answers when an event comes due: at once for
+    a new task's first event, within a tick for a hand-moved clock."""
+    async with fakeaws.FakeAws(at_once(clock, pending_s=1000, run_s=1000)) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("sqs") as sqs:
+            url = server.queue_url
+            started = time.monotonic()
+            poll = asyncio.create_task(sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20))
+            await asyncio.sleep(0.3)
+            waiting = [not poll.done()]
+            await ecs.run_task(**run_kwargs())
+            [created] = (await poll)["Messages"]
+            woken_s = time.monotonic() - started
+            await sqs.delete_message(QueueUrl=url, ReceiptHandle=created["ReceiptHandle"])
+            poll = asyncio.create_task(sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20))
+            await asyncio.sleep(0.3)
+            waiting.append(not poll.done())
+            clock.set(500)  # the task turns PENDING
+            [pending] = (await poll)["Messages"]
+            moved_s = time.monotonic() - started - woken_s
+    assert waiting == [True, True]
+    assert status(json.loads(created["Body"])) == "PROVISIONING"
+    assert status(json.loads(pending["Body"])) == "PENDING"
+    assert woken_s < 15  # long before the poll's 20 s (it takes about 0.3 s)
+    assert moved_s < 15
+
+
+async def test_a_long_poll_waits_for_the_drawn_delivery_time() -> None:
+    """On the real clock: every delay 1 s; a long poll started at once gets the event, and no
+    sooner than its delivery (the server's record); an empty one lasts its WaitTimeSeconds."""
+    config = fakeaws.Config(
+        events=True, pending_s=1000, run_s=1000, event_delay_median_s=1, event_delay_p99_s=1
+    )
+    async with fakeaws.FakeAws(config) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("sqs") as sqs:
+            url = (await sqs.get_queue_url(QueueName=QUEUE))["QueueUrl"]  # a warm client
+            await ecs.run_task(**run_kwargs())
+            started = time.monotonic()
+            reply = await sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20)
+            waited_s = time.monotonic() - started
+            started = time.monotonic()
+            empty = await sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1)
+            empty_s = time.monotonic() - started
+            [event] = server.events()
+    assert event["deliver_at"] - event["change_at"] == pytest.approx(1)
+    assert len(reply["Messages"]) == 1
+    assert event["received_at"] >= event["deliver_at"]
+    assert waited_s < 15  # long before the poll's 20 s
+    assert "Messages" not in empty
+    assert empty_s >= 0.9
+
+
+async def test_a_broken_queue_answers_non_existent_queue(
+    clock: Clock, aws: fakeaws.FakeAws
+) -> None:
+    """Broken, the queue answers as a deleted one does: its messages and the events due
+    meanwhile are lost; repaired (here through the control endpoint), it works again."""
+    async with fakeaws.FakeAws(at_once(clock)) as server:  # PROVISIONING 0, PENDING 2, RUNNING 4
+        client = client_for(server)
+        async with client("ecs") as ecs, client("sqs") as sqs, aiohttp.ClientSession() as http:
+            url = server.queue_url
+            await ecs.run_task(**run_kwargs())
+            [unacknowledged] = (await sqs.receive_message(QueueUrl=url))["Messages"]
+            poll = asyncio.create_task(sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20))
+            await asyncio.sleep(0.2)
+            server.set_queue_broken(True)
+            errors = [await raised(poll)]
+            errors += [
+                await raised(call)
+                for call in (
+                    sqs.receive_message(QueueUrl=url),
+                    sqs.get_queue_url(QueueName=QUEUE),
+                    sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]),
+                    sqs.delete_message(QueueUrl=url, ReceiptHandle=unacknowledged["ReceiptHandle"]),
+                )
+            ]
+            recreated = await raised(sqs.create_queue(QueueName=QUEUE))
+            clock.set(3)  # PENDING comes due while broken: lost
+            async with http.post(f"{server.endpoint_url}/_fakeaws/queue?broken=false") as r:
+                repaired = await r.json()
+            after_repair = await sqs.receive_message(QueueUrl=url)
+            clock.set(4)
+            [running] = (await sqs.receive_message(QueueUrl=url))["Messages"]
+            created = await sqs.create_queue(QueueName=QUEUE)
+            other = await raised(sqs.get_queue_url(QueueName="other"))
+            stats = server.stats()["events"]
+        async with client_for(aws)("sqs") as without:  # a server without events has no queue
+            none = await raised(without.get_queue_url(QueueName=QUEUE))
+    for error in [*errors, other, none]:
+        assert error.response["Error"]["Code"] == "AWS.SimpleQueueService.NonExistentQueue"
+        assert error.response["Error"]["QueryErrorCode"] == "QueueDoesNotExist"
+        assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        assert type(error).__name__ == "QueueDoesNotExist"  # the modelled exception
+    assert recreated.response["Error"]["Code"] == "AWS.SimpleQueueService.QueueDeletedRecently"
+    assert repaired == {"broken": False}
+    assert "Messages" not in after_repair  # the message in flight went with the queue
+    assert status(json.loads(running["Body"])) == "RUNNING"
+    assert created["QueueUrl"] == url
+    assert (stats["lost"], stats["broken"], stats["received"]) == (2, False, 2)
+
+
+async def raised(call: Any) -> ClientError:
+    with pytest.raises(ClientError) as info:
+        await call
+    return info.value
+
+
+async def test_a_stop_or_terminate_replans_the_events(clock: Clock) -> None:
+    """The events planned after a StopTask or TerminateJob are superseded by the stop's own; an
+    event shows the task as it was at its change."""
+    async with fakeaws.FakeAws(events_config(clock, event_duplicate_ratio=0)) as server:
+        client = client_for(server)
+        async with client("ecs") as ecs, client("batch") as batch, client("sqs") as sqs:
+            arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+            job_id = (await batch.submit_job(jobName="j", jobQueue="jobs", jobDefinition="d"))[
+                "jobId"
+            ]
+            parent = await submit_array(batch, 3)  # PENDING from 2 s
+            clock.set(1.5)  # the job is PENDING
+            await batch.terminate_job(jobId=job_id, reason="orchestrator: cancel")
+            clock.set(5)
+            await ecs.stop_task(cluster=CLUSTER, task=arn, reason="orchestrator: x")
+            await batch.terminate_job(jobId=f"{parent}:1", reason="one")  # the parent goes on
+            clock.set(6)
+            await batch.terminate_job(jobId=parent, reason="orchestrator: stop")
+            clock.set(100)
+            events = [json.loads(m["Body"]) for m in await receive_all(sqs, server.queue_url)]
+            stats = server.stats()["events"]
+            terminal = server.terminal_times()
+            log = server.events()
+    change_at = {e["id"]: e["change_at"] for e in log}
+    by_resource: dict[str, list[dict[str, Any]]] = {}
+    for event in sorted(events, key=lambda e: change_at[e["id"]]):
+        by_resource.setdefault(event["resources"][0], []).append(event)
+    task = sorted(by_resource[arn], key=lambda e: e["detail"]["version"])
+    assert [status(e) for e in task] == ["PROVISIONING", "PENDING", "RUNNING", "STOPPED"]
+    assert task[2]["detail"]["desiredStatus"] == "RUNNING"  # as it was at 4 s
+    stopped = task[3]["detail"]
+    assert (stopped["stopCode"], stopped["stoppedReason"]) == ("UserInitiated", "orchestrator: x")
+    assert stopped["containers"][0]["exitCode"] == fakeaws.SIGTERM_EXIT
+    assert stopped["stoppedAt"] == iso(5)
+    job_arn = f"arn:aws:batch:{REGION}:123456789012:job/{job_id}"
+    job = [e["detail"] for e in by_resource[job_arn]]
+    assert [d["status"] for d in job] == ["PENDING", "FAILED"]
+    assert (job[1]["statusReason"], job[1]["isTerminated"]) == ("orchestrator: cancel", True)
+    assert "isTerminated" not in job[0]  # as it was at 1 s
+    array = [e["detail"] for e in by_resource[f"arn:aws:batch:{REGION}:123456789012:job/{parent}"]]
+    assert [d["status"] for d in array] == ["PENDING", "FAILED"]
+    assert array[0]["arrayProperties"]["statusSummary"]["RUNNABLE"] == 3
+    assert array[1]["statusReason"] == "orchestrator: stop"
+    assert array[1]["arrayProperties"]["statusSummary"]["FAILED"] == 3
+    # Superseded: the task's natural STOPPED, the job's RUNNABLE..SUCCEEDED, the array's end.
+    assert (stats["planned"], stats["superseded"]) == (8, 1 + 4 + 1)
+    assert len(log) == len(events) == 8
+    for key, end_s in ((arn, 5), (job_id, 1.5), (parent, 6)):
+        times = terminal[key]
+        assert times["terminal_at"] == T0 + end_s
+        assert times["terminal_event_at"] >= times["terminal_at"]
+        assert times["terminal_event_received_at"] == T0 + 100
+
+
+async def test_the_planned_events_of_100000_jobs_fit_in_modest_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """tracemalloc over planning 100,000 tasks' events (4 each): about 100 bytes an event.
+    (The planning is called directly: 100,000 RunTask calls over HTTP would take minutes.)"""
+    config = fakeaws.Config(clock=lambda: T0, pending_s=4, run_s=10, jitter=0.2, events=True)
+    tasks_only = fakeaws.FakeAws(config, events=False)  # never started: no HTTP
+    tasks = [tasks_only._new_task({}, CLUSTER, "td:1", T0) for _ in range(100_000)]
+    events = fakeaws._Events(config)
+    tracemalloc.start()
+    try:
+        for task in tasks:
+            events.plan(task, fakeaws._changes(task), T0)
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    planned = events.counts["planned"]
+    with capsys.disabled():
+        print(
+            f"\n  100,000 tasks' {planned} events: {used / 2**20:.1f} MiB,"
+            f" {used / planned:.0f} B each"
+        )
+    assert planned == 400_000
+    assert used / planned < 250  # measured: about 105
+    assert used < 100 * 2**20
+
+
 # -- the CLI, and a throughput print -----------------------------------------------------------
 
 
@@ -820,6 +1251,48 @@ async def test_cli_prints_the_url_and_the_counts_on_sigterm() -> None:
     stats = json.loads(out)
     assert stats["calls"] == {"ecs.DescribeTasks": 1, "ecs.RunTask": 1}
     assert process.returncode == 0
+
+
+async def test_cli_events_flags_and_control_endpoints(tmp_path: Path) -> None:
+    dump = tmp_path / "events.json"
+    args = ["--port", "0", "--pending-s", "0", "--run-s", "0", "--no-uvloop", "--events", "q-1",
+            "--event-delay-median-s", "0", "--event-delay-p99-s", "0",
+            "--event-duplicate-ratio", "0", "--dump-events", str(dump)]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(fakeaws.__file__)), *args, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        url = (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
+        config = Config(retries={"mode": "standard", "max_attempts": 1})
+        async with (
+            SESSION.client("ecs", endpoint_url=url, config=config) as ecs,
+            SESSION.client("sqs", endpoint_url=url, config=config) as sqs,
+            aiohttp.ClientSession() as http,
+        ):
+            queue_url = (await sqs.get_queue_url(QueueName="q-1"))["QueueUrl"]
+            arn = (await ecs.run_task(**run_kwargs()))["tasks"][0]["taskArn"]
+            [message] = (await sqs.receive_message(QueueUrl=queue_url))["Messages"]
+            async with http.get(f"{url}/_fakeaws/events") as reply:
+                [logged] = await reply.json()
+            async with http.post(f"{url}/_fakeaws/queue?broken=true") as reply:
+                assert await reply.json() == {"broken": True}
+            broken = await raised(sqs.receive_message(QueueUrl=queue_url))
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(process.communicate(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert queue_url == f"{url}/123456789012/q-1"
+    event = json.loads(message["Body"])
+    assert (status(event), event["resources"]) == ("STOPPED", [arn])  # 0 s pending and running
+    assert logged["id"] == event["id"]
+    assert broken.response["Error"]["Code"] == "AWS.SimpleQueueService.NonExistentQueue"
+    stats = json.loads(out)
+    assert stats["calls"]["sqs.ReceiveMessage"] == 2
+    assert (stats["events"]["queue"], stats["events"]["planned"]) == ("q-1", 1)
+    assert json.loads(dump.read_bytes()) == [logged]
 
 
 async def test_print_describe_throughput(capsys: pytest.CaptureFixture[str]) -> None:
