@@ -107,7 +107,8 @@ class Tracker:
             return False
         entry = Tracked(job, group)
         if (old := self._tracked.get(job.id)) is not None:
-            entry.order = old.order
+            if old.job.external_id == job.external_id:
+                entry.order = old.order  # the same task or job: its changes go on numbering
         else:
             self._per_backend[group[0]] = self.count(group[0]) + 1
         self._tracked[job.id] = entry
@@ -170,7 +171,9 @@ class Tracker:
             self._by_external.pop(entry.job.external_id, None)
 
     def reindex(self, entry: Tracked) -> None:
-        """Its job's external id may have changed (relocated): find it by the new one."""
+        """Its job's external id changed (relocated): find it by the new one, whose changes
+        are numbered afresh."""
+        entry.order = None
         self._index(entry)
 
     def reschedule(self, backend: str, now: float) -> int:
