@@ -304,6 +304,12 @@ class ChangeFeed:
         if self._health is not None:
             self._health.events_stopped(self.backend, switch.why)
 
+    def close(self) -> None:
+        """The feed stops for good (its drivers are gone: another daemon leads): what it
+        reported of its events is no longer this daemon's to say."""
+        if self._health is not None:
+            self._health.events_flowing(self.backend)
+
     # -- what ping and /metrics show -------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:

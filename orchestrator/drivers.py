@@ -143,6 +143,8 @@ class Drivers:
     def close(self) -> None:
         """These drivers stop for good (their tasks are cancelled): they hear no more events."""
         self.dispatcher.close()
+        for feed in self.feeds.values():
+            feed.close()
 
 
 class Router:
