@@ -207,13 +207,15 @@ class ChangeFeed:
                 self.counts["foreign"] += 1
                 return 0, handle
             obs = self._vendor.observe_event(envelope.detail)
-        except (eventflow.Undecodable, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # whatever shape it has, one message must not stop the feed
             self.counts["undecodable"] += 1
             log.warning(
                 "events.undecodable",
                 backend=self.backend,
                 message_id=message.get("MessageId"),
-                error=str(exc),
+                error=f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, eventflow.Undecodable)
+                else str(exc),
             )
             return 0, handle
         try:

@@ -139,6 +139,7 @@ class Poller:
             await self._apply(self._backends[entry.job.backend], entry, obs, by_event=True)
             if obs.order is not None:
                 entry.order = obs.order
+            self._tracker.changed(entry, self._clock())
         return Applied.APPLIED
 
     def poke(self, job_id: str) -> None:

@@ -299,8 +299,9 @@ class BatchBackend(AwsBackendBase):
 
     def observe_event(self, detail: Mapping[str, Any]) -> base.Observation:
         """A Batch Job State Change event's `detail` is the job as DescribeJobs tells it."""
-        if not isinstance(detail.get("jobId"), str):
-            raise eventflow.Undecodable("a Batch Job State Change without a jobId")
+        for key in ("jobId", "status"):
+            if not isinstance(detail.get(key), str):
+                raise eventflow.Undecodable(f"a Batch Job State Change without a {key}")
         return self._observe(detail)
 
     def _observe(self, detail: Mapping[str, Any]) -> base.Observation:

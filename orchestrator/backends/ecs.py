@@ -358,8 +358,9 @@ class EcsBackend(AwsBackendBase):
     def observe_event(self, detail: Mapping[str, Any]) -> base.Observation:
         """An ECS Task State Change event's `detail` is the task as DescribeTasks tells it,
         but for its times (ISO 8601 strings there, datetimes here)."""
-        if not isinstance(detail.get("taskArn"), str):
-            raise eventflow.Undecodable("an ECS Task State Change without a taskArn")
+        for key in ("taskArn", "lastStatus"):
+            if not isinstance(detail.get(key), str):
+                raise eventflow.Undecodable(f"an ECS Task State Change without a {key}")
         task = dict(detail)
         for key in _TIMES:
             if isinstance(value := task.get(key), str):

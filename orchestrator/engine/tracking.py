@@ -162,6 +162,16 @@ class Tracker:
             return False
         return True
 
+    def changed(self, entry: Tracked, now: float) -> None:
+        """Its job changed outside a describe (an event told it): a deadline that change
+        started (RUNNING starts the run-time one) is kept, even when the next describe is a
+        far sweep away."""
+        end = deadline(entry.job)
+        if self._tracked.get(entry.job.id) is not entry or end is None or entry.busy:
+            return
+        if self.stop_reason(entry.job) is None and end < entry.due:
+            self._schedule(entry, now, max(0.0, end - now))
+
     def untrack(self, job_id: str) -> None:
         entry = self._tracked.pop(job_id, None)
         if entry is None:
