@@ -231,7 +231,8 @@ class ChangeFeed:
         self.counts[applied.value] += 1
         if applied is Applied.UNTRACKED:
             if self.flow.expects(obs.external_id) and obs.state is not None:
-                self.flow.told(obs.external_id, obs.state)  # it ended: a describe saw it first
+                # it ended: a describe saw it first
+                self.flow.told(obs.external_id, obs.state, self._clock())
             if self._n_held < _MAX_HELD:
                 self._held.setdefault(obs.external_id, []).append(
                     _Held(self._clock() + self._hold_s, obs, handle)
@@ -240,7 +241,7 @@ class ChangeFeed:
                 return 0, None
             return 0, handle
         if obs.state is not None:
-            self.flow.told(obs.external_id, obs.state)
+            self.flow.told(obs.external_id, obs.state, self._clock())
         return 1, handle
 
     async def _apply_held(self, held: list[_Held]) -> None:
@@ -256,7 +257,7 @@ class ChangeFeed:
                 continue
             self.counts[f"held_{applied.value}"] += 1
             if applied is not Applied.UNTRACKED and item.obs.state is not None:
-                self.flow.told(item.obs.external_id, item.obs.state)
+                self.flow.told(item.obs.external_id, item.obs.state, self._clock())
             done.append(item.handle)
         await self._delete(done)
 
@@ -282,6 +283,7 @@ class ChangeFeed:
             await asyncio.sleep(_TICK_S)
             now = self._clock()
             self._switch(self.flow.tick(now))
+            self.counts["caught_by_sweep"] = self.flow.dropped  # changes whose event was lost
             expired = [h for items in self._held.values() for h in items if h.until <= now]
             if expired:
                 self._held = {

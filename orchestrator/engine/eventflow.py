@@ -7,8 +7,9 @@ whether it is news, whether events are flowing, and how often the sweep describe
   rank) is news against the last one applied: duplicates and late deliveries change nothing.
 - `Flow`: whether a backend's events are flowing (track by them, describe at the sweep) or not
   (full polling). A queue that cannot be read, or changes that describes find and no event
-  told within `grace_s` (`miss_limit` of them in a row), switch to polling; events of ours
-  arriving again switch back.
+  told within `grace_s` while no event came at all (`miss_limit` of them in a row), switch to
+  polling; events of ours arriving again switch back. A dropped event amid others that do
+  come is only counted: the sweep covers it.
 - `sweep_period`: how often the sweep describes each job, stretched so it takes at most its
   share of the describe budget.
 
@@ -95,7 +96,9 @@ class Flow:
     flowing: bool = False
     why: str = "not read yet"
     misses: int = 0  # in a row, with no event-told change between them
+    dropped: int = 0  # changes no event told while others' events came: drops the sweep caught
     _candidates: dict[str, _Candidate] = field(default_factory=dict)
+    _last_told: float = -math.inf  # when an event last told a change
     _started: bool = False  # a receive has worked once
 
     def receive_failed(self, why: str) -> Switch | None:
@@ -119,9 +122,10 @@ class Flow:
             return Switch(True, "events arriving" if ours else "queue readable")
         return None
 
-    def told(self, key: str, state: models.JobState) -> None:
+    def told(self, key: str, state: models.JobState, now: float) -> None:
         """An event told this job's change (applied, or already known by a describe). Jobs
         are named by their external id."""
+        self._last_told = max(self._last_told, now)
         candidate = self._candidates.get(key)
         if candidate is not None and (
             state == candidate.state
@@ -141,11 +145,15 @@ class Flow:
             self._candidates[key] = _Candidate(state, now)
 
     def tick(self, now: float) -> Switch | None:
-        """Changes no event told within `grace_s` are misses; `miss_limit` in a row: polling."""
+        """Changes no event told within `grace_s`: misses if no event came at all since they
+        were found (`miss_limit` in a row: polling), else drops."""
         late = [k for k, c in self._candidates.items() if now - c.seen_at >= self.grace_s]
-        for job_id in late:
-            del self._candidates[job_id]
-        self.misses += len(late)
+        for key in sorted(late, key=lambda k: self._candidates[k].seen_at):
+            if self._last_told >= self._candidates.pop(key).seen_at:
+                self.dropped += 1  # events came meanwhile: this one alone was lost
+                self.misses = 0
+            else:
+                self.misses += 1
         if self.flowing and self.misses >= self.miss_limit:
             why = (
                 f"{self.misses} changes found by describes were not told by any event within "
