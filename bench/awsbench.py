@@ -3,7 +3,8 @@
 - `FakeAwsProcess`: `bench/fakeaws.py` as a child process (its CPU is its own), its URL read
   from the first line it prints, its control endpoints (`stats`, `terminal`, `reset`).
 - `daemon_env`: the environment that points `orchestrator serve` at the stand-in with dummy
-  credentials and enables one AWS backend.
+  credentials and enables one AWS backend (with `EventsTiming`: tracked by the stand-in's
+  EventBridge → SQS events too).
 - `ProcSample` / `proc_sample`: CPU seconds and RSS of a process from `/proc`.
 - `StatsSampler`: the stand-in's describe-call counter sampled over time, for "calls per poll
   round" (the most calls in any window one poller cap long).
@@ -35,9 +36,9 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import aiohttp
 import orjson
 
-from orchestrator import errors
+from orchestrator import errors, views
 from orchestrator.client import Client
-from orchestrator.settings import PollerSettings
+from orchestrator.settings import EventsSettings, PollerSettings
 
 T = TypeVar("T")
 
@@ -212,6 +213,45 @@ class PollerTiming:
         )
 
 
+_EVENTS = EventsSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class EventsTiming:
+    """`[<backend>.events]` against the stand-in's queue: `sweep_s` and `grace_s` (defaults: the
+    daemon's) divided by the time scale, as the poller's delays are. The SQS side (`wait_s`,
+    `visibility_timeout_s`) is left alone: the stand-in scales neither its event delays nor its
+    visibility timeout (they stand for AWS's latency, not for the jobs' lives)."""
+
+    queue_url: str
+    time_scale: float = 1.0
+    sweep_s: float = _EVENTS.sweep_s
+    grace_s: float = _EVENTS.grace_s
+
+    def env(self, backend: str) -> dict[str, str]:
+        prefix = f"ORCHESTRATOR__{backend.upper()}__EVENTS__"
+        s = self.time_scale
+        return {
+            f"{prefix}QUEUE_URL": self.queue_url,
+            f"{prefix}SWEEP_S": f"{self.sweep_s / s:g}",
+            f"{prefix}GRACE_S": f"{self.grace_s / s:g}",
+        }
+
+    def describe(self) -> str:
+        s = self.time_scale
+        return (
+            f"events sweep_s={self.sweep_s:g}/{s:g}={self.sweep_s / s:g} s (sweep_share "
+            f"{_EVENTS.sweep_share:g}), grace_s={self.grace_s:g}/{s:g}={self.grace_s / s:g} s, "
+            f"wait_s={_EVENTS.wait_s}, visibility_timeout_s={_EVENTS.visibility_timeout_s} "
+            f"(unscaled), max_receivers={_EVENTS.max_receivers}"
+        )
+
+
+def queue_url(endpoint_url: str, name: str = "orchestrator-events") -> str:
+    """The stand-in's events queue (`fakeaws.py --events [NAME]`)."""
+    return f"{endpoint_url}/123456789012/{name}"
+
+
 def daemon_env(
     backend: str,
     endpoint_url: str,
@@ -222,8 +262,10 @@ def daemon_env(
     describe: tuple[float, float],  # the daemon's own describe bucket (rate/s, burst)
     log_level: str = "WARNING",
     synchronous: str = "FULL",
+    events: EventsTiming | None = None,
 ) -> dict[str, str]:
-    """`orchestrator serve` with `backend` ("batch" or "ecs") against the stand-in."""
+    """`orchestrator serve` with `backend` ("batch" or "ecs") against the stand-in; tracked by
+    the stand-in's events too with `events`."""
     prefix = f"ORCHESTRATOR__{backend.upper()}__"
     env = {
         **aws_env(endpoint_url),
@@ -257,6 +299,8 @@ def daemon_env(
         }
     else:
         raise ValueError(f"unknown backend {backend!r}")
+    if events is not None:
+        env |= events.env(backend)
     return env
 
 
@@ -466,14 +510,19 @@ async def wait_counts(
     done: Callable[[dict[str, int]], bool],
     timeout_s: float,
     interval_s: float = 0.2,
+    on_ping: Callable[[views.Ping], None] | None = None,
 ) -> dict[str, int]:
-    """`ping` until `done(counts)`; the last counts (also on a timeout)."""
+    """`ping` until `done(counts)`; the last counts (also on a timeout). `on_ping` sees each
+    whole reply."""
     deadline = time.monotonic() + timeout_s
     counts: dict[str, int] = {}
     while time.monotonic() < deadline:
         if daemon.proc is not None and daemon.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited {daemon.proc.returncode}; see {daemon.log_path}")
-        counts = (await client.ping())["jobs"]
+        reply = await client.ping()
+        if on_ping is not None:
+            on_ping(reply)
+        counts = reply["jobs"] or {}
         if done(counts):
             break
         await asyncio.sleep(interval_s)

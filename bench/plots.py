@@ -2,19 +2,24 @@
 
     pip install -e '.[bench]'            # matplotlib
     python bench/track.py --jobs 1000 --time-scale 2 --save /tmp/track.json
+    python bench/track.py --events --no-baseline --jobs 1000 10000 --save /tmp/events.json
     python bench/dispatch.py --save /tmp/dispatch.json
     python bench/ingest.py --save /tmp/ingest.json
     python bench/footprint.py --jobs 1000 --runs 1 --step 100 --save /tmp/footprint.json
     python bench/plots.py --track /tmp/track.json --dispatch /tmp/dispatch.json \\
         --ingest /tmp/ingest.json --footprint /tmp/footprint.json      # into bench/plots/
 
-One figure per input (`--track` gives two), each written to `--out`:
+One figure per input (`--track` gives two, three from `track.py --events`), each written to
+`--out`:
 
 - `detection_lag_cdf.png` (track): the share of jobs whose end was seen within x seconds,
   orchestrator against the Airflow-hook baseline, with the 5 s target;
 - `describe_calls.png` (track): describe calls in each poll-cap window (5 s unscaled) over the
   run, both sides, against ceil(N/100), N the jobs open at the stand-in: one full-batch round
   per window;
+- `events_lag_cdf.png` (track with `--events`): the detection lag tracking by polling and by
+  events, a curve each per N, with the modelled delivery delay of the jobs' terminal events
+  (dashed): the events curve's distance from it is the daemon's own share;
 - `dispatch_rate.png` (dispatch): launches per second at the stand-in after N jobs are sent at
   once, against each launch bucket's sustained rate;
 - `ack_latency_cdf.png` (ingest): paced submit ack latency with `synchronous` FULL and NORMAL,
@@ -49,6 +54,7 @@ BENCH = Path(__file__).resolve().parent
 SIZE = (8.0, 4.5)  # inches
 DPI = 100
 OURS, THEIRS, IDEAL, FLOOR = "tab:blue", "tab:red", "black", "0.55"
+EVENTS = "tab:green"  # orchestrator tracking by events (track.py --events)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -122,7 +128,16 @@ def track_run(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def side_label(side: dict[str, Any]) -> str:
-    return "orchestrator" if side["side"] == "orchestrator" else "Airflow BatchClientHook polling"
+    if side["side"] != "orchestrator":
+        return "Airflow BatchClientHook polling"
+    parts = [part for part in (side.get("store"), side.get("mode")) if part]
+    return f"orchestrator ({', '.join(parts)})" if parts else "orchestrator"
+
+
+def side_color(side: dict[str, Any]) -> str:
+    if side["side"] != "orchestrator":
+        return THEIRS
+    return EVENTS if side.get("mode") == "events" else OURS
 
 
 def plot_detection_lag(data: dict[str, Any], out: Path) -> Path:
@@ -132,13 +147,12 @@ def plot_detection_lag(data: dict[str, Any], out: Path) -> Path:
         lags = [lag for lag in side["lags"] if lag is not None]
         if not lags:
             continue
-        ours = side["side"] == "orchestrator"
         label = (
             f"{side_label(side)}: p50 {quantile(lags, 50):.1f} s, p99 {quantile(lags, 99):.1f} s"
         )
         if side["failed"]:
             label += f" ({side['failed']} tasks failed)"
-        ecdf(ax, [max(lag, 0.01) for lag in lags], color=OURS if ours else THEIRS, label=label)
+        ecdf(ax, [max(lag, 0.01) for lag in lags], color=side_color(side), label=label)
     ax.axvline(5.0, color=IDEAL, linestyle="--", linewidth=1, label="target: p99 ≤ 5 s")
     ax.axhline(0.99, color=FLOOR, linestyle=":", linewidth=1)
     ax.set_xscale("log")
@@ -191,7 +205,7 @@ def plot_describe_calls(data: dict[str, Any], out: Path) -> Path:
     for side in run["sides"]:
         if not side["samples"].get("at"):
             continue
-        ours = side["side"] == "orchestrator"
+        ours = side["side"] == "orchestrator" and side.get("mode") != "events"
         mids, calls, allowance = per_window(side, window_wall)
         t = (mids - side["started_at"]) * scale
         total, rounds = sum(calls), sum(allowance)
@@ -199,7 +213,7 @@ def plot_describe_calls(data: dict[str, Any], out: Path) -> Path:
         ax.plot(
             t,
             positive(calls),
-            color=OURS if ours else THEIRS,
+            color=side_color(side),
             label=f"{side_label(side)}: {side['calls']:,} calls, "
             f"{side['ids_mean']:.1f} ids/call, {ratio}x the per-round allowance",
         )
@@ -228,6 +242,70 @@ def plot_describe_calls(data: dict[str, Any], out: Path) -> Path:
     ax.set_ylim(bottom, top * 20)  # room for the legend above the curves
     ax.legend(loc="upper right", fontsize=8)
     return finish(fig, data, out / "describe_calls.png")
+
+
+def shades(cmap: str, count: int) -> list[Any]:
+    """`count` colors of a sequential colormap, darkest last, none too pale."""
+    colors = plt.get_cmap(cmap)(np.linspace(0.5, 0.95, max(count, 1)))
+    return list(colors)
+
+
+def plot_events_lag(data: dict[str, Any], out: Path) -> Path:
+    """Detection lag by polling and by events, one curve per N and mode; the terminal events'
+    modelled delivery delay dashed (pooled over N: one model)."""
+    settings, runs = data["settings"], data["runs"]
+    model = settings.get("event_model") or {}
+    scale = float(settings["time_scale"])
+    fig, ax = new_figure()
+    fig.set_size_inches(SIZE[0], SIZE[1] + 0.15 * (2 * len(runs) + 1))  # room for the legend
+    colors = {"polling": shades("Blues", len(runs)), "events": shades("Greens", len(runs))}
+    delays: list[float] = []
+    for i, run in enumerate(runs):
+        for side in run["sides"]:
+            mode, lags = side.get("mode"), side["lags"]
+            if side["side"] != "orchestrator" or mode not in colors or not lags:
+                continue
+            store = f" {side['store']}," if side.get("store") else ""
+            label = (
+                f"{mode},{store} N = {run['jobs']:,}: p50 {quantile(lags, 50):.2f} s, "
+                f"p99 {quantile(lags, 99):.2f} s"
+            )
+            if mode == "events":
+                delays += side["event_delays"]
+                label += f"; above the model p99 {quantile(side['above_model'], 99):.2f} s"
+            if side["failed"]:
+                label += f" ({side['failed']} failed)"
+            ecdf(ax, [max(lag, 0.01) for lag in lags], color=colors[mode][i], label=label)
+    if delays:
+        ecdf(
+            ax,
+            [max(d, 0.01) for d in delays],
+            color=IDEAL,
+            linestyle="--",
+            linewidth=1,
+            label=f"modelled delivery delay of the terminal event: p50 "
+            f"{quantile(delays, 50):.2f} s, p99 {quantile(delays, 99):.2f} s (lognormal, "
+            f"median {model.get('delay_median_s', math.nan):g} s, "
+            f"p99 {model.get('delay_p99_s', math.nan):g} s)",
+        )
+    ax.axhline(0.99, color=FLOOR, linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(seconds))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(
+        f"detection lag: the job ends at the stand-in → stored (s, log scale; polling x time "
+        f"scale {scale:g}, events in wall seconds)",
+        fontsize=9,
+    )
+    ax.set_ylabel("jobs whose end was stored within x")
+    ax.set_title(
+        f"Detection lag, polling against events, {settings['backend'].capitalize()} "
+        f"(describe budget {settings['describe_rate']:g} calls/s)"
+    )
+    if ax.get_legend_handles_labels()[0]:  # below the axes: the curves fill the corners
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7.5, frameon=False)
+    return finish(fig, data, out / "events_lag_cdf.png")
 
 
 # -- dispatch.py --------------------------------------------------------------------------------
@@ -374,6 +452,8 @@ def main() -> None:
     if args.track:
         track = load(args.track)
         written += [plot_detection_lag(track, args.out), plot_describe_calls(track, args.out)]
+        if track["settings"].get("events"):
+            written.append(plot_events_lag(track, args.out))
     if args.dispatch:
         written.append(plot_dispatch_rate(load(args.dispatch), args.out))
     if args.ingest:
