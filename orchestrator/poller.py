@@ -27,7 +27,7 @@ from typing import Protocol
 import structlog
 
 from orchestrator import backoff, errors, faults, models, store
-from orchestrator.backends.base import Backend, Observation
+from orchestrator.backends.base import Backend, EventBackend, Observation
 from orchestrator.engine import eventflow, retries, tracking
 from orchestrator.health import Health
 from orchestrator.settings import PollerSettings
@@ -88,7 +88,11 @@ class Poller:
             batch_size=lambda name: self._backends[name].describe_batch_size,
             wake=self._wake.set,
             sweep=self._sweep_delay,
+            slim=self._slim,
         )
+        # The AWS backends' jobs (up to 100,000 in flight) are kept slim while tracked; a local
+        # backend's keep their whole spec.
+        self._slim_specs = tracking.SlimSpecs()
         self._feeds: dict[str, Feed] = {}
         # One observation at a time per job: its lock, and how many hold or wait for it.
         self._applying: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -242,7 +246,9 @@ class Poller:
             if why is None:
                 return
             try:
-                job = entry.job = await self._store.request_stop(job.id, why)
+                job = await self._store.request_stop(job.id, why)
+                self._tracker.hold(entry, job)
+                job = entry.job
             except errors.StoreError as exc:
                 log.warning("job.stop_unrecorded", job_id=job.id, kind=why, error=exc.message)
                 self.stop_unrecorded(job.id, why)
@@ -279,9 +285,10 @@ class Poller:
         if judgement.verdict is tracking.Verdict.UNCHANGED:
             entry.n += 1
             if judgement.vendor_changed:
-                entry.job = await self._store.observe(
+                observed = await self._store.observe(
                     job.id, vendor_status=obs.vendor_status, reason=obs.reason, info=dict(obs.info)
                 )
+                self._tracker.hold(entry, observed)
             return
         assert judgement.state is not None
         if judgement.failure is not None and await self._retried(backend, entry, judgement, obs):
@@ -372,7 +379,7 @@ class Poller:
             log.warning(
                 "job.relocated", job_id=job.id, old=job.external_id, new=located.external_id
             )
-            entry.job = await self._store.relocate(job.id, located.external_id)
+            self._tracker.hold(entry, await self._store.relocate(job.id, located.external_id))
             entry.missing_since = None
             self._tracker.reindex(entry)
             return
@@ -420,6 +427,11 @@ class Poller:
         if self._tracker.stop_reason(entry.job) is not None:
             return None
         return feed.sweep_delay(entry.job, self._tracker.count(entry.group[0]))
+
+    def _slim(self, job: models.Job) -> models.Job:
+        if isinstance(self._backends.get(job.backend), EventBackend):
+            return self._slim_specs(job)
+        return job
 
     def _lock(self, job_id: str) -> _JobLock:
         return _JobLock(self._applying, job_id)
