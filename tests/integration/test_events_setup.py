@@ -6,6 +6,7 @@ is missing; and the deployment files in deploy/events/ held to what the code doe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import yaml  # type: ignore[import-untyped]  # (no stubs installed)
 
+from orchestrator import settings
 from orchestrator.backends import events_setup
 from tests.integration.test_preflight import batch_env_vars, by_name, check, ecs_env_vars
 from tests.support.faultproxy import FaultProxy
@@ -43,10 +44,17 @@ def setup(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def setup_json(*args: str, **env: str) -> dict[str, Any]:
-    result = setup("--json", *args, **env)
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = orjson.loads(result.stdout)
-    return report
+    """What `events setup --json` reports, done in this process (the CLI's own tests run it as
+    a command: `setup`): the same `plan`, `apply` or `dry_run`, and `to_dict`."""
+    assert set(args) <= {"--backend", "ecs", "batch", "--dry-run"}, args
+    backend = args[args.index("--backend") + 1]
+    loaded = settings.load(None, {**os.environ, **env})
+
+    async def go() -> events_setup.Outcome:
+        plan = await events_setup.plan(backend, loaded.settings, None, None)
+        return events_setup.dry_run(plan) if "--dry-run" in args else await events_setup.apply(plan)
+
+    return events_setup.to_dict(asyncio.run(go()))
 
 
 def verdicts(report: dict[str, Any]) -> dict[str, str]:
@@ -370,8 +378,11 @@ def test_a_refused_permission_names_the_action_the_resource_and_the_policy_file(
 
 
 def events_checks(short_tmp: Path, **env: str) -> dict[str, dict[str, Any]]:
-    _, report = check(short_tmp, **env)
-    return {name: c for name, c in by_name(report).items() if ".events." in name}
+    """The ECS events checks of `orchestrator check`, made in this process (the command itself
+    is run by the tests around them)."""
+    loaded = settings.load(None, {**os.environ, **env})
+    found = asyncio.run(events_setup.check("ecs", loaded.settings))
+    return {c.name: c.to_dict() for c in found if ".events." in c.name}
 
 
 @pytest.mark.usefixtures("aws_env")
