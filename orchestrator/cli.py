@@ -524,9 +524,19 @@ def ping(socket_path: Path | None, wait_s: float, as_json: bool) -> None:
             f"{reply.get('status', 'ok')}; "
             f"backends: {', '.join(reply['backends'])}; jobs: {jobs or 'none'}"
             + _cluster_line(reply.get("cluster"))
+            + _events_line(reply.get("events"))
         )
     for problem in reply.get("problems", []):
         _echo(f"orchestrator: degraded: {problem['message']}", err=True)
+
+
+def _events_line(feeds: dict[str, Any] | None) -> str:
+    """`ping`'s words on the backends with an events queue: tracked by events or polled."""
+    if not feeds:
+        return ""
+    return "; tracking: " + ", ".join(
+        f"{name} by {feed.get('tracking', '?')}" for name, feed in sorted(feeds.items())
+    )
 
 
 def _cluster_line(cluster: dict[str, Any] | None) -> str:
