@@ -713,7 +713,9 @@ async def amain(args: argparse.Namespace, server: postgres.PostgresServer | None
         root = Path(tempfile.mkdtemp(prefix=f"orc-track-{n}-", dir="/tmp"))
         rows = []
         for store in ("",) if server is None else ("SQLite", "PostgreSQL"):
-            for events in (False, True) if args.events else (False,):
+            for events in (
+                ((True,) if args.events_only else (False, True)) if args.events else (False,)
+            ):
                 url = await server.new_database() if store == "PostgreSQL" and server else None
                 rows.append(await run_orchestrator(n, args, root, store, url, events))
         if not args.no_baseline:
@@ -761,6 +763,11 @@ def main() -> None:
         action="store_true",
         help="orchestrator twice per N: polling, then tracked by the stand-in's EventBridge → "
         "SQS events (same seed, same job lives)",
+    )
+    p.add_argument(
+        "--events-only",
+        action="store_true",
+        help="with --events: the events side alone (the polling side of a size run apart)",
     )
     p.add_argument("--event-delay-median-s", type=float, default=0.5, help="wall s, not scaled")
     p.add_argument("--event-delay-p99-s", type=float, default=3.0, help="wall s, not scaled")
