@@ -218,21 +218,10 @@ class ChangeFeed:
                 else str(exc),
             )
             return 0, handle
-        try:
-            applied = await self._poller.apply_event(obs)
-        except errors.StoreError as exc:  # not committed: SQS delivers it again later
-            self.counts["unrecorded"] += 1
-            log.debug("events.unrecorded", backend=self.backend, error=exc.message)
-            return 0, None
-        except Exception:
-            self.counts["failed"] += 1
-            log.exception("events.apply_failed", backend=self.backend, id=obs.external_id)
-            return 0, None
-        self.counts[applied.value] += 1
+        applied = await self._apply(obs)
+        if applied is None:
+            return 0, None  # not committed: SQS delivers it again later
         if applied is Applied.UNTRACKED:
-            if self.flow.expects(obs.external_id) and obs.state is not None:
-                # it ended: a describe saw it first
-                self.flow.told(obs.external_id, obs.state, self._clock())
             if self._n_held < _MAX_HELD:
                 self._held.setdefault(obs.external_id, []).append(
                     _Held(self._clock() + self._hold_s, obs, handle)
@@ -240,26 +229,34 @@ class ChangeFeed:
                 self._n_held += 1
                 return 0, None
             return 0, handle
-        if obs.state is not None:
-            self.flow.told(obs.external_id, obs.state, self._clock())
         return 1, handle
 
     async def _apply_held(self, held: list[_Held]) -> None:
         held.sort(key=lambda h: h.obs.order or ())
-        done = []
-        for item in held:
-            try:
-                applied = await self._poller.apply_event(item.obs)
-            except errors.StoreError:
-                continue  # its message comes again
-            except Exception:
-                log.exception("events.apply_failed", backend=self.backend, id=item.obs.external_id)
-                continue
-            self.counts[f"held_{applied.value}"] += 1
-            if applied is not Applied.UNTRACKED and item.obs.state is not None:
-                self.flow.told(item.obs.external_id, item.obs.state, self._clock())
-            done.append(item.handle)
+        done = [h.handle for h in held if await self._apply(h.obs, "held_") is not None]
         await self._delete(done)
+
+    async def _apply(self, obs: Observation, counted_as: str = "") -> Applied | None:
+        """One observation through the poller, counted (`counted_as` prefixes the outcome),
+        told to the flow; None if nothing was committed (its message must stay)."""
+        try:
+            applied = await self._poller.apply_event(obs)
+        except errors.StoreError as exc:
+            self.counts[f"{counted_as}unrecorded"] += 1
+            log.debug("events.unrecorded", backend=self.backend, error=exc.message)
+            return None
+        except Exception:
+            self.counts[f"{counted_as}failed"] += 1
+            log.exception("events.apply_failed", backend=self.backend, id=obs.external_id)
+            return None
+        self.counts[f"{counted_as}{applied.value}"] += 1
+        # An event told this change; one for a job no longer tracked still answers a change a
+        # describe found first (it ended before its event came).
+        if obs.state is not None and (
+            applied is not Applied.UNTRACKED or self.flow.expects(obs.external_id)
+        ):
+            self.flow.told(obs.external_id, obs.state, self._clock())
+        return applied
 
     async def _delete(self, handles: Sequence[str]) -> None:
         for start in range(0, len(handles), _BATCH):

@@ -125,9 +125,6 @@ class Poller:
         now (not at a far sweep). How many were brought forward."""
         return self._tracker.reschedule(backend, self._clock())
 
-    def tracked_count(self, backend: str) -> int:
-        return self._tracker.count(backend)
-
     async def apply_event(self, obs: Observation) -> Applied:
         """An event's observation: judged and recorded as a describe's would be, unless it is
         no news (a duplicate or a late one: the vendor's order says so). Returns once what it
@@ -138,11 +135,9 @@ class Poller:
         async with self._lock(entry.job.id):
             if self._tracker.get(entry.job.id) is not entry:
                 return Applied.UNTRACKED  # ended (or tracked anew) while this waited
-            if not eventflow.newer(obs.order, entry.order):
+            backend = self._backends[entry.job.backend]
+            if not await self._apply_newer(backend, entry, obs, by_event=True):
                 return Applied.STALE
-            await self._apply(self._backends[entry.job.backend], entry, obs, by_event=True)
-            if obs.order is not None:
-                entry.order = obs.order
             self._tracker.changed(entry, self._clock())
         return Applied.APPLIED
 
@@ -226,12 +221,8 @@ class Poller:
         obs = observations.get(external_id) or Observation(external_id, None)
         try:
             async with self._lock(entry.job.id):
-                if not eventflow.newer(obs.order, entry.order):
+                if not await self._apply_newer(backend, entry, obs):
                     entry.n += 1  # an event told more already (described before it came)
-                    return
-                await self._apply(backend, entry, obs)
-                if obs.order is not None:
-                    entry.order = obs.order
         except errors.StoreError as exc:
             # The store cannot write (it said so once, loudly): observed again next round.
             log.debug("poll.apply_unrecorded", job_id=entry.job.id, error=exc.message)
@@ -260,6 +251,18 @@ class Poller:
             await backend.stop(job)
         except Exception:
             log.exception("job.stop_failed", job_id=job.id, backend=backend.name)
+
+    async def _apply_newer(
+        self, backend: Backend, entry: tracking.Tracked, obs: Observation, *, by_event: bool = False
+    ) -> bool:
+        """`_apply`, unless the vendor's order says `obs` is no news (a duplicate, or older
+        than the last change applied): whether it was applied. Under the job's lock."""
+        if not eventflow.newer(obs.order, entry.order):
+            return False
+        await self._apply(backend, entry, obs, by_event=by_event)
+        if obs.order is not None:
+            entry.order = obs.order
+        return True
 
     async def _apply(
         self,
@@ -381,7 +384,6 @@ class Poller:
             )
             self._tracker.hold(entry, await self._store.relocate(job.id, located.external_id))
             entry.missing_since = None
-            self._tracker.reindex(entry)
             return
         reason = (
             f"{backend.name} has not known {job.external_id} for "

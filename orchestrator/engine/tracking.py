@@ -166,7 +166,11 @@ class Tracker:
         return True
 
     def hold(self, entry: Tracked, job: models.Job) -> None:
-        """A newer copy of the entry's job (from the store), kept as tracking needs it."""
+        """A newer copy of the entry's job (from the store), kept as tracking needs it. Under
+        another external id (relocated) it is found by the new one, whose changes are
+        numbered afresh."""
+        if job.external_id != entry.job.external_id:
+            entry.order = None
         entry.job = self._slim(job)
         self._index(entry)
 
@@ -187,12 +191,6 @@ class Tracker:
         self._per_backend[entry.group[0]] -= 1
         if entry.job.external_id is not None:
             self._by_external.pop(entry.job.external_id, None)
-
-    def reindex(self, entry: Tracked) -> None:
-        """Its job's external id changed (relocated): find it by the new one, whose changes
-        are numbered afresh."""
-        entry.order = None
-        self._index(entry)
 
     def reschedule(self, backend: str, now: float) -> int:
         """This backend's jobs are polled again (its events stopped): each due within its

@@ -328,10 +328,11 @@ def test_a_relocated_job_is_found_by_its_new_external_id_only() -> None:
     t = tracker()
     t.track(make_job(job_id="a", backend="ecs"), ECS, 0.0)
     entry = entry_of(t, "a")
-    entry.job = dataclasses.replace(entry.job, external_id="ext-new")
-    t.reindex(entry)
+    entry.order = (7,)
+    t.hold(entry, dataclasses.replace(entry.job, external_id="ext-new"))
     assert t.by_external("ext-new") is entry
     assert t.by_external("ext-a") is None  # the old id names nothing any more
+    assert entry.order is None  # the new task's changes are numbered afresh
 
 
 def test_a_terminal_job_is_not_found_by_its_external_id() -> None:
