@@ -386,3 +386,32 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest() -> None:
         "d": {"g": 2},
     }
     assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}  # not mutated
+
+
+# --- events (issue #17) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("ORCHESTRATOR__ECS__EVENTS__QUEUE_URL", "orchestrator-ecs-events", "SQS queue URL"),
+        ("ORCHESTRATOR__BATCH__EVENTS__QUEUE_URL", "sqs://queue", "SQS queue URL"),
+        ("ORCHESTRATOR__ECS__EVENTS__WAIT_S", "25", "less than or equal to 20"),
+        ("ORCHESTRATOR__BATCH__EVENTS__SWEEP_SHARE", "0", "greater than 0"),
+        ("ORCHESTRATOR__ECS__EVENTS__MAX_RECEIVERS", "0", "greater than or equal to 1"),
+    ],
+)
+def test_events_settings_that_cannot_work_are_refused_naming_the_variable(
+    tmp_path: Path, variable: str, value: str, said: str
+) -> None:
+    message = _config_error(environ={**_dirs(tmp_path), variable: value})
+    assert variable in message
+    assert said in message
+
+
+def test_a_queue_url_from_the_environment_is_the_backends_queue(tmp_path: Path) -> None:
+    url = "https://sqs.eu-west-1.amazonaws.com/123456789012/orchestrator-ecs-events"
+    loaded = settings.load(None, {**_dirs(tmp_path), "ORCHESTRATOR__ECS__EVENTS__QUEUE_URL": url})
+    assert loaded.settings.ecs.events.queue_url == url
+    assert loaded.settings.batch.events.queue_url is None
+    assert loaded.settings.ecs.for_target(None).events.queue_url == url
